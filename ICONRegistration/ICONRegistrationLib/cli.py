@@ -1,0 +1,210 @@
+"""``iconreg``: register, warp, inspect transforms and manage models from the command line.
+
+Exit codes: 0 success, 2 usage error, 3 user error (one line on stderr, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import Cancelled, UserError
+
+EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+class ProgressBar:
+    """A progress callback drawing one bar per stage on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream = stream
+        self.width = width
+        self.stage: Optional[str] = None
+        self.interactive = hasattr(stream, "isatty") and stream.isatty()
+        self.last_draw = 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        new_stage = stage != self.stage
+        if new_stage and self.stage is not None and self.interactive:
+            self.stream.write("\n")
+        self.stage = stage
+        if self.interactive:
+            if new_stage or fraction >= 1.0 or now - self.last_draw > 0.1:
+                filled = int(round(fraction * self.width))
+                self.stream.write(f"\r{stage:<24} [{'#' * filled}{'-' * (self.width - filled)}] {100 * fraction:5.1f}%")
+                self.stream.flush()
+                self.last_draw = now
+        elif new_stage or fraction >= 1.0:
+            self.stream.write(f"{stage}: {100 * fraction:.0f}%\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.interactive and self.stage is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.stage = None
+
+
+def _summary(metrics: dict) -> str:
+    seconds = metrics.get("seconds", {})
+    return (f"model {metrics['model']} on {metrics['device']}: folds {metrics['folds']} "
+            f"({metrics['folds_percent']:.4f} %), Jacobian min {metrics['jacobian_min']:.3f}, "
+            f"IC error mean {metrics['ic_error_mean_mm']:.4f} mm / 95th {metrics['ic_error_p95_mm']:.4f} mm, "
+            f"{seconds.get('total', float('nan')):.2f} s")
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from .io import read_image, write_result
+    from .pipeline import register
+
+    fixed = read_image(args.fixed, "fixed")
+    moving = read_image(args.moving, "moving")
+    fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
+    moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
+    bar = ProgressBar()
+    try:
+        result = register(fixed, moving, args.model, fixed_modality=args.fixed_modality,
+                          moving_modality=args.moving_modality, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                          io_iterations=args.io_iterations, io_similarity=args.io_similarity, device=args.device,
+                          progress=bar, weights=args.weights, field_grid=args.field_grid)
+        written = write_result(result, args.out, fixed=fixed, moving=moving, report=not args.no_report)
+    finally:
+        bar.close()
+    print(_summary(result.metrics))
+    print(f"wrote {', '.join(p.name for p in written.values())} to {Path(args.out)}")
+    return EXIT_OK
+
+
+def _cmd_warp(args: argparse.Namespace) -> int:
+    from .io import read_image, write_image
+    from .pipeline import warp
+
+    image = read_image(args.image, "input")
+    reference = read_image(args.reference, "reference")
+    write_image(warp(image, args.transform, reference, interpolator=args.interpolator), args.out)
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _cmd_jacobian(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from .io import read_displacement_field, write_image
+    from .pipeline.qa import field_jacobian
+
+    determinant = field_jacobian(read_displacement_field(args.transform))
+    values = sitk.GetArrayViewFromImage(determinant)
+    folds = int((values <= 0).sum())
+    print(json.dumps({"folds": folds, "folds_percent": 100.0 * folds / values.size,
+                      "jacobian_min": float(values.min()), "jacobian_max": float(values.max())}))
+    if args.out:
+        write_image(determinant, args.out)
+        print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import (cached_weights_path, download_weights, install_weights, model_names, resolve_spec,
+                         sha256_of, weights_state)
+    from .models.weights import bundled_weights_path
+
+    if args.action == "list":
+        print(f"{'name':<16} {'grid (D,H,W)':<16} {'weights':<15} description")
+        for name in model_names():
+            spec = resolve_spec(name)
+            shape = "×".join(str(n) for n in spec.input_shape)
+            print(f"{name:<16} {shape:<16} {weights_state(spec):<15} {spec.description}")
+        return EXIT_OK
+    if not args.name:
+        raise UserError(f"'iconreg models {args.action}' needs a model name (see 'iconreg models list').")
+    spec = resolve_spec(args.name)
+    if args.action == "info":
+        info = spec.to_dict()
+        path = bundled_weights_path(spec) or cached_weights_path(spec)
+        info["weights_state"] = weights_state(spec)
+        info["weights_path"] = str(path)
+        if path.is_file():
+            info["weights_sha256_actual"] = sha256_of(path)
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    if args.action == "install":
+        if not args.source:
+            raise UserError("'iconreg models install NAME --from FILE' needs --from FILE.")
+        target = install_weights(spec, args.source)
+    else:  # download
+        bar = ProgressBar()
+        try:
+            target = download_weights(spec, progress=bar)
+        finally:
+            bar.close()
+    print(f"installed {spec.name} weights at {target} (sha256 {sha256_of(target)})")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.zoo import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="iconreg", description="Inverse-consistent deep image registration.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    reg = commands.add_parser("register", help="register a moving image to a fixed image")
+    reg.add_argument("--fixed", required=True, help="fixed image file (or DICOM folder)")
+    reg.add_argument("--moving", required=True, help="moving image file (or DICOM folder)")
+    reg.add_argument("--fixed-modality", default="auto", choices=["ct", "mri", "auto"])
+    reg.add_argument("--moving-modality", default="auto", choices=["ct", "mri", "auto"])
+    reg.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name or model spec JSON (default: %(default)s)")
+    reg.add_argument("--weights", help="weights file overriding the model's")
+    reg.add_argument("--io-iterations", type=int, default=0, help="instance-optimisation steps (default 0)")
+    reg.add_argument("--io-similarity", choices=["lncc", "squared_lncc", "ssd", "mind_ssc"],
+                     help="similarity for instance optimisation (default: the model's)")
+    reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    reg.add_argument("--fixed-mask", help="fixed mask (non-zero = inside)")
+    reg.add_argument("--moving-mask", help="moving mask (non-zero = inside)")
+    reg.add_argument("--field-grid", default="network", choices=["network", "fixed"],
+                     help="grid of the output fields: the network grid over each image, or the images' own grids")
+    reg.add_argument("--no-report", action="store_true", help="skip report.png")
+    reg.add_argument("--out", required=True, help="output folder")
+    reg.set_defaults(func=_cmd_register)
+
+    wrp = commands.add_parser("warp", help="apply a transform to an image or label map")
+    wrp.add_argument("--image", required=True)
+    wrp.add_argument("--transform", required=True, help=".h5/.tfm transform or displacement image")
+    wrp.add_argument("--reference", required=True, help="image whose grid the output takes (usually the fixed)")
+    wrp.add_argument("--interpolator", default="linear", choices=["linear", "nearest", "bspline"],
+                     help="use nearest for label maps")
+    wrp.add_argument("--out", required=True)
+    wrp.set_defaults(func=_cmd_warp)
+
+    jac = commands.add_parser("jacobian", help="Jacobian determinant and fold count of a displacement field")
+    jac.add_argument("--transform", required=True)
+    jac.add_argument("--out", help="write the determinant image here")
+    jac.set_defaults(func=_cmd_jacobian)
+
+    mod = commands.add_parser("models", help="list, inspect, download or install models")
+    mod.add_argument("action", choices=["list", "info", "install", "download"])
+    mod.add_argument("name", nargs="?")
+    mod.add_argument("--from", dest="source", help="weights file to install (offline machines)")
+    mod.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with 2 on usage errors
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"iconreg: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (Cancelled, KeyboardInterrupt):
+        print("iconreg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Coordinate maps on the network grid.
+
+Convention (the icon_registration one, so official checkpoints load unchanged):
+
+* A *map* is a tensor ``[B, d, *S]`` of coordinates in ``[0, 1]`` whose channel ``c`` is the coordinate
+  along tensor axis ``2 + c`` (``(z, y, x)`` for a ``[B, C, D, H, W]`` volume). Voxel ``i`` of an axis with
+  ``N`` voxels sits at ``i / (N - 1)``.
+* A map ``Φ_AB`` satisfies ``I_A ∘ Φ_AB ≈ I_B``: it takes fixed-image (B) coordinates to moving-image (A)
+  coordinates, the resampling direction of ITK.
+* Images are sampled at coordinates trilinearly with ``grid_sample(align_corners=True)`` semantics.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_IDENTITY_TAG = "is_identity_grid"
+
+
+def identity_map(shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """The identity map ``[1, d, *shape]`` with voxel centres at ``i / (N - 1)``.
+
+    The returned tensor is tagged so that a displacement-field transform evaluated on exactly this grid
+    can add its displacements without interpolating (the same values, computed faster).
+    """
+    shape = [int(n) for n in shape]
+    axes = []
+    for n in shape:
+        step = torch.tensor(1.0 / (n - 1) if n > 1 else 0.0, dtype=dtype)
+        axes.append(torch.arange(n, dtype=dtype) * step)
+    grids = torch.meshgrid(*axes, indexing="ij")
+    result = torch.stack(grids, dim=0)[None].to(device)
+    return mark_identity(result)
+
+
+def mark_identity(coordinates: torch.Tensor) -> torch.Tensor:
+    """Tag ``coordinates`` as an identity grid (see :func:`is_identity`)."""
+    setattr(coordinates, _IDENTITY_TAG, coordinates._version)
+    return coordinates
+
+
+def is_identity(coordinates: torch.Tensor) -> bool:
+    """Whether ``coordinates`` is an unmodified grid from :func:`identity_map` (a tag, not a numerical test).
+
+    The tag remembers the tensor's version counter, so an in-place change (``grid += 0.1``) clears it.
+    """
+    version = getattr(coordinates, _IDENTITY_TAG, None)
+    return version is not None and version == coordinates._version
+
+
+def warp(image: torch.Tensor, coordinates: torch.Tensor, *, padding: str = "border",
+         mode: str = "bilinear") -> torch.Tensor:
+    """Sample ``image`` ``[B, C, *S]`` at ``coordinates`` ``[B', d, *T]`` (map convention above).
+
+    ``padding`` is ``"border"`` (repeat edge values) or ``"zeros"``; ``mode`` is ``"bilinear"``
+    (trilinear in 3-D) or ``"nearest"``. A batch of 1 on either side is broadcast to the other.
+    Returns ``[max(B, B'), C, *T]``.
+    """
+    dimension = coordinates.shape[1]
+    # grid_sample wants the last axis ordered (x, y, z) in [-1, 1]: flip our (z, y, x) channels.
+    grid = (coordinates * 2.0 - 1.0).flip(1)
+    grid = grid.permute(0, *range(2, 2 + dimension), 1)
+    if grid.shape[0] == 1 and image.shape[0] > 1:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    elif image.shape[0] == 1 and grid.shape[0] > 1:
+        image = image.expand(grid.shape[0], *image.shape[1:])
+    if grid.dtype != image.dtype:
+        grid = grid.to(image.dtype)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
+def map_to_displacement(coordinate_map: torch.Tensor) -> torch.Tensor:
+    """``Φ − Id`` on the map's own grid (units of the map: the unit cube)."""
+    return coordinate_map - identity_map(coordinate_map.shape[2:], dtype=coordinate_map.dtype,
+                                         device=coordinate_map.device)
+
+
+def displacement_to_map(displacement: torch.Tensor) -> torch.Tensor:
+    """``Id + u`` for a displacement ``u`` on its own grid."""
+    return displacement + identity_map(displacement.shape[2:], dtype=displacement.dtype,
+                                       device=displacement.device)
+
+
+def evaluate_map(coordinate_map: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
+    """Evaluate the transform that ``coordinate_map`` samples on its grid at arbitrary ``coordinates``.
+
+    The displacement is interpolated trilinearly with border padding, so outside the grid the edge
+    displacement continues (as icon_registration does).
+    """
+    if is_identity(coordinates) and coordinates.shape[2:] == coordinate_map.shape[2:]:
+        return coordinate_map.expand(max(coordinate_map.shape[0], coordinates.shape[0]), *coordinate_map.shape[1:])
+    return coordinates + warp(map_to_displacement(coordinate_map), coordinates, padding="border")
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Sampled maps ``outer ∘ inner`` on ``inner``'s grid: ``(outer ∘ inner)(x) = outer(inner(x))``."""
+    return evaluate_map(outer, inner)
+
+
+def _finite_difference(field: torch.Tensor, axis: int) -> torch.Tensor:
+    """Derivative along tensor ``axis`` per index step: central inside, one-sided at the two ends."""
+    n = field.shape[axis]
+    if n < 2:
+        return torch.zeros_like(field)
+    front = field.narrow(axis, 1, 1) - field.narrow(axis, 0, 1)
+    back = field.narrow(axis, n - 1, 1) - field.narrow(axis, n - 2, 1)
+    if n == 2:
+        return torch.cat([front, back], dim=axis)
+    middle = (field.narrow(axis, 2, n - 2) - field.narrow(axis, 0, n - 2)) * 0.5
+    return torch.cat([front, middle, back], dim=axis)
+
+
+def jacobian_matrix(positions: torch.Tensor) -> torch.Tensor:
+    """∂positions/∂index: ``[B, d, d, *S]`` with entry ``[:, r, c]`` = ∂position_r / ∂(index along axis c)."""
+    dimension = positions.shape[1]
+    columns = [_finite_difference(positions, 2 + axis) for axis in range(dimension)]
+    return torch.stack(columns, dim=2)
+
+
+def _determinant(matrices: torch.Tensor) -> torch.Tensor:
+    """Determinant over dims 1, 2 of ``[B, d, d, *S]`` (closed form; avoids a batched LU per voxel)."""
+    m = matrices
+    if m.shape[1] == 2:
+        return m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
+    if m.shape[1] == 3:
+        return (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
+                - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
+                + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+    return m[:, 0, 0]
+
+
+def jacobian_determinant(positions: torch.Tensor, grid_matrix: torch.Tensor | Sequence[float] | None = None) -> torch.Tensor:
+    """Jacobian determinant ``[B, 1, *S]`` of the transform whose values on a grid are ``positions``.
+
+    ``positions`` ``[B, d, *S]`` holds the transformed position of every grid point (any unit, e.g. a map in
+    the unit cube or physical millimetres). ``grid_matrix`` relates index steps to the same unit: a ``d×d``
+    matrix whose column ``c`` is the displacement of one index step along tensor axis ``c`` (for an
+    axis-aligned grid, ``diag(spacing)``; a sequence is read as that diagonal). ``None`` means the unit-cube
+    map convention, ``diag(1 / (N - 1))``. The result is unitless: 1 means volume preserved, ≤ 0 a fold.
+    Derivatives are central differences inside and one-sided at the grid's faces.
+    """
+    dimension = positions.shape[1]
+    shape = positions.shape[2:]
+    if grid_matrix is None:
+        grid_matrix = [1.0 / (n - 1) if n > 1 else 1.0 for n in shape]
+    grid_matrix = torch.as_tensor(grid_matrix, dtype=torch.float64)
+    if grid_matrix.ndim == 1:
+        grid_matrix = torch.diag(grid_matrix)
+    scale = float(torch.det(grid_matrix))
+    det = _determinant(jacobian_matrix(positions))
+    return (det / scale)[:, None] if dimension > 0 else det
+
+
+def fold_count(jacobian_det: torch.Tensor) -> int:
+    """Number of grid points whose Jacobian determinant is ≤ 0 (the transform folds there)."""
+    return int((jacobian_det <= 0).sum().item())

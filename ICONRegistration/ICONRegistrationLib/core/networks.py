@@ -1,0 +1,87 @@
+"""Convolutional networks that predict displacement fields.
+
+``UNet2`` has the parameter names and the maths of icon_registration's ``UNet2`` so that official
+uniGradICON / GradICON checkpoints load with ``strict=True`` and give the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TALL_UNET2_CHANNELS = [[2, 16, 32, 64, 256, 512], [16, 32, 64, 128, 256]]
+
+
+def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Keep the first ``channels`` channels of ``x``; if it has fewer, zero-pad at the front."""
+    y = x[:, :channels]
+    missing = channels - x.shape[1]
+    if missing > 0:
+        pad = [0, 0] * (x.dim() - 2) + [missing, 0]
+        y = F.pad(y, pad)
+    return y
+
+
+class UNet2(nn.Module):
+    """The residual U-Net of GradICON / uniGradICON.
+
+    ``channels = [down, up]``: ``down[0]`` is the number of input channels (2 for an image pair), ``down[i+1]``
+    the width after the i-th stride-2 convolution, ``up[i]`` the width of the i-th transposed convolution.
+    Input: two images ``[B, C, *S]``; output: ``[B, dimension, *S]``, a displacement in the unit-cube map
+    convention, divided by 10 as in the original so that training starts near the identity.
+    """
+
+    def __init__(self, num_layers: int, channels: Sequence[Sequence[int]], dimension: int = 3):
+        super().__init__()
+        if dimension not in (2, 3):
+            raise ValueError("UNet2 supports 2-D and 3-D images")
+        self.dimension = dimension
+        self.num_layers = int(num_layers)
+        conv = nn.Conv3d if dimension == 3 else nn.Conv2d
+        conv_transpose = nn.ConvTranspose3d if dimension == 3 else nn.ConvTranspose2d
+        batch_norm = nn.BatchNorm3d if dimension == 3 else nn.BatchNorm2d
+        self._avg_pool = F.avg_pool3d if dimension == 3 else F.avg_pool2d
+        self._interpolate_mode = "trilinear" if dimension == 3 else "bilinear"
+
+        down = [int(c) for c in channels[0]]
+        up_out = [int(c) for c in channels[1]]
+        if len(down) != self.num_layers + 1 or len(up_out) != self.num_layers:
+            raise ValueError(f"UNet2 with {num_layers} layers needs {num_layers + 1} down and {num_layers} up channels")
+        # Each transposed conv sees the deeper down-path features concatenated with the up-path output.
+        up_in = [down[i + 1] + (up_out[i + 1] if i + 1 < self.num_layers else 0) for i in range(self.num_layers)]
+
+        self.downConvs = nn.ModuleList(
+            conv(down[i], down[i + 1], kernel_size=3, padding=1, stride=2) for i in range(self.num_layers))
+        self.upConvs = nn.ModuleList(
+            conv_transpose(up_in[i], up_out[i], kernel_size=4, padding=1, stride=2) for i in range(self.num_layers))
+        self.batchNorms = nn.ModuleList(batch_norm(num_features=up_out[i]) for i in range(self.num_layers))
+        self.lastConv = conv(down[0] + up_out[0], dimension, kernel_size=3, padding=1)
+        # A fresh network predicts the identity transform.
+        nn.init.zeros_(self.lastConv.weight)
+        nn.init.zeros_(self.lastConv.bias)
+
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([image_A, image_B], dim=1)
+        skips = []
+        for depth in range(self.num_layers):
+            skips.append(x)
+            y = self.downConvs[depth](F.leaky_relu(x))
+            x = y + _match_channels(self._avg_pool(x, 2, ceil_mode=True), y.shape[1])
+        for depth in reversed(range(self.num_layers)):
+            y = self.upConvs[depth](F.leaky_relu(x))
+            x = y + F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2,
+                                  mode=self._interpolate_mode, align_corners=False)
+            x = self.batchNorms[depth](x)
+            skip = skips[depth]
+            x = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in skip.shape[2:])]
+            x = torch.cat([x, skip], dim=1)
+        return self.lastConv(x) / 10
+
+
+def tallUNet2(dimension: int = 3, input_channels: int = 1) -> UNet2:  # noqa: N802 (icon_registration's name)
+    """The 5-layer UNet2 used by every uniGradICON / GradICON step."""
+    channels = [[2 * input_channels] + TALL_UNET2_CHANNELS[0][1:], list(TALL_UNET2_CHANNELS[1])]
+    return UNet2(5, channels, dimension)

@@ -1,0 +1,50 @@
+"""The one place that turns a user's device choice into a ``torch.device``."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+
+def choose_device(device: str | torch.device = "auto") -> torch.device:
+    """Return the torch device for ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+
+    ``"auto"`` picks the first CUDA GPU when one is usable, else Apple's MPS, else the CPU.
+    Asking for a GPU that is not there raises :class:`UserError`.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name in ("gpu",):
+        name = "cuda"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(
+                "A CUDA GPU was requested but PyTorch sees none on this machine; "
+                "use device 'cpu' or 'auto', or install a CUDA build of PyTorch."
+            )
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"GPU {dev.index} does not exist; this machine has {torch.cuda.device_count()}.")
+        return dev
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UserError("Apple MPS was requested but is not available; use 'cpu' or 'auto'.")
+        return torch.device("mps")
+    raise UserError(f"Unknown device '{device}': use auto, cpu, cuda, cuda:N or mps.")
+
+
+def device_description(device: torch.device) -> str:
+    """A human-readable name of ``device`` (the GPU model for CUDA)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type

@@ -1,0 +1,129 @@
+"""Write displacement-field transforms and images in formats ITK, ANTs, elastix and Slicer read.
+
+* ``.h5`` / ``.hdf5`` / ``.tfm`` / ``.txt``: an ITK ``DisplacementFieldTransform`` (``sitk.WriteTransform``),
+  vectors in LPS mm, double precision.
+* ``.nii`` / ``.nii.gz``: a displacement image with NIfTI intent 1006 (``NIFTI_INTENT_DISPVECT``). The NIfTI
+  standard puts those vectors in its RAS world frame; ITK ≥ 5.4 (SimpleITK, Slicer) converts them back to
+  LPS when reading, so the file round-trips to the same LPS field.
+* ``.nrrd`` / ``.nhdr`` / ``.mha`` / ``.mhd``: a vector image in LPS (NRRD kinds ``vector domain domain domain``).
+
+Every file is written under a temporary name in the target folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import UserError
+
+TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VECTOR_IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+NIFTI_INTENT_DISPVECT = 1006
+_NIFTI_INTENT_OFFSET = 68  # byte offset of intent_code in a NIfTI-1 header
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` with the same suffix; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _suffix(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name[:-len(suffix)] or 'out'}.", suffix=suffix,
+                                         dir=path.parent)
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, path)
+    finally:
+        temporary_path.unlink(missing_ok=True)
+        # .mhd/.nhdr writers put the voxels in a second file next to the header
+        for companion in (".raw", ".zraw", ".raw.gz"):
+            temporary_path.with_suffix(companion).unlink(missing_ok=True)
+
+
+def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write a scalar image atomically (any format SimpleITK knows)."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=compress)
+    return path
+
+
+def _check_field(field: sitk.Image) -> None:
+    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
+        raise UserError("A displacement field needs one vector component per dimension.")
+
+
+def write_displacement_field(field: sitk.Image, path: str | Path) -> Path:
+    """Write a displacement field (vector image, LPS mm) as a transform or displacement image by suffix."""
+    _check_field(field)
+    path = Path(path)
+    suffix = _suffix(path)
+    with atomic_path(path) as temporary:
+        if suffix in TRANSFORM_SUFFIXES:
+            transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+            sitk.WriteTransform(transform, str(temporary))
+        elif suffix in NIFTI_SUFFIXES:
+            _write_nifti_dispvect(field, temporary)
+        elif suffix in VECTOR_IMAGE_SUFFIXES:
+            sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat32), str(temporary), useCompression=True)
+        else:
+            raise UserError(f"Unknown transform file type '{path.name}': use .h5, .tfm, .nii.gz, .nrrd or .mha.")
+    return path
+
+
+def _write_nifti_dispvect(field: sitk.Image, path: Path) -> None:
+    """NIfTI-1 with intent 1006 and RAS vector components (LPS x, y negated); geometry from SimpleITK."""
+    lps = sitk.GetArrayViewFromImage(field).astype(np.float32)
+    ras = lps * np.array([-1.0, -1.0] + [1.0] * (lps.shape[-1] - 2), dtype=np.float32)
+    image = sitk.GetImageFromArray(ras, isVector=True)
+    image.CopyInformation(field)
+    plain = path.with_name(path.name.replace(".gz", "") + ".tmp.nii")
+    try:
+        sitk.WriteImage(image, str(plain), useCompression=False)  # writes intent 1007 (vector)
+        data = bytearray(plain.read_bytes())
+    finally:
+        plain.unlink(missing_ok=True)
+    if struct.unpack("<i", data[:4])[0] != 348:
+        raise RuntimeError("unexpected NIfTI header written by SimpleITK")
+    data[_NIFTI_INTENT_OFFSET:_NIFTI_INTENT_OFFSET + 2] = struct.pack("<h", NIFTI_INTENT_DISPVECT)
+    if path.name.lower().endswith(".gz"):
+        with gzip.open(path, "wb", compresslevel=6) as out:
+            out.write(bytes(data))
+    else:
+        path.write_bytes(bytes(data))
+
+
+def read_displacement_field(path: str | Path) -> sitk.Image:
+    """Read a displacement field written by :func:`write_displacement_field` (or ANTs / Slicer) as LPS mm."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Transform file '{path}' does not exist.")
+    if _suffix(path) in TRANSFORM_SUFFIXES:
+        transform = sitk.ReadTransform(str(path))
+        if transform.GetName() == "CompositeTransform":
+            composite = sitk.CompositeTransform(transform)
+            if composite.GetNumberOfTransforms() == 1:
+                transform = composite.GetNthTransform(0)
+        if transform.GetName() != "DisplacementFieldTransform":
+            raise UserError(f"'{path}' holds a {transform.GetName()}, not a displacement field transform.")
+        return sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+    field = sitk.ReadImage(str(path))
+    _check_field(field)
+    return sitk.Cast(field, sitk.sitkVectorFloat64)

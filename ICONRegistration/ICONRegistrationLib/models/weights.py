@@ -1,0 +1,261 @@
+"""Model weights: per-user cache, download, offline install, sha256 verification, safe strict loading.
+
+Weights never go to the current directory or the install folder: they live in the per-user cache
+(``$ICONREG_CACHE`` when set). Files are written under a temporary name and renamed when complete.
+Checkpoints are read with ``torch.load(weights_only=True)``, so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..device import choose_device
+from ..errors import UserError
+from ..progress import ProgressCallback, report
+from .build import build_network
+from .spec import ModelSpec
+from .zoo import resolve_spec
+
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """The per-user weight cache: ``$ICONREG_CACHE``, else the platform's user cache folder."""
+    override = os.environ.get("ICONREG_CACHE")
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        return base / "ICONRegistration" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "ICONRegistration"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iconregistration"
+
+
+def _file_name(spec: ModelSpec) -> str:
+    return spec.weights.get("file") or f"{spec.name}.pt"
+
+
+def cached_weights_path(spec: ModelSpec) -> Path:
+    """Where the cache keeps (or would keep) the weights of ``spec``."""
+    return cache_dir() / "models" / spec.name / _file_name(spec)
+
+
+def bundled_weights_path(spec: ModelSpec) -> Optional[Path]:
+    """Weights shipped beside the spec file (models the project ships), if present."""
+    folder = spec.extra.get("spec_dir")
+    if folder:
+        candidate = Path(folder) / _file_name(spec)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file; remembered in a ``.sha256`` file beside it, keyed by size and mtime."""
+    path = Path(path)
+    stat = path.stat()
+    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        recorded_stamp, recorded = sidecar.read_text().split()
+        if recorded_stamp == stamp:
+            return recorded
+    except (OSError, ValueError):
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    _record_sha256(path, value)
+    return value
+
+
+def _record_sha256(path: Path, value: str) -> None:
+    stat = path.stat()
+    try:
+        path.with_name(path.name + ".sha256").write_text(f"{stat.st_size}:{stat.st_mtime_ns} {value}\n")
+    except OSError:
+        pass  # read-only folder (bundled weights): the hash is simply recomputed next time
+
+
+def _verify(spec: ModelSpec, path: Path) -> str:
+    actual = sha256_of(path)
+    expected = spec.sha256
+    if expected and actual.lower() != expected.lower():
+        raise UserError(f"The weights file '{path}' for model '{spec.name}' has sha256 {actual}, "
+                        f"but the model expects {expected}: the file is corrupt or is another model's. "
+                        f"Delete it and download or install it again.")
+    return actual
+
+
+def _offline_hint(spec: ModelSpec) -> str:
+    url = spec.weights.get("url")
+    where = f" from {url}" if url else ""
+    return (f"Download the file{where} on a machine with internet access, then run "
+            f"'iconreg models install {spec.name} --from FILE' (or pass --weights FILE).")
+
+
+def install_weights(model: "str | ModelSpec", source: str | Path) -> Path:
+    """Copy a weights file into the cache for ``model`` (offline install); verifies sha256 when known."""
+    spec = resolve_spec(model)
+    source = Path(source)
+    if not source.is_file():
+        raise UserError(f"Weights file '{source}' does not exist.")
+    target = cached_weights_path(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    os.close(handle)
+    try:
+        shutil.copyfile(source, temporary)
+        digest = _verify(spec, Path(temporary))
+        os.replace(temporary, target)
+        _record_sha256(target, digest)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+        Path(temporary + ".sha256").unlink(missing_ok=True)
+    return target
+
+
+def download_weights(model: "str | ModelSpec", progress: Optional[ProgressCallback] = None) -> Path:
+    """Download the weights of ``model`` into the cache (temporary file, renamed when complete)."""
+    spec = resolve_spec(model)
+    url = spec.weights.get("url")
+    if not url:
+        raise UserError(f"Model '{spec.name}' has no download URL. {_offline_hint(spec)}")
+    target = cached_weights_path(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (URL from the spec)
+                    total = int(response.headers.get("Content-Length") or 0)
+                    done = 0
+                    for block in iter(lambda: response.read(_CHUNK), b""):
+                        out.write(block)
+                        done += len(block)
+                        report(progress, f"downloading {spec.name}", done / total if total else 0.0)
+            except (urllib.error.URLError, OSError) as error:  # refused, unreachable, or dropped mid-way
+                raise UserError(f"Could not download the weights of '{spec.name}' ({error}). "
+                                f"{_offline_hint(spec)}") from None
+        digest = _verify(spec, Path(temporary))
+        os.replace(temporary, target)
+        _record_sha256(target, digest)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+        Path(temporary + ".sha256").unlink(missing_ok=True)
+    return target
+
+
+def weights_state(spec: ModelSpec) -> str:
+    """``"bundled"``, ``"downloaded"`` or ``"not downloaded"`` (for listings)."""
+    if bundled_weights_path(spec) is not None:
+        return "bundled"
+    return "downloaded" if cached_weights_path(spec).is_file() else "not downloaded"
+
+
+def resolve_weights(spec: ModelSpec, weights: str | Path | None = None, *, download: bool = True,
+                    progress: Optional[ProgressCallback] = None) -> Path:
+    """The weights file to use: ``weights`` if given, else bundled, else cached, else downloaded."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"Weights file '{path}' does not exist.")
+        return path
+    for candidate in (bundled_weights_path(spec), cached_weights_path(spec)):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    if not download:
+        raise UserError(f"The weights of model '{spec.name}' are not installed. {_offline_hint(spec)}")
+    return download_weights(spec, progress)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, safely (``weights_only=True``), as float32 on the CPU.
+
+    Accepts a plain state dict (official ``.trch`` files), a dict with a ``"state_dict"`` or ``"model"``
+    entry (training checkpoints), and strips a ``regis_net.`` prefix (a whole GradICON wrapper's dict).
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable / unsafe files
+        raise UserError(f"Could not read weights file '{path}': {error}".split("\n")[0]) from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise UserError(f"Weights file '{path}' does not hold a state dict of tensors.")
+    if data and all(k.startswith("regis_net.") for k in data):
+        data = {k[len("regis_net."):]: v for k, v in data.items()}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in data.items()}
+
+
+def load_state_dict_strict(net: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``state`` into ``net`` requiring identical keys and shapes; the error lists the first differences."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} ≠ {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                parts.append(f"{len(items)} {label} (first: {'; '.join(items[:3])})")
+        raise UserError(f"The {source} does not match the model's architecture: {', '.join(parts)}. "
+                        "Check that the spec (unet channels, levels, last_step) belongs to these weights.")
+    net.load_state_dict(state, strict=True)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A network ready to run: its spec, torch module (eval mode, on ``device``) and weight provenance."""
+
+    spec: ModelSpec
+    net: torch.nn.Module
+    device: torch.device
+    weights_path: Optional[Path]
+    weights_sha256: Optional[str]
+
+
+_LOADED: dict[tuple, LoadedModel] = {}
+
+
+def load_model(model: "str | Path | ModelSpec", weights: str | Path | None = None, *, device: str = "auto",
+               download: bool = True, progress: Optional[ProgressCallback] = None,
+               random_weights: bool = False) -> LoadedModel:
+    """Build the network of ``model`` and load its verified weights (cached across calls).
+
+    ``random_weights=True`` skips loading (benchmarks and tests of the architecture only).
+    """
+    spec = resolve_spec(model)
+    torch_device = choose_device(device)
+    if random_weights:
+        net = build_network(spec).to(torch_device)
+        return LoadedModel(spec, net, torch_device, None, None)
+    path = resolve_weights(spec, weights, download=download, progress=progress)
+    stat = path.stat()
+    key = (repr(sorted(spec.to_dict().items(), key=lambda kv: kv[0])), str(path.resolve()), stat.st_size,
+           stat.st_mtime_ns, str(torch_device))
+    if key in _LOADED:
+        return _LOADED[key]
+    sha256 = _verify(spec, path)
+    net = build_network(spec)
+    load_state_dict_strict(net, read_state_dict(path), source=f"weights file '{path.name}'")
+    loaded = LoadedModel(spec, net.to(torch_device).eval(), torch_device, path, sha256)
+    _LOADED.clear()  # keep one network in memory: uniGradICON-sized models weigh 280 MB
+    _LOADED[key] = loaded
+    return loaded

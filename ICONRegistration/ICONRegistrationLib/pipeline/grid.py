@@ -1,0 +1,170 @@
+"""Oriented grids in physical (LPS, mm) space and the network grid placed over an image.
+
+Placement of the network grid (the uniGradICON placement, generalised to any direction matrix):
+the network grid covers exactly the image's physical box — from the outer face of its first voxel to
+the outer face of its last voxel along each axis — with ``N`` voxels per axis, so its spacing is
+``n·s / N`` (``n`` voxels of size ``s`` in the image). Its axes are the image's own axes; for the moving
+image they are permuted and flipped to the image axes that best match the fixed image's axes, so that
+both images reach the network in the same anatomical orientation even when one is stored flipped or
+transposed. Resampling onto it is trilinear with ``align_corners=False`` (``F.interpolate``), exactly what
+uniGradICON does when the orientations already agree.
+
+Index and coordinate conventions:
+
+* sitk axes ``(x, y, z)`` ↔ tensor axes ``(W, H, D)``; tensor / map channel ``c`` ↔ sitk axis ``2 − c``.
+* ``unit_matrix @ u + origin`` is the physical point of unit-cube coordinates ``u`` (channels in tensor
+  order, ``u = index / (N − 1)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """An oriented voxel grid: ``size``/``spacing`` in sitk axis order, ``direction`` columns = axes, LPS mm.
+
+    ``source_axes`` and ``flipped`` (tensor order) say how the grid's axes derive from the image it was
+    placed over: grid tensor axis ``t`` runs along image tensor axis ``source_axes[t]``, reversed if ``flipped[t]``.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    direction: tuple[tuple[float, ...], ...]
+    origin: tuple[float, float, float]
+    source_axes: tuple[int, int, int] = (0, 1, 2)
+    flipped: tuple[bool, bool, bool] = (False, False, False)
+
+    # ----- construction ---------------------------------------------------------------------------
+    @classmethod
+    def of_image(cls, image: sitk.Image) -> "Grid":
+        """The image's own voxel grid."""
+        direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+        return cls(tuple(int(n) for n in image.GetSize()), tuple(float(s) for s in image.GetSpacing()),
+                   tuple(map(tuple, direction)), tuple(float(o) for o in image.GetOrigin()))
+
+    @classmethod
+    def over_image(cls, image: sitk.Image, shape: Sequence[int], align_to: Optional["Grid"] = None) -> "Grid":
+        """A grid of tensor shape ``shape`` ``(D, H, W)`` covering the image's physical box (see module doc).
+
+        With ``align_to``, the grid's axes are the image axes (permuted, flipped) closest to ``align_to``'s.
+        """
+        own = cls.of_image(image)
+        image_dir = own.matrix_direction
+        size = np.array(own.size, dtype=float)
+        spacing = np.array(own.spacing, dtype=float)
+        # sitk-order permutation: grid axis j runs along image axis perm[j] with sign signs[j].
+        perm, signs = (0, 1, 2), (1.0, 1.0, 1.0)
+        if align_to is not None:
+            target = align_to.matrix_direction
+            best = -1.0
+            for candidate in itertools.permutations(range(3)):
+                score = sum(abs(float(target[:, j] @ image_dir[:, candidate[j]])) for j in range(3))
+                if score > best + 1e-9:
+                    best, perm = score, candidate
+            signs = tuple(1.0 if float(target[:, j] @ image_dir[:, perm[j]]) >= 0 else -1.0 for j in range(3))
+        network_size = np.array(list(shape)[::-1], dtype=float)  # sitk order
+        extent = size[list(perm)] * spacing[list(perm)]
+        grid_spacing = extent / network_size
+        grid_dir = np.stack([signs[j] * image_dir[:, perm[j]] for j in range(3)], axis=1)
+        corner = np.array(own.origin) - 0.5 * image_dir @ spacing  # outer corner at index −0.5
+        for j in range(3):
+            if signs[j] < 0:  # a reversed axis starts at the far face of the box
+                corner = corner + image_dir[:, perm[j]] * size[perm[j]] * spacing[perm[j]]
+        origin = corner + 0.5 * grid_dir @ grid_spacing
+        # tensor-order bookkeeping for resampling arrays: tensor axis t = sitk axis 2 − t
+        source_axes = tuple(2 - perm[2 - t] for t in range(3))
+        flipped = tuple(signs[2 - t] < 0 for t in range(3))
+        return cls(tuple(int(n) for n in network_size), tuple(float(s) for s in grid_spacing),
+                   tuple(map(tuple, grid_dir)), tuple(float(o) for o in origin), source_axes, flipped)
+
+    # ----- geometry ---------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Tensor shape ``(D, H, W)``."""
+        return tuple(self.size[::-1])
+
+    @property
+    def matrix_direction(self) -> np.ndarray:
+        return np.array(self.direction, dtype=float)
+
+    @property
+    def index_matrix(self) -> np.ndarray:
+        """3×3: column ``c`` is the physical step (mm, LPS) of one voxel along tensor axis ``c``."""
+        steps = self.matrix_direction * np.array(self.spacing)  # columns in sitk order
+        return steps[:, ::-1].copy()
+
+    @property
+    def unit_matrix(self) -> np.ndarray:
+        """3×3 mapping unit-cube coordinates (tensor order) to physical offsets from ``origin``."""
+        return self.index_matrix * (np.array(self.shape, dtype=float) - 1)
+
+    def unit_to_physical(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """Physical points ``[B, 3 (x, y, z LPS), *S]`` of unit-cube coordinates ``[B, 3, *S]``."""
+        matrix = torch.as_tensor(self.unit_matrix, dtype=coordinates.dtype, device=coordinates.device)
+        origin = torch.as_tensor(self.origin, dtype=coordinates.dtype, device=coordinates.device)
+        return torch.einsum("rc,bc...->br...", matrix, coordinates) + origin.view(1, 3, *[1] * (coordinates.dim() - 2))
+
+    def physical_to_unit(self, points: torch.Tensor) -> torch.Tensor:
+        """Unit-cube coordinates (tensor order) of physical points ``[B, 3 (x, y, z LPS), *S]``."""
+        inverse = torch.as_tensor(np.linalg.inv(self.unit_matrix), dtype=points.dtype, device=points.device)
+        origin = torch.as_tensor(self.origin, dtype=points.dtype, device=points.device)
+        offsets = points - origin.view(1, 3, *[1] * (points.dim() - 2))
+        return torch.einsum("rc,bc...->br...", inverse, offsets)
+
+    def unit_coordinates_of(self, other: "Grid", *, dtype=torch.float32, device=None,
+                            slab: Optional[slice] = None) -> torch.Tensor:
+        """Unit-cube coordinates in *this* grid of the voxel centres of ``other`` (``[1, 3, *other.shape]``).
+
+        ``slab`` restricts to a range of ``other``'s first tensor axis (to bound memory on large grids).
+        """
+        to_self = np.linalg.inv(self.unit_matrix)
+        affine = to_self @ other.index_matrix  # other tensor index -> this unit cube
+        offset = to_self @ (np.array(other.origin) - np.array(self.origin))
+        shape = list(other.shape)
+        first = range(shape[0])[slab] if slab is not None else range(shape[0])
+        axes = [torch.tensor(list(first), dtype=torch.float64)] + [torch.arange(n, dtype=torch.float64) for n in shape[1:]]
+        # Separable: coordinate_r = Σ_c affine[r, c] · index_c + offset_r, built by broadcasting.
+        result = torch.zeros((1, 3, len(axes[0]), shape[1], shape[2]), dtype=torch.float64)
+        for c, values in enumerate(axes):
+            view = [1, 1, 1, 1, 1]
+            view[2 + c] = -1
+            result = result + torch.as_tensor(affine[:, c]).view(1, 3, 1, 1, 1) * values.view(view)
+        result = result + torch.as_tensor(offset).view(1, 3, 1, 1, 1)
+        return result.to(dtype=dtype, device=device)
+
+    def reference_image(self, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
+        """An empty image with this grid's geometry (for ``sitk.Resample``)."""
+        image = sitk.Image([int(n) for n in self.size], pixel_id)
+        self.apply_to(image)
+        return image
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Set origin, spacing and direction of ``image`` (whose size must match) to this grid's."""
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(tuple(self.matrix_direction.flatten()))
+        return image
+
+    def to_network(self, array: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+        """Resample an array of the image this grid was placed over (tensor order) onto the grid.
+
+        Returns ``[1, 1, D, H, W]`` float32, trilinear with ``align_corners=False`` (box-aligned resize).
+        """
+        tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
+        tensor = tensor.permute(*self.source_axes)
+        flips = [t for t in range(3) if self.flipped[t]]
+        if flips:
+            tensor = tensor.flip(flips)
+        tensor = tensor[None, None]
+        if tuple(tensor.shape[2:]) == self.shape:
+            return tensor.contiguous()
+        return F.interpolate(tensor, size=self.shape, mode="trilinear", align_corners=False)

@@ -1,0 +1,56 @@
+"""Input checks and SimpleITK ↔ array conversion for the pipeline (inputs are never modified)."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import UserError
+
+
+def image_array(image: sitk.Image, role: str) -> np.ndarray:
+    """Validate a 3-D scalar image and return its voxels as float32 ``[z, y, x]`` (a copy).
+
+    Raises :class:`UserError` for anything that is not a non-empty, finite, non-constant 3-D scalar image.
+    """
+    if not isinstance(image, sitk.Image):
+        raise UserError(f"The {role} image must be a SimpleITK image, got {type(image).__name__}.")
+    dimension = image.GetDimension()
+    if dimension != 3:
+        raise UserError(f"The {role} image is {dimension}-D; registration needs a 3-D volume "
+                        "(extract one volume of a 4-D series first).")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"The {role} image has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                        "(vector or colour); convert it to a scalar (grey-level) volume first.")
+    if image.GetNumberOfPixels() == 0 or min(image.GetSize()) < 2:
+        raise UserError(f"The {role} image is empty or flat (size {image.GetSize()}); "
+                        "it needs at least 2 voxels along every axis.")
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise UserError(f"The {role} image has complex voxels; use its magnitude.")
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=True)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise UserError(f"The {role} image contains {int((~finite).sum())} NaN or infinite voxels; "
+                        "replace them (e.g. with 0) before registering.")
+    if float(array.max()) == float(array.min()):
+        raise UserError(f"The {role} image is constant (every voxel is {float(array.min()):g}); "
+                        "there is nothing to register.")
+    return array
+
+
+def mask_array(mask: sitk.Image, image: sitk.Image, role: str) -> np.ndarray:
+    """A binary float32 mask ``[z, y, x]`` on ``image``'s grid (resampled nearest-neighbour if needed)."""
+    if not isinstance(mask, sitk.Image):
+        raise UserError(f"The {role} mask must be a SimpleITK image, got {type(mask).__name__}.")
+    if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"The {role} mask must be a 3-D scalar label image.")
+    same_grid = (mask.GetSize() == image.GetSize()
+                 and np.allclose(mask.GetOrigin(), image.GetOrigin(), atol=1e-4)
+                 and np.allclose(mask.GetSpacing(), image.GetSpacing(), rtol=1e-5)
+                 and np.allclose(mask.GetDirection(), image.GetDirection(), atol=1e-5))
+    if not same_grid:
+        mask = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
+    array = (sitk.GetArrayFromImage(mask) != 0).astype(np.float32)
+    if not array.any():
+        raise UserError(f"The {role} mask is empty where it overlaps the {role} image.")
+    return array

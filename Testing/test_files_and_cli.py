@@ -1,0 +1,215 @@
+"""Transform files round-trip through SimpleITK; `iconreg` commands, exit codes and user errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import blob_volume, make_image, random_state, rotation, tiny_spec
+from ICONRegistrationLib import Cancelled, UserError, register
+from ICONRegistrationLib.cli import main
+from ICONRegistrationLib.io import read_displacement_field, write_displacement_field
+from ICONRegistrationLib.models import load_model
+
+
+def _field() -> sitk.Image:
+    rng = np.random.default_rng(0)
+    field = sitk.GetImageFromArray(rng.normal(0, 2, (9, 10, 11, 3)), isVector=True)
+    field.SetSpacing((1.5, 0.7, 2.0))
+    field.SetOrigin((-3.0, 4.0, 10.0))
+    field.SetDirection(tuple((rotation(2, 30) @ rotation(1, -12)).flatten()))
+    return field
+
+
+@pytest.mark.parametrize("name", ["t.h5", "t.tfm", "t.nii.gz", "t.nii", "t.nrrd", "t.mha"])
+def test_every_written_format_round_trips_through_simpleitk(tmp_path, name):
+    field = _field()
+    path = write_displacement_field(field, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing temporary left behind
+    back = read_displacement_field(path)
+    tolerance = 1e-12 if name.endswith((".h5", ".tfm")) else 1e-5  # image formats store float32
+    assert back.GetSize() == field.GetSize()
+    assert np.allclose(back.GetOrigin(), field.GetOrigin(), atol=1e-5)
+    assert np.allclose(back.GetSpacing(), field.GetSpacing(), atol=1e-6)
+    assert np.allclose(back.GetDirection(), field.GetDirection(), atol=1e-6)
+    assert np.abs(sitk.GetArrayFromImage(back) - sitk.GetArrayFromImage(field)).max() < tolerance * 10
+    # The transform applies identically whichever file it came from.
+    transform = sitk.DisplacementFieldTransform(sitk.Image(back))
+    reference = sitk.DisplacementFieldTransform(sitk.Image(field))
+    point = field.TransformContinuousIndexToPhysicalPoint((4.3, 5.1, 3.7))
+    assert np.allclose(transform.TransformPoint(point), reference.TransformPoint(point), atol=1e-4)
+
+
+def test_nifti_field_has_dispvect_intent_and_ras_vectors(tmp_path):
+    field = _field()
+    path = write_displacement_field(field, tmp_path / "t.nii.gz")
+    header = gzip.open(path).read(348)
+    assert struct.unpack("<h", header[68:70])[0] == 1006  # NIFTI_INTENT_DISPVECT
+    assert struct.unpack("<8h", header[40:56])[:6] == (5, 11, 10, 9, 1, 3)
+
+
+def _write_pair(folder, model_files=None):
+    fixed = make_image(blob_volume((36, 40, 38), seed=1), spacing=(1.2, 1.0, 1.1), origin=(3.0, -2.0, 1.0))
+    moving = make_image(blob_volume((34, 42, 36), centre=(18, 22, 19), seed=1), spacing=(1.1, 1.0, 1.2))
+    sitk.WriteImage(fixed, str(folder / "fixed.nii.gz"))
+    sitk.WriteImage(moving, str(folder / "moving.nii.gz"))
+    return folder / "fixed.nii.gz", folder / "moving.nii.gz"
+
+
+def test_cli_register_writes_every_output_and_the_transform_reproduces_warped(tmp_path, tiny_model_files, capsys):
+    spec_file, weights = tiny_model_files
+    fixed_path, moving_path = _write_pair(tmp_path)
+    out = tmp_path / "out"
+    code = main(["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--model", str(spec_file),
+                 "--weights", str(weights), "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz",
+                            "metrics.json", "report.png"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "tiny" and metrics["device"] == "cpu"
+    assert len(metrics["weights_sha256"]) == 64
+    for key in ("folds", "folds_percent", "jacobian_min", "ic_error_mean_mm", "ic_error_p95_mm", "ic_error_max_mm"):
+        assert key in metrics
+    assert "folds" in capsys.readouterr().out
+    fixed, moving = sitk.ReadImage(str(fixed_path)), sitk.ReadImage(str(moving_path))
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    again = sitk.Resample(moving, fixed, sitk.ReadTransform(str(out / "transform.h5")), sitk.sitkLinear, 0.0,
+                          sitk.sitkFloat32)
+    inner = (slice(2, -2),) * 3
+    intensity_range = float(np.ptp(sitk.GetArrayFromImage(moving)))
+    assert np.abs(warped - sitk.GetArrayFromImage(again))[inner].max() <= 1e-3 * intensity_range
+    # iconreg warp gives the same image; nearest keeps label values
+    code = main(["warp", "--image", str(moving_path), "--transform", str(out / "transform.h5"), "--reference",
+                 str(fixed_path), "--out", str(tmp_path / "w.nii.gz")])
+    assert code == 0
+    assert np.abs(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.nii.gz"))) - warped)[inner].max() \
+        <= 1e-3 * intensity_range
+    capsys.readouterr()
+    # iconreg jacobian reports the same fold count as metrics.json
+    code = main(["jacobian", "--transform", str(out / "transform.h5"), "--out", str(tmp_path / "j.nii.gz")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report["folds"] == metrics["folds"]
+    assert abs(report["jacobian_min"] - metrics["jacobian_min"]) < 1e-3
+
+
+def test_cli_models_list_info_install(tmp_path, tiny_model_files, capsys):
+    assert main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("unigradicon", "multigradicon", "gradicon-lung", "gradicon-brain", "gradicon-knee"):
+        assert name in listing
+    assert "not downloaded" in listing
+    assert main(["models", "info", "gradicon-brain"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["input_shape"] == [130, 155, 130]
+    # Offline install of a file whose architecture does not match still copies it (sha256 unknown), but loading fails
+    # with a clear message listing the differing keys.
+    _, weights = tiny_model_files
+    assert main(["models", "install", "unigradicon", "--from", str(weights)]) == 0
+    assert "installed unigradicon" in capsys.readouterr().out
+    with pytest.raises(UserError, match="does not match the model's architecture.*wrong shape.*downConvs.0.weight"):
+        load_model("unigradicon", device="cpu")
+
+
+@pytest.mark.parametrize("bad", ["2d", "4d", "vector", "constant", "nan", "flat"])
+def test_bad_inputs_raise_user_errors_through_api_and_cli(tmp_path, tiny_model_files, capsys, bad):
+    spec_file, weights = tiny_model_files
+    good = make_image(blob_volume((20, 22, 24)))
+    image = {
+        "2d": lambda: sitk.GetImageFromArray(np.random.rand(20, 20).astype(np.float32)),
+        "4d": lambda: sitk.JoinSeries([good, good]),
+        "vector": lambda: sitk.Compose([good, good, good]),
+        "constant": lambda: make_image(np.full((10, 12, 14), 7.0, np.float32)),
+        "nan": lambda: make_image(np.where(np.arange(20 * 22 * 24).reshape(20, 22, 24) == 5, np.nan,
+                                           blob_volume((20, 22, 24))).astype(np.float32)),
+        "flat": lambda: make_image(np.random.rand(1, 20, 20).astype(np.float32)),
+    }[bad]()
+    with pytest.raises(UserError) as error:
+        register(good, image, str(spec_file), weights=weights, fixed_modality="mri", moving_modality="mri")
+    assert "moving" in str(error.value)
+    # .mha keeps NaN voxels (ITK's NIfTI reader turns them into 0), NRRD keeps 4-D and vector images
+    path = tmp_path / {"4d": "bad.nrrd", "vector": "bad.nrrd", "nan": "bad.mha"}.get(bad, "bad.nii.gz")
+    sitk.WriteImage(image, str(path))
+    sitk.WriteImage(good, str(tmp_path / "good.nii.gz"))
+    out = tmp_path / "out"
+    code = main(["register", "--fixed", str(tmp_path / "good.nii.gz"), "--moving", str(path), "--model",
+                 str(spec_file), "--weights", str(weights), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 3
+    assert captured.err.startswith("iconreg: error:") and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing half-written
+
+
+def test_other_user_errors_exit_3_and_usage_errors_exit_2(tmp_path, tiny_model_files, capsys):
+    spec_file, weights = tiny_model_files
+    fixed_path, moving_path = _write_pair(tmp_path)
+    common = ["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--out", str(tmp_path / "o")]
+    assert main(common + ["--model", "no-such-model"]) == 3
+    assert "Unknown model" in capsys.readouterr().err
+    assert main(common + ["--model", "gradicon-knee"]) == 3  # weights cannot be downloaded in the test cache
+    assert "iconreg models install" in capsys.readouterr().err
+    assert main(common + ["--model", str(spec_file), "--weights", str(tmp_path / "missing.pt")]) == 3
+    assert main(common + ["--model", str(spec_file), "--weights", str(weights), "--io-iterations", "-1"]) == 3
+    if not torch.cuda.is_available():
+        assert main(common + ["--model", str(spec_file), "--weights", str(weights), "--device", "cuda"]) == 3
+        assert "GPU" in capsys.readouterr().err
+    assert main(["register", "--fixed", str(tmp_path / "nope.nii.gz"), "--moving", str(moving_path),
+                 "--model", str(spec_file), "--out", str(tmp_path / "o")]) == 3
+    with pytest.raises(SystemExit) as usage:
+        main(["register", "--fixed", str(fixed_path)])
+    assert usage.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_cancel_through_progress_callback(tmp_path, tiny_model_files):
+    spec_file, weights = tiny_model_files
+    fixed = make_image(blob_volume((30, 30, 30), seed=1))
+    moving = make_image(blob_volume((30, 30, 30), seed=2))
+    before = sitk.GetArrayFromImage(moving).copy()
+    stages = []
+
+    def cancel_at_network(stage, fraction):
+        stages.append(stage)
+        return stage != "network"
+
+    with pytest.raises(Cancelled):
+        register(fixed, moving, str(spec_file), weights=weights, fixed_modality="mri", moving_modality="mri",
+                 progress=cancel_at_network)
+    assert stages[-1] == "network"
+    assert np.array_equal(sitk.GetArrayFromImage(moving), before)
+
+
+def test_instance_optimisation_lowers_the_objective_and_restores_the_cached_model(tiny_model_files):
+    spec_file, weights = tiny_model_files
+    fixed = make_image(blob_volume((34, 34, 34), seed=3), spacing=(1.1, 1.1, 1.1))
+    moving = make_image(blob_volume((34, 34, 34), centre=(19, 15, 18), seed=3), spacing=(1.1, 1.1, 1.1))
+    loaded = load_model(str(spec_file), weights, device="cpu")
+    before = {k: v.clone() for k, v in loaded.net.state_dict().items()}
+    plain = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri")
+    fractions = []
+    optimised = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri", io_iterations=12,
+                         io_learning_rate=2e-3,
+                         progress=lambda stage, f: fractions.append(f) if stage == "instance optimisation" else None)
+    history = optimised.metrics["io_objective"]
+    assert len(history) == 12 and fractions[-1] == 1.0
+    assert history[-1] < history[0] - 0.01
+    after = loaded.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not loaded.net.training
+    # the optimised registration matches the fixed image better than the network alone
+    fixed_voxels = sitk.GetArrayFromImage(fixed)
+
+    def error(result):
+        return float(np.mean((sitk.GetArrayFromImage(result.warped) - fixed_voxels) ** 2))
+    assert error(optimised) < error(plain)
+    # the same registration again gives the plain result: nothing leaked from the optimisation
+    again = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri")
+    assert np.array_equal(sitk.GetArrayFromImage(again.warped), sitk.GetArrayFromImage(plain.warped))
