@@ -19,7 +19,7 @@ def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torc
     The returned transform is ``[Φ_AB; Φ_BA]`` for the batch ``[A; B]`` vs ``[B; A]`` (see
     :func:`~ICONRegistrationLib.core.objective.symmetric_objective`), evaluated after the last step; it
     captures the predicted fields, not the weights. ``net``'s weights and mode are restored before returning,
-    also on error or cancellation. Returns the transform and the objective value before each step.
+    also on error or cancellation. Returns the transform and the objective before each step and after the last one (``iterations + 1`` values).
     """
     saved = {key: value.detach().clone() for key, value in net.state_dict().items()}
     was_training = net.training
@@ -36,8 +36,10 @@ def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torc
             history.append(float(terms.loss.detach()))
             report(progress, "instance optimisation", (step + 1) / iterations)
         with torch.no_grad():
-            transform = net(torch.cat([image_A, image_B]), torch.cat([image_B, image_A]))
-        return transform, history
+            final = symmetric_objective(net, image_A, image_B, similarity=similarity, lmbda=lmbda,
+                                        mask_A=mask_A, mask_B=mask_B)
+        history.append(float(final.loss))
+        return final.transform, history
     finally:
         net.load_state_dict(saved)
         net.train(was_training)
