@@ -67,13 +67,14 @@ def test_cli_register_writes_every_output_and_the_transform_reproduces_warped(tm
     fixed_path, moving_path = _write_pair(tmp_path)
     out = tmp_path / "out"
     code = main(["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--model", str(spec_file),
-                 "--weights", str(weights), "--device", "cpu", "--out", str(out)])
+                 "--weights", str(weights), "--device", "cpu", "--inverse-qa", "--out", str(out)])
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz",
                             "metrics.json", "report.png"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "tiny" and metrics["device"] == "cpu"
+    assert metrics["inverse"]["folds"] >= 0 and metrics["inverse"]["jacobian_min"] > 0
     assert len(metrics["weights_sha256"]) == 64
     for key in ("folds", "folds_percent", "jacobian_min", "ic_error_mean_mm", "ic_error_p95_mm", "ic_error_max_mm"):
         assert key in metrics

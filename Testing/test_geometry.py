@@ -17,6 +17,7 @@ from ICONRegistrationLib.core import identity_map
 from ICONRegistrationLib.core.objective import swap_halves
 from ICONRegistrationLib.models import LoadedModel
 from ICONRegistrationLib.pipeline import Grid
+from ICONRegistrationLib.pipeline.preprocessing import normalize_intensities
 
 
 class AnalyticNetwork(torch.nn.Module):
@@ -45,17 +46,24 @@ class AnalyticNetwork(torch.nn.Module):
         return torch.einsum("rc,bc...->br...", inverse, shifted)
 
     def forward(self, image_A, image_B):
+        # Which pairs are (moving, fixed)? The pipeline may send both directions as one batch or one at a time.
+        is_forward = [bool(torch.equal(image_B[k], self.fixed_network_image[0])) for k in range(image_B.shape[0])]
+
         def transform(coordinates):
             coordinates = coordinates.double()
             if coordinates.shape[0] == 1:
-                coordinates = coordinates.expand(2, *coordinates.shape[1:])
-            forward = self.grid_A.physical_to_unit(self.physical_map(self.grid_B.unit_to_physical(coordinates[:1])))
-            if self.bulge:
-                backward = coordinates[1:]  # only the forward direction is checked with a bulge
-            else:
-                backward = self.grid_B.physical_to_unit(
-                    self.inverse_physical_map(self.grid_A.unit_to_physical(coordinates[1:])))
-            return torch.cat([forward, backward]).float()
+                coordinates = coordinates.expand(len(is_forward), *coordinates.shape[1:])
+            outputs = []
+            for k, forward in enumerate(is_forward):
+                c = coordinates[k:k + 1]
+                if forward:
+                    outputs.append(self.grid_A.physical_to_unit(self.physical_map(self.grid_B.unit_to_physical(c))))
+                elif self.bulge:
+                    outputs.append(c)  # only the forward direction is checked with a bulge
+                else:
+                    outputs.append(self.grid_B.physical_to_unit(
+                        self.inverse_physical_map(self.grid_A.unit_to_physical(c))))
+            return torch.cat(outputs).float()
         return transform
 
 
@@ -73,7 +81,10 @@ def _analytic_model(fixed, moving, matrix, offset, bulge=0.0) -> LoadedModel:
     spec = tiny_spec()
     grid_B = Grid.over_image(fixed, spec.input_shape)
     grid_A = Grid.over_image(moving, spec.input_shape, align_to=grid_B)
-    return LoadedModel(spec, AnalyticNetwork(grid_B, grid_A, matrix, offset, bulge), torch.device("cpu"), None, None)
+    network = AnalyticNetwork(grid_B, grid_A, matrix, offset, bulge)
+    network.fixed_network_image = grid_B.to_network(
+        normalize_intensities(sitk.GetArrayFromImage(fixed).astype(np.float32), "mri", spec.preprocessing))
+    return LoadedModel(spec, network, torch.device("cpu"), None, None)
 
 
 def _interior_points(image: sitk.Image, count: int, margin: float, seed: int = 0) -> np.ndarray:
@@ -92,7 +103,10 @@ def test_exported_field_equals_analytic_map_in_mm(field_grid):
     fixed, moving = _pair()
     matrix, offset = AFFINE
     result = register(fixed, moving, _analytic_model(fixed, moving, matrix, offset), fixed_modality="mri",
-                      moving_modality="mri", field_grid=field_grid)
+                      moving_modality="mri", field_grid=field_grid, inverse_qa=True)
+    inverse_jacobian = 1 / np.linalg.det(matrix)
+    assert result.metrics["inverse"]["folds"] == 0
+    assert abs(result.metrics["inverse"]["jacobian_min"] - inverse_jacobian) < 1e-4
     transform = result.forward_transform()
     inverse = result.inverse_transform()
     points = _interior_points(fixed, 200, margin=0.1)

@@ -71,7 +71,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
         result = register(fixed, moving, args.model, fixed_modality=args.fixed_modality,
                           moving_modality=args.moving_modality, fixed_mask=fixed_mask, moving_mask=moving_mask,
                           io_iterations=args.io_iterations, io_similarity=args.io_similarity, device=args.device,
-                          progress=bar, weights=args.weights, field_grid=args.field_grid)
+                          progress=bar, weights=args.weights, field_grid=args.field_grid,
+                          inverse_qa=args.inverse_qa)
         written = write_result(result, args.out, fixed=fixed, moving=moving, report=not args.no_report)
     finally:
         bar.close()
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-mask", help="moving mask (non-zero = inside)")
     reg.add_argument("--field-grid", default="network", choices=["network", "fixed"],
                      help="grid of the output fields: the network grid over each image, or the images' own grids")
+    reg.add_argument("--inverse-qa", action="store_true",
+                     help="also report folds of the inverse transform in metrics.json")
     reg.add_argument("--no-report", action="store_true", help="skip report.png")
     reg.add_argument("--out", required=True, help="output folder")
     reg.set_defaults(func=_cmd_register)

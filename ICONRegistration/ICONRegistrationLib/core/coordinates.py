@@ -61,9 +61,9 @@ def warp(image: torch.Tensor, coordinates: torch.Tensor, *, padding: str = "bord
     Returns ``[max(B, B'), C, *T]``.
     """
     dimension = coordinates.shape[1]
-    # grid_sample wants the last axis ordered (x, y, z) in [-1, 1]: flip our (z, y, x) channels.
-    grid = (coordinates * 2.0 - 1.0).flip(1)
-    grid = grid.permute(0, *range(2, 2 + dimension), 1)
+    # grid_sample wants the last axis ordered (x, y, z) in [-1, 1]: our (z, y, x) channels, reversed, stacked
+    # last (one contiguous copy), then rescaled in place.
+    grid = torch.stack([coordinates[:, c] for c in reversed(range(dimension))], dim=-1).mul_(2.0).sub_(1.0)
     if grid.shape[0] == 1 and image.shape[0] > 1:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
     elif image.shape[0] == 1 and grid.shape[0] > 1:
@@ -104,14 +104,16 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 def _finite_difference(field: torch.Tensor, axis: int) -> torch.Tensor:
     """Derivative along tensor ``axis`` per index step: central inside, one-sided at the two ends."""
     n = field.shape[axis]
+    out = torch.empty_like(field)
     if n < 2:
-        return torch.zeros_like(field)
-    front = field.narrow(axis, 1, 1) - field.narrow(axis, 0, 1)
-    back = field.narrow(axis, n - 1, 1) - field.narrow(axis, n - 2, 1)
-    if n == 2:
-        return torch.cat([front, back], dim=axis)
-    middle = (field.narrow(axis, 2, n - 2) - field.narrow(axis, 0, n - 2)) * 0.5
-    return torch.cat([front, middle, back], dim=axis)
+        return out.zero_()
+    torch.sub(field.narrow(axis, 1, 1), field.narrow(axis, 0, 1), out=out.narrow(axis, 0, 1))
+    torch.sub(field.narrow(axis, n - 1, 1), field.narrow(axis, n - 2, 1), out=out.narrow(axis, n - 1, 1))
+    if n > 2:
+        middle = out.narrow(axis, 1, n - 2)
+        torch.sub(field.narrow(axis, 2, n - 2), field.narrow(axis, 0, n - 2), out=middle)
+        middle.mul_(0.5)
+    return out
 
 
 def jacobian_matrix(positions: torch.Tensor) -> torch.Tensor:
@@ -153,6 +155,35 @@ def jacobian_determinant(positions: torch.Tensor, grid_matrix: torch.Tensor | Se
     scale = float(torch.det(grid_matrix))
     det = _determinant(jacobian_matrix(positions))
     return (det / scale)[:, None] if dimension > 0 else det
+
+
+def displacement_jacobian_determinant(displacement: torch.Tensor,
+                                      grid_matrix: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Jacobian determinant ``[B, 1, *S]`` of ``x ↦ x + u(x)`` from the displacement ``u`` ``[B, 3, *S]``.
+
+    Same meaning as :func:`jacobian_determinant` on ``positions = grid points + u``, computed as
+    ``det(I + ∂u/∂index · G⁻¹)`` with ``G = grid_matrix``: differentiating the small displacement instead of
+    the absolute positions keeps full accuracy in float32 (positions in mm lose digits to their magnitude).
+    3-D only.
+    """
+    grid_matrix = torch.as_tensor(grid_matrix, dtype=torch.float64)
+    if grid_matrix.ndim == 1:
+        grid_matrix = torch.diag(grid_matrix)
+    inverse = torch.linalg.inv(grid_matrix).tolist()
+    derivatives = [_finite_difference(displacement, 2 + axis) for axis in range(3)]  # ∂u/∂index_k
+    columns = []
+    for s in range(3):  # column s of I + (∂u/∂index) G⁻¹, built in place to limit full-size temporaries
+        column = derivatives[0] * inverse[0][s]
+        column.add_(derivatives[1], alpha=inverse[1][s]).add_(derivatives[2], alpha=inverse[2][s])
+        column[:, s] += 1
+        columns.append(column)
+    del derivatives
+    a, b, c = columns
+    # det = a · (b × c)
+    determinant = a[:, 0] * (b[:, 1] * c[:, 2]).sub_(b[:, 2] * c[:, 1])
+    determinant.sub_(a[:, 1] * (b[:, 0] * c[:, 2]).sub_(b[:, 2] * c[:, 0]))
+    determinant.add_(a[:, 2] * (b[:, 0] * c[:, 1]).sub_(b[:, 1] * c[:, 0]))
+    return determinant[:, None]
 
 
 def fold_count(jacobian_det: torch.Tensor) -> int:

@@ -120,6 +120,11 @@ class Grid:
         offsets = points - origin.view(1, 3, *[1] * (points.dim() - 2))
         return torch.einsum("rc,bc...->br...", inverse, offsets)
 
+    def unit_affine_to(self, other: "Grid") -> tuple[np.ndarray, np.ndarray]:
+        """``(M, t)`` with ``M @ u + t`` = ``other``'s unit-cube coordinates of this grid's unit coordinates ``u``."""
+        to_other = np.linalg.inv(other.unit_matrix)
+        return to_other @ self.unit_matrix, to_other @ (np.array(self.origin) - np.array(other.origin))
+
     def unit_coordinates_of(self, other: "Grid", *, dtype=torch.float32, device=None,
                             slab: Optional[slice] = None) -> torch.Tensor:
         """Unit-cube coordinates in *this* grid of the voxel centres of ``other`` (``[1, 3, *other.shape]``).
@@ -127,19 +132,17 @@ class Grid:
         ``slab`` restricts to a range of ``other``'s first tensor axis (to bound memory on large grids).
         """
         to_self = np.linalg.inv(self.unit_matrix)
-        affine = to_self @ other.index_matrix  # other tensor index -> this unit cube
-        offset = to_self @ (np.array(other.origin) - np.array(self.origin))
+        affine = torch.as_tensor(to_self @ other.index_matrix, dtype=dtype, device=device)  # index -> unit cube
+        offset = torch.as_tensor(to_self @ (np.array(other.origin) - np.array(self.origin)), dtype=dtype,
+                                 device=device)
         shape = list(other.shape)
         first = range(shape[0])[slab] if slab is not None else range(shape[0])
-        axes = [torch.tensor(list(first), dtype=torch.float64)] + [torch.arange(n, dtype=torch.float64) for n in shape[1:]]
+        axes = [torch.arange(first.start, first.stop, first.step, dtype=dtype, device=device)]
+        axes += [torch.arange(n, dtype=dtype, device=device) for n in shape[1:]]
         # Separable: coordinate_r = Σ_c affine[r, c] · index_c + offset_r, built by broadcasting.
-        result = torch.zeros((1, 3, len(axes[0]), shape[1], shape[2]), dtype=torch.float64)
-        for c, values in enumerate(axes):
-            view = [1, 1, 1, 1, 1]
-            view[2 + c] = -1
-            result = result + torch.as_tensor(affine[:, c]).view(1, 3, 1, 1, 1) * values.view(view)
-        result = result + torch.as_tensor(offset).view(1, 3, 1, 1, 1)
-        return result.to(dtype=dtype, device=device)
+        result = offset.view(1, 3, 1, 1, 1) + affine[:, 0].view(1, 3, 1, 1, 1) * axes[0].view(1, 1, -1, 1, 1)
+        result = result + affine[:, 1].view(1, 3, 1, 1, 1) * axes[1].view(1, 1, 1, -1, 1)
+        return result + affine[:, 2].view(1, 3, 1, 1, 1) * axes[2].view(1, 1, 1, 1, -1)
 
     def reference_image(self, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
         """An empty image with this grid's geometry (for ``sitk.Resample``)."""

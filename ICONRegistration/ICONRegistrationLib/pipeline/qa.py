@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.coordinates import jacobian_determinant
+from ..core.coordinates import displacement_jacobian_determinant
 
 
-def physical_jacobian(positions_mm: torch.Tensor, index_matrix: np.ndarray) -> torch.Tensor:
-    """det ∂T(x)/∂x (unitless) of a transform sampled on a grid: ``positions_mm`` ``[1, 3, *S]`` are T(x) in mm,
-    ``index_matrix`` the grid's physical step per tensor axis (columns). ≤ 0 means the transform folds."""
-    return jacobian_determinant(positions_mm.double(), torch.as_tensor(index_matrix)).float()
+def physical_jacobian(displacement_mm: torch.Tensor, index_matrix: np.ndarray) -> torch.Tensor:
+    """det ∂T(x)/∂x (unitless) of ``T(x) = x + u(x)`` sampled on a grid: ``displacement_mm`` ``[1, 3, *S]`` is u in
+    mm (LPS), ``index_matrix`` the grid's physical step per tensor axis (columns). ≤ 0 means the transform folds."""
+    return displacement_jacobian_determinant(displacement_mm.float(), torch.as_tensor(index_matrix))
 
 
 def summarize(jacobian: np.ndarray, ic_error_mm: np.ndarray) -> dict:
@@ -40,11 +40,9 @@ def field_jacobian(field: "sitk.Image") -> "sitk.Image":
     """Jacobian determinant of the transform ``x ↦ x + u(x)`` of a displacement field (LPS mm), on its grid."""
     import SimpleITK as sitk
 
-    from ..core.coordinates import identity_map
     from .grid import Grid
 
     grid = Grid.of_image(field)
-    displacement = torch.as_tensor(sitk.GetArrayFromImage(field), dtype=torch.float64).permute(3, 0, 1, 2)[None]
-    points = grid.unit_to_physical(identity_map(grid.shape, dtype=torch.float64))
-    determinant = physical_jacobian(points + displacement, grid.index_matrix)
+    displacement = torch.as_tensor(sitk.GetArrayFromImage(field), dtype=torch.float32).permute(3, 0, 1, 2)[None]
+    determinant = physical_jacobian(displacement, grid.index_matrix)
     return grid.apply_to(sitk.GetImageFromArray(determinant[0, 0].numpy()))

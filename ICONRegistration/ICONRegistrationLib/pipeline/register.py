@@ -16,8 +16,9 @@ from typing import Iterator, Optional
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
-from ..core.coordinates import evaluate_map, identity_map, warp as sample_at
+from ..core.coordinates import identity_map, map_to_displacement, warp as sample_at
 from ..core.losses import make_similarity
 from ..device import device_description
 from ..errors import UserError
@@ -78,6 +79,19 @@ class _StageTimer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
+                             progress: Optional[ProgressCallback]) -> torch.Tensor:
+    """``[Φ_AB; Φ_BA]`` on the identity grid. One batch on a GPU (parallel work); on a CPU, where a batch of two
+    costs as much as two passes, one direction after the other to halve the peak memory."""
+    grid = identity_map(image_A.shape[2:], device=image_A.device)
+    with torch.no_grad():
+        if image_A.device.type != "cpu":
+            return net(torch.cat([image_A, image_B]), torch.cat([image_B, image_A]))(grid)
+        forward = net(image_A, image_B)(grid)
+        report(progress, "network", 0.5)
+        return torch.cat([forward, net(image_B, image_A)(grid)])
+
+
 @contextlib.contextmanager
 def _memory_errors_as_user_errors(device: torch.device) -> Iterator[None]:
     try:
@@ -90,53 +104,94 @@ def _memory_errors_as_user_errors(device: torch.device) -> Iterator[None]:
 
 
 def _field_image(displacement_mm: torch.Tensor, grid: Grid) -> sitk.Image:
-    """``[1, 3 (x, y, z), D, H, W]`` displacement → sitk vector float64 image on ``grid``."""
-    array = displacement_mm[0].permute(1, 2, 3, 0).detach().cpu().double().numpy()
-    return grid.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=True))
+    """``[1, 3 (x, y, z), D, H, W]`` displacement → sitk vector float64 image on ``grid`` (one copy)."""
+    array = np.empty((*grid.shape, 3), dtype=np.float64)
+    array[...] = displacement_mm[0].detach().cpu().permute(1, 2, 3, 0).numpy()
+    return grid.apply_to(sitk.GetImageFromArray(array, isVector=True))
 
 
 def _scalar_image(values: torch.Tensor, grid: Grid) -> sitk.Image:
     return grid.apply_to(sitk.GetImageFromArray(values.reshape(grid.shape).detach().cpu().float().numpy()))
 
 
-def _sample_fields(phi_outer: torch.Tensor, phi_back: torch.Tensor, own: Grid, other: Grid,
-                   field_grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Displacement (mm), Jacobian and IC error (mm) of Φ = ``phi_outer`` on ``field_grid``.
+def _affine(matrix: np.ndarray, offset: np.ndarray, coordinates: torch.Tensor) -> torch.Tensor:
+    """``matrix @ c + offset`` for every vector ``c`` of ``coordinates`` ``[B, 3, *S]``."""
+    m = torch.as_tensor(matrix, dtype=coordinates.dtype, device=coordinates.device)
+    t = torch.as_tensor(offset, dtype=coordinates.dtype, device=coordinates.device)
+    return torch.einsum("rc,bc...->br...", m, coordinates) + t.view(1, 3, *[1] * (coordinates.dim() - 2))
 
-    ``phi_outer`` maps ``own``'s unit cube to ``other``'s; ``phi_back`` the reverse (both sampled maps).
+
+def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch.Tensor], own: Grid, other: Grid,
+                   field_grid: Grid, with_jacobian: bool = True
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Displacement (mm), Jacobian and IC error (mm) of Φ on ``field_grid``.
+
+    ``displacement`` is Φ − Id on ``own``'s network grid (unit cube of ``own`` → unit cube of ``other``),
+    ``back_displacement`` that of the reverse map; without it the IC error is not computed (``None``), and
+    without ``with_jacobian`` neither is the Jacobian.
     """
     if field_grid == own:
-        where = identity_map(own.shape, device=phi_outer.device)
+        where = identity_map(own.shape, device=displacement.device)
+        moved = displacement
     else:
-        where = own.unit_coordinates_of(field_grid, device=phi_outer.device)
-    mapped = evaluate_map(phi_outer, where)
-    positions = other.unit_to_physical(mapped)
-    points = own.unit_to_physical(where)
-    round_trip = evaluate_map(phi_back, mapped)
-    unit_matrix = torch.as_tensor(own.unit_matrix, dtype=where.dtype, device=where.device)
-    ic_error = torch.einsum("rc,bc...->br...", unit_matrix, round_trip - where).norm(dim=1)
-    jacobian = physical_jacobian(positions, field_grid.index_matrix)
-    return positions - points, jacobian, ic_error
+        where = own.unit_coordinates_of(field_grid, device=displacement.device)
+        moved = sample_at(displacement, where, padding="border")
+    # Φ(x) − x in mm = U_other·(where + moved) − U_own·where + (origin_other − origin_own)
+    mapped = where + moved
+    displacement_mm = (_affine(other.unit_matrix, np.array(other.origin) - np.array(own.origin), mapped)
+                       - _affine(own.unit_matrix, np.zeros(3), where))
+    jacobian = physical_jacobian(displacement_mm, field_grid.index_matrix) if with_jacobian else None
+    ic_error = None
+    if back_displacement is not None:
+        # Φ_back(Φ(x)) − x = moved + back(mapped), in unit coordinates of ``own``
+        residual = _affine(own.unit_matrix, np.zeros(3), moved + sample_at(back_displacement, mapped, padding="border"))
+        ic_error = (residual * residual).sum(dim=1).sqrt()
+    return displacement_mm, jacobian, ic_error
 
 
-def _warp_moving(moving: np.ndarray, phi_AB: torch.Tensor, grid_B: Grid, grid_A: Grid, fixed_grid: Grid,
+def _resize_slab(field: torch.Tensor, shape: tuple[int, int, int], slab: slice) -> torch.Tensor:
+    """Rows ``slab`` of ``F.interpolate(field, size=shape, mode="trilinear", align_corners=False)``.
+
+    The network grid over the fixed image covers its box along the same axes, so sampling a network-grid field at
+    the fixed image's voxels is exactly this box-aligned resize (edges clamped, as border padding). Done
+    separably — rows along the first axis by hand, the other two by a bilinear ``F.interpolate`` — it is several times
+    cheaper than ``grid_sample`` at every voxel, and a slab of rows bounds the memory.
+    """
+    source = field.shape[2]
+    rows = torch.arange(slab.start, slab.stop, device=field.device, dtype=torch.float64)
+    position = ((rows + 0.5) * (source / shape[0]) - 0.5).clamp_(min=0.0)
+    lower = position.floor().long().clamp_(max=source - 1)
+    upper = (lower + 1).clamp_(max=source - 1)
+    weight = (position - lower).to(field.dtype).view(1, 1, -1, 1, 1)
+    blended = torch.lerp(field.index_select(2, lower), field.index_select(2, upper), weight)
+    channels = field.shape[1]
+    planes = blended.reshape(1, channels * len(rows), *field.shape[3:])  # rows become channels: a 2-D resize
+    resized = F.interpolate(planes, size=tuple(shape[1:]), mode="bilinear", align_corners=False)
+    return resized.view(1, channels, len(rows), *shape[1:])
+
+
+def _warp_moving(moving: np.ndarray, displacement: torch.Tensor, grid_B: Grid, grid_A: Grid, fixed_grid: Grid,
                  moving_grid: Grid) -> np.ndarray:
-    """The moving image (original intensities) resampled through Φ_AB on the fixed image's own grid."""
-    device = phi_AB.device
+    """The moving image (original intensities) resampled through Φ_AB = Id + ``displacement`` on the fixed grid.
+
+    ``grid_B`` must be the network grid placed over the fixed image (same axes, see :func:`_resize_slab`).
+    """
+    assert grid_B.source_axes == (0, 1, 2) and not any(grid_B.flipped)
+    device = displacement.device
     moving_tensor = torch.as_tensor(moving, device=device)[None, None]
+    to_moving = grid_A.unit_affine_to(moving_grid)  # network unit cube of A -> moving image's unit cube
+    # ITK's rule: a point within half a voxel of the outer voxel centres is inside (edge value), else 0;
+    # in unit coordinates, |u − ½| ≤ ½ + ½ / (N − 1) along every axis.
+    half_width = torch.as_tensor([0.5 + 0.5 / max(n - 1, 1) for n in moving_grid.shape], device=device)
     out = np.empty(fixed_grid.shape, dtype=np.float32)
     rows = max(1, _SLAB_VOXELS // (fixed_grid.shape[1] * fixed_grid.shape[2]))
     for start in range(0, fixed_grid.shape[0], rows):
         slab = slice(start, min(start + rows, fixed_grid.shape[0]))
         where = grid_B.unit_coordinates_of(fixed_grid, device=device, slab=slab)
-        positions = grid_A.unit_to_physical(evaluate_map(phi_AB, where))
-        unit = moving_grid.physical_to_unit(positions)
+        unit = _affine(*to_moving, where + _resize_slab(displacement, fixed_grid.shape, slab))
         values = sample_at(moving_tensor, unit, padding="border")[0, 0]
-        # ITK's rule: a point within half a voxel of the outer voxel centres is inside (edge value), else 0.
-        extent = torch.as_tensor(moving_grid.shape, dtype=unit.dtype, device=device).view(1, 3, 1, 1, 1) - 1
-        index = unit * extent
-        inside = ((index >= -0.5) & (index <= extent + 0.5)).all(dim=1)[0]
-        out[slab] = torch.where(inside, values, torch.zeros_like(values)).cpu().numpy()
+        inside = ((unit - 0.5).abs_() <= half_width.view(1, 3, 1, 1, 1)).all(dim=1)[0]
+        out[slab] = values.masked_fill_(~inside, 0.0).cpu().numpy()
     return out
 
 
@@ -144,7 +199,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
              fixed_modality: Optional[str], moving_modality: Optional[str], fixed_mask: Optional[sitk.Image] = None,
              moving_mask: Optional[sitk.Image] = None, io_iterations: int = 0, io_similarity: Optional[str] = None,
              device: str = "auto", progress: Optional[ProgressCallback] = None, weights: "str | Path | None" = None,
-             field_grid: str = "network", io_learning_rate: float = 2e-5,
+             field_grid: str = "network", io_learning_rate: float = 2e-5, inverse_qa: bool = False,
              random_weights: bool = False) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a pretrained inverse-consistent network.
 
@@ -162,6 +217,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         weights: a weights file overriding the model's.
         field_grid: ``"network"`` (the network grid over each image; default) or ``"fixed"`` (the fixed / moving
             images' own grids) for the fields and QA maps.
+        inverse_qa: also compute the inverse field's Jacobian (``metrics["inverse"]``: folds, minimum). Off by
+            default: the forward Jacobian and IC-error maps already flag folding and inconsistency.
         random_weights: skip loading weights (architecture tests and benchmarks only).
 
     Raises:
@@ -207,30 +264,37 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             transform, history = optimize_instance(
                 loaded.net, image_A, image_B, iterations=int(io_iterations), similarity=similarity,
                 lmbda=spec.lmbda, learning_rate=io_learning_rate, mask_A=mask_A, mask_B=mask_B, progress=progress)
+            with torch.no_grad():
+                maps = transform(identity_map(grid_B.shape, device=torch_device))  # [Φ_AB; Φ_BA]
         else:
             report(progress, "network", 0.0)
-            with torch.no_grad():
-                transform = loaded.net(torch.cat([image_A, image_B]), torch.cat([image_B, image_A]))
-        with torch.no_grad():
-            maps = transform(identity_map(grid_B.shape, device=torch_device))  # [Φ_AB; Φ_BA]
+            maps = _predict_both_directions(loaded.net, image_A, image_B, progress)
     report(progress, "network", 1.0)
-    phi_AB, phi_BA = maps[:1], maps[1:]
+    # Φ − Id of both directions, once: QA and export sample these (trilinear, border), as evaluate_map does.
+    displacement_AB, displacement_BA = map_to_displacement(maps).split(1)
+    del maps
 
     with timer("qa"), torch.no_grad():
         fixed_field_grid = grid_B if field_grid == "network" else Grid.of_image(fixed)
         moving_field_grid = grid_A if field_grid == "network" else Grid.of_image(moving)
-        forward_mm, jacobian, ic_error = _sample_fields(phi_AB, phi_BA, grid_B, grid_A, fixed_field_grid)
-        inverse_mm, inverse_jacobian, inverse_ic = _sample_fields(phi_BA, phi_AB, grid_A, grid_B, moving_field_grid)
-        jacobian_np, ic_np = jacobian.cpu().numpy(), ic_error.cpu().numpy()
-        metrics = summarize(jacobian_np, ic_np)
-        inverse_summary = summarize(inverse_jacobian.cpu().numpy(), inverse_ic.cpu().numpy())
+        forward_mm, jacobian, ic_error = _sample_fields(displacement_AB, displacement_BA, grid_B, grid_A,
+                                                        fixed_field_grid)
+        inverse_mm, inverse_jacobian, _ = _sample_fields(displacement_BA, None, grid_A, grid_B, moving_field_grid,
+                                                         with_jacobian=inverse_qa)
+        metrics = summarize(jacobian.cpu().numpy(), ic_error.cpu().numpy())
+        if inverse_qa:
+            inverse_values = inverse_jacobian.cpu().numpy()
+            inverse_folds = int((inverse_values <= 0).sum())
+            metrics["inverse"] = {"folds": inverse_folds, "folds_percent": 100.0 * inverse_folds / inverse_values.size,
+                                  "jacobian_min": float(inverse_values.min())}
     report(progress, "quality maps", 1.0)
 
     with timer("export"), torch.no_grad():
         forward_field = _field_image(forward_mm, fixed_field_grid)
         inverse_field = _field_image(inverse_mm, moving_field_grid)
         fixed_grid = Grid.of_image(fixed)
-        warped_voxels = _warp_moving(moving_voxels, phi_AB, grid_B, grid_A, fixed_grid, Grid.of_image(moving))
+        warped_voxels = _warp_moving(moving_voxels, displacement_AB, grid_B, grid_A, fixed_grid,
+                                     Grid.of_image(moving))
         warped = fixed_grid.apply_to(sitk.GetImageFromArray(warped_voxels))
         jacobian_image = _scalar_image(jacobian, fixed_field_grid)
         ic_image = _scalar_image(ic_error, fixed_field_grid)
@@ -238,8 +302,6 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
 
     timer.seconds["total"] = time.perf_counter() - start
     metrics.update({
-        "inverse": {k: inverse_summary[k] for k in ("folds", "folds_percent", "jacobian_min", "ic_error_mean_mm",
-                                                    "ic_error_p95_mm", "ic_error_max_mm")},
         "model": spec.name,
         "weights_sha256": loaded.weights_sha256,
         "weights_file": str(loaded.weights_path) if loaded.weights_path else None,
