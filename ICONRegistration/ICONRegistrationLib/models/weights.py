@@ -7,6 +7,7 @@ Checkpoints are read with ``torch.load(weights_only=True)``, so a checkpoint can
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -16,7 +17,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -108,25 +109,34 @@ def _offline_hint(spec: ModelSpec) -> str:
             f"'iconreg models install {spec.name} --from FILE' (or pass --weights FILE).")
 
 
+@contextlib.contextmanager
+def _staged_weights(spec: ModelSpec) -> Iterator[Path]:
+    """Yield a temporary file in the cache folder of ``spec``; once the caller has filled it, verify its sha256,
+    rename it onto the cached weights path and record the hash. Nothing is left behind on failure."""
+    target = cached_weights_path(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        digest = _verify(spec, temporary)
+        os.replace(temporary, target)
+        _record_sha256(target, digest)
+    finally:
+        temporary.unlink(missing_ok=True)
+        temporary.with_name(temporary.name + ".sha256").unlink(missing_ok=True)
+
+
 def install_weights(model: "str | ModelSpec", source: str | Path) -> Path:
     """Copy a weights file into the cache for ``model`` (offline install); verifies sha256 when known."""
     spec = resolve_spec(model)
     source = Path(source)
     if not source.is_file():
         raise UserError(f"Weights file '{source}' does not exist.")
-    target = cached_weights_path(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-    os.close(handle)
-    try:
+    with _staged_weights(spec) as temporary:
         shutil.copyfile(source, temporary)
-        digest = _verify(spec, Path(temporary))
-        os.replace(temporary, target)
-        _record_sha256(target, digest)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-        Path(temporary + ".sha256").unlink(missing_ok=True)
-    return target
+    return cached_weights_path(spec)
 
 
 def download_weights(model: "str | ModelSpec", progress: Optional[ProgressCallback] = None) -> Path:
@@ -135,29 +145,19 @@ def download_weights(model: "str | ModelSpec", progress: Optional[ProgressCallba
     url = spec.weights.get("url")
     if not url:
         raise UserError(f"Model '{spec.name}' has no download URL. {_offline_hint(spec)}")
-    target = cached_weights_path(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (URL from the spec)
-                    total = int(response.headers.get("Content-Length") or 0)
-                    done = 0
-                    for block in iter(lambda: response.read(_CHUNK), b""):
-                        out.write(block)
-                        done += len(block)
-                        report(progress, f"downloading {spec.name}", done / total if total else 0.0)
-            except (urllib.error.URLError, OSError) as error:  # refused, unreachable, or dropped mid-way
-                raise UserError(f"Could not download the weights of '{spec.name}' ({error}). "
-                                f"{_offline_hint(spec)}") from None
-        digest = _verify(spec, Path(temporary))
-        os.replace(temporary, target)
-        _record_sha256(target, digest)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-        Path(temporary + ".sha256").unlink(missing_ok=True)
-    return target
+    with _staged_weights(spec) as temporary, open(temporary, "wb") as out:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (URL from the spec)
+                total = int(response.headers.get("Content-Length") or 0)
+                done = 0
+                for block in iter(lambda: response.read(_CHUNK), b""):
+                    out.write(block)
+                    done += len(block)
+                    report(progress, f"downloading {spec.name}", done / total if total else 0.0)
+        except (urllib.error.URLError, OSError) as error:  # refused, unreachable, or dropped mid-way
+            raise UserError(f"Could not download the weights of '{spec.name}' ({error}). "
+                            f"{_offline_hint(spec)}") from None
+    return cached_weights_path(spec)
 
 
 def weights_state(spec: ModelSpec) -> str:
