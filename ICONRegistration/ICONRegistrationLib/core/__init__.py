@@ -1,7 +1,7 @@
 """Core maths on the network grid: coordinate maps, networks, registration modules, losses (torch only)."""
 
-from .coordinates import (compose, displacement_jacobian_determinant, displacement_to_map, evaluate_map, fold_count, identity_map, is_identity,
-                          jacobian_determinant, map_to_displacement, mark_identity, warp)
+from .coordinates import (compose, displacement_jacobian_determinant, displacement_to_map, evaluate_map, fold_count,
+                          identity_map, is_identity, jacobian_determinant, map_to_displacement, mark_identity, warp)
 from .losses import (LNCC, MINDSSC, SSD, SquaredLNCC, gaussian_blur, gradicon_penalty, icon_penalty,
                      jittered_identity, make_similarity, masked_mean)
 from .objective import ObjectiveTerms, swap_halves, symmetric_objective
@@ -10,7 +10,8 @@ from .registration_modules import (Down, DownsampleRegistration, FunctionFromVec
                                    Transform, TwoStep, TwoStepRegistration)
 
 __all__ = [
-    "compose", "displacement_jacobian_determinant", "displacement_to_map", "evaluate_map", "fold_count", "identity_map", "is_identity",
+    "compose", "displacement_jacobian_determinant", "displacement_to_map", "evaluate_map", "fold_count",
+    "identity_map", "is_identity",
     "jacobian_determinant", "map_to_displacement", "mark_identity", "warp",
     "LNCC", "MINDSSC", "SSD", "SquaredLNCC", "gaussian_blur", "gradicon_penalty", "icon_penalty",
     "jittered_identity", "make_similarity", "masked_mean",

@@ -129,10 +129,15 @@ def _determinant(matrices: torch.Tensor) -> torch.Tensor:
     if m.shape[1] == 2:
         return m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
     if m.shape[1] == 3:
-        return (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
-                - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
-                + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+        return _determinant_of_columns(m[:, :, 0], m[:, :, 1], m[:, :, 2])
     return m[:, 0, 0]
+
+
+def _determinant_of_columns(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """det[a b c] = a · (b × c) per voxel, for column vectors ``[B, 3, *S]``; few full-size temporaries."""
+    determinant = a[:, 0] * (b[:, 1] * c[:, 2]).sub_(b[:, 2] * c[:, 1])
+    determinant.sub_(a[:, 1] * (b[:, 0] * c[:, 2]).sub_(b[:, 2] * c[:, 0]))
+    return determinant.add_(a[:, 2] * (b[:, 0] * c[:, 1]).sub_(b[:, 1] * c[:, 0]))
 
 
 def jacobian_determinant(positions: torch.Tensor, grid_matrix: torch.Tensor | Sequence[float] | None = None) -> torch.Tensor:
@@ -178,12 +183,7 @@ def displacement_jacobian_determinant(displacement: torch.Tensor,
         column[:, s] += 1
         columns.append(column)
     del derivatives
-    a, b, c = columns
-    # det = a · (b × c)
-    determinant = a[:, 0] * (b[:, 1] * c[:, 2]).sub_(b[:, 2] * c[:, 1])
-    determinant.sub_(a[:, 1] * (b[:, 0] * c[:, 2]).sub_(b[:, 2] * c[:, 0]))
-    determinant.add_(a[:, 2] * (b[:, 0] * c[:, 1]).sub_(b[:, 1] * c[:, 0]))
-    return determinant[:, None]
+    return _determinant_of_columns(*columns)[:, None]
 
 
 def fold_count(jacobian_det: torch.Tensor) -> int:

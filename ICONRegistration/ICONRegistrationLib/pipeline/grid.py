@@ -28,6 +28,13 @@ import torch
 import torch.nn.functional as F
 
 
+def apply_affine(matrix: np.ndarray, offset: np.ndarray, coordinates: torch.Tensor) -> torch.Tensor:
+    """``matrix @ c + offset`` for every vector ``c`` along axis 1 of ``coordinates`` ``[B, 3, *S]``."""
+    m = torch.as_tensor(matrix, dtype=coordinates.dtype, device=coordinates.device)
+    t = torch.as_tensor(offset, dtype=coordinates.dtype, device=coordinates.device)
+    return torch.einsum("rc,bc...->br...", m, coordinates) + t.view(1, 3, *[1] * (coordinates.dim() - 2))
+
+
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """An oriented voxel grid: ``size``/``spacing`` in sitk axis order, ``direction`` columns = axes, LPS mm.
@@ -109,16 +116,12 @@ class Grid:
 
     def unit_to_physical(self, coordinates: torch.Tensor) -> torch.Tensor:
         """Physical points ``[B, 3 (x, y, z LPS), *S]`` of unit-cube coordinates ``[B, 3, *S]``."""
-        matrix = torch.as_tensor(self.unit_matrix, dtype=coordinates.dtype, device=coordinates.device)
-        origin = torch.as_tensor(self.origin, dtype=coordinates.dtype, device=coordinates.device)
-        return torch.einsum("rc,bc...->br...", matrix, coordinates) + origin.view(1, 3, *[1] * (coordinates.dim() - 2))
+        return apply_affine(self.unit_matrix, np.array(self.origin), coordinates)
 
     def physical_to_unit(self, points: torch.Tensor) -> torch.Tensor:
         """Unit-cube coordinates (tensor order) of physical points ``[B, 3 (x, y, z LPS), *S]``."""
-        inverse = torch.as_tensor(np.linalg.inv(self.unit_matrix), dtype=points.dtype, device=points.device)
-        origin = torch.as_tensor(self.origin, dtype=points.dtype, device=points.device)
-        offsets = points - origin.view(1, 3, *[1] * (points.dim() - 2))
-        return torch.einsum("rc,bc...->br...", inverse, offsets)
+        inverse = np.linalg.inv(self.unit_matrix)
+        return apply_affine(inverse, -inverse @ np.array(self.origin), points)
 
     def unit_affine_to(self, other: "Grid") -> tuple[np.ndarray, np.ndarray]:
         """``(M, t)`` with ``M @ u + t`` = ``other``'s unit-cube coordinates of this grid's unit coordinates ``u``."""

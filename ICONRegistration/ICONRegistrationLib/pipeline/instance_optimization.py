@@ -19,7 +19,8 @@ def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torc
     The returned transform is ``[Φ_AB; Φ_BA]`` for the batch ``[A; B]`` vs ``[B; A]`` (see
     :func:`~ICONRegistrationLib.core.objective.symmetric_objective`), evaluated after the last step; it
     captures the predicted fields, not the weights. ``net``'s weights and mode are restored before returning,
-    also on error or cancellation. Returns the transform and the objective before each step and after the last one (``iterations + 1`` values).
+    also on error or cancellation. Returns the transform and the objective before each step and after the last
+    one (``iterations + 1`` values).
     """
     saved = {key: value.detach().clone() for key, value in net.state_dict().items()}
     was_training = net.training

@@ -26,7 +26,7 @@ from ..models.spec import ModelSpec
 from ..models.weights import LoadedModel, load_model
 from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback, report
-from .grid import Grid
+from .grid import Grid, apply_affine
 from .images import image_array, mask_array
 from .instance_optimization import optimize_instance
 from .preprocessing import check_modality, normalize_intensities
@@ -114,13 +114,6 @@ def _scalar_image(values: torch.Tensor, grid: Grid) -> sitk.Image:
     return grid.apply_to(sitk.GetImageFromArray(values.reshape(grid.shape).detach().cpu().float().numpy()))
 
 
-def _affine(matrix: np.ndarray, offset: np.ndarray, coordinates: torch.Tensor) -> torch.Tensor:
-    """``matrix @ c + offset`` for every vector ``c`` of ``coordinates`` ``[B, 3, *S]``."""
-    m = torch.as_tensor(matrix, dtype=coordinates.dtype, device=coordinates.device)
-    t = torch.as_tensor(offset, dtype=coordinates.dtype, device=coordinates.device)
-    return torch.einsum("rc,bc...->br...", m, coordinates) + t.view(1, 3, *[1] * (coordinates.dim() - 2))
-
-
 def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch.Tensor], own: Grid, other: Grid,
                    field_grid: Grid, with_jacobian: bool = True
                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -138,13 +131,14 @@ def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch
         moved = sample_at(displacement, where, padding="border")
     # Φ(x) − x in mm = U_other·(where + moved) − U_own·where + (origin_other − origin_own)
     mapped = where + moved
-    displacement_mm = (_affine(other.unit_matrix, np.array(other.origin) - np.array(own.origin), mapped)
-                       - _affine(own.unit_matrix, np.zeros(3), where))
+    displacement_mm = (apply_affine(other.unit_matrix, np.array(other.origin) - np.array(own.origin), mapped)
+                       - apply_affine(own.unit_matrix, np.zeros(3), where))
     jacobian = physical_jacobian(displacement_mm, field_grid.index_matrix) if with_jacobian else None
     ic_error = None
     if back_displacement is not None:
         # Φ_back(Φ(x)) − x = moved + back(mapped), in unit coordinates of ``own``
-        residual = _affine(own.unit_matrix, np.zeros(3), moved + sample_at(back_displacement, mapped, padding="border"))
+        round_trip = moved + sample_at(back_displacement, mapped, padding="border")
+        residual = apply_affine(own.unit_matrix, np.zeros(3), round_trip)
         ic_error = (residual * residual).sum(dim=1).sqrt()
     return displacement_mm, jacobian, ic_error
 
@@ -154,8 +148,8 @@ def _resize_slab(field: torch.Tensor, shape: tuple[int, int, int], slab: slice) 
 
     The network grid over the fixed image covers its box along the same axes, so sampling a network-grid field at
     the fixed image's voxels is exactly this box-aligned resize (edges clamped, as border padding). Done
-    separably — rows along the first axis by hand, the other two by a bilinear ``F.interpolate`` — it is several times
-    cheaper than ``grid_sample`` at every voxel, and a slab of rows bounds the memory.
+    separably — rows along the first axis by hand, the other two by a bilinear ``F.interpolate`` — it is several
+    times cheaper than ``grid_sample`` at every voxel, and a slab of rows bounds the memory.
     """
     source = field.shape[2]
     rows = torch.arange(slab.start, slab.stop, device=field.device, dtype=torch.float64)
@@ -188,7 +182,7 @@ def _warp_moving(moving: np.ndarray, displacement: torch.Tensor, grid_B: Grid, g
     for start in range(0, fixed_grid.shape[0], rows):
         slab = slice(start, min(start + rows, fixed_grid.shape[0]))
         where = grid_B.unit_coordinates_of(fixed_grid, device=device, slab=slab)
-        unit = _affine(*to_moving, where + _resize_slab(displacement, fixed_grid.shape, slab))
+        unit = apply_affine(*to_moving, where + _resize_slab(displacement, fixed_grid.shape, slab))
         values = sample_at(moving_tensor, unit, padding="border")[0, 0]
         inside = ((unit - 0.5).abs_() <= half_width.view(1, 3, 1, 1, 1)).all(dim=1)[0]
         out[slab] = values.masked_fill_(~inside, 0.0).cpu().numpy()
@@ -285,7 +279,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         if inverse_qa:
             inverse_values = inverse_jacobian.cpu().numpy()
             inverse_folds = int((inverse_values <= 0).sum())
-            metrics["inverse"] = {"folds": inverse_folds, "folds_percent": 100.0 * inverse_folds / inverse_values.size,
+            metrics["inverse"] = {"folds": inverse_folds,
+                                  "folds_percent": 100.0 * inverse_folds / inverse_values.size,
                                   "jacobian_min": float(inverse_values.min())}
     report(progress, "quality maps", 1.0)
 
