@@ -216,3 +216,25 @@ def test_instance_optimisation_lowers_the_objective_and_restores_the_cached_mode
     # the same registration again gives the plain result: nothing leaked from the optimisation
     again = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri")
     assert np.array_equal(sitk.GetArrayFromImage(again.warped), sitk.GetArrayFromImage(plain.warped))
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_piped_into_a_reader_that_stopped_is_not_an_error(unbuffered):
+    """Regression: `iconreg models list | head -1` printed a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written: every write fails with EPIPE
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        environment["PYTHONUNBUFFERED"] = unbuffered
+    code = "import sys; from ICONRegistrationLib.cli import main; sys.exit(main(['models', 'list']))"
+    try:
+        writer = subprocess.run([sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO / "ICONRegistration", env=environment)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in writer.stderr and "Exception ignored" not in writer.stderr
+    assert writer.returncode == 0
