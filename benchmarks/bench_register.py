@@ -50,7 +50,7 @@ from ICONRegistrationLib.device import choose_device, device_description  # noqa
 from ICONRegistrationLib.models.spec import ModelSpec  # noqa: E402
 from ICONRegistrationLib.models.weights import load_model  # noqa: E402
 from ICONRegistrationLib.models.zoo import zoo_spec  # noqa: E402
-from ICONRegistrationLib.pipeline.register import register  # noqa: E402
+from ICONRegistrationLib.pipeline.registration import register  # noqa: E402
 
 MODEL = "unigradicon"
 IMAGE_FACTOR = 1.2  # synthetic images are this many times the network size per axis (1 mm voxels)

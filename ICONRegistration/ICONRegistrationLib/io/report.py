@@ -41,7 +41,7 @@ import numpy as np
 import SimpleITK as sitk
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from ..pipeline.register import RegistrationResult
+    from ..pipeline.registration import RegistrationResult
 
 __all__ = ["write_report", "IC_ERROR_MIN_RANGE_MM", "FOLD_COLOR"]
 

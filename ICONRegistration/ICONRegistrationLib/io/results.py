@@ -8,7 +8,7 @@ from typing import Optional
 
 import SimpleITK as sitk
 
-from ..pipeline.register import RegistrationResult
+from ..pipeline.registration import RegistrationResult
 from .transforms import atomic_path, write_displacement_field, write_image
 
 RESULT_FILES = ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz", "metrics.json")

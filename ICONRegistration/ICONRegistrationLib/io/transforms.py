@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..frames import flip_lps_ras
 
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -90,8 +91,7 @@ def write_displacement_field(field: sitk.Image, path: str | Path) -> Path:
 
 def _write_nifti_dispvect(field: sitk.Image, path: Path) -> None:
     """NIfTI-1 with intent 1006 and RAS vector components (LPS x, y negated); geometry from SimpleITK."""
-    lps = sitk.GetArrayViewFromImage(field).astype(np.float32)
-    ras = lps * np.array([-1.0, -1.0] + [1.0] * (lps.shape[-1] - 2), dtype=np.float32)
+    ras = flip_lps_ras(sitk.GetArrayViewFromImage(field).astype(np.float32))
     image = sitk.GetImageFromArray(ras, isVector=True)
     image.CopyInformation(field)
     plain = path.with_name(path.name.replace(".gz", "") + ".tmp.nii")

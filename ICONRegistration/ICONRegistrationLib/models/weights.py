@@ -17,16 +17,15 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
-import torch
-
-from ..device import choose_device
 from ..errors import UserError
 from ..progress import ProgressCallback, report
-from .build import build_network
 from .spec import ModelSpec
 from .zoo import resolve_spec
+
+if TYPE_CHECKING:  # torch is imported when weights are read, so listing models and caches stays light
+    import torch
 
 _CHUNK = 1 << 20
 
@@ -189,6 +188,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Accepts a plain state dict (official ``.trch`` files), a dict with a ``"state_dict"`` or ``"model"``
     entry (training checkpoints), and strips a ``regis_net.`` prefix (a whole GradICON wrapper's dict).
     """
+    import torch
+
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable / unsafe files
@@ -241,6 +242,9 @@ def load_model(model: "str | Path | ModelSpec", weights: str | Path | None = Non
 
     ``random_weights=True`` skips loading (benchmarks and tests of the architecture only).
     """
+    from ..device import choose_device
+    from .build import build_network
+
     spec = resolve_spec(model)
     torch_device = choose_device(device)
     if random_weights:

@@ -1,0 +1,98 @@
+"""How the QA maps look in Slicer: colour tables, fixed windows and slice-view layers.
+
+Fold map (Jacobian determinant, unitless), window [−1, 3]:
+    det ≤ 0 (folding) opaque red; 0 < det < 1 (compression) blue fading out towards 1; det ≈ 1 transparent;
+    1 < det < 3 (expansion) orange fading in; ≥ 3 saturates.
+Inverse-consistency error (mm), window [0, 1] mm:
+    a heat scale (dark red → red → yellow → white) whose opacity ramps from 0 at 0 mm to full at 0.25 mm,
+    so consistent regions stay see-through and anything ≥ 1 mm (about a voxel) is white.
+The windows are fixed (not automatic) so maps of different registrations compare by eye.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+
+JACOBIAN_WINDOW = (-1.0, 3.0)
+IC_ERROR_WINDOW_MM = (0.0, 1.0)
+FOLD_TABLE_NAME = "ICONRegistration fold map"
+IC_TABLE_NAME = "ICONRegistration IC error"
+_TABLE_SIZE = 256
+OVERLAY_LAYER = 3  # the first additional slice layer (0, 1, 2 are background, foreground and label)
+
+
+def _fold_colour(value: float) -> tuple[float, float, float, float]:
+    if value <= 0.0:
+        return 1.0, 0.0, 0.0, 1.0
+    if value < 1.0:
+        return 0.15, 0.45, 1.0, 0.75 * (1.0 - value)
+    return 1.0, 0.6, 0.0, min(0.75, 0.75 * (value - 1.0) / 2.0)
+
+
+def _heat_colour(value_mm: float) -> tuple[float, float, float, float]:
+    t = min(max(value_mm / IC_ERROR_WINDOW_MM[1], 0.0), 1.0)
+    red = min(1.0, 0.35 + 2.0 * t)
+    green = min(1.0, max(0.0, 2.0 * t - 0.4))
+    blue = min(1.0, max(0.0, 3.0 * t - 2.0))
+    return red, green, blue, min(1.0, value_mm / 0.25)
+
+
+def _colour_table(scene, name: str, low: float, high: float, colour) -> "slicer.vtkMRMLColorTableNode":
+    """The scene's colour table ``name`` (created once per scene) sampling ``colour`` over [low, high]."""
+    existing = scene.GetFirstNodeByName(name)
+    if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
+        return existing
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetName(name)
+    table.SetTypeToUser()
+    table.SetHideFromEditors(False)
+    table.SetNumberOfColors(_TABLE_SIZE)
+    for index, value in enumerate(np.linspace(low, high, _TABLE_SIZE)):
+        table.SetColor(index, f"{value:.3g}", *colour(float(value)))
+    table.SetAttribute("Category", "ICONRegistration")
+    scene.AddNode(table)
+    return table
+
+
+def fold_colour_table(scene):
+    """Colour table of the Jacobian fold map (see the module docstring)."""
+    return _colour_table(scene, FOLD_TABLE_NAME, *JACOBIAN_WINDOW, _fold_colour)
+
+
+def ic_error_colour_table(scene):
+    """Heat colour table of the inverse-consistency error map in mm (see the module docstring)."""
+    return _colour_table(scene, IC_TABLE_NAME, *IC_ERROR_WINDOW_MM, _heat_colour)
+
+
+def show_with_fixed_window(volume_node, colour_table, window: tuple[float, float]) -> None:
+    """Give ``volume_node`` a display node using ``colour_table`` over the fixed value range ``window``."""
+    if volume_node.GetDisplayNode() is None:
+        volume_node.CreateDefaultDisplayNodes()
+    display = volume_node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(colour_table.GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(*window)
+    display.SetInterpolate(False)  # voxels as they are: a fold is a voxel property
+
+
+def set_slice_layers(scene, background=None, foreground=None, foreground_opacity: float = 0.5,
+                     overlay=None, overlay_opacity: float = 1.0) -> int:
+    """Show volumes in every slice view of the scene; returns how many views were set (0 without a layout).
+
+    ``overlay`` goes to the first additional layer, above the foreground, so the fixed image, the warped moving
+    image and a QA map can be seen together; ``overlay=None`` clears that layer.
+    """
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    count = composites.GetNumberOfItems()
+    for index in range(count):
+        composite = composites.GetItemAsObject(index)
+        with slicer.util.NodeModify(composite):
+            if background is not None:
+                composite.SetBackgroundVolumeID(background.GetID())
+            if foreground is not None:
+                composite.SetForegroundVolumeID(foreground.GetID())
+                composite.SetForegroundOpacity(foreground_opacity)
+            composite.SetNthLayerVolumeID(OVERLAY_LAYER, overlay.GetID() if overlay is not None else None)
+            composite.SetNthLayerOpacity(OVERLAY_LAYER, overlay_opacity)
+    return count

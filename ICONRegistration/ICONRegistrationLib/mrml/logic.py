@@ -1,0 +1,522 @@
+"""``ICONRegistrationLogic``: register two volume nodes and put the results in the MRML scene.
+
+Runs in desktop Slicer, in the web front end and under the ``slicer-core`` wheel: it imports ``slicer`` (MRML)
+and ``vtk``, never ``qt`` or ``slicer.app``. torch is imported on the first registration, not before.
+
+Outputs of :meth:`ICONRegistrationLogic.register` (all new nodes; the inputs are never modified):
+
+* a transform node holding one ``vtkOrientedGridTransform`` (RAS mm) as its *from parent* transform, i.e. the
+  resampling transform fixed → moving points, with the moving and fixed volumes referenced under Slicer's
+  ``spatialRegistrationMoving`` / ``spatialRegistrationFixed`` roles; optionally the inverse transform node;
+* the moving volume placed under that transform (default), or a new warped volume on the fixed grid;
+* a Jacobian-determinant volume (fold map) and an inverse-consistency error volume (mm), with fixed windows
+  and colour tables (see :mod:`.display`);
+* a table node with the metrics.
+
+Work is split so a GUI can run the slow part in a worker thread: :meth:`prepareInputs` and
+:meth:`createOutputNodes` touch the scene (main thread), :meth:`runRegistration` does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from ..errors import UserError
+from ..models.zoo import DEFAULT_MODEL
+from ..progress import ProgressCallback
+from . import display
+from .nodes import grid_transform_from_field, image_from_volume, update_volume_from_image
+
+MODULE_NAME = "ICONRegistration"
+DIRECTIONS = ("moving_to_fixed", "fixed_to_moving")
+OVERLAYS = ("folds", "ic", "none")
+INVERSE_ROLE = "ICONRegistration.inverseTransform"
+
+
+@dataclasses.dataclass
+class RegistrationSettings:
+    """Every form setting; stored as parameters of the module's parameter node (so saved scenes keep them).
+
+    ``model`` is a zoo name or the path of a model spec JSON ("Load from file…"); ``weightsFile`` optionally
+    overrides the model's weights. ``outputMode`` is ``"transform"`` (moving volume placed under the transform)
+    or ``"warped"`` (a new resampled volume). ``overlay`` is the QA map shown over the images.
+    """
+
+    model: str = DEFAULT_MODEL
+    weightsFile: str = ""
+    fixedModality: str = "auto"
+    movingModality: str = "auto"
+    ioIterations: int = 0
+    device: str = "auto"
+    fieldGrid: str = "network"
+    outputMode: str = "transform"
+    createInverse: bool = True
+    overlay: str = "folds"
+
+
+#: node-reference roles of the parameter node (inputs, then the outputs of the last registration)
+INPUT_ROLES = ("fixedVolume", "movingVolume", "fixedMask", "movingMask")
+OUTPUT_ROLES = ("outputTransform", "outputInverseTransform", "outputVolume", "outputJacobian", "outputICError",
+                "outputMetrics")
+
+
+@dataclasses.dataclass
+class RegistrationInputs:
+    """Copies of the input volumes as SimpleITK images (taken on the main thread) and their node names."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_mask: Optional[sitk.Image]
+    moving_mask: Optional[sitk.Image]
+    fixed_name: str
+    moving_name: str
+
+
+@dataclasses.dataclass
+class RegistrationOutputs:
+    """The nodes :meth:`ICONRegistrationLogic.register` created, and the engine's result."""
+
+    transform: Any
+    inverse_transform: Any
+    output_volume: Any
+    jacobian: Any
+    ic_error: Any
+    metrics_table: Any
+    result: Any
+
+    def nodes(self) -> list:
+        return [n for n in (self.transform, self.inverse_transform, self.output_volume, self.jacobian,
+                            self.ic_error, self.metrics_table) if n is not None]
+
+
+class ICONRegistrationLogic:
+    """Registration of MRML volume nodes with inverse-consistent networks (no GUI needed).
+
+    ``scene`` defaults to ``slicer.mrmlScene``.
+    """
+
+    def __init__(self, scene=None):
+        self._scene = scene
+
+    @property
+    def scene(self):
+        scene = self._scene if self._scene is not None else getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise UserError("No MRML scene: pass one to ICONRegistrationLogic(scene) or set slicer.mrmlScene.")
+        return scene
+
+    # ----- parameter node -------------------------------------------------------------------------
+    def getParameterNode(self):
+        """The module's singleton parameter node (created with default settings on first use)."""
+        node = self.scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetName(self.scene.GenerateUniqueName(MODULE_NAME))
+            node.SetAttribute("ModuleName", MODULE_NAME)
+            self.setSettings(RegistrationSettings(), node)
+            node = self.scene.AddNode(node)
+        return node
+
+    def settings(self, parameterNode=None) -> RegistrationSettings:
+        """The settings stored on the parameter node (defaults for any missing or unreadable value)."""
+        node = parameterNode or self.getParameterNode()
+        values = {}
+        for field in dataclasses.fields(RegistrationSettings):
+            text = node.GetParameter(field.name)
+            if not text:
+                continue
+            default = field.default
+            try:
+                if isinstance(default, bool):
+                    values[field.name] = text.lower() in ("true", "1", "yes")
+                elif isinstance(default, int):
+                    values[field.name] = int(text)
+                else:
+                    values[field.name] = text
+            except ValueError:
+                continue
+        return RegistrationSettings(**values)
+
+    def setSettings(self, settings: RegistrationSettings, parameterNode=None) -> None:
+        """Store ``settings`` on the parameter node (one Modified event)."""
+        node = parameterNode or self.getParameterNode()
+        with slicer.util.NodeModify(node):
+            for key, value in dataclasses.asdict(settings).items():
+                node.SetParameter(key, str(value).lower() if isinstance(value, bool) else str(value))
+
+    # ----- helpers the form uses ------------------------------------------------------------------
+    @staticmethod
+    def guessModality(volumeNode) -> str:
+        """``"ct"`` or ``"mri"`` from the volume's intensities (no torch)."""
+        from ..pipeline.preprocessing import guess_modality
+
+        return guess_modality(slicer.util.arrayFromVolume(volumeNode))
+
+    @staticmethod
+    def modelChoices() -> list[tuple[str, str]]:
+        """``(name, weights state)`` of each zoo model ("bundled", "downloaded", "not downloaded"…), no torch."""
+        from ..models.weights import weights_state
+        from ..models.zoo import model_names, zoo_spec
+
+        return [(name, weights_state(zoo_spec(name))) for name in model_names()]
+
+    # ----- registration ---------------------------------------------------------------------------
+    def prepareInputs(self, fixedVolumeNode, movingVolumeNode, fixedMaskNode=None,
+                      movingMaskNode=None) -> RegistrationInputs:
+        """Copy the input volumes (and masks) into SimpleITK images (LPS, world geometry). Main thread."""
+        if fixedVolumeNode is None or movingVolumeNode is None:
+            raise UserError("Select a fixed and a moving volume.")
+        for node in (fixedVolumeNode, movingVolumeNode):
+            if not node.IsA("vtkMRMLScalarVolumeNode"):
+                raise UserError(f"'{node.GetName()}' is not a scalar volume; select a scalar volume.")
+        return RegistrationInputs(
+            image_from_volume(fixedVolumeNode), image_from_volume(movingVolumeNode),
+            image_from_volume(fixedMaskNode) if fixedMaskNode is not None else None,
+            image_from_volume(movingMaskNode) if movingMaskNode is not None else None,
+            fixedVolumeNode.GetName(), movingVolumeNode.GetName())
+
+    @staticmethod
+    def runRegistration(inputs: RegistrationInputs, settings: RegistrationSettings,
+                        progress: Optional[ProgressCallback] = None, random_weights: bool = False,
+                        loaded_model=None):
+        """Run the engine on prepared inputs; touches no MRML node, so it may run in a worker thread.
+
+        ``loaded_model`` (a ``LoadedModel``) replaces ``settings.model``, e.g. a network already in memory.
+        """
+        from ..pipeline.registration import register
+
+        if settings.fieldGrid not in ("network", "fixed"):
+            raise UserError(f"Unknown field grid '{settings.fieldGrid}': use network or fixed.")
+        return register(inputs.fixed, inputs.moving, loaded_model if loaded_model is not None else settings.model,
+                        fixed_modality=settings.fixedModality, moving_modality=settings.movingModality,
+                        fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
+                        io_iterations=int(settings.ioIterations), device=settings.device, progress=progress,
+                        weights=settings.weightsFile or None, field_grid=settings.fieldGrid,
+                        random_weights=random_weights)
+
+    def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,
+                 fixedModality: Optional[str] = None, movingModality: Optional[str] = None,
+                 fixedMaskNode=None, movingMaskNode=None, ioIterations: Optional[int] = None,
+                 device: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+                 weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
+                 outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
+                 settings: Optional[RegistrationSettings] = None, random_weights: bool = False
+                 ) -> RegistrationOutputs:
+        """Register ``movingVolumeNode`` to ``fixedVolumeNode`` and create the output nodes.
+
+        Options default to ``settings`` (or :class:`RegistrationSettings` defaults); keyword arguments override
+        them. ``model`` is a zoo name, a spec JSON path or a ``LoadedModel``. ``progress(stage, fraction)``
+        returning ``False`` cancels (raises ``Cancelled``). On an error or a cancel no node is left behind and
+        the inputs are unchanged.
+        """
+        loaded_model = None
+        if model is not None and not isinstance(model, (str, Path)):
+            loaded_model, model = model, model.spec.name
+        settings = dataclasses.replace(settings or RegistrationSettings(), **{k: v for k, v in {
+            "fixedModality": fixedModality, "movingModality": movingModality,
+            "ioIterations": ioIterations, "device": device, "weightsFile": weightsFile, "fieldGrid": fieldGrid,
+            "model": str(model) if model is not None else None,
+            "outputMode": outputMode, "createInverse": createInverse}.items() if v is not None})
+        inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, fixedMaskNode, movingMaskNode)
+        result = self.runRegistration(inputs, settings, progress, random_weights=random_weights,
+                                      loaded_model=loaded_model)
+        return self.createOutputNodes(fixedVolumeNode, movingVolumeNode, result, settings)
+
+    def createOutputNodes(self, fixedVolumeNode, movingVolumeNode, result,
+                          settings: RegistrationSettings) -> RegistrationOutputs:
+        """Turn an engine result into scene nodes (main thread). All or nothing: a failure removes them all."""
+        if settings.outputMode not in ("transform", "warped"):
+            raise UserError(f"Unknown output mode '{settings.outputMode}': use transform or warped.")
+        scene = self.scene
+        before = _node_ids(scene)
+
+        def add(class_name: str, name: str):
+            return scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+
+        moving_name, fixed_name = movingVolumeNode.GetName(), fixedVolumeNode.GetName()
+        try:
+            transform = add("vtkMRMLGridTransformNode", f"{moving_name}-to-{fixed_name}")
+            transform.SetAndObserveTransformFromParent(grid_transform_from_field(result.forward_field))
+            transform.SetNodeReferenceID(transform.GetMovingNodeReferenceRole(), movingVolumeNode.GetID())
+            transform.SetNodeReferenceID(transform.GetFixedNodeReferenceRole(), fixedVolumeNode.GetID())
+            inverse = None
+            if settings.createInverse:
+                inverse = add("vtkMRMLGridTransformNode", f"{fixed_name}-to-{moving_name}")
+                inverse.SetAndObserveTransformFromParent(grid_transform_from_field(result.inverse_field))
+                inverse.SetNodeReferenceID(inverse.GetMovingNodeReferenceRole(), fixedVolumeNode.GetID())
+                inverse.SetNodeReferenceID(inverse.GetFixedNodeReferenceRole(), movingVolumeNode.GetID())
+                transform.SetNodeReferenceID(INVERSE_ROLE, inverse.GetID())
+                inverse.SetNodeReferenceID(INVERSE_ROLE, transform.GetID())
+
+            # A moving volume already under a transform keeps it; it gets a resampled copy instead.
+            under_transform = (settings.outputMode == "transform"
+                               and movingVolumeNode.GetParentTransformNode() is None)
+            if under_transform:
+                output_volume = movingVolumeNode
+            else:
+                output_volume = add("vtkMRMLScalarVolumeNode", f"{moving_name} warped")
+                update_volume_from_image(output_volume, result.warped)
+                output_volume.CreateDefaultDisplayNodes()
+                _copy_window_level(movingVolumeNode, output_volume)
+
+            jacobian = add("vtkMRMLScalarVolumeNode", f"{moving_name}-to-{fixed_name} Jacobian")
+            update_volume_from_image(jacobian, result.jacobian)
+            display.show_with_fixed_window(jacobian, display.fold_colour_table(scene), display.JACOBIAN_WINDOW)
+            _set_units(jacobian, "1", "no units")
+            ic_error = add("vtkMRMLScalarVolumeNode", f"{moving_name}-to-{fixed_name} IC error mm")
+            update_volume_from_image(ic_error, result.ic_error)
+            display.show_with_fixed_window(ic_error, display.ic_error_colour_table(scene),
+                                           display.IC_ERROR_WINDOW_MM)
+            _set_units(ic_error, "mm", "millimeter")
+            table = add("vtkMRMLTableNode", f"{moving_name}-to-{fixed_name} metrics")
+            fill_metrics_table(table, result.metrics)
+            for node in (transform, inverse, jacobian, ic_error, table):
+                if node is not None:
+                    node.SetAttribute("ICONRegistration.metrics", json.dumps(_compact(result.metrics)))
+            if under_transform:
+                movingVolumeNode.SetAndObserveTransformNodeID(transform.GetID())
+        except BaseException:
+            _remove_nodes_added_since(scene, before)
+            raise
+        outputs = RegistrationOutputs(transform, inverse, output_volume, jacobian, ic_error, table, result)
+        self._remember(fixedVolumeNode, movingVolumeNode, outputs)
+        return outputs
+
+    def _remember(self, fixedVolumeNode, movingVolumeNode, outputs: RegistrationOutputs) -> None:
+        node = self.getParameterNode()
+        with slicer.util.NodeModify(node):
+            node.SetNodeReferenceID("fixedVolume", fixedVolumeNode.GetID())
+            node.SetNodeReferenceID("movingVolume", movingVolumeNode.GetID())
+            for role, output in zip(OUTPUT_ROLES, (outputs.transform, outputs.inverse_transform,
+                                                   outputs.output_volume, outputs.jacobian, outputs.ic_error,
+                                                   outputs.metrics_table)):
+                node.SetNodeReferenceID(role, output.GetID() if output is not None else None)
+
+    # ----- using the result -----------------------------------------------------------------------
+    def showResults(self, outputs: RegistrationOutputs, fixedVolumeNode=None, overlay: str = "folds") -> int:
+        """Fixed image as background, moving/warped at 50 % as foreground, the fold map (``"folds"``) or IC map
+        (``"ic"``) or nothing (``"none"``) as overlay, in every slice view. Returns the number of views set
+        (0 when the scene has no layout)."""
+        if overlay not in OVERLAYS:
+            raise UserError(f"Unknown overlay '{overlay}': use {', '.join(OVERLAYS)}.")
+        if fixedVolumeNode is None and outputs.transform is not None:
+            fixedVolumeNode = outputs.transform.GetNodeReference(outputs.transform.GetFixedNodeReferenceRole())
+        overlay_node = {"folds": outputs.jacobian, "ic": outputs.ic_error, "none": None}[overlay]
+        return display.set_slice_layers(self.scene, background=fixedVolumeNode, foreground=outputs.output_volume,
+                                        foreground_opacity=0.5, overlay=overlay_node)
+
+    def applyToSegmentation(self, segmentationNode, transformNode, direction: str = "moving_to_fixed",
+                            referenceVolumeNode=None):
+        """A new segmentation node: ``segmentationNode`` moved through a registration (the input is unchanged).
+
+        ``transformNode`` is the forward (moving → fixed) node :meth:`register` made. ``direction``:
+        ``"moving_to_fixed"`` moves a segmentation drawn on the moving image onto the fixed image;
+        ``"fixed_to_moving"`` the reverse, through the inverse transform node (or, without one, Slicer's
+        iterative inverse of the forward transform). Each segment's binary labelmap, in the segmentation's own
+        coordinates, is resampled nearest-neighbour by Slicer onto the reference volume's voxel grid (default:
+        the fixed volume, resp. the moving volume), keeping names, colours and overlaps. The new segmentation
+        is placed under the reference volume's parent transform, so the two stay overlaid in the views.
+        """
+        if direction not in DIRECTIONS:
+            raise UserError(f"Unknown direction '{direction}': use {' or '.join(DIRECTIONS)}.")
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise UserError("Select a segmentation to move.")
+        if transformNode is None:
+            raise UserError("Register first, or select the registration's transform.")
+        moving = transformNode.GetNodeReference(transformNode.GetMovingNodeReferenceRole())
+        fixed = transformNode.GetNodeReference(transformNode.GetFixedNodeReferenceRole())
+        inverse = transformNode.GetNodeReference(INVERSE_ROLE)
+        if direction == "moving_to_fixed":
+            reference = referenceVolumeNode or fixed
+            to_reference = transformNode.GetTransformToParent()
+        else:
+            reference = referenceVolumeNode or moving
+            to_reference = (inverse.GetTransformToParent() if inverse is not None
+                            else transformNode.GetTransformFromParent())
+        if reference is None:
+            raise UserError("The transform does not say which volumes it registered; choose a reference volume.")
+        segmentation = segmentationNode.GetSegmentation()
+        labelmap_name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+        if segmentation.GetNumberOfSegments() == 0:
+            raise UserError(f"Segmentation '{segmentationNode.GetName()}' has no segments.")
+        if not segmentation.ContainsRepresentation(labelmap_name):
+            raise UserError(f"Segmentation '{segmentationNode.GetName()}' has no binary labelmap; create one in "
+                            "the Segmentations module (Representations: Binary labelmap → Create).")
+        reference_geometry = slicer.vtkOrientedImageData()
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        reference.GetIJKToRASMatrix(ijk_to_ras)
+        reference_geometry.SetImageToWorldMatrix(ijk_to_ras)
+        reference_geometry.SetExtent(reference.GetImageData().GetExtent())
+
+        scene = self.scene
+        output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(
+            f"{segmentationNode.GetName()} on {reference.GetName()}"))
+        try:
+            output.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+            for index in range(segmentation.GetNumberOfSegments()):
+                segment_id = segmentation.GetNthSegmentID(index)
+                source = segmentation.GetSegment(segment_id)
+                labelmap = slicer.vtkOrientedImageData()
+                segmentationNode.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+                moved = slicer.vtkOrientedImageData()
+                if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                        labelmap, reference_geometry, moved, False, False, to_reference):
+                    raise UserError(f"Slicer could not resample segment '{source.GetName()}'.")
+                segment = slicer.vtkSegment()
+                segment.SetName(source.GetName())
+                segment.SetColor(source.GetColor())
+                segment.AddRepresentation(labelmap_name, moved)
+                output.GetSegmentation().AddSegment(segment, segment_id)
+            output.CreateDefaultDisplayNodes()
+            # shown where its reference is shown (e.g. the moving volume under the registration's transform)
+            output.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+        except BaseException:
+            scene.RemoveNode(output)
+            raise
+        return output
+
+    def exportTransform(self, transformNode, path: "str | Path") -> Path:
+        """Write ``transformNode`` with Slicer's transform storage node (``.h5``/``.tfm``: ITK transform files,
+        ``.nii.gz``/``.mha``/``.nrrd``: displacement images, LPS as ITK expects), atomically."""
+        path = Path(path)
+        if transformNode is None:
+            raise UserError("Select a transform to export.")
+        if not path.parent.is_dir():
+            raise UserError(f"Folder '{path.parent}' does not exist.")
+        suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+        if suffix.lower() not in (".h5", ".hdf5", ".tfm", ".txt", ".mat", ".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr"):
+            raise UserError(f"Unknown transform file type '{path.name}': use .h5, .tfm, .nii.gz, .mha or .nrrd.")
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+        os.close(handle)
+        storage = slicer.vtkMRMLTransformStorageNode()
+        storage.SetFileName(temporary)
+        try:
+            if not storage.WriteData(transformNode):
+                raise UserError(f"Slicer could not write '{path.name}'; check the folder is writable.")
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return path
+
+
+def gpu_names() -> list[str]:
+    """Names of the NVIDIA GPUs ``nvidia-smi`` reports (empty without one), for the form, without importing torch."""
+    executable = shutil.which("nvidia-smi")
+    if executable is None:
+        return []
+    try:
+        output = subprocess.run([executable, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in output.splitlines() if line.strip()]
+
+
+# ----- module helpers -------------------------------------------------------------------------------
+def _node_ids(scene) -> set[str]:
+    nodes = scene.GetNodes()
+    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+def _remove_nodes_added_since(scene, before: set[str]) -> None:
+    """Undo a half-finished output: remove every node the scene did not hold before (children first)."""
+    for node_id in sorted(_node_ids(scene) - before, reverse=True):
+        node = scene.GetNodeByID(node_id)
+        if node is not None:
+            scene.RemoveNode(node)
+
+
+def _set_units(volume_node, code: str, meaning: str) -> None:
+    units = slicer.vtkCodedEntry()
+    units.SetValueSchemeMeaning(code, "UCUM", meaning)
+    volume_node.SetVoxelValueUnits(units)
+
+
+def _compact(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("io_objective",)}
+
+
+def _copy_window_level(source, target) -> None:
+    source_display, target_display = source.GetDisplayNode(), target.GetDisplayNode()
+    if source_display is None or target_display is None:
+        return
+    target_display.AutoWindowLevelOff()
+    target_display.SetWindowLevel(source_display.GetWindow(), source_display.GetLevel())
+    if source_display.GetColorNodeID():
+        target_display.SetAndObserveColorNodeID(source_display.GetColorNodeID())
+
+
+METRIC_ROWS = (  # (key in metrics, label, unit)
+    ("folds", "Folded voxels (det J ≤ 0)", "voxels"),
+    ("folds_percent", "Folded voxels", "%"),
+    ("jacobian_min", "Jacobian minimum", ""),
+    ("jacobian_p1", "Jacobian 1st percentile", ""),
+    ("jacobian_median", "Jacobian median", ""),
+    ("jacobian_p99", "Jacobian 99th percentile", ""),
+    ("jacobian_max", "Jacobian maximum", ""),
+    ("ic_error_mean_mm", "IC error mean", "mm"),
+    ("ic_error_p95_mm", "IC error 95th percentile", "mm"),
+    ("ic_error_max_mm", "IC error maximum", "mm"),
+    ("seconds.total", "Time", "s"),
+    ("device", "Device", ""),
+    ("model", "Model", ""),
+    ("weights_sha256", "Weights sha256", ""),
+    ("io_iterations", "Instance-optimisation steps", ""),
+)
+
+
+def _lookup(metrics: dict, key: str):
+    value: Any = metrics
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def format_metric(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fill_metrics_table(table_node, metrics: dict) -> None:
+    """Three string columns: Metric, Value, Unit (rows in :data:`METRIC_ROWS` order)."""
+    table = table_node.GetTable()
+    columns = []
+    for name in ("Metric", "Value", "Unit"):
+        column = vtk.vtkStringArray()
+        column.SetName(name)
+        columns.append(column)
+    for key, label, unit in METRIC_ROWS:
+        columns[0].InsertNextValue(label)
+        columns[1].InsertNextValue(format_metric(_lookup(metrics, key)))
+        columns[2].InsertNextValue(unit)
+    for column in columns:
+        table.AddColumn(column)
+    table_node.SetUseColumnNameAsColumnHeader(True)
+    table_node.SetLocked(True)
+    table_node.Modified()
+
+
+def metrics_from_table(table_node) -> dict[str, str]:
+    """``{label: value}`` read back from a metrics table node."""
+    table = table_node.GetTable()
+    labels, values = table.GetColumnByName("Metric"), table.GetColumnByName("Value")
+    return {labels.GetValue(i): values.GetValue(i) for i in range(table.GetNumberOfRows())}
+

@@ -1,0 +1,447 @@
+"""The MRML layer under slicer-core: real MRML nodes, Slicer's own transforms, storage and segmentations.
+
+An analytic network gives a known transform T (fixed → moving, LPS mm), so every number is checked against
+the truth in Slicer's RAS terms, not against another copy of our own code.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core==5.11.0.6)")
+import vtk  # noqa: E402
+
+from analytic import analytic_model, oblique_pair  # noqa: E402
+from conftest import blob_volume, make_image, rotation  # noqa: E402
+from ICONRegistrationLib.errors import Cancelled, UserError  # noqa: E402
+from ICONRegistrationLib.frames import flip_lps_ras  # noqa: E402
+from ICONRegistrationLib.mrml import display  # noqa: E402
+from ICONRegistrationLib.mrml.logic import (ICONRegistrationLogic, RegistrationSettings,  # noqa: E402
+                                            metrics_from_table)
+from ICONRegistrationLib.mrml.nodes import (field_from_grid_transform, image_from_volume,  # noqa: E402
+                                            update_volume_from_image)
+
+AFFINE = (np.eye(3) + np.array([[0.04, -0.03, 0.02], [0.05, -0.02, 0.01], [-0.02, 0.03, 0.06]]),
+          np.array([3.0, -2.5, 4.0]))
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    yield scene
+    scene.Clear(1)
+
+
+def volume_node(scene, image: sitk.Image, name: str, class_name: str = "vtkMRMLScalarVolumeNode"):
+    node = scene.AddNewNodeByClass(class_name, name)
+    update_volume_from_image(node, image)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def geometry_of(node) -> tuple:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4))
+
+
+def node_ids(scene) -> set[str]:
+    nodes = scene.GetNodes()
+    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+def ras_points_inside(image: sitk.Image, count: int, margin: float, seed: int = 0) -> np.ndarray:
+    """Random RAS points well inside ``image`` (LPS geometry)."""
+    rng = np.random.default_rng(seed)
+    size = np.array(image.GetSize())
+    indices = rng.uniform(margin, 1 - margin, (count, 3)) * (size - 1)
+    lps = np.array([image.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in indices])
+    return flip_lps_ras(lps)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+# ----- 1. volume node <-> SimpleITK ------------------------------------------------------------------------
+@pytest.mark.parametrize("direction", [np.eye(3), rotation(2, 25) @ rotation(0, -15),
+                                       rotation(1, 30) @ np.diag([1.0, -1.0, -1.0]),
+                                       np.array([[0, -1, 0], [1, 0, 0], [0, 0, -1]], float)])
+def test_volume_round_trip_keeps_voxels_and_geometry_exactly(scene, direction):
+    array = (np.random.default_rng(0).random((13, 17, 19)) * 1000).astype(np.int16)
+    image = make_image(array, spacing=(0.7, 1.3, 2.9), origin=(-12.5, 40.25, 7.0), direction=direction)
+    node = volume_node(scene, image, "volume")
+    # MRML holds RAS: the node maps voxel (i, j, k) to the RAS image of SimpleITK's LPS point.
+    for index in [(0, 0, 0), (18, 0, 0), (3, 16, 12)]:
+        lps = np.array(image.TransformIndexToPhysicalPoint(index))
+        ras = np.array(geometry_of(node)).reshape(4, 4) @ np.array([*index, 1.0])
+        assert np.allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-9)
+    back = image_from_volume(node)
+    assert back.GetOrigin() == image.GetOrigin()
+    assert back.GetSpacing() == image.GetSpacing()
+    assert back.GetDirection() == image.GetDirection()
+    assert back.GetPixelID() == image.GetPixelID()
+    assert np.array_equal(sitk.GetArrayFromImage(back), array)
+    # and node -> image -> node
+    again = volume_node(scene, back, "again")
+    assert geometry_of(again) == geometry_of(node)
+
+
+def test_linear_parent_transform_is_part_of_the_geometry_and_nonlinear_is_refused(scene):
+    image = make_image(blob_volume((10, 12, 14)), spacing=(1.0, 2.0, 1.5), origin=(1.0, 2.0, 3.0))
+    node = volume_node(scene, image, "volume")
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 10.0)  # 10 mm towards Right
+    parent.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(parent.GetID())
+    moved = image_from_volume(node)
+    assert np.allclose(moved.GetOrigin(), (1.0 - 10.0, 2.0, 3.0))  # RAS +x is LPS −x
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    grid.SetAndObserveTransformFromParent(slicer.vtkOrientedGridTransform())
+    node.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(UserError, match="harden"):
+        image_from_volume(node)
+
+
+# ----- 2. the grid transform in Slicer's terms -------------------------------------------------------------
+def _same_grid_pair():
+    """Fixed and moving on one oblique, anisotropic grid (so Slicer's in-place hardening is comparable)."""
+    direction = rotation(2, 20) @ rotation(0, -10)
+    fixed = make_image(blob_volume((36, 44, 40), seed=1), spacing=(1.3, 0.9, 1.7), origin=(-20.0, 15.0, 7.0),
+                       direction=direction)
+    moving = make_image(blob_volume((36, 44, 40), seed=2), spacing=(1.3, 0.9, 1.7), origin=(-20.0, 15.0, 7.0),
+                        direction=direction)
+    return fixed, moving
+
+
+def test_transform_node_maps_points_like_the_analytic_map_and_hardening_matches_the_engine(scene):
+    fixed, moving = _same_grid_pair()
+    matrix, offset = AFFINE
+    model = analytic_model(fixed, moving, matrix, offset, bulge=2.0)
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri")
+    transform = outputs.transform
+
+    # one vtkOrientedGridTransform, as the from-parent (resampling) transform, with the registration's roles
+    assert isinstance(transform.GetTransformFromParent(), slicer.vtkOrientedGridTransform)
+    assert transform.GetNodeReference(transform.GetMovingNodeReferenceRole()) is moving_node
+    assert transform.GetNodeReference(transform.GetFixedNodeReferenceRole()) is fixed_node
+    assert moving_node.GetParentTransformNode() is transform
+
+    # a point mapped by the transform node equals the analytic map (RAS in, RAS out)
+    network = model.net
+    points_ras = ras_points_inside(fixed, 300, margin=0.1)
+    import torch
+    expected_lps = network.physical_map(torch.as_tensor(flip_lps_ras(points_ras).T[None], dtype=torch.float64))
+    expected_ras = flip_lps_ras(expected_lps[0].T.numpy())
+    from_parent = transform.GetTransformFromParent()
+    mapped = np.array([from_parent.TransformPoint(p.tolist()) for p in points_ras])
+    assert np.abs(mapped - expected_ras).max() < 0.05  # mm
+
+    # Slicer hardens the moving volume (resampling on its own grid = the fixed grid here)
+    hardened = volume_node(scene, moving, "hardened")
+    hardened.ApplyTransform(transform.GetTransformToParent())
+    slicer_warped = slicer.util.arrayFromVolume(hardened).astype(np.float64)
+    engine_warped = sitk.GetArrayFromImage(outputs.result.warped).astype(np.float64)
+    # inside the field of view: where T(x) lands well inside the moving image
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in fixed.GetSize()[::-1]], indexing="ij"), -1)[..., ::-1]
+    points_lps = (np.array(fixed.GetDirection()).reshape(3, 3) @ (index.reshape(-1, 3) * fixed.GetSpacing()).T).T \
+        + fixed.GetOrigin()
+    landed = network.physical_map(torch.as_tensor(points_lps.T[None], dtype=torch.float64))[0].T.numpy()
+    continuous = np.array([moving.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in landed])
+    inside = np.all((continuous > 1) & (continuous < np.array(moving.GetSize()) - 2), axis=1).reshape(index.shape[:3])
+    assert inside.mean() > 0.5
+    correlation = np.corrcoef(slicer_warped[inside], engine_warped[inside])[0, 1]
+    assert correlation >= 0.999, correlation
+
+
+# ----- 3. storage node -> .h5 -> SimpleITK --------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".h5", ".nii.gz"])
+def test_transform_written_by_slicer_storage_reads_back_in_simpleitk_as_the_same_field(scene, tmp_path, suffix):
+    fixed, moving = oblique_pair()
+    model = analytic_model(fixed, moving, *AFFINE, bulge=1.5)
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri")
+    path = logic.exportTransform(outputs.transform, tmp_path / f"forward{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"forward{suffix}"]  # no temporary left
+    if suffix == ".h5":
+        read = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(path))).GetDisplacementField()
+    else:
+        read = sitk.ReadImage(str(path))
+    expected = outputs.result.forward_field
+    assert read.GetSize() == expected.GetSize()
+    assert np.allclose(read.GetOrigin(), expected.GetOrigin(), atol=1e-4)
+    assert np.allclose(read.GetSpacing(), expected.GetSpacing(), atol=1e-5)
+    assert np.allclose(read.GetDirection(), expected.GetDirection(), atol=1e-5)
+    difference = sitk.GetArrayFromImage(read) - sitk.GetArrayFromImage(expected)
+    assert np.abs(difference).max() < 1e-4  # mm (float32 storage in NIfTI)
+    # the field held by the node equals the engine's exactly
+    held = field_from_grid_transform(outputs.transform.GetTransformFromParent())
+    assert np.abs(sitk.GetArrayFromImage(held) - sitk.GetArrayFromImage(expected)).max() < 1e-12
+    with pytest.raises(UserError):
+        logic.exportTransform(outputs.transform, tmp_path / "forward.xyz")
+
+
+# ----- 4. segmentations, both directions ----------------------------------------------------------------------
+def _labels_like(image: sitk.Image, seed: int, centres_lps: np.ndarray) -> sitk.Image:
+    """Three ellipsoids on ``image``'s grid around the given LPS points (labels 1, 2, 3; first one wins)."""
+    size = image.GetSize()[::-1]
+    grid = np.meshgrid(*[np.arange(n, dtype=float) for n in size], indexing="ij")
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(size, np.uint8)
+    for label, point in zip((1, 2, 3), centres_lps):
+        centre = np.array(image.TransformPhysicalPointToContinuousIndex(point.tolist()))[::-1]
+        radii = rng.uniform(0.08, 0.12, 3) * np.array(size)
+        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1
+        labels[inside & (labels == 0)] = label
+    result = sitk.GetImageFromArray(labels)
+    result.CopyInformation(image)
+    return result
+
+
+def _overlap_points(fixed: sitk.Image, moving: sitk.Image, seed: int) -> np.ndarray:
+    """Three LPS points in the middle of both images: fixed points whose image under T is central in moving."""
+    candidates = flip_lps_ras(ras_points_inside(fixed, 4000, margin=0.1, seed=seed))
+    landed = candidates @ AFFINE[0].T + AFFINE[1]
+    size = np.array(moving.GetSize())
+    central = [p for p, q in zip(candidates, landed)
+               if np.all(np.abs(np.array(moving.TransformPhysicalPointToContinuousIndex(q.tolist())) / size - 0.5)
+                         < 0.33)]
+    assert len(central) >= 3
+    chosen = [central[0]]  # spread out: each next point far from the chosen ones
+    for _ in range(2):
+        chosen.append(max(central, key=lambda p: min(np.linalg.norm(p - c) for c in chosen)))
+    return np.array(chosen)
+
+
+def _segmentation_from_labels(scene, labels: sitk.Image, name: str):
+    labelmap = volume_node(scene, labels, f"{name} labelmap", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    scene.RemoveNode(labelmap)
+    return segmentation
+
+
+def _labels_on(scene, segmentation, reference_node) -> np.ndarray:
+    """The segmentation exported as a label map on ``reference_node``'s grid (label = segment index + 1)."""
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    segmentation.GetSegmentation().GetSegmentIDs(ids)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap,
+                                                                                 reference_node)
+    array = slicer.util.arrayFromVolume(labelmap).copy()
+    scene.RemoveNode(labelmap)
+    return array
+
+
+def test_segmentation_moves_like_a_nearest_neighbour_warp_of_its_label_map_both_ways(scene):
+    fixed, moving = oblique_pair()
+    model = analytic_model(fixed, moving, *AFFINE)
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri")
+    result = outputs.result
+    fixed_centres = _overlap_points(fixed, moving, seed=7)
+    moving_centres = fixed_centres @ AFFINE[0].T + AFFINE[1]
+    for direction, labels, reference, through in (
+            ("moving_to_fixed", _labels_like(moving, 3, moving_centres), fixed, result.forward_transform()),
+            ("fixed_to_moving", _labels_like(fixed, 4, fixed_centres), moving, result.inverse_transform())):
+        source = _segmentation_from_labels(scene, labels, f"labels {direction}")
+        before = _labels_on(scene, source, volume_node(scene, labels, "grid of source"))
+        moved = logic.applyToSegmentation(source, outputs.transform, direction)
+        reference_node = fixed_node if direction == "moving_to_fixed" else moving_node
+        assert moved.GetSegmentation().GetNumberOfSegments() == 3
+        names = [moved.GetSegmentation().GetNthSegment(i).GetName() for i in range(3)]
+        assert names == [source.GetSegmentation().GetNthSegment(i).GetName() for i in range(3)]
+        slicer_labels = _labels_on(scene, moved, reference_node)
+        expected = sitk.GetArrayFromImage(sitk.Resample(labels, reference, through, sitk.sitkNearestNeighbor, 0))
+        for label in (1, 2, 3):
+            assert (expected == label).sum() > 100
+            score = dice(slicer_labels == label, expected == label)
+            assert score >= 0.98, (direction, label, score)
+        # the input segmentation is unchanged
+        assert np.array_equal(_labels_on(scene, source, volume_node(scene, labels, "grid again")), before)
+        assert source.GetParentTransformNode() is None
+
+
+def test_fixed_to_moving_without_an_inverse_node_uses_slicers_inverse(scene):
+    fixed, moving = oblique_pair()
+    model = analytic_model(fixed, moving, *AFFINE)
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri",
+                             createInverse=False)
+    assert outputs.inverse_transform is None
+    labels = _labels_like(fixed, 5, _overlap_points(fixed, moving, seed=8))
+    moved = logic.applyToSegmentation(_segmentation_from_labels(scene, labels, "fixed labels"), outputs.transform,
+                                      "fixed_to_moving")
+    expected = sitk.GetArrayFromImage(sitk.Resample(labels, moving, outputs.result.inverse_transform(),
+                                                    sitk.sitkNearestNeighbor, 0))
+    slicer_labels = _labels_on(scene, moved, moving_node)
+    for label in (1, 2, 3):
+        assert dice(slicer_labels == label, expected == label) >= 0.98
+
+
+# ----- 5. inputs untouched, nothing half-made ----------------------------------------------------------------
+def _snapshot(node):
+    return slicer.util.arrayFromVolume(node).copy(), geometry_of(node), node.GetTransformNodeID()
+
+
+def test_inputs_unchanged_and_no_stray_nodes_after_register_cancel_and_error(scene, monkeypatch):
+    fixed, moving = oblique_pair()
+    model = analytic_model(fixed, moving, *AFFINE)
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    logic.getParameterNode()
+    fixed_before, moving_before = _snapshot(fixed_node), _snapshot(moving_node)
+    nodes_before = node_ids(scene)
+
+    def same(node, snapshot, transform_id=None):
+        array, geometry, _ = snapshot
+        return (np.array_equal(slicer.util.arrayFromVolume(node), array) and geometry_of(node) == geometry
+                and node.GetTransformNodeID() == transform_id)
+
+    # cancel during the network
+    with pytest.raises(Cancelled):
+        logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri",
+                       progress=lambda stage, fraction: stage != "network")
+    assert node_ids(scene) == nodes_before
+    assert same(fixed_node, fixed_before) and same(moving_node, moving_before)
+
+    # an error from the engine (a user error) and one while making the nodes
+    with pytest.raises(UserError):
+        logic.register(fixed_node, moving_node, "no-such-model")
+    import ICONRegistrationLib.mrml.logic as logic_module
+
+    def broken_table(*args, **kwargs):
+        raise RuntimeError("table failed")
+
+    monkeypatch.setattr(logic_module, "fill_metrics_table", broken_table)
+    with pytest.raises(RuntimeError):
+        logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri")
+    assert node_ids(scene) == nodes_before
+    assert same(fixed_node, fixed_before) and same(moving_node, moving_before)
+    monkeypatch.undo()
+
+    # a normal run: new nodes only; the moving volume is only placed under the transform
+    outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri",
+                             outputMode="warped")
+    assert same(fixed_node, fixed_before) and same(moving_node, moving_before)
+    assert outputs.output_volume is not moving_node
+    added = node_ids(scene) - nodes_before
+    assert {n.GetID() for n in outputs.nodes()} <= added
+    outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri")
+    assert same(fixed_node, fixed_before)
+    assert same(moving_node, moving_before, transform_id=outputs.transform.GetID())
+
+
+# ----- outputs: QA volumes, metrics table, parameter node, slice views ---------------------------------------
+def test_qa_volumes_metrics_table_and_display(scene):
+    fixed, moving = oblique_pair()
+    matrix, offset = AFFINE
+    model = analytic_model(fixed, moving, matrix, offset)
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri")
+    jacobian = slicer.util.arrayFromVolume(outputs.jacobian)
+    assert np.abs(jacobian - np.linalg.det(matrix)).max() < 1e-4
+    assert outputs.ic_error.GetVoxelValueUnits().GetCodeValue() == "mm"
+    jacobian_display = outputs.jacobian.GetDisplayNode()
+    assert jacobian_display.GetColorNode().GetName() == display.FOLD_TABLE_NAME
+    assert (jacobian_display.GetWindowLevelMin(), jacobian_display.GetWindowLevelMax()) == display.JACOBIAN_WINDOW
+    ic_display = outputs.ic_error.GetDisplayNode()
+    assert ic_display.GetColorNode().GetName() == display.IC_TABLE_NAME
+    assert (ic_display.GetWindowLevelMin(), ic_display.GetWindowLevelMax()) == display.IC_ERROR_WINDOW_MM
+    # the fold colour table makes det ≤ 0 opaque red and det = 1 transparent
+    table = jacobian_display.GetColorNode()
+    low, high = display.JACOBIAN_WINDOW
+    rgba = [0.0] * 4
+    table.GetColor(int((0.0 - low) / (high - low) * 255) - 1, rgba)
+    assert rgba == [1.0, 0.0, 0.0, 1.0]
+    table.GetColor(int(round((1.0 - low) / (high - low) * 255)), rgba)
+    assert rgba[3] < 0.02
+    # metrics table: numbers equal to the engine's
+    metrics = metrics_from_table(outputs.metrics_table)
+    assert metrics["Folded voxels (det J ≤ 0)"] == str(outputs.result.metrics["folds"]) == "0"
+    assert float(metrics["IC error mean"]) == pytest.approx(outputs.result.metrics["ic_error_mean_mm"], rel=1e-3)
+    assert metrics["Model"] == "tiny"
+    assert json.loads(outputs.transform.GetAttribute("ICONRegistration.metrics"))["folds"] == 0
+    # slice views: none in a bare scene, then three
+    assert logic.showResults(outputs) == 0
+    for _ in range(3):
+        scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    assert logic.showResults(outputs, overlay="ic") == 3
+    composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetBackgroundVolumeID() == fixed_node.GetID()
+    assert composite.GetForegroundVolumeID() == moving_node.GetID()
+    assert composite.GetForegroundOpacity() == 0.5
+    assert composite.GetNthLayerVolumeID(display.OVERLAY_LAYER) == outputs.ic_error.GetID()
+    logic.showResults(outputs, overlay="folds")
+    assert composite.GetNthLayerVolumeID(display.OVERLAY_LAYER) == outputs.jacobian.GetID()
+    with pytest.raises(UserError):
+        logic.showResults(outputs, overlay="rainbow")
+
+
+def test_parameter_node_survives_saving_and_reopening_the_scene(scene, tmp_path):
+    logic = ICONRegistrationLogic(scene)
+    fixed_node = volume_node(scene, make_image(blob_volume((8, 9, 10))), "fixed")
+    settings = RegistrationSettings(model="gradicon-brain", fixedModality="ct", ioIterations=25, device="cpu",
+                                    outputMode="warped", createInverse=False, overlay="ic", fieldGrid="fixed")
+    logic.setSettings(settings)
+    logic.getParameterNode().SetNodeReferenceID("fixedVolume", fixed_node.GetID())
+    assert logic.getParameterNode() is logic.getParameterNode()  # a singleton
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    xml = scene.GetSceneXMLString()
+    reopened = slicer.vtkMRMLScene()
+    reopened.SetLoadFromXMLString(1)
+    reopened.SetSceneXMLString(xml)
+    reopened.Import()
+    logic_again = ICONRegistrationLogic(reopened)
+    assert logic_again.settings() == settings
+    assert logic_again.getParameterNode().GetNodeReference("fixedVolume").GetName() == "fixed"
+    # unreadable values fall back to defaults instead of failing
+    logic_again.getParameterNode().SetParameter("ioIterations", "many")
+    assert logic_again.settings().ioIterations == RegistrationSettings().ioIterations
+
+
+def test_register_with_a_model_file_runs_the_real_network(scene, tiny_model_files):
+    fixed = make_image(blob_volume((30, 34, 32), seed=1), spacing=(1.2, 1.0, 1.1))
+    moving = make_image(blob_volume((30, 34, 32), seed=2), spacing=(1.2, 1.0, 1.1))
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    stages = []
+    spec_path, _ = tiny_model_files
+    outputs = logic.register(fixed_node, moving_node, str(spec_path), fixedModality="mri",
+                             movingModality="mri", progress=lambda stage, fraction: stages.append(stage))
+    assert "network" in stages
+    assert outputs.result.metrics["weights_sha256"]
+    assert metrics_from_table(outputs.metrics_table)["Weights sha256"] == outputs.result.metrics["weights_sha256"]
+    assert logic.getParameterNode().GetNodeReference("outputTransform") is outputs.transform
+
+
+def test_user_mistakes_raise_user_errors(scene):
+    logic = ICONRegistrationLogic(scene)
+    fixed_node = volume_node(scene, make_image(blob_volume((8, 9, 10))), "fixed")
+    with pytest.raises(UserError, match="Select a fixed and a moving"):
+        logic.register(fixed_node, None)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(UserError, match="no image data"):
+        logic.register(fixed_node, empty)
+    with pytest.raises(UserError, match="direction"):
+        logic.applyToSegmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode"), None, "sideways")
+
+
+def test_guess_modality_and_model_choices_need_no_torch(scene):
+    ct = volume_node(scene, make_image(np.full((6, 6, 6), -1000.0, np.float32)), "ct")
+    assert ICONRegistrationLogic.guessModality(ct) == "ct"
+    choices = dict(ICONRegistrationLogic.modelChoices())
+    assert "unigradicon" in choices and choices["unigradicon"] in ("not downloaded", "downloaded", "bundled")
