@@ -360,14 +360,18 @@ def test_qa_volumes_metrics_table_and_display(scene):
     ic_display = outputs.ic_error.GetDisplayNode()
     assert ic_display.GetColorNode().GetName() == display.IC_TABLE_NAME
     assert (ic_display.GetWindowLevelMin(), ic_display.GetWindowLevelMax()) == display.IC_ERROR_WINDOW_MM
-    # the fold colour table makes det ≤ 0 opaque red and det = 1 transparent
+    # the fold colour table makes det ≤ 0 saturated red, det = 1 neutral grey, compression blue
     table = jacobian_display.GetColorNode()
     low, high = display.JACOBIAN_WINDOW
     rgba = [0.0] * 4
     table.GetColor(int((0.0 - low) / (high - low) * 255) - 1, rgba)
     assert rgba == [1.0, 0.0, 0.0, 1.0]
     table.GetColor(int(round((1.0 - low) / (high - low) * 255)), rgba)
-    assert rgba[3] < 0.02
+    assert np.allclose(rgba[:3], 0.5, atol=0.02)
+    table.GetColor(int(round((0.3 - low) / (high - low) * 255)), rgba)
+    assert rgba[2] > rgba[0] + 0.2
+    # IC errors below the visibility threshold are transparent in slice views
+    assert ic_display.GetApplyThreshold() and ic_display.GetLowerThreshold() == display.IC_VISIBLE_FROM_MM
     # metrics table: numbers equal to the engine's
     metrics = metrics_from_table(outputs.metrics_table)
     assert metrics["Folded voxels (det J ≤ 0)"] == str(outputs.result.metrics["folds"]) == "0"
@@ -384,6 +388,7 @@ def test_qa_volumes_metrics_table_and_display(scene):
     assert composite.GetForegroundVolumeID() == moving_node.GetID()
     assert composite.GetForegroundOpacity() == 0.5
     assert composite.GetNthLayerVolumeID(display.OVERLAY_LAYER) == outputs.ic_error.GetID()
+    assert composite.GetNthLayerOpacity(display.OVERLAY_LAYER) == display.IC_OVERLAY_OPACITY
     logic.showResults(outputs, overlay="folds")
     assert composite.GetNthLayerVolumeID(display.OVERLAY_LAYER) == outputs.jacobian.GetID()
     with pytest.raises(UserError):

@@ -147,6 +147,81 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .models.zoo import resolve_spec
+    from .training.data import PreparedSet, list_volumes, prepare, split_validation
+    from .training.trainer import TrainingConfig, export_weights, train
+
+    spec = resolve_spec(args.spec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data.endswith(".pt"):
+        train_set = PreparedSet.load(args.data)
+        validation_set = PreparedSet.load(args.val) if args.val else None
+    else:
+        entries = list_volumes(args.data)
+        if args.val:
+            validation_entries = list_volumes(args.val)
+        else:
+            entries, validation_entries = split_validation(entries, args.val_fraction)
+        print(f"preparing {len(entries)} training and {len(validation_entries)} validation volumes "
+              f"on a {'×'.join(map(str, spec.input_shape))} grid", file=sys.stderr)
+        train_set = prepare(entries, spec)
+        validation_set = prepare(validation_entries, spec) if validation_entries else None
+        if args.save_prepared:
+            train_set.save(out / "train_prepared.pt")
+            if validation_set is not None:
+                validation_set.save(out / "validation_prepared.pt")
+    config = TrainingConfig(steps=args.steps, stage=args.stage, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate, penalty=args.penalty, similarity=args.similarity,
+                            lmbda=args.lmbda, affine_strength=args.affine, validate_every=args.validate_every,
+                            checkpoint_every=args.checkpoint_every, seed=args.seed,
+                            mixed_precision=args.mixed_precision,
+                            flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a != ""))
+    bar = ProgressBar()
+    try:
+        summary = train(spec, train_set, out, config, validation_set=validation_set, init=args.init,
+                        resume=not args.restart, device=args.device, progress=bar)
+    finally:
+        bar.close()
+    if args.export:
+        summary["exported"] = str(export_weights(out / "checkpoint.pt", args.export))
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import evaluate, markdown_table, read_pairs, write_report
+
+    pairs = read_pairs(args.data, pairing=args.pairing, last_fraction=args.last_fraction,
+                       both_directions=not args.one_direction)
+    if args.max_pairs:
+        pairs = pairs[:args.max_pairs]
+    baselines = [b for b in args.baselines.split(",") if b]
+    print(f"evaluating {len(pairs)} pairs: {args.model}"
+          f"{' (+ instance optimisation)' if args.io_iterations else ''}, {', '.join(baselines) or 'no baselines'}",
+          file=sys.stderr)
+    bar = ProgressBar()
+    try:
+        report_data = evaluate(pairs, args.model, io_iterations=args.io_iterations, baselines=baselines,
+                               device=args.device, modality=args.modality, progress=bar)
+    finally:
+        bar.close()
+    json_path, markdown_path = write_report(report_data, args.out)
+    print(markdown_table(report_data), end="")
+    print(f"wrote {json_path} and {markdown_path}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, model=args.model, device=args.device, io_iterations=args.io_iterations,
+                       progress=ProgressBar())
+    print(summary["text"])
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.zoo import DEFAULT_MODEL
 
@@ -193,6 +268,58 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("name", nargs="?")
     mod.add_argument("--from", dest="source", help="weights file to install (offline machines)")
     mod.set_defaults(func=_cmd_models)
+
+    trn = commands.add_parser("train", help="train or fine-tune a model (GradICON protocol), resumable")
+    trn.add_argument("--spec", required=True, help="model spec JSON or zoo name (architecture, grid, similarity)")
+    trn.add_argument("--data", required=True, help="dataset folder (images/ [+ labels/]), CSV, or prepared .pt")
+    trn.add_argument("--val", help="validation folder / CSV / prepared .pt (default: the last --val-fraction)")
+    trn.add_argument("--val-fraction", type=float, default=0.2)
+    trn.add_argument("--out", required=True, help="folder for checkpoint.pt, logs and curves.png")
+    trn.add_argument("--steps", type=int, default=1000, help="total steps of this stage (resume continues to it)")
+    trn.add_argument("--stage", type=int, default=2, choices=[1, 2],
+                     help="1: multi-resolution network only; 2: with the final full-resolution step (default)")
+    trn.add_argument("--init", help="initial weights: a checkpoint or weights file (stage-1 weights fit stage 2)")
+    trn.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    trn.add_argument("--batch-size", type=int, default=4)
+    trn.add_argument("--learning-rate", type=float, default=5e-5)
+    trn.add_argument("--penalty", default="gradicon", choices=["gradicon", "icon"])
+    trn.add_argument("--similarity", choices=["lncc", "squared_lncc", "ssd", "mind_ssc"])
+    trn.add_argument("--lambda", dest="lmbda", type=float, help="regularisation weight (default: the spec's)")
+    trn.add_argument("--affine", type=float, default=0.05, help="random affine augmentation strength")
+    trn.add_argument("--flip-axes", default="0,1,2", help="tensor axes to flip at random ('' for none)")
+    trn.add_argument("--validate-every", type=int, default=100)
+    trn.add_argument("--checkpoint-every", type=int, default=100)
+    trn.add_argument("--seed", type=int, default=0)
+    trn.add_argument("--device", default="auto")
+    trn.add_argument("--mixed-precision", action="store_true", help="bfloat16 autocast on a GPU")
+    trn.add_argument("--save-prepared", action="store_true",
+                     help="also save the resampled data as compact .pt files (to copy to a GPU machine)")
+    trn.add_argument("--export", help="write the final weights here as float16 (the shipped format)")
+    trn.set_defaults(func=_cmd_train)
+
+    evl = commands.add_parser("evaluate", help="Dice, HD95, folds, IC error and time on labelled pairs, "
+                                               "with identity and demons baselines")
+    evl.add_argument("--data", required=True, help="CSV (fixed,moving,fixed_label,moving_label) or dataset folder")
+    evl.add_argument("--model", default=DEFAULT_MODEL, help="zoo name or spec JSON (default: %(default)s)")
+    evl.add_argument("--out", required=True, help="folder for evaluation.json and evaluation.md")
+    evl.add_argument("--pairing", default="consecutive", choices=["consecutive", "all"],
+                     help="pairs of a dataset folder: (i, i+1) or every pair")
+    evl.add_argument("--last-fraction", type=float, default=0.0,
+                     help="use only the last fraction of a dataset folder (e.g. 0.2: the validation split)")
+    evl.add_argument("--one-direction", action="store_true", help="each pair once instead of both directions")
+    evl.add_argument("--max-pairs", type=int, default=0, help="evaluate at most this many pairs (0 = all)")
+    evl.add_argument("--io-iterations", type=int, default=0, help="also evaluate with instance optimisation")
+    evl.add_argument("--baselines", default="identity,demons", help="comma-separated: identity, demons")
+    evl.add_argument("--modality", default="auto", choices=["ct", "mri", "auto"])
+    evl.add_argument("--device", default="auto")
+    evl.set_defaults(func=_cmd_evaluate)
+
+    dem = commands.add_parser("demo", help="register the bundled sample pair offline and print a summary")
+    dem.add_argument("--out", default="demo-result", help="output folder (default: %(default)s)")
+    dem.add_argument("--model", help="model (default: the one named in the sample data's sample.json)")
+    dem.add_argument("--io-iterations", type=int, default=0)
+    dem.add_argument("--device", default="auto")
+    dem.set_defaults(func=_cmd_demo)
     return parser
 
 

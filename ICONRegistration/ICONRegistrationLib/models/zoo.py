@@ -10,6 +10,8 @@ from ..errors import UserError
 from .spec import ModelSpec
 
 ZOO_FILE = Path(__file__).with_name("zoo.json")
+#: weights of the models the project trains and ships (``"bundled": true`` in the zoo) live here
+BUNDLED_DIR = Path(__file__).with_name("bundled")
 DEFAULT_MODEL = "unigradicon"
 
 
@@ -29,7 +31,10 @@ def zoo_spec(name: str) -> ModelSpec:
     if name not in entries:
         raise UserError(f"Unknown model '{name}'. Known models: {', '.join(entries)}; "
                         "or pass the path of a model spec JSON file.")
-    return ModelSpec.from_dict(entries[name])
+    spec = ModelSpec.from_dict(entries[name])
+    if spec.weights.get("bundled"):
+        spec.extra["spec_dir"] = str(BUNDLED_DIR)
+    return spec
 
 
 def resolve_spec(model: "str | Path | ModelSpec") -> ModelSpec:

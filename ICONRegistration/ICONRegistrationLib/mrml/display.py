@@ -1,11 +1,13 @@
-"""How the QA maps look in Slicer: colour tables, fixed windows and slice-view layers.
+"""How the QA maps look in Slicer: colour tables, fixed windows, thresholds and slice-view layers.
 
-Fold map (Jacobian determinant, unitless), window [−1, 3]:
-    det ≤ 0 (folding) opaque red; 0 < det < 1 (compression) blue fading out towards 1; det ≈ 1 transparent;
-    1 < det < 3 (expansion) orange fading in; ≥ 3 saturates.
-Inverse-consistency error (mm), window [0, 1] mm:
-    a heat scale (dark red → red → yellow → white) whose opacity ramps from 0 at 0 mm to full at 0.25 mm,
-    so consistent regions stay see-through and anything ≥ 1 mm (about a voxel) is white.
+Slice views blend an overlay layer with one opacity (colour-table alpha is not used for scalar volumes), so:
+
+Fold map (Jacobian determinant, unitless), window [−1, 3], shown at 45 % opacity over the fixed image:
+    det ≤ 0 (folding) saturated red; 0 < det < 1 (compression) dark to light blue; det = 1 neutral grey (the
+    image shows through almost unchanged); 1 < det < 3 (expansion) grey to orange; ≥ 3 saturates.
+Inverse-consistency error (mm), window [0, 1] mm, shown at 80 % opacity:
+    errors below 0.1 mm are transparent (the volume's display threshold); above, a heat scale from dark red
+    through red and yellow to white at ≥ 1 mm (about a voxel).
 The windows are fixed (not automatic) so maps of different registrations compare by eye.
 """
 
@@ -20,14 +22,21 @@ FOLD_TABLE_NAME = "ICONRegistration fold map"
 IC_TABLE_NAME = "ICONRegistration IC error"
 _TABLE_SIZE = 256
 OVERLAY_LAYER = 3  # the first additional slice layer (0, 1, 2 are background, foreground and label)
+FOLD_OVERLAY_OPACITY = 0.45
+IC_OVERLAY_OPACITY = 0.8
+IC_VISIBLE_FROM_MM = 0.1
 
 
 def _fold_colour(value: float) -> tuple[float, float, float, float]:
+    grey = (0.5, 0.5, 0.5)
     if value <= 0.0:
         return 1.0, 0.0, 0.0, 1.0
-    if value < 1.0:
-        return 0.15, 0.45, 1.0, 0.75 * (1.0 - value)
-    return 1.0, 0.6, 0.0, min(0.75, 0.75 * (value - 1.0) / 2.0)
+    if value < 1.0:  # dark blue (strong compression) → grey
+        low = (0.05, 0.15, 0.85)
+        return (*(l + (g - l) * value for l, g in zip(low, grey)), 1.0)
+    t = min((value - 1.0) / 2.0, 1.0)  # grey → orange (strong expansion)
+    high = (1.0, 0.55, 0.0)
+    return (*(g + (h - g) * t for g, h in zip(grey, high)), 1.0)
 
 
 def _heat_colour(value_mm: float) -> tuple[float, float, float, float]:
@@ -35,7 +44,7 @@ def _heat_colour(value_mm: float) -> tuple[float, float, float, float]:
     red = min(1.0, 0.35 + 2.0 * t)
     green = min(1.0, max(0.0, 2.0 * t - 0.4))
     blue = min(1.0, max(0.0, 3.0 * t - 2.0))
-    return red, green, blue, min(1.0, value_mm / 0.25)
+    return red, green, blue, 1.0
 
 
 def _colour_table(scene, name: str, low: float, high: float, colour) -> "slicer.vtkMRMLColorTableNode":
@@ -65,8 +74,10 @@ def ic_error_colour_table(scene):
     return _colour_table(scene, IC_TABLE_NAME, *IC_ERROR_WINDOW_MM, _heat_colour)
 
 
-def show_with_fixed_window(volume_node, colour_table, window: tuple[float, float]) -> None:
-    """Give ``volume_node`` a display node using ``colour_table`` over the fixed value range ``window``."""
+def show_with_fixed_window(volume_node, colour_table, window: tuple[float, float],
+                           visible_from: "float | None" = None) -> None:
+    """Give ``volume_node`` a display node using ``colour_table`` over the fixed value range ``window``;
+    values below ``visible_from`` are transparent in slice views (display threshold)."""
     if volume_node.GetDisplayNode() is None:
         volume_node.CreateDefaultDisplayNodes()
     display = volume_node.GetDisplayNode()
@@ -74,6 +85,10 @@ def show_with_fixed_window(volume_node, colour_table, window: tuple[float, float
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(*window)
     display.SetInterpolate(False)  # voxels as they are: a fold is a voxel property
+    if visible_from is not None:
+        display.AutoThresholdOff()
+        display.SetThreshold(visible_from, 1e30)
+        display.ApplyThresholdOn()
 
 
 def set_slice_layers(scene, background=None, foreground=None, foreground_opacity: float = 0.5,

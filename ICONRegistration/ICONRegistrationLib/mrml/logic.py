@@ -278,7 +278,7 @@ class ICONRegistrationLogic:
             ic_error = add("vtkMRMLScalarVolumeNode", f"{moving_name}-to-{fixed_name} IC error mm")
             update_volume_from_image(ic_error, result.ic_error)
             display.show_with_fixed_window(ic_error, display.ic_error_colour_table(scene),
-                                           display.IC_ERROR_WINDOW_MM)
+                                           display.IC_ERROR_WINDOW_MM, visible_from=display.IC_VISIBLE_FROM_MM)
             _set_units(ic_error, "mm", "millimeter")
             table = add("vtkMRMLTableNode", f"{moving_name}-to-{fixed_name} metrics")
             fill_metrics_table(table, result.metrics)
@@ -313,9 +313,10 @@ class ICONRegistrationLogic:
             raise UserError(f"Unknown overlay '{overlay}': use {', '.join(OVERLAYS)}.")
         if fixedVolumeNode is None and outputs.transform is not None:
             fixedVolumeNode = outputs.transform.GetNodeReference(outputs.transform.GetFixedNodeReferenceRole())
-        overlay_node = {"folds": outputs.jacobian, "ic": outputs.ic_error, "none": None}[overlay]
+        overlay_node, opacity = {"folds": (outputs.jacobian, display.FOLD_OVERLAY_OPACITY),
+                                 "ic": (outputs.ic_error, display.IC_OVERLAY_OPACITY), "none": (None, 1.0)}[overlay]
         return display.set_slice_layers(self.scene, background=fixedVolumeNode, foreground=outputs.output_volume,
-                                        foreground_opacity=0.5, overlay=overlay_node)
+                                        foreground_opacity=0.5, overlay=overlay_node, overlay_opacity=opacity)
 
     def applyToSegmentation(self, segmentationNode, transformNode, direction: str = "moving_to_fixed",
                             referenceVolumeNode=None):

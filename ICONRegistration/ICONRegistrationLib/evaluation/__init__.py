@@ -1,0 +1,1 @@
+"""Evaluation of registrations on labelled pairs: overlap, surface distance, regularity, with baselines."""

@@ -1,0 +1,1 @@
+"""Training GradICON-family networks: data preparation and the resumable training loop."""

@@ -1,0 +1,126 @@
+"""Training data: volumes (and optional label maps) listed by a folder or a CSV, resampled once onto a spec's grid.
+
+A dataset folder holds ``images/`` (and optionally ``labels/`` with the same file names), or is a flat folder of
+images. A CSV has a header with ``image`` and optionally ``label`` columns (paths relative to the CSV).
+Volumes are preprocessed with the spec's rules and placed on the network grid exactly as :func:`register` does
+(:meth:`Grid.over_image`), so training sees what inference sees. Labels are used only for validation Dice and are
+resampled nearest-neighbour. A prepared set can be saved as one compact file (float16 images, uint8 labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..models.spec import ModelSpec
+from ..pipeline.grid import Grid
+from ..pipeline.images import image_array
+from ..pipeline.preprocessing import check_modality, normalize_intensities
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
+
+
+@dataclasses.dataclass
+class VolumeEntry:
+    image: Path
+    label: Optional[Path] = None
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def list_volumes(source: str | Path) -> list[VolumeEntry]:
+    """Entries of a dataset folder (``images/`` [+ ``labels/``], or flat) or a CSV (``image``[, ``label``])."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        with source.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or "image" not in rows[0]:
+            raise UserError(f"CSV '{source}' needs a header with an 'image' column (and optionally 'label').")
+        entries = []
+        for row in rows:
+            image = (source.parent / row["image"]).resolve()
+            label = (source.parent / row["label"]).resolve() if row.get("label") else None
+            entries.append(VolumeEntry(image, label))
+    elif source.is_dir():
+        image_dir = source / "images" if (source / "images").is_dir() else source
+        label_dir = source / "labels"
+        entries = [VolumeEntry(p, (label_dir / p.name) if (label_dir / p.name).is_file() else None)
+                   for p in sorted(image_dir.iterdir()) if _is_image(p)]
+    else:
+        raise UserError(f"'{source}' is neither a dataset folder nor a CSV file.")
+    if not entries:
+        raise UserError(f"No images found in '{source}'.")
+    for entry in entries:
+        if not entry.image.is_file():
+            raise UserError(f"Image '{entry.image}' listed in '{source}' does not exist.")
+    return entries
+
+
+def split_validation(entries: Sequence[VolumeEntry], fraction: float) -> tuple[list, list]:
+    """The last ``fraction`` of the entries (in listing order) for validation, the rest for training."""
+    count = int(round(len(entries) * fraction))
+    if fraction > 0 and count == 0:
+        count = 1
+    return list(entries[:len(entries) - count]), list(entries[len(entries) - count:])
+
+
+@dataclasses.dataclass
+class PreparedSet:
+    """Volumes on the network grid: ``images`` float16 ``[N, 1, D, H, W]`` in [0, 1], ``labels`` uint8 or None."""
+
+    images: torch.Tensor
+    labels: Optional[torch.Tensor]
+    names: list[str]
+    shape: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"images": self.images, "labels": self.labels, "names": self.names, "shape": list(self.shape)},
+                   str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PreparedSet":
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        return cls(data["images"], data["labels"], list(data["names"]), tuple(data["shape"]))
+
+
+def labels_to_network(labels: np.ndarray, grid: Grid) -> torch.Tensor:
+    """A label map (tensor order, on the image the grid was placed over) onto the grid, nearest neighbour."""
+    tensor = torch.as_tensor(np.ascontiguousarray(labels)).permute(*grid.source_axes)
+    flips = [t for t in range(3) if grid.flipped[t]]
+    if flips:
+        tensor = tensor.flip(flips)
+    tensor = tensor[None, None].float()
+    return F.interpolate(tensor, size=grid.shape, mode="nearest-exact").to(torch.uint8)
+
+
+def prepare(entries: Sequence[VolumeEntry], spec: ModelSpec, modality: str = "auto") -> PreparedSet:
+    """Read, normalise and resample every entry onto ``spec``'s network grid (as :func:`register` does)."""
+    shape = tuple(spec.input_shape)
+    images, labels, names = [], [], []
+    with_labels = all(e.label is not None for e in entries)
+    for entry in entries:
+        image = sitk.ReadImage(str(entry.image))
+        voxels = image_array(image, entry.image.name)
+        grid = Grid.over_image(image, shape)
+        normalized = normalize_intensities(voxels, check_modality(modality, voxels, "training"), spec.preprocessing)
+        images.append(grid.to_network(normalized).clamp_(0, 1).to(torch.float16))
+        if with_labels:
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(entry.label)))
+            if label.shape != voxels.shape:
+                raise UserError(f"Label map '{entry.label}' does not match its image's size.")
+            labels.append(labels_to_network(label.astype(np.int64), grid))
+        names.append(entry.image.name)
+    return PreparedSet(torch.cat(images), torch.cat(labels) if with_labels else None, names, shape)

@@ -1,0 +1,307 @@
+"""GradICON training (Tian et al., CVPR 2023, §4.2), resumable, with validation, CSV logs and curves.
+
+Loss: LNCC(A∘Φ_AB, B) + LNCC(B∘Φ_BA, A) + λ‖∇(Φ_AB∘Φ_BA) − I‖²_F (the spec's similarity and λ; the ICON
+penalty and SSD are options), Adam. Stage 1 trains the multi-resolution network without the final
+full-resolution step; stage 2 adds that step (``spec.last_step``) and trains everything, starting from stage 1.
+Augmentation: the same random axis flips for both images of a pair, then an independent small random affine
+warp of each image.
+
+Every random draw comes from one ``torch.Generator`` whose state is saved in the checkpoint, so a resumed run
+takes exactly the step an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..core.coordinates import identity_map, jacobian_determinant, warp
+from ..core.losses import make_similarity
+from ..core.objective import symmetric_objective
+from ..device import choose_device, device_description
+from ..errors import UserError
+from ..models.build import build_network
+from ..models.spec import ModelSpec
+from ..models.weights import load_state_dict_strict, read_state_dict
+from ..progress import ProgressCallback, report
+from .data import PreparedSet
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Settings of one training stage (defaults: the GradICON protocol)."""
+
+    steps: int = 1000
+    stage: int = 2
+    batch_size: int = 4
+    learning_rate: float = 5e-5
+    penalty: str = "gradicon"
+    similarity: Optional[str] = None  # default: the spec's
+    lmbda: Optional[float] = None  # default: the spec's
+    flip_axes: tuple[int, ...] = (0, 1, 2)  # tensor axes that may be flipped (same flip for both images)
+    affine_strength: float = 0.05  # max relative deformation of the random affine warps
+    validate_every: int = 100
+    checkpoint_every: int = 100
+    seed: int = 0
+    mixed_precision: bool = False  # bfloat16 autocast on CUDA only
+
+
+def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
+    """Stage 1: the multi-resolution network without the final step; stage 2: the spec as given."""
+    if stage not in (1, 2):
+        raise UserError("stage must be 1 (multi-resolution network) or 2 (adds the final full-resolution step).")
+    if stage == 1 and spec.last_step:
+        return dataclasses.replace(spec, last_step=False)
+    return spec
+
+
+def initialise(net: torch.nn.Module, source: str | Path) -> str:
+    """Load ``source`` (a checkpoint or weights file) into ``net``; a stage-1 state goes into a stage-2 network's
+    inner part. Returns what was loaded, for the log."""
+    state = read_state_dict(source)
+    if set(state) == set(net.state_dict()):
+        load_state_dict_strict(net, state, source=f"initial weights '{source}'")
+        return "all weights"
+    inner = getattr(net, "netPhi", None)
+    if inner is not None and set(state) == set(inner.state_dict()):
+        load_state_dict_strict(inner, state, source=f"initial weights '{source}'")
+        return "the multi-resolution part (stage 1 weights)"
+    load_state_dict_strict(net, state, source=f"initial weights '{source}'")  # raises with the differences
+    return "all weights"
+
+
+def random_affine_grids(batch: int, shape, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """``F.affine_grid`` sampling grids of ``batch`` random affine maps I + U(−s, s) with shifts U(−s, s)."""
+    theta = torch.eye(3, 4).repeat(batch, 1, 1)
+    theta += (torch.rand(batch, 3, 4, generator=generator) * 2 - 1) * strength
+    return F.affine_grid(theta, [batch, 1, *shape], align_corners=False)
+
+
+def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConfig,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same random flips for A and B (pairs stay anatomically consistent), independent random affine warps."""
+    for axis in config.flip_axes:
+        flip = torch.rand(images_A.shape[0], generator=generator) < 0.5
+        if flip.any():
+            images_A = torch.where(flip.view(-1, 1, 1, 1, 1), images_A.flip(axis + 2), images_A)
+            images_B = torch.where(flip.view(-1, 1, 1, 1, 1), images_B.flip(axis + 2), images_B)
+    if config.affine_strength > 0:
+        shape = images_A.shape[2:]
+        grids = random_affine_grids(2 * images_A.shape[0], shape, config.affine_strength, generator)
+        grids = grids.to(images_A.device, images_A.dtype)
+        both = F.grid_sample(torch.cat([images_A, images_B]), grids, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
+        images_A, images_B = both.split(images_A.shape[0])
+    return images_A, images_B
+
+
+def dice_per_label(warped: torch.Tensor, fixed: torch.Tensor, labels) -> dict[int, float]:
+    """Dice of each label (absent labels skipped)."""
+    scores = {}
+    for label in labels:
+        a, b = warped == label, fixed == label
+        total = int(a.sum()) + int(b.sum())
+        if total:
+            scores[int(label)] = 2.0 * int((a & b).sum()) / total
+    return scores
+
+
+@torch.no_grad()
+def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20) -> dict:
+    """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels) on pairs
+    (i, i+1) of ``data``, both directions."""
+    pairs = [(i, i + 1) for i in range(len(data) - 1)][:max_pairs]
+    if not pairs:
+        return {}
+    net.eval()
+    dices, folds, ic_errors = [], [], []
+    shape = data.shape
+    grid = identity_map(shape, device=device)
+    scale = torch.tensor([n - 1 for n in shape], dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+    for i, j in pairs:
+        A = data.images[i:i + 1].to(device, torch.float32)
+        B = data.images[j:j + 1].to(device, torch.float32)
+        phi = net(torch.cat([A, B]), torch.cat([B, A]))
+        maps = phi(grid)  # [Φ_AB; Φ_BA]
+        jac = jacobian_determinant(maps)
+        folds.append(100.0 * float((jac <= 0).float().mean()))
+        back = torch.cat([maps[1:], maps[:1]])
+        round_trip = warp(back, maps, padding="border")  # Φ_BA(Φ_AB(x)), Φ_AB(Φ_BA(y))
+        ic_errors.append(float(((round_trip - grid) * scale).norm(dim=1).mean()))
+        if data.labels is not None:
+            labels_A = data.labels[i:i + 1].to(device).float()
+            labels_B = data.labels[j:j + 1].to(device).float()
+            warped = warp(torch.cat([labels_A, labels_B]), maps, padding="zeros", mode="nearest").round()
+            fixed = torch.cat([labels_B, labels_A])
+            present = [int(v) for v in torch.unique(fixed) if v != 0]
+            for k in range(2):
+                scores = dice_per_label(warped[k], fixed[k], present)
+                if scores:
+                    dices.append(sum(scores.values()) / len(scores))
+    net.train()
+    result = {"val_folds_percent": sum(folds) / len(folds), "val_ic_error_voxels": sum(ic_errors) / len(ic_errors)}
+    if dices:
+        result["val_dice"] = sum(dices) / len(dices)
+    return result
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_curves(out_dir: Path) -> Optional[Path]:
+    """``curves.png`` from ``train_log.csv`` and ``validation_log.csv`` (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+
+    def read(name):
+        path = out_dir / name
+        if not path.exists():
+            return []
+        with path.open() as handle:
+            return list(csv.DictReader(handle))
+
+    train_rows, val_rows = read("train_log.csv"), read("validation_log.csv")
+    if not train_rows:
+        return None
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = [int(r["step"]) for r in train_rows]
+    for key in ("loss", "similarity", "penalty"):
+        axes[0].plot(steps, [float(r[key]) for r in train_rows], label=key, linewidth=0.8)
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    axes[0].set_title("training objective")
+    if val_rows:
+        vsteps = [int(r["step"]) for r in val_rows]
+        if "val_dice" in val_rows[0]:
+            axes[1].plot(vsteps, [float(r["val_dice"]) for r in val_rows], marker="o")
+        axes[1].set_title("validation Dice")
+        axes[2].plot(vsteps, [float(r["val_ic_error_voxels"]) for r in val_rows], marker="o", label="IC error (vox)")
+        axes[2].plot(vsteps, [float(r["val_folds_percent"]) for r in val_rows], marker="s", label="folds %")
+        axes[2].legend()
+        axes[2].set_title("regularity")
+        for ax in axes[1:]:
+            ax.set_xlabel("step")
+    figure.tight_layout()
+    path = out_dir / "curves.png"
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def _save_checkpoint(path: Path, net, optimizer, step: int, generator: torch.Generator, spec: ModelSpec,
+                     config: TrainingConfig) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "generator": generator.get_state(), "spec": spec.to_dict(),
+                "config": dataclasses.asdict(config)}, str(temporary))
+    os.replace(temporary, path)
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, half: bool = True) -> Path:
+    """The model weights of a checkpoint as a plain state dict (float16 by default, as shipped)."""
+    state = read_state_dict(checkpoint)
+    if half:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    out = Path(out)
+    temporary = out.with_name(out.name + ".tmp")
+    torch.save(state, str(temporary))
+    os.replace(temporary, out)
+    return out
+
+
+def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: TrainingConfig, *,
+          validation_set: Optional[PreparedSet] = None, init: "str | Path | None" = None, resume: bool = True,
+          device: str = "auto", progress: Optional[ProgressCallback] = None) -> dict:
+    """Train ``spec``'s network (stage ``config.stage``) on ``train_set``; checkpoints and logs go to ``out_dir``.
+
+    With ``resume`` and a checkpoint in ``out_dir`` the run continues from it (same next step as without the
+    interruption). Returns the last validation metrics and the paths written.
+    """
+    if len(train_set) < 2:
+        raise UserError("Training needs at least two volumes.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_device = choose_device(device)
+    net_spec = stage_spec(spec, config.stage)
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
+        torch.manual_seed(config.seed)
+        net = build_network(net_spec).to(torch_device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+    similarity = make_similarity(**({"name": config.similarity, "sigma": net_spec.similarity.get("sigma", 5)}
+                                    if config.similarity else net_spec.similarity))
+    lmbda = net_spec.lmbda if config.lmbda is None else config.lmbda
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    step = 0
+    if resume and checkpoint_path.exists():
+        saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
+        load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        step = int(saved["step"])
+    elif init is not None:
+        initialise(net, init)
+    net.train()
+    images = train_set.images
+    count = len(train_set)
+    last_validation: dict = {}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.mixed_precision
+                and torch_device.type == "cuda" else contextlib.nullcontext())
+    start_step = step
+    start = time.perf_counter()
+    while step < config.steps:
+        index_A = torch.randint(count, (config.batch_size,), generator=generator)
+        index_B = (index_A + torch.randint(1, count, (config.batch_size,), generator=generator)) % count
+        batch_A = images[index_A].float()
+        batch_B = images[index_B].float()
+        batch_A, batch_B = augment(batch_A, batch_B, config, generator)
+        batch_A, batch_B = batch_A.to(torch_device), batch_B.to(torch_device)
+        step_start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            terms = symmetric_objective(net, batch_A, batch_B, similarity=similarity, lmbda=lmbda,
+                                        penalty=config.penalty, generator=generator)
+        if not torch.isfinite(terms.loss.detach()):
+            raise UserError(f"The loss became {terms.loss.item()} at step {step + 1}; lower the learning rate.")
+        terms.loss.backward()
+        optimizer.step()
+        step += 1
+        _append_csv(out_dir / "train_log.csv", {
+            "step": step, "loss": f"{terms.loss.item():.6f}", "similarity": f"{terms.similarity.item():.6f}",
+            "penalty": f"{terms.penalty.item():.6f}", "seconds": f"{time.perf_counter() - step_start:.3f}"})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
+        if (validation_set is not None and len(validation_set) > 1
+                and (step % config.validate_every == 0 or step == config.steps)):
+            last_validation = {"step": step, **validate(net, validation_set, torch_device)}
+            _append_csv(out_dir / "validation_log.csv", {k: (f"{v:.5f}" if isinstance(v, float) else v)
+                                                         for k, v in last_validation.items()})
+            plot_curves(out_dir)
+        report(progress, "training", step / config.steps)
+    seconds = time.perf_counter() - start
+    plot_curves(out_dir)
+    summary = {"steps": step, "stage": config.stage, "device": device_description(torch_device),
+               "seconds": round(seconds, 1),
+               "seconds_per_step": round(seconds / max(step - start_step, 1), 3) if step > start_step else None,
+               "validation": last_validation, "checkpoint": str(checkpoint_path)}
+    return summary
