@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from ..core.losses import make_similarity
 from ..core.objective import symmetric_objective
 from ..device import choose_device, device_description
 from ..errors import UserError
+from ..evaluation.metrics import dice
 from ..models.build import build_network
 from ..models.spec import ModelSpec
 from ..models.weights import load_state_dict_strict, read_state_dict
@@ -106,14 +108,10 @@ def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConf
 
 
 def dice_per_label(warped: torch.Tensor, fixed: torch.Tensor, labels) -> dict[int, float]:
-    """Dice of each label (absent labels skipped)."""
-    scores = {}
-    for label in labels:
-        a, b = warped == label, fixed == label
-        total = int(a.sum()) + int(b.sum())
-        if total:
-            scores[int(label)] = 2.0 * int((a & b).sum()) / total
-    return scores
+    """Dice of each label of two label tensors (labels absent from both are skipped)."""
+    warped_labels, fixed_labels = warped.cpu().numpy(), fixed.cpu().numpy()
+    scores = {int(label): dice(warped_labels == label, fixed_labels == label) for label in labels}
+    return {label: value for label, value in scores.items() if not math.isnan(value)}
 
 
 @torch.no_grad()
