@@ -467,8 +467,8 @@ class ICONRegistrationTest(ScriptedLoadableModuleTest):
         metrics = outputs.result.metrics
         self.assertLess(metrics["folds_percent"], 0.1)
         self.assertLess(metrics["ic_error_mean_mm"], 1.0)
-        fixed_image = logic.prepareInputs(fixed, moving).fixed
-        moving_image = logic.prepareInputs(fixed, moving).moving
+        inputs = logic.prepareInputs(fixed, moving)
+        fixed_image, moving_image = inputs.fixed, inputs.moving
         before = sitk.Resample(moving_image, fixed_image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
         def correlation(a, b):

@@ -216,8 +216,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(args.out, model=args.model, device=args.device, io_iterations=args.io_iterations,
-                       progress=ProgressBar())
+    bar = ProgressBar()
+    try:
+        summary = run_demo(args.out, model=args.model, device=args.device, io_iterations=args.io_iterations,
+                           progress=bar)
+    finally:
+        bar.close()
     print(summary["text"])
     return EXIT_OK
 

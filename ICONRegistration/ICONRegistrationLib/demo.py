@@ -48,14 +48,10 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
     sample = sample_pair()
     fixed, moving = sitk.ReadImage(str(sample["fixed"])), sitk.ReadImage(str(sample["moving"]))
     name = model or sample["model"]
-    try:
-        result = register(fixed, moving, name, fixed_modality=sample.get("modality", "auto"),
-                          moving_modality=sample.get("modality", "auto"), io_iterations=io_iterations,
-                          device=device, progress=progress)
-        written = write_result(result, out, fixed=fixed, moving=moving)
-    finally:
-        if hasattr(progress, "close"):
-            progress.close()
+    result = register(fixed, moving, name, fixed_modality=sample.get("modality", "auto"),
+                      moving_modality=sample.get("modality", "auto"), io_iterations=io_iterations,
+                      device=device, progress=progress)
+    written = write_result(result, out, fixed=fixed, moving=moving)
     metrics = result.metrics
     summary = {"model": metrics["model"], "device": metrics["device"], "folds": metrics["folds"],
                "folds_percent": metrics["folds_percent"], "ic_error_mean_mm": metrics["ic_error_mean_mm"],

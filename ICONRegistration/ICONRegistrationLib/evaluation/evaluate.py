@@ -39,9 +39,11 @@ class LabelledPair:
 
 
 def _stem(path: Path) -> str:
+    from ..training.data import IMAGE_SUFFIXES
+
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(suffix):
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
 

@@ -65,8 +65,8 @@ class RegistrationSettings:
     overlay: str = "folds"
 
 
-#: node-reference roles of the parameter node (inputs, then the outputs of the last registration)
-INPUT_ROLES = ("fixedVolume", "movingVolume", "fixedMask", "movingMask")
+#: node-reference roles of the parameter node for the outputs of the last registration (the inputs are
+#: "fixedVolume", "movingVolume", "fixedMask", "movingMask")
 OUTPUT_ROLES = ("outputTransform", "outputInverseTransform", "outputVolume", "outputJacobian", "outputICError",
                 "outputMetrics")
 

@@ -123,21 +123,3 @@ def field_from_grid_transform(transform) -> sitk.Image:
         direction = _matrix_to_numpy(matrix)[:3, :3]
     field.SetDirection(tuple(float(v) for v in (LPS_RAS_FLIP @ direction).ravel()))
     return field
-
-
-def grid_transform_of_node(transform_node, from_parent: bool = True):
-    """The ``vtkOrientedGridTransform`` a transform node holds in its from-parent (or to-parent) slot, or ``None``."""
-    transform = transform_node.GetTransformFromParent() if from_parent else transform_node.GetTransformToParent()
-    if isinstance(transform, slicer.vtkOrientedGridTransform):
-        return transform
-    if transform is not None and transform.IsA("vtkGeneralTransform") and transform.GetNumberOfConcatenatedTransforms() == 1:
-        inner = transform.GetConcatenatedTransform(0)
-        if isinstance(inner, slicer.vtkOrientedGridTransform):
-            return inner
-    return None
-
-
-def find_node_by_name(scene, class_name: str, name: str):
-    """The first node of ``class_name`` named ``name`` in ``scene``, or ``None``."""
-    nodes = scene.GetNodesByClassByName(class_name, name)
-    return nodes.GetItemAsObject(0) if nodes.GetNumberOfItems() else None
