@@ -120,6 +120,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.ioIterationsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.createInverseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.exactInverseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.loadModelFileButton.connect("clicked(bool)", self.onLoadModelFile)
         self.ui.registerButton.connect("clicked(bool)", self.onRegister)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -189,6 +190,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setCurrentIndex(max(combo.findData(value), 0))
             self.ui.ioIterationsSpinBox.value = settings.ioIterations
             self.ui.createInverseCheckBox.checked = settings.createInverse
+            self.ui.exactInverseCheckBox.checked = settings.exactInverse
+            self.ui.exactInverseCheckBox.enabled = settings.createInverse
             {"folds": self.ui.showFoldsRadioButton, "ic": self.ui.showICRadioButton,
              "none": self.ui.showNoneRadioButton}.get(settings.overlay, self.ui.showFoldsRadioButton).checked = True
             ready = bool(node("fixedVolume") and node("movingVolume"))
@@ -225,7 +228,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             movingModality=self.ui.movingModalityComboBox.currentData,
             ioIterations=int(self.ui.ioIterationsSpinBox.value), device=self.ui.deviceComboBox.currentData,
             fieldGrid=self.ui.fieldGridComboBox.currentData, outputMode=self.ui.outputModeComboBox.currentData,
-            createInverse=bool(self.ui.createInverseCheckBox.checked), overlay=overlay)
+            createInverse=bool(self.ui.createInverseCheckBox.checked),
+            exactInverse=bool(self.ui.exactInverseCheckBox.checked), overlay=overlay)
 
     # ----- form helpers -----------------------------------------------------------------------------
     def populateModels(self):

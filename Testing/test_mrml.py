@@ -290,6 +290,35 @@ def test_fixed_to_moving_without_an_inverse_node_uses_slicers_inverse(scene):
         assert dice(slicer_labels == label, expected == label) >= 0.98
 
 
+def test_exact_inverse_node_undoes_the_forward_transform(scene):
+    """The analytic network's reverse prediction is deliberately wrong (identity where it bulges); with
+    exactInverse the inverse node is the numerical inverse of the forward node, checked through Slicer's own
+    transform evaluation in RAS."""
+    fixed, moving = oblique_pair()
+    model = analytic_model(fixed, moving, *AFFINE, bulge=1.5)
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri",
+                             exactInverse=True)
+    forward = outputs.transform.GetTransformFromParent()
+    inverse = outputs.inverse_transform.GetTransformFromParent()
+    fixed_box = fixed_node.GetImageData().GetDimensions()
+    errors = []
+    for y in ras_points_inside(moving, 300, margin=0.15, seed=3):
+        x = inverse.TransformPoint(y)
+        ijk = np.linalg.inv(_ras_to_ijk_matrix(fixed_node)) @ np.append(x, 1.0)
+        if all(1 <= c <= n - 2 for c, n in zip(ijk[:3], fixed_box)):  # forward field analytic there
+            errors.append(np.linalg.norm(np.array(forward.TransformPoint(x)) - y))
+    assert len(errors) >= 50 and max(errors) <= 0.05  # tolerance 0.01 voxel + interpolation, mm
+    assert metrics_from_table(outputs.metrics_table)["Inverse transform"] == "exact"
+
+
+def _ras_to_ijk_matrix(node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 # ----- 5. inputs untouched, nothing half-made ----------------------------------------------------------------
 def _snapshot(node):
     return slicer.util.arrayFromVolume(node).copy(), geometry_of(node), node.GetTransformNodeID()
@@ -399,7 +428,8 @@ def test_parameter_node_survives_saving_and_reopening_the_scene(scene, tmp_path)
     logic = ICONRegistrationLogic(scene)
     fixed_node = volume_node(scene, make_image(blob_volume((8, 9, 10))), "fixed")
     settings = RegistrationSettings(model="gradicon-brain", fixedModality="ct", ioIterations=25, device="cpu",
-                                    outputMode="warped", createInverse=False, overlay="ic", fieldGrid="fixed")
+                                    outputMode="warped", createInverse=False, overlay="ic", fieldGrid="fixed",
+                                    exactInverse=True)
     logic.setSettings(settings)
     logic.getParameterNode().SetNodeReferenceID("fixedVolume", fixed_node.GetID())
     assert logic.getParameterNode() is logic.getParameterNode()  # a singleton

@@ -72,11 +72,16 @@ def _cmd_register(args: argparse.Namespace) -> int:
                           moving_modality=args.moving_modality, fixed_mask=fixed_mask, moving_mask=moving_mask,
                           io_iterations=args.io_iterations, io_similarity=args.io_similarity, device=args.device,
                           progress=bar, weights=args.weights, field_grid=args.field_grid,
-                          inverse_qa=args.inverse_qa)
+                          inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse)
         written = write_result(result, args.out, fixed=fixed, moving=moving, report=not args.no_report)
     finally:
         bar.close()
     print(_summary(result.metrics))
+    inverse = result.metrics.get("inverse", {})
+    if inverse.get("method") == "exact":
+        print(f"exact inverse: {inverse['iterations']} iterations, round-trip error max "
+              f"{inverse['max_error_mm']:.4f} mm ({inverse['max_error_voxels']:.4f} voxels)"
+              f"{'' if inverse['invertible'] else ' — NOT invertible everywhere (folds or no convergence)'}")
     print(f"wrote {', '.join(p.name for p in written.values())} to {Path(args.out)}")
     return EXIT_OK
 
@@ -106,6 +111,27 @@ def _cmd_jacobian(args: argparse.Namespace) -> int:
     if args.out:
         write_image(determinant, args.out)
         print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _cmd_invert(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .core.inversion import InversionWarning
+    from .io import read_displacement_field, read_image, write_displacement_field
+    from .pipeline.inverse import invert_field
+
+    field = read_displacement_field(args.transform)
+    reference = read_image(args.reference, "reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InversionWarning)
+        inverse = invert_field(field, reference, tolerance=args.tolerance, max_iterations=args.max_iterations,
+                               allow_folds=args.allow_folds)
+    write_displacement_field(inverse.field, args.out)
+    for warning in caught:
+        print(f"iconreg: warning: {warning.message}", file=sys.stderr)
+    print(json.dumps(inverse.summary()))
+    print(f"wrote {args.out}")
     return EXIT_OK
 
 
@@ -249,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="grid of the output fields: the network grid over each image, or the images' own grids")
     reg.add_argument("--inverse-qa", action="store_true",
                      help="also report folds of the inverse transform in metrics.json")
+    reg.add_argument("--exact-inverse", action="store_true",
+                     help="write the numerical inverse of the forward field (fixed-point, 0.01 voxel) as the "
+                          "inverse transform instead of the network's reverse prediction")
     reg.add_argument("--no-report", action="store_true", help="skip report.png")
     reg.add_argument("--out", required=True, help="output folder")
     reg.set_defaults(func=_cmd_register)
@@ -266,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     jac.add_argument("--transform", required=True)
     jac.add_argument("--out", help="write the determinant image here")
     jac.set_defaults(func=_cmd_jacobian)
+
+    inv = commands.add_parser("invert", help="the exact inverse of a displacement-field transform on a reference grid")
+    inv.add_argument("--transform", required=True, help=".h5/.tfm displacement field transform or field image")
+    inv.add_argument("--reference", required=True,
+                     help="image whose grid the inverse is sampled on (for a registration's forward transform: "
+                          "the moving image)")
+    inv.add_argument("--out", required=True, help="output transform (.h5, .tfm, .nii.gz, .mha, .nrrd)")
+    inv.add_argument("--tolerance", type=float, default=0.01,
+                     help="maximum round-trip error in voxels of the input field (default %(default)s)")
+    inv.add_argument("--max-iterations", type=int, default=200, help="cap on fixed-point iterations")
+    inv.add_argument("--allow-folds", action="store_true",
+                     help="invert a folding field approximately (with a warning) instead of refusing")
+    inv.set_defaults(func=_cmd_invert)
 
     mod = commands.add_parser("models", help="list, inspect, download or install models")
     mod.add_argument("action", choices=["list", "info", "install", "download"])
@@ -286,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     trn.add_argument("--batch-size", type=int, default=4)
     trn.add_argument("--learning-rate", type=float, default=5e-5)
-    trn.add_argument("--penalty", default="gradicon", choices=["gradicon", "icon"])
+    trn.add_argument("--penalty", default=None, choices=["gradicon", "icon", "bending", "diffusion"],
+                     help="regulariser (default: the architecture's: gradicon, bending for constricon, "
+                          "diffusion for sitreg)")
     trn.add_argument("--similarity", choices=["lncc", "squared_lncc", "ssd", "mind_ssc"])
     trn.add_argument("--lambda", dest="lmbda", type=float, help="regularisation weight (default: the spec's)")
     trn.add_argument("--affine", type=float, default=0.05, help="random affine augmentation strength")

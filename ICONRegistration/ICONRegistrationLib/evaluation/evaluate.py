@@ -93,7 +93,8 @@ def _jacobian_folds_percent(transform: sitk.Transform, fixed: sitk.Image) -> flo
     if not isinstance(transform, sitk.DisplacementFieldTransform):
         return 0.0
     field = transform.GetDisplacementField()
-    determinant = sitk.GetArrayViewFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
+    determinant = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field))  # not a view: a
+    # view of the temporary image would read freed memory
     return 100.0 * float((determinant <= 0).mean())
 
 

@@ -31,7 +31,7 @@ def dice_per_label(warped: sitk.Image, fixed: sitk.Image, labels: list[int]) -> 
 
 def _surface_distances(source: sitk.Image, target: sitk.Image) -> np.ndarray:
     """Distances (mm) from every boundary voxel of ``source`` to the boundary of ``target``."""
-    contour = sitk.GetArrayViewFromImage(sitk.LabelContour(source, fullyConnected=True)) > 0
+    contour = sitk.GetArrayFromImage(sitk.LabelContour(source, fullyConnected=True)) > 0  # a view would outlive it
     distance = sitk.Abs(sitk.SignedMaurerDistanceMap(target, insideIsPositive=False, squaredDistance=False,
                                                      useImageSpacing=True))
     return sitk.GetArrayViewFromImage(distance)[contour]

@@ -10,17 +10,25 @@ from typing import Any, Optional
 
 from ..errors import UserError
 
-ARCHITECTURES = ("gradicon",)
+ARCHITECTURES = ("gradicon", "constricon", "sitreg")
+# The training regulariser each architecture's paper uses (``iconreg train --penalty`` overrides it).
+DEFAULT_PENALTIES = {"gradicon": "gradicon", "constricon": "bending", "sitreg": "diffusion"}
 
 
 @dataclasses.dataclass
 class ModelSpec:
     """A model description (JSON on disk; see ``to_dict`` for the layout).
 
-    * ``architecture``: ``"gradicon"`` — GradICON / uniGradICON multi-resolution network.
+    * ``architecture``: ``"gradicon"`` — GradICON / uniGradICON multi-resolution network;
+      ``"constricon"`` — ConstrICON, inverse consistent by construction (affine and SVF Lie-group steps nested
+      in TwoStepConsistent); ``"sitreg"`` — SITReg-style symmetric multi-resolution network with a
+      deformation-inversion layer. See :func:`ICONRegistrationLib.models.build.build_network`.
     * ``unet``: ``{"num_layers": 5, "channels": [[down…], [up…]]}`` of every step's UNet2.
-    * ``levels``: resolution levels; 3 means Ψ1 at 1/4, Ψ2 at 1/2, Ψ3 at full resolution.
-    * ``last_step``: add Ψ4 at full resolution after the pyramid.
+    * ``levels``: resolution levels; 3 means Ψ1 at 1/4, Ψ2 at 1/2, Ψ3 at full resolution (gradicon, sitreg).
+    * ``last_step``: add Ψ4 at full resolution after the pyramid (gradicon only).
+    * ``options``: architecture-specific settings — constricon: ``affine_steps`` (2), ``svf_steps`` (2),
+      ``affine_channels``, ``integration_steps`` (7); sitreg: ``max_gradient`` (0.9),
+      ``inversion_tolerance`` (voxels, 1e-3); any: ``penalty`` (the training regulariser).
     * ``input_shape``: the network grid ``[D, H, W]`` (tensor axis order) both images are resampled to.
     * ``similarity`` / ``lambda``: the training and instance-optimisation objective.
     * ``preprocessing``: intensity rules, see :mod:`ICONRegistrationLib.pipeline.preprocessing`.
@@ -38,6 +46,7 @@ class ModelSpec:
     lmbda: float = 1.5
     preprocessing: dict = dataclasses.field(default_factory=lambda: {"ct_window": [-1000, 1000], "mri_percentile": 99})
     weights: dict = dataclasses.field(default_factory=dict)
+    options: dict = dataclasses.field(default_factory=dict)
     description: str = ""
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -57,9 +66,25 @@ class ModelSpec:
                             f"levels of {self.unet['num_layers']}-layer UNets, got {self.input_shape}.")
 
     @property
+    def coarsest_pooling(self) -> int:
+        """How many times the coarsest UNet's input is pooled by 2."""
+        if self.architecture == "constricon":
+            return max(int(self.options.get("svf_steps", 2)) - 1, 0)
+        return self.levels - 1
+
+    @property
     def minimum_size(self) -> int:
         """Smallest grid size per axis: the coarsest level's UNet must keep ≥ 2 voxels at its deepest layer."""
-        return 2 ** (self.levels - 1) * 2 ** (int(self.unet["num_layers"]) - 1) + 1
+        return 2 ** self.coarsest_pooling * 2 ** (int(self.unet["num_layers"]) - 1) + 1
+
+    @property
+    def penalty(self) -> str:
+        """The training regulariser: ``options["penalty"]`` or the architecture's (gradicon, bending, diffusion)."""
+        return str(self.options.get("penalty", DEFAULT_PENALTIES[self.architecture]))
+
+    @property
+    def inverse_consistent_by_construction(self) -> bool:
+        return self.architecture in ("constricon", "sitreg")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":

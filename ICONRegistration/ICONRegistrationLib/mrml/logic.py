@@ -50,7 +50,9 @@ class RegistrationSettings:
 
     ``model`` is a zoo name or the path of a model spec JSON ("Load from file…"); ``weightsFile`` optionally
     overrides the model's weights. ``outputMode`` is ``"transform"`` (moving volume placed under the transform)
-    or ``"warped"`` (a new resampled volume). ``overlay`` is the QA map shown over the images.
+    or ``"warped"`` (a new resampled volume). ``exactInverse`` makes the inverse transform the numerical inverse of
+    the forward one (fixed-point inversion to 0.01 voxel) rather than the network's reverse prediction.
+    ``overlay`` is the QA map shown over the images.
     """
 
     model: str = DEFAULT_MODEL
@@ -62,6 +64,7 @@ class RegistrationSettings:
     fieldGrid: str = "network"
     outputMode: str = "transform"
     createInverse: bool = True
+    exactInverse: bool = False
     overlay: str = "folds"
 
 
@@ -204,6 +207,7 @@ class ICONRegistrationLogic:
                         fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
                         io_iterations=int(settings.ioIterations), device=settings.device, progress=progress,
                         weights=settings.weightsFile or None, field_grid=settings.fieldGrid,
+                        exact_inverse=bool(settings.exactInverse and settings.createInverse),
                         random_weights=random_weights)
 
     def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,
@@ -212,7 +216,7 @@ class ICONRegistrationLogic:
                  device: Optional[str] = None, progress: Optional[ProgressCallback] = None,
                  weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
                  outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
-                 settings: Optional[RegistrationSettings] = None, random_weights: bool = False
+                 exactInverse: Optional[bool] = None, settings: Optional[RegistrationSettings] = None, random_weights: bool = False
                  ) -> RegistrationOutputs:
         """Register ``movingVolumeNode`` to ``fixedVolumeNode`` and create the output nodes.
 
@@ -228,7 +232,7 @@ class ICONRegistrationLogic:
             "fixedModality": fixedModality, "movingModality": movingModality,
             "ioIterations": ioIterations, "device": device, "weightsFile": weightsFile, "fieldGrid": fieldGrid,
             "model": str(model) if model is not None else None,
-            "outputMode": outputMode, "createInverse": createInverse}.items() if v is not None})
+            "outputMode": outputMode, "createInverse": createInverse, "exactInverse": exactInverse}.items() if v is not None})
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, fixedMaskNode, movingMaskNode)
         result = self.runRegistration(inputs, settings, progress, random_weights=random_weights,
                                       loaded_model=loaded_model)
@@ -476,6 +480,9 @@ METRIC_ROWS = (  # (key in metrics, label, unit)
     ("model", "Model", ""),
     ("weights_sha256", "Weights sha256", ""),
     ("io_iterations", "Instance-optimisation steps", ""),
+    ("inverse.method", "Inverse transform", ""),
+    ("inverse.max_error_mm", "Inverse round-trip error maximum", "mm"),
+    ("inverse.iterations", "Inverse fixed-point iterations", ""),
 )
 
 

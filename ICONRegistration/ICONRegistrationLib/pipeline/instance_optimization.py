@@ -11,10 +11,11 @@ from ..progress import ProgressCallback, report
 
 
 def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, *, iterations: int,
-                      similarity: Callable, lmbda: float, learning_rate: float = 2e-5,
+                      similarity: Callable, lmbda: float, penalty: str = "gradicon", learning_rate: float = 2e-5,
                       mask_A: Optional[torch.Tensor] = None, mask_B: Optional[torch.Tensor] = None,
                       progress: Optional[ProgressCallback] = None) -> tuple[Callable, list[float]]:
-    """Run ``iterations`` Adam steps of the GradICON objective on the pair, return the optimised transform.
+    """Run ``iterations`` Adam steps of the training objective (``penalty``: the model's regulariser, GradICON by
+    default) on the pair, return the optimised transform.
 
     The returned transform is ``[Φ_AB; Φ_BA]`` for the batch ``[A; B]`` vs ``[B; A]`` (see
     :func:`~ICONRegistrationLib.core.objective.symmetric_objective`), evaluated after the last step; it
@@ -31,14 +32,14 @@ def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torc
         for step in range(iterations):
             optimizer.zero_grad(set_to_none=True)
             terms = symmetric_objective(net, image_A, image_B, similarity=similarity, lmbda=lmbda,
-                                        mask_A=mask_A, mask_B=mask_B)
+                                        penalty=penalty, mask_A=mask_A, mask_B=mask_B)
             terms.loss.backward()
             optimizer.step()
             history.append(float(terms.loss.detach()))
             report(progress, "instance optimisation", (step + 1) / iterations)
         with torch.no_grad():
             final = symmetric_objective(net, image_A, image_B, similarity=similarity, lmbda=lmbda,
-                                        mask_A=mask_A, mask_B=mask_B)
+                                        penalty=penalty, mask_A=mask_A, mask_B=mask_B)
         history.append(float(final.loss))
         return final.transform, history
     finally:

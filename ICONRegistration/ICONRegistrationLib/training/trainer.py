@@ -47,7 +47,7 @@ class TrainingConfig:
     stage: int = 2
     batch_size: int = 4
     learning_rate: float = 5e-5
-    penalty: str = "gradicon"
+    penalty: Optional[str] = None  # default: the spec's (gradicon, bending or diffusion by architecture)
     similarity: Optional[str] = None  # default: the spec's
     lmbda: Optional[float] = None  # default: the spec's
     flip_axes: tuple[int, ...] = (0, 1, 2)  # tensor axes that may be flipped (same flip for both images)
@@ -59,10 +59,13 @@ class TrainingConfig:
 
 
 def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
-    """Stage 1: the multi-resolution network without the final step; stage 2: the spec as given."""
+    """Stage 1: the multi-resolution network without the final step; stage 2: the spec as given.
+
+    Only GradICON networks are trained in stages; ConstrICON and SITReg networks train whole in either stage.
+    """
     if stage not in (1, 2):
         raise UserError("stage must be 1 (multi-resolution network) or 2 (adds the final full-resolution step).")
-    if stage == 1 and spec.last_step:
+    if stage == 1 and spec.last_step and spec.architecture == "gradicon":
         return dataclasses.replace(spec, last_step=False)
     return spec
 
@@ -249,6 +252,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     similarity = make_similarity(**({"name": config.similarity, "sigma": net_spec.similarity.get("sigma", 5)}
                                     if config.similarity else net_spec.similarity))
     lmbda = net_spec.lmbda if config.lmbda is None else config.lmbda
+    penalty = config.penalty or net_spec.penalty
     checkpoint_path = out_dir / CHECKPOINT_NAME
     step = 0
     if resume and checkpoint_path.exists():
@@ -278,7 +282,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             terms = symmetric_objective(net, batch_A, batch_B, similarity=similarity, lmbda=lmbda,
-                                        penalty=config.penalty, generator=generator)
+                                        penalty=penalty, generator=generator)
         if not torch.isfinite(terms.loss.detach()):
             raise UserError(f"The loss became {terms.loss.item()} at step {step + 1}; lower the learning rate.")
         terms.loss.backward()

@@ -1,0 +1,87 @@
+"""The exact inverse of a displacement-field transform (LPS mm), sampled on any reference grid.
+
+A field ``u`` on grid T represents ``Φ(x) = x + u(x)``, the ITK resampling direction (fixed points → moving
+points). Its inverse ``Φ⁻¹(y) = y + w(y)`` is found at the voxel centres ``y`` of a reference image (usually the
+moving image) by the fixed-point inversion layer of :mod:`ICONRegistrationLib.core.inversion`, in T's unit-cube
+coordinates, so the tolerance is in voxels of T. Outside T's box ``u`` is border-extended, as ITK and the rest of
+this package do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..core.coordinates import warp
+from ..core.inversion import InversionReport, InversionWarning, invert_displacement
+from ..errors import UserError
+from .grid import Grid, apply_affine
+from .qa import field_jacobian
+
+
+@dataclasses.dataclass
+class FieldInverse:
+    """``field``: the inverse displacement (vector float64, LPS mm) on the reference grid; ``report``: iterations,
+    maximum round-trip error (voxels of the input field's grid) and convergence; ``max_error_mm``: that error in mm
+    (the largest over points of ‖Φ(Φ⁻¹(y)) − y‖); ``folds``: grid points of the input with det J ≤ 0."""
+
+    field: sitk.Image
+    report: InversionReport
+    max_error_mm: float
+
+    def summary(self) -> dict:
+        summary = {**self.report.as_dict(), "max_error_mm": self.max_error_mm}
+        summary.pop("backward_iterations")
+        return summary
+
+
+def invert_field(field: sitk.Image, reference: sitk.Image, *, tolerance: float = 0.01, max_iterations: int = 200,
+                 allow_folds: bool = False, dtype: torch.dtype = torch.float32) -> FieldInverse:
+    """The inverse of the displacement-field transform ``field`` on the grid of ``reference``.
+
+    Raises :class:`UserError` when ``field`` folds (Jacobian determinant ≤ 0 somewhere: no inverse exists there)
+    unless ``allow_folds``; in that case, and when the iteration stops above ``tolerance`` voxels, the report says
+    so (``report.invertible`` is False) and :class:`~ICONRegistrationLib.core.inversion.InversionWarning` is issued.
+    """
+    if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
+        raise UserError("Only 3-D displacement fields (three components per voxel) can be inverted.")
+    if reference.GetDimension() != 3:
+        raise UserError("The reference image for the inverse must be 3-D.")
+    determinant = sitk.GetArrayFromImage(field_jacobian(field))  # a copy: a view would outlive its image
+    folds = int((determinant <= 0).sum())
+    if folds and not allow_folds:
+        raise UserError(f"The transform folds at {folds} voxels (Jacobian determinant ≤ 0, minimum "
+                        f"{float(determinant.min()):.3f}), so it has no inverse there. Use a transform without folds, "
+                        "or allow folds to get an approximate inverse with a warning.")
+    grid = Grid.of_image(field)
+    target = Grid.of_image(reference)
+    unit = grid.unit_matrix  # unit-cube coordinates (tensor order) -> mm offsets
+    to_unit = np.linalg.inv(unit)
+    vectors = torch.as_tensor(sitk.GetArrayFromImage(field), dtype=dtype).permute(3, 0, 1, 2)[None]  # LPS mm
+    displacement = apply_affine(to_unit, np.zeros(3), vectors)
+    points = grid.unit_coordinates_of(target, dtype=dtype)
+    with torch.no_grad():
+        inverse, report = invert_displacement(displacement, points, tolerance=tolerance,
+                                              max_iterations=max_iterations, check_folds=False, warn=False)
+    report.folds = folds
+    # Round-trip error in mm at the solution: Φ(y + w) − y = w + u(y + w), mapped to mm.
+    residual_unit = inverse + warp(displacement, points + inverse, padding="border")
+    max_error_mm = float(apply_affine(unit, np.zeros(3), residual_unit).norm(dim=1).max())
+    inverse_mm = apply_affine(unit, np.zeros(3), inverse)
+    array = np.ascontiguousarray(inverse_mm[0].permute(1, 2, 3, 0).numpy().astype(np.float64))
+    result = target.apply_to(sitk.GetImageFromArray(array, isVector=True))
+    outcome = FieldInverse(result, report, max_error_mm)
+    if not report.invertible:
+        problems = []
+        if folds:
+            problems.append(f"the input folds at {folds} voxels")
+        if not report.converged:
+            problems.append(f"the iteration stopped after {report.iterations} steps at {report.max_error_voxels:.3g} "
+                            f"voxels (tolerance {tolerance:g})")
+        warnings.warn("Inverse transform is approximate: " + "; ".join(problems) + ".", InversionWarning,
+                      stacklevel=2)
+    return outcome
