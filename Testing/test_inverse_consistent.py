@@ -37,11 +37,12 @@ def _voxels(shape):
     return torch.tensor([n - 1 for n in shape], dtype=torch.float64).view(1, 3, 1, 1, 1)
 
 
-def _random_network(architecture: str, options: dict, output_scale: float, seed: int = 0, shape=SHAPE):
-    """A network whose zero-initialised output layers are randomised (displacements of a few voxels)."""
+def _random_network(architecture: str, options: dict, output_scale: float, seed: int = 0, shape=SHAPE,
+                    spec: ModelSpec | None = None):
+    """A network (of ``spec``, or a small one) whose zero-initialised output layers are randomised."""
     torch.manual_seed(seed)
-    spec = ModelSpec(name="random", architecture=architecture, unet=SMALL_UNET, levels=2, input_shape=list(shape),
-                     options=options)
+    spec = spec or ModelSpec(name="random", architecture=architecture, unet=SMALL_UNET, levels=2,
+                             input_shape=list(shape), options=options)
     net = build_network(spec)
     with torch.no_grad():
         for name, parameter in net.named_parameters():
@@ -392,3 +393,17 @@ def test_warnings_are_not_raised_for_well_behaved_fields():
     with warnings.catch_warnings():
         warnings.simplefilter("error", InversionWarning)
         invert_displacement(_sinusoidal((20, 20, 20), 1.0))
+
+
+def test_constricon_hippocampus_recipe_builds_trains_and_registers():
+    """The spec of the reported ConstrICON run (Resources/Models) is valid, defaults to the bending penalty, and a
+    network built from it registers both directions at interpolation-level inverse consistency."""
+    from conftest import REPO
+
+    spec = ModelSpec.from_file(REPO / "Resources" / "Models" / "constricon-hippocampus.json")
+    assert spec.architecture == "constricon" and spec.penalty == "bending" and spec.lmbda == 5.0
+    net = _random_network("constricon", {}, output_scale=0.05, spec=spec)
+    assert {"netPhi.net.linear.weight", "netPsi.netPhi.net.linear.weight"} <= set(net.state_dict())
+    A, B = _pair(tuple(spec.input_shape))
+    _, error = _round_trip_voxels(net, A, B)
+    assert float(error.mean()) <= 0.03

@@ -73,8 +73,10 @@ def anderson_fixed_point(function: Callable[[torch.Tensor], torch.Tensor], initi
     shape = initial.shape
     best, best_error = x, float("inf")
     previous_x = previous_g = None
-    delta_residuals: list[torch.Tensor] = []
-    delta_values: list[torch.Tensor] = []
+    # Ring buffers of the last ``memory`` differences of residuals (ΔF) and of values (ΔG), columns [B, n, m].
+    delta_residuals = x.new_empty(batch, x.shape[1], max(memory, 1))
+    delta_values = torch.empty_like(delta_residuals)
+    stored = slot = 0
     evaluations = 0
     for evaluations in range(1, max_iterations + 1):
         g = function(x.view(shape)).reshape(batch, -1)
@@ -85,29 +87,26 @@ def anderson_fixed_point(function: Callable[[torch.Tensor], torch.Tensor], initi
         if worst <= tolerance:
             break
         if worst > 10 * best_error:  # a bad extrapolation: forget the history, continue from the best point
-            delta_residuals.clear()
-            delta_values.clear()
+            stored = slot = 0
             previous_x = previous_g = None
             x = best
             continue
-        if previous_x is not None:
-            delta_residuals.append(residual - (previous_g - previous_x))
-            delta_values.append(g - previous_g)
-            if len(delta_residuals) > memory:
-                delta_residuals.pop(0)
-                delta_values.pop(0)
+        if previous_x is not None and memory > 0:
+            torch.sub(residual, previous_g - previous_x, out=delta_residuals[:, :, slot])
+            torch.sub(g, previous_g, out=delta_values[:, :, slot])
+            slot = (slot + 1) % memory
+            stored = min(stored + 1, memory)
         previous_x, previous_g = x, g
-        if not delta_residuals:
+        if stored == 0:
             x = g
             continue
         # γ = argmin ‖residual − ΔF γ‖ (ridge-regularised normal equations), x ← g − ΔG γ
-        dF = torch.stack(delta_residuals, dim=2)  # [B, n, m]
-        dG = torch.stack(delta_values, dim=2)
+        dF = delta_residuals[:, :, :stored]
         gram = dF.transpose(1, 2) @ dF
         ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(torch.finfo(gram.dtype).tiny)
-        gram = gram + ridge.view(-1, 1, 1) * torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
+        gram = gram + ridge.view(-1, 1, 1) * torch.eye(stored, dtype=gram.dtype, device=gram.device)
         gamma = torch.linalg.solve(gram, dF.transpose(1, 2) @ residual[..., None])
-        x = g - (dG @ gamma)[..., 0]
+        x = g - (delta_values[:, :, :stored] @ gamma)[..., 0]
     return best.view(shape), evaluations, best_error
 
 
