@@ -49,7 +49,7 @@ def both_directions(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor)
         batch = image_A.shape[0]
 
         def stacked(coordinates: torch.Tensor) -> torch.Tensor:
-            if coordinates.shape[0] == 2 * batch and batch > 0 and coordinates.shape[0] != 1:
+            if coordinates.shape[0] == 2 * batch:
                 return torch.cat([forward(coordinates[:batch]), backward(coordinates[batch:])])
             return torch.cat([forward(coordinates), backward(coordinates)])
         return stacked

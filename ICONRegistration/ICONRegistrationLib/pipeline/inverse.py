@@ -26,8 +26,8 @@ from .qa import field_jacobian
 @dataclasses.dataclass
 class FieldInverse:
     """``field``: the inverse displacement (vector float64, LPS mm) on the reference grid; ``report``: iterations,
-    maximum round-trip error (voxels of the input field's grid) and convergence; ``max_error_mm``: that error in mm
-    (the largest over points of ‖Φ(Φ⁻¹(y)) − y‖); ``folds``: grid points of the input with det J ≤ 0."""
+    maximum round-trip error (voxels of the input field's grid), convergence and the input's folds (grid points
+    with det J ≤ 0); ``max_error_mm``: that error in mm (the largest over points of ‖Φ(Φ⁻¹(y)) − y‖)."""
 
     field: sitk.Image
     report: InversionReport

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..core.coordinates import identity_map, map_to_displacement, warp as sample_at
 from ..core.inversion import InversionWarning
 from ..core.losses import make_similarity
+from ..core.objective import both_directions
 from ..device import device_description
 from ..errors import UserError
 from ..models.spec import ModelSpec
@@ -33,7 +34,7 @@ from .images import image_array, mask_array
 from .instance_optimization import optimize_instance
 from .inverse import invert_field
 from .preprocessing import check_modality, normalize_intensities
-from .qa import physical_jacobian, summarize
+from .qa import field_jacobian, physical_jacobian, summarize
 
 FIELD_GRIDS = ("network", "fixed")
 _SLAB_VOXELS = 1 << 22  # resample the warped image in slabs of ~4 M voxels to bound memory
@@ -89,8 +90,7 @@ def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_
     grid = identity_map(image_A.shape[2:], device=image_A.device)
     with torch.no_grad():
         if hasattr(net, "forward_and_inverse"):  # inverse consistent by construction: both from one pass
-            forward, backward = net.forward_and_inverse(image_A, image_B)
-            return torch.cat([forward(grid), backward(grid)])
+            return both_directions(net, image_A, image_B)(grid)
         if image_A.device.type != "cpu":
             return net(torch.cat([image_A, image_B]), torch.cat([image_B, image_A]))(grid)
         forward = net(image_A, image_B)(grid)
@@ -147,6 +147,19 @@ def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch
         residual = apply_affine(own.unit_matrix, np.zeros(3), round_trip)
         ic_error = (residual * residual).sum(dim=1).sqrt()
     return displacement_mm, jacobian, ic_error
+
+
+def _exact_inverse(forward_field: sitk.Image, grid: Grid) -> tuple[sitk.Image, dict]:
+    """The numerical inverse of ``forward_field`` on ``grid`` and its ``metrics["inverse"]`` entry. A folding
+    field is inverted approximately; the entry says so (``invertible: false``) instead of a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InversionWarning)
+        exact = invert_field(forward_field, grid.reference_image(), allow_folds=True)
+    solved = exact.report
+    return exact.field, {"method": "exact", "iterations": solved.iterations,
+                         "max_error_voxels": solved.max_error_voxels, "max_error_mm": exact.max_error_mm,
+                         "tolerance_voxels": solved.tolerance_voxels, "converged": solved.converged,
+                         "invertible": solved.invertible}
 
 
 def _resize_slab(field: torch.Tensor, shape: tuple[int, int, int], slab: slice) -> torch.Tensor:
@@ -268,7 +281,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         if io_iterations:
             transform, history = optimize_instance(
                 loaded.net, image_A, image_B, iterations=int(io_iterations), similarity=similarity,
-                lmbda=spec.lmbda, penalty=spec.penalty, learning_rate=io_learning_rate, mask_A=mask_A, mask_B=mask_B, progress=progress)
+                lmbda=spec.lmbda, penalty=spec.penalty, learning_rate=io_learning_rate, mask_A=mask_A, mask_B=mask_B,
+                progress=progress)
             with torch.no_grad():
                 maps = transform(identity_map(grid_B.shape, device=torch_device))  # [Φ_AB; Φ_BA]
         else:
@@ -284,32 +298,24 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         moving_field_grid = grid_A if field_grid == "network" else Grid.of_image(moving)
         forward_mm, jacobian, ic_error = _sample_fields(displacement_AB, displacement_BA, grid_B, grid_A,
                                                         fixed_field_grid)
-        inverse_mm, inverse_jacobian, _ = _sample_fields(displacement_BA, None, grid_A, grid_B, moving_field_grid,
-                                                         with_jacobian=inverse_qa)
         metrics = summarize(jacobian.cpu().numpy(), ic_error.cpu().numpy())
-        if inverse_qa:
-            inverse_values = inverse_jacobian.cpu().numpy()
-            inverse_folds = int((inverse_values <= 0).sum())
-            metrics["inverse"] = {"folds": inverse_folds,
-                                  "folds_percent": 100.0 * inverse_folds / inverse_values.size,
-                                  "jacobian_min": float(inverse_values.min())}
     report(progress, "quality maps", 1.0)
 
     with timer("export"), torch.no_grad():
         forward_field = _field_image(forward_mm, fixed_field_grid)
         if exact_inverse:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", InversionWarning)  # reported in the metrics instead
-                exact = invert_field(forward_field, moving_field_grid.reference_image(), allow_folds=True)
-            inverse_field = exact.field
-            solved = exact.report
-            metrics["inverse"] = {**metrics.get("inverse", {}), "method": "exact", "iterations": solved.iterations,
-                                  "max_error_voxels": solved.max_error_voxels, "max_error_mm": exact.max_error_mm,
-                                  "tolerance_voxels": solved.tolerance_voxels, "converged": solved.converged,
-                                  "invertible": solved.invertible}
+            inverse_field, metrics["inverse"] = _exact_inverse(forward_field, moving_field_grid)
         else:
+            inverse_mm, _, _ = _sample_fields(displacement_BA, None, grid_A, grid_B, moving_field_grid,
+                                              with_jacobian=False)
             inverse_field = _field_image(inverse_mm, moving_field_grid)
-            metrics["inverse"] = {**metrics.get("inverse", {}), "method": "network"}
+            metrics["inverse"] = {"method": "network"}
+        if inverse_qa:
+            inverse_values = sitk.GetArrayFromImage(field_jacobian(inverse_field))
+            inverse_folds = int((inverse_values <= 0).sum())
+            metrics["inverse"].update({"folds": inverse_folds,
+                                       "folds_percent": 100.0 * inverse_folds / inverse_values.size,
+                                       "jacobian_min": float(inverse_values.min())})
         fixed_grid = Grid.of_image(fixed)
         warped_voxels = _warp_moving(moving_voxels, displacement_AB, grid_B, grid_A, fixed_grid,
                                      Grid.of_image(moving))
