@@ -82,10 +82,6 @@ class ModelSpec:
         """The training regulariser: ``options["penalty"]`` or the architecture's (gradicon, bending, diffusion)."""
         return str(self.options.get("penalty", DEFAULT_PENALTIES[self.architecture]))
 
-    @property
-    def inverse_consistent_by_construction(self) -> bool:
-        return self.architecture in ("constricon", "sitreg")
-
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
         data = copy.deepcopy(dict(data))

@@ -216,8 +216,8 @@ class ICONRegistrationLogic:
                  device: Optional[str] = None, progress: Optional[ProgressCallback] = None,
                  weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
                  outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
-                 exactInverse: Optional[bool] = None, settings: Optional[RegistrationSettings] = None, random_weights: bool = False
-                 ) -> RegistrationOutputs:
+                 exactInverse: Optional[bool] = None, settings: Optional[RegistrationSettings] = None,
+                 random_weights: bool = False) -> RegistrationOutputs:
         """Register ``movingVolumeNode`` to ``fixedVolumeNode`` and create the output nodes.
 
         Options default to ``settings`` (or :class:`RegistrationSettings` defaults); keyword arguments override
@@ -232,7 +232,8 @@ class ICONRegistrationLogic:
             "fixedModality": fixedModality, "movingModality": movingModality,
             "ioIterations": ioIterations, "device": device, "weightsFile": weightsFile, "fieldGrid": fieldGrid,
             "model": str(model) if model is not None else None,
-            "outputMode": outputMode, "createInverse": createInverse, "exactInverse": exactInverse}.items() if v is not None})
+            "outputMode": outputMode, "createInverse": createInverse,
+            "exactInverse": exactInverse}.items() if v is not None})
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, fixedMaskNode, movingMaskNode)
         result = self.runRegistration(inputs, settings, progress, random_weights=random_weights,
                                       loaded_model=loaded_model)
