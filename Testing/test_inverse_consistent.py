@@ -407,3 +407,14 @@ def test_constricon_hippocampus_recipe_builds_trains_and_registers():
     A, B = _pair(tuple(spec.input_shape))
     _, error = _round_trip_voxels(net, A, B)
     assert float(error.mean()) <= 0.03
+
+
+def test_sitreg_hippocampus_recipe_is_valid():
+    from conftest import REPO
+
+    spec = ModelSpec.from_file(REPO / "Resources" / "Models" / "sitreg-hippocampus.json")
+    assert spec.architecture == "sitreg" and spec.penalty == "diffusion" and spec.levels == 3
+    net = build_network(spec)
+    A, B = _pair(tuple(spec.input_shape))
+    _, error = _round_trip_voxels(net, A, B)  # fresh weights: the identity, exactly inverse
+    assert float(error.max()) <= 1e-5
