@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .coordinates import identity_map, is_identity, warp
+from .coordinates import identity_map, resample_displacement, voxel_scale, warp
 from .networks import UNet2
-from .registration_modules import RegistrationModule, Transform
+from .registration_modules import RegistrationModule, Transform, displacement_transform
 
 
 def _pool(image: torch.Tensor, times: int) -> torch.Tensor:
@@ -46,15 +46,6 @@ def compose_transforms(*transforms: Transform) -> Transform:
             coordinates = transform(coordinates)
         return coordinates
     return composed
-
-
-def displacement_transform(displacement: torch.Tensor) -> Transform:
-    """The map ``x ↦ x + u(x)`` of a displacement sampled on its grid (trilinear, border-extended)."""
-    def transform(coordinates: torch.Tensor) -> torch.Tensor:
-        if is_identity(coordinates) and coordinates.shape[2:] == displacement.shape[2:]:
-            return coordinates + displacement
-        return coordinates + warp(displacement, coordinates, padding="border")
-    return transform
 
 
 class InverseConsistentModule(RegistrationModule):
@@ -164,8 +155,7 @@ def bending_energy(field: torch.Tensor) -> torch.Tensor:
 
     Second differences are taken inside the grid only (no padding).
     """
-    scale = torch.tensor([n - 1 for n in field.shape[2:]], dtype=field.dtype, device=field.device)
-    v = field * scale.view(1, -1, 1, 1, 1)
+    v = field * voxel_scale(field.shape[2:], dtype=field.dtype, device=field.device)
     total = field.new_zeros(())
     dims = field.dim() - 2
     for i in range(dims):
@@ -205,9 +195,7 @@ class SVFStep(LieGroupStep):
     def algebra(self, image_A: torch.Tensor, image_B: torch.Tensor) -> torch.Tensor:
         velocity = super().algebra(image_A, image_B)
         self.last_velocity = velocity
-        if tuple(velocity.shape[2:]) != tuple(image_A.shape[2:]):
-            velocity = warp(velocity, identity_map(image_A.shape[2:], dtype=velocity.dtype, device=velocity.device))
-        return velocity
+        return resample_displacement(velocity, image_A.shape[2:])
 
     def exponential(self, algebra: torch.Tensor, shape: Sequence[int]) -> Transform:
         return displacement_transform(integrate_velocity(algebra, self.integration_steps))

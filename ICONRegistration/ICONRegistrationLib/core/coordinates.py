@@ -73,6 +73,21 @@ def warp(image: torch.Tensor, coordinates: torch.Tensor, *, padding: str = "bord
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
 
 
+def voxel_scale(shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Voxels per unit-cube unit along each axis, ``N − 1`` (1 for single-voxel axes), shaped ``[1, d, 1, …]`` so
+    that ``map_units * voxel_scale(shape)`` is in voxels."""
+    sizes = [max(int(n) - 1, 1) for n in shape]
+    return torch.tensor(sizes, dtype=dtype, device=device).view(1, len(sizes), *[1] * len(sizes))
+
+
+def resample_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A unit-cube displacement ``[B, d, *S]`` evaluated on another grid of the same cube (trilinear, border)."""
+    if tuple(displacement.shape[2:]) == tuple(shape):
+        return displacement
+    return warp(displacement, identity_map(shape, dtype=displacement.dtype, device=displacement.device))
+
+
 def map_to_displacement(coordinate_map: torch.Tensor) -> torch.Tensor:
     """``Φ − Id`` on the map's own grid (units of the map: the unit cube)."""
     return coordinate_map - identity_map(coordinate_map.shape[2:], dtype=coordinate_map.dtype,

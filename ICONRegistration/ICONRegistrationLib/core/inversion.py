@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .coordinates import identity_map, jacobian_determinant, warp
+from .coordinates import identity_map, jacobian_determinant, voxel_scale, warp
 
 
 class InversionWarning(UserWarning):
@@ -110,12 +110,6 @@ def anderson_fixed_point(function: Callable[[torch.Tensor], torch.Tensor], initi
     return best.view(shape), evaluations, best_error
 
 
-def _voxel_scale(displacement: torch.Tensor) -> torch.Tensor:
-    sizes = [max(n - 1, 1) for n in displacement.shape[2:]]
-    return torch.tensor(sizes, dtype=displacement.dtype, device=displacement.device).view(
-        1, -1, *[1] * (displacement.dim() - 2))
-
-
 def count_folds(displacement: torch.Tensor) -> int:
     """Grid points where ``x + u(x)`` has Jacobian determinant ≤ 0 (``u`` in the unit-cube convention)."""
     with torch.no_grad():
@@ -137,7 +131,7 @@ class _FixedPointInverse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, displacement: torch.Tensor, points: torch.Tensor, settings: _Settings) -> torch.Tensor:
-        scale = _voxel_scale(displacement)
+        scale = voxel_scale(displacement.shape[2:], dtype=displacement.dtype, device=displacement.device)
         batch = max(displacement.shape[0], points.shape[0])
 
         def step(z: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .constricon import velocity_bending_energy
-from .coordinates import identity_map, warp
+from .coordinates import identity_map, voxel_scale, warp
 from .losses import gradicon_penalty, icon_penalty, jittered_identity
 from .registration_modules import Transform
 
@@ -58,9 +58,8 @@ def both_directions(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor)
 
 def diffusion_penalty(maps: torch.Tensor) -> torch.Tensor:
     """Mean squared forward difference of the displacement ``Φ − Id`` in voxels (per voxel step)."""
-    scale = torch.tensor([n - 1 for n in maps.shape[2:]], dtype=maps.dtype, device=maps.device)
     displacement = (maps - identity_map(maps.shape[2:], dtype=maps.dtype, device=maps.device)) \
-        * scale.view(1, -1, *[1] * (maps.dim() - 2))
+        * voxel_scale(maps.shape[2:], dtype=maps.dtype, device=maps.device)
     total = maps.new_zeros(())
     for axis in range(2, maps.dim()):
         n = displacement.shape[axis]

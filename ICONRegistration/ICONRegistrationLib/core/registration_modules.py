@@ -27,6 +27,15 @@ class RegistrationModule(nn.Module):
         raise NotImplementedError
 
 
+def displacement_transform(displacement: torch.Tensor) -> Transform:
+    """The map ``x ↦ x + u(x)`` of a displacement sampled on its grid (trilinear, border-extended)."""
+    def transform(coordinates: torch.Tensor) -> torch.Tensor:
+        if is_identity(coordinates) and coordinates.shape[2:] == displacement.shape[2:]:
+            return coordinates + displacement  # exactly on the grid: no interpolation needed
+        return coordinates + warp(displacement, coordinates, padding="border")
+    return transform
+
+
 class FunctionFromVectorField(RegistrationModule):
     """Wrap a network that predicts a displacement ``u`` on the input grid: ``Φ(x) = x + u(x)``."""
 
@@ -35,14 +44,7 @@ class FunctionFromVectorField(RegistrationModule):
         self.net = net
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Transform:
-        displacement = self.net(image_A, image_B)
-
-        def transform(coordinates: torch.Tensor) -> torch.Tensor:
-            if is_identity(coordinates) and coordinates.shape[2:] == displacement.shape[2:]:
-                return coordinates + displacement  # exactly on the grid: no interpolation needed
-            return coordinates + warp(displacement, coordinates, padding="border")
-
-        return transform
+        return displacement_transform(self.net(image_A, image_B))
 
 
 class DownsampleRegistration(RegistrationModule):

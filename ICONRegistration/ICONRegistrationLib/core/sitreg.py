@@ -24,24 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .constricon import InverseConsistentModule, displacement_transform
-from .coordinates import identity_map, warp
+from .constricon import InverseConsistentModule
+from .coordinates import identity_map, resample_displacement, voxel_scale, warp
 from .inversion import invert_displacement
 from .networks import UNet2
-from .registration_modules import Transform
+from .registration_modules import Transform, displacement_transform
 
 
 def compose_displacements(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """Displacement of ``(Id + outer) ∘ (Id + inner)`` on the (shared) grid: ``inner + outer(x + inner)``."""
     grid = identity_map(inner.shape[2:], dtype=inner.dtype, device=inner.device)
     return inner + warp(outer, grid + inner, padding="border")
-
-
-def resample_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A unit-cube displacement evaluated on another grid of the same cube (trilinear)."""
-    if tuple(displacement.shape[2:]) == tuple(shape):
-        return displacement
-    return warp(displacement, identity_map(shape, dtype=displacement.dtype, device=displacement.device))
 
 
 class SITRegNetwork(InverseConsistentModule):
@@ -70,7 +63,7 @@ class SITRegNetwork(InverseConsistentModule):
         spacing = min((n - 1) / max(m - 1, 1) for n, m in zip(shape, control.shape[2:]))  # ≥ 2 voxels
         # Each partial derivative of the trilinear interpolant is ≤ 2·bound / spacing; nine of them give ‖∇f‖_F.
         bound = self.max_gradient / 3 * spacing / 2  # voxels of this level
-        scale = torch.tensor([n - 1 for n in shape], dtype=raw.dtype, device=raw.device).view(1, 3, 1, 1, 1)
+        scale = voxel_scale(shape, dtype=raw.dtype, device=raw.device)
         control_voxels = bound * torch.tanh(control * scale / bound)
         return resample_displacement(control_voxels / scale, shape)
 

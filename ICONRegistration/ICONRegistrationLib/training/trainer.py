@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core.coordinates import identity_map, jacobian_determinant, warp
+from ..core.coordinates import identity_map, jacobian_determinant, voxel_scale, warp
 from ..core.losses import make_similarity
 from ..core.objective import symmetric_objective
 from ..device import choose_device, device_description
@@ -128,7 +128,7 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
     dices, folds, ic_errors = [], [], []
     shape = data.shape
     grid = identity_map(shape, device=device)
-    scale = torch.tensor([n - 1 for n in shape], dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+    scale = voxel_scale(shape, device=device)
     for i, j in pairs:
         A = data.images[i:i + 1].to(device, torch.float32)
         B = data.images[j:j + 1].to(device, torch.float32)
