@@ -188,7 +188,9 @@ def test_cancel_through_progress_callback(tmp_path, tiny_model_files):
     assert np.array_equal(sitk.GetArrayFromImage(moving), before)
 
 
-def test_instance_optimisation_lowers_the_objective_and_restores_the_cached_model(tiny_model_files):
+@pytest.mark.parametrize("mode,iterations,learning_rate", [("weights", 4, 1e-3), ("fields", 20, None)])
+def test_instance_optimisation_lowers_the_objective_and_restores_the_cached_model(tiny_model_files, mode,
+                                                                                  iterations, learning_rate):
     spec_file, weights = tiny_model_files
     fixed = make_image(blob_volume((34, 34, 34), seed=3), spacing=(1.1, 1.1, 1.1))
     moving = make_image(blob_volume((34, 34, 34), centre=(19, 15, 18), seed=3), spacing=(1.1, 1.1, 1.1))
@@ -196,11 +198,12 @@ def test_instance_optimisation_lowers_the_objective_and_restores_the_cached_mode
     before = {k: v.clone() for k, v in loaded.net.state_dict().items()}
     plain = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri")
     fractions = []
-    optimised = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri", io_iterations=4,
-                         io_learning_rate=1e-3,
+    optimised = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri",
+                         io_iterations=iterations, io_mode=mode, io_learning_rate=learning_rate,
                          progress=lambda stage, f: fractions.append(f) if stage == "instance optimisation" else None)
     history = optimised.metrics["io_objective"]
-    assert len(history) == 5 and fractions[-1] == 1.0  # before each step and after the last
+    assert optimised.metrics["io_mode"] == mode
+    assert len(history) == iterations + 1 and fractions[-1] == 1.0  # before each step and after the last
     assert history[-1] < history[0] - 0.01
     after = loaded.net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -52,6 +52,14 @@ def test_training_lowers_the_loss(tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "curves.png").is_file()
 
 
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_penalty_fraction_outside_zero_one_is_a_user_error(tmp_path, fraction):
+    from ICONRegistrationLib.errors import UserError
+    with pytest.raises(UserError, match="penalty fraction"):
+        train(small_spec(), synthetic_set(), tmp_path, TrainingConfig(steps=1, penalty_fraction=fraction),
+              device="cpu")
+
+
 def test_resume_takes_the_same_next_steps_as_an_uninterrupted_run(tmp_path):
     config = TrainingConfig(steps=6, batch_size=2, learning_rate=1e-3, checkpoint_every=3, validate_every=100,
                             seed=3)

@@ -193,6 +193,43 @@ def describe(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # one size (runs in a child process)
 # ----------------------------------------------------------------------------------------------------------------
+def forward_flops(net: torch.nn.Module, forward) -> float:
+    """Floating-point operations (2 per multiply-add) of the convolutions in one call of ``forward``."""
+    total = [0.0]
+
+    def count(module, inputs, output):
+        kernel = 1
+        for k in module.kernel_size:
+            kernel *= k
+        if isinstance(module, torch.nn.ConvTranspose3d):  # every input value meets every output channel's kernel
+            total[0] += 2.0 * inputs[0].numel() * module.out_channels * kernel / module.groups
+        else:
+            total[0] += 2.0 * output.numel() * module.in_channels * kernel / module.groups
+    handles = [m.register_forward_hook(count) for m in net.modules()
+               if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0]
+
+
+def matmul_throughput(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Best measured float32 dense matrix-multiply rate (GFLOP/s): the reference for the forward pass's rate."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best / 1e9
+
+
 def measure_size(size: int, device_name: str, repeats: int, register_warmup: bool) -> dict:
     device = choose_device(device_name)
     spec = _spec(size)
@@ -233,6 +270,9 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     result["forward_cpu_s"] = cpu[best_forward]
     result["forward_all_s"] = times
     result["forward_peak_bytes"] = memory.stop()
+    result["forward_gflop"] = forward_flops(net, forward) / 1e9
+    result["matmul_gflops"] = matmul_throughput(device)
+    result["forward_gflops"] = result["forward_gflop"] / result["forward_s"]
     del net, image_A, image_B, grid
     gc.collect()
 
@@ -309,7 +349,8 @@ def _gb(value: int | None) -> str:
 def table(results: list[dict]) -> str:
     header = ["size", "device", "forward 1-dir (s)", "register total (s)", "load (s)", "preprocessing (s)",
               "network both dirs (s)", "QA (s)", "export (s)", "ratio total/forward", "ratio excl. load",
-              "peak memory forward (GB)", "peak memory register (GB)"]
+              "peak memory forward (GB)", "peak memory register (GB)", "forward GFLOP", "forward GFLOP/s",
+              "share of fp32 matmul rate"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in results:
         if "error" in r:
@@ -320,7 +361,8 @@ def table(results: list[dict]) -> str:
                f"{s.get('preprocessing', 0):.2f}", f"{s.get('network', 0):.2f}", f"{s.get('qa', 0):.2f}",
                f"{s.get('export', 0):.2f}", f"{r['ratio_total_forward']:.2f}",
                f"{r['ratio_total_excl_load_forward']:.2f}", _gb(r["forward_peak_bytes"]),
-               _gb(r["register_peak_bytes"])]
+               _gb(r["register_peak_bytes"]), f"{r['forward_gflop']:.1f}", f"{r['forward_gflops']:.1f}",
+               f"{100 * r['forward_gflops'] / r['matmul_gflops']:.0f} % of {r['matmul_gflops']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

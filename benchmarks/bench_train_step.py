@@ -1,95 +1,260 @@
 #!/usr/bin/env python
-"""Time one GradICON training step (forward both directions, LNCC, GradICON penalty, backward, Adam update).
+"""One GradICON training step (both directions, LNCC, penalty, backward, Adam) against icon_registration's.
 
-For each grid size the model's spec is used with ``input_shape`` replaced, random weights and a random batch of
-smooth volumes; the step is exactly the one ``iconreg train`` takes (``symmetric_objective`` + Adam). One warm-up
-step, then the best and median of ``--repeats`` steps. A reference measured in the same run gives the ratio:
-the similarity alone (LNCC of the two warped batches, forward + backward), which shows what the network and the
-penalty add.
+For each configuration the same network (same weights) is built here and, when ``icon_registration`` is installed,
+in icon_registration (``GradientICON`` for the full penalty, ``GradientICONSparse`` for the subset penalty), and
+the two steps are timed in the same run on the same random smooth volumes. Before timing, the objective values
+and the parameter gradients are compared on the same inputs and the same penalty sample points. Each
+(configuration, method) pair runs in a fresh subprocess so that its peak resident memory can be reported.
 
-    python benchmarks/bench_train_step.py --model gradicon-hippocampus --sizes 36x48x36 72x96x72 [--device cuda]
+    python benchmarks/bench_train_step.py                       # the three standard rows
+    python benchmarks/bench_train_step.py --configs small-65 --repeats 2 [--device cuda]
+
+Without icon_registration (``pip install icon_registration==1.1.9 --no-deps`` beside the pinned torch, plus
+``itk tqdm matplotlib``) the reference columns say so and the project's own numbers are still printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ICONRegistration"))
 
-import torch  # noqa: E402
-
-from ICONRegistrationLib.core.losses import make_similarity  # noqa: E402
-from ICONRegistrationLib.core.objective import symmetric_objective  # noqa: E402
-from ICONRegistrationLib.device import choose_device, device_description  # noqa: E402
-from ICONRegistrationLib.models.build import build_network  # noqa: E402
-from ICONRegistrationLib.models.zoo import resolve_spec  # noqa: E402
+SMALL = [[2, 16, 32, 32, 64, 64], [16, 32, 32, 32, 64]]  # the gradicon-hippocampus width
+TALL = [[2, 16, 32, 64, 256, 512], [16, 32, 64, 128, 256]]  # the uniGradICON width
 
 
-def _sync(device: torch.device) -> None:
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    channels: list
+    levels: int
+    shape: tuple
+    batch: int
+
+
+CONFIGS = {
+    "small-65": Config("small UNets, 65³, batch 1", SMALL, 2, (65, 65, 65), 1),
+    "small-80x96x80": Config("small UNets, 80×96×80, batch 1", SMALL, 2, (80, 96, 80), 1),
+    "tall-80x96x80": Config("uniGradICON width, 80×96×80, batch 2", TALL, 3, (80, 96, 80), 2),
+}
+METHODS = ("ours-full", "ref-full", "ours-subset", "ref-sparse")
+SUBSET_FRACTION = 1 / 8  # as many penalty points as GradientICONSparse's every-second-voxel grid
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _sync(device) -> None:
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_steps(function, repeats: int, device: torch.device) -> list[float]:
-    function()  # warm-up
+def _build(config: Config, device):
+    """The project's network and, if available, icon_registration's with the same weights."""
+    import torch
+    from ICONRegistrationLib.models.build import build_network
+    from ICONRegistrationLib.models.spec import ModelSpec
+
+    spec = ModelSpec(name="bench", unet={"num_layers": 5, "channels": config.channels}, levels=config.levels,
+                     input_shape=list(config.shape), similarity={"name": "lncc", "sigma": 5})
+    torch.manual_seed(0)
+    net = build_network(spec)
+    for module in net.modules():  # non-zero last layers, so that the maps are not the identity
+        if hasattr(module, "lastConv"):
+            torch.nn.init.normal_(module.lastConv.weight, std=0.002)
+    return spec, net.to(device).train()
+
+
+def _reference(config: Config, state: dict, sparse: bool, device):
+    from icon_registration import losses, network_wrappers, networks
+
+    def step():
+        return network_wrappers.FunctionFromVectorField(networks.UNet2(5, config.channels, 3))
+
+    net = step()
+    for _ in range(config.levels - 1):
+        net = network_wrappers.TwoStepRegistration(network_wrappers.DownsampleRegistration(net, 3), step())
+    net = network_wrappers.TwoStepRegistration(net, step())
+    net.load_state_dict(state)
+    wrapper = (losses.GradientICONSparse if sparse else losses.GradientICON)(net, losses.LNCC(sigma=5), 1.5)
+    wrapper.assign_identity_map([1, 1, *config.shape])
+    return wrapper.to(device).train()
+
+
+def _images(config: Config, device):
+    import torch
+    generator = torch.Generator().manual_seed(1)
+    blur = torch.nn.AvgPool3d(5, stride=1, padding=2)
+    make = lambda: blur(torch.rand(config.batch, 1, *config.shape, generator=generator))  # noqa: E731
+    return make().to(device), make().to(device)
+
+
+def _gradients(module) -> "torch.Tensor":
+    import torch
+    return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+
+
+def check_equivalence(config: Config, device) -> dict:
+    """Objective and gradient of the project's objective against icon_registration's, same inputs and points."""
+    import torch
+    from ICONRegistrationLib.core.coordinates import identity_map
+    from ICONRegistrationLib.core.losses import LNCC
+    from ICONRegistrationLib.core.objective import symmetric_objective
+
+    spec, net = _build(config, device)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    image_A, image_B = _images(config, device)
+    identity = identity_map(config.shape, device=device)
+    result = {}
+    for sparse in (False, True):
+        net.load_state_dict(state)
+        reference = _reference(config, state, sparse, device)
+        torch.manual_seed(7)
+        loss_ref = reference(image_A, image_B).all_loss
+        loss_ref.backward()
+        torch.manual_seed(7)  # the same normal draw as the reference's penalty points
+        noise = torch.randn(identity.shape).to(device)
+        samples = identity + (2 * noise if sparse else noise) / config.shape[-1]
+        if sparse:
+            samples = samples[:, :, ::2, ::2, ::2]
+        net.zero_grad(set_to_none=True)
+        terms = symmetric_objective(net, image_A, image_B, similarity=LNCC(5), lmbda=1.5, padding="border",
+                                    penalty_samples=samples)
+        terms.loss.backward()
+        grad_ours, grad_ref = _gradients(net), _gradients(reference.regis_net)
+        key = "sparse" if sparse else "full"
+        result[key] = {"objective_ours": float(terms.loss.detach()), "objective_ref": float(loss_ref.detach()),
+                       "objective_rel": abs(float(terms.loss.detach()) - float(loss_ref.detach())) / abs(float(loss_ref.detach())),
+                       "gradient_rel": float((grad_ours - grad_ref).norm() / grad_ref.norm())}
+    return result
+
+
+def time_method(config: Config, method: str, repeats: int, device) -> dict:
+    import torch
+    from ICONRegistrationLib.core.losses import LNCC
+    from ICONRegistrationLib.core.objective import symmetric_objective
+
+    image_A, image_B = _images(config, device)
+    base_rss = _peak_rss_gb()
+    spec, net = _build(config, device)
+    if method.startswith("ref"):
+        module = _reference(config, net.state_dict(), method == "ref-sparse", device)
+        del net
+
+        def loss():
+            return module(image_A, image_B).all_loss
+    else:
+        module = net
+        fraction = 1.0 if method == "ours-full" else SUBSET_FRACTION
+
+        def loss():
+            return symmetric_objective(net, image_A, image_B, similarity=LNCC(5), lmbda=1.5, padding="border",
+                                       penalty_fraction=fraction).loss
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-5)
+    parameters = sum(p.numel() for p in module.parameters())
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step()  # warm-up
     _sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        function()
+        step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times
+    memory = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+              else _peak_rss_gb() - base_rss)
+    return {"best": min(times), "median": statistics.median(times), "memory_gb": memory, "parameters": parameters}
+
+
+def _child(args) -> int:
+    import torch
+    from ICONRegistrationLib.device import choose_device
+    device = choose_device(args.device)
+    config = CONFIGS[args.child_config]
+    if args.child_method == "check":
+        print(json.dumps(check_equivalence(config, device)))
+    else:
+        print(json.dumps(time_method(config, args.child_method, args.repeats, device)))
+    return 0
+
+
+def _run_child(args, config_key: str, method: str):
+    command = [sys.executable, __file__, "--child-config", config_key, "--child-method", method,
+               "--repeats", str(args.repeats), "--device", args.device]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        tail = completed.stderr.strip().splitlines()[-1:] or ["failed"]
+        return {"error": tail[0]}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gradicon-hippocampus", help="zoo name or spec JSON")
-    parser.add_argument("--sizes", nargs="+", default=["36x48x36", "72x96x72"], help="DxHxW grid sizes")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write every number here")
+    parser.add_argument("--child-config", help=argparse.SUPPRESS)
+    parser.add_argument("--child-method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_config:
+        return _child(args)
+
+    import torch
+    from ICONRegistrationLib.device import choose_device, device_description
+    try:
+        import icon_registration  # noqa: F401
+        have_reference = True
+    except ImportError:
+        have_reference = False
     device = choose_device(args.device)
-    spec = resolve_spec(args.model)
-    similarity = make_similarity(**spec.similarity)
-    print(f"model {spec.name}, batch {args.batch_size} (both directions: {2 * args.batch_size} registrations per "
-          f"step), {device_description(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| grid | train step best | median | similarity only (reference) | ratio | peak GPU memory |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for size in args.sizes:
-        shape = [int(v) for v in size.lower().split("x")]
-        torch.manual_seed(0)
-        sized = spec.__class__.from_dict({**spec.to_dict(), "input_shape": shape})
-        net = build_network(sized).to(device).train()
-        optimizer = torch.optim.Adam(net.parameters(), lr=5e-5)
-        blur = torch.nn.AvgPool3d(5, stride=1, padding=2)
-        images_A = blur(torch.rand(args.batch_size, 1, *shape, device=device))
-        images_B = blur(torch.rand(args.batch_size, 1, *shape, device=device))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    print(f"{device_description(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"best of {args.repeats} steps after one warm-up, each method in its own process")
+    if not have_reference:
+        print("icon_registration is not installed: reference columns are empty "
+              "(pip install icon_registration==1.1.9 --no-deps; pip install itk tqdm matplotlib)")
+    print("| configuration | parameters | penalty | this project | icon_registration | ratio (ref / ours) | "
+          "peak memory ours / ref | objective rel. diff | gradient rel. diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    everything = {}
+    for key in args.configs:
+        config = CONFIGS[key]
+        results = {m: _run_child(args, key, m) for m in METHODS if have_reference or m.startswith("ours")}
+        check = _run_child(args, key, "check") if have_reference else {}
+        everything[key] = {"results": results, "check": check}
+        for ours, ref, label, check_key in (("ours-full", "ref-full", "full (GradientICON)", "full"),
+                                            ("ours-subset", "ref-sparse", "subset 1/8 (GradientICONSparse)",
+                                             "sparse")):
+            mine, theirs = results.get(ours, {}), results.get(ref, {})
+            equal = check.get(check_key, {})
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            terms = symmetric_objective(net, images_A, images_B, similarity=similarity, lmbda=sized.lmbda)
-            terms.loss.backward()
-            optimizer.step()
-
-        warped = images_A.clone().requires_grad_(True)
-
-        def similarity_only():
-            value = similarity(warped, images_B) + similarity(images_B, warped)
-            value.backward()
-
-        steps = time_steps(step, args.repeats, device)
-        reference = time_steps(similarity_only, args.repeats, device)
-        memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB" if device.type == "cuda" else "—")
-        print(f"| {'×'.join(map(str, shape))} | {min(steps):.3f} s | {statistics.median(steps):.3f} s | "
-              f"{min(reference):.3f} s | {min(steps) / min(reference):.1f} | {memory} |")
+            def cell(result, field, fmt):
+                return fmt.format(result[field]) if field in result else result.get("error", "—")
+            ratio = (f"{theirs['best'] / mine['best']:.2f}×" if "best" in mine and "best" in theirs else "—")
+            print(f"| {config.name} | {cell(mine, 'parameters', '{:,}')} | {label} | {cell(mine, 'best', '{:.2f} s')}"
+                  f" | {cell(theirs, 'best', '{:.2f} s')} | {ratio} | {cell(mine, 'memory_gb', '{:.2f}')} / "
+                  f"{cell(theirs, 'memory_gb', '{:.2f}')} GB | {cell(equal, 'objective_rel', '{:.1e}')} | "
+                  f"{cell(equal, 'gradient_rel', '{:.1e}')} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=2))
     return 0
 
 

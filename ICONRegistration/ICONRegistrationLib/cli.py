@@ -70,7 +70,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     try:
         result = register(fixed, moving, args.model, fixed_modality=args.fixed_modality,
                           moving_modality=args.moving_modality, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                          io_iterations=args.io_iterations, io_similarity=args.io_similarity, device=args.device,
+                          io_iterations=args.io_iterations, io_similarity=args.io_similarity, io_mode=args.io_mode,
+                          device=args.device,
                           progress=bar, weights=args.weights, field_grid=args.field_grid,
                           inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse)
         written = write_result(result, args.out, fixed=fixed, moving=moving, report=not args.no_report)
@@ -202,7 +203,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             learning_rate=args.learning_rate, penalty=args.penalty, similarity=args.similarity,
                             lmbda=args.lmbda, affine_strength=args.affine, validate_every=args.validate_every,
                             checkpoint_every=args.checkpoint_every, seed=args.seed,
-                            mixed_precision=args.mixed_precision,
+                            mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
                             flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a != ""))
     bar = ProgressBar()
     try:
@@ -229,7 +230,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           file=sys.stderr)
     bar = ProgressBar()
     try:
-        report_data = evaluate(pairs, args.model, io_iterations=args.io_iterations, baselines=baselines,
+        report_data = evaluate(pairs, args.model, io_iterations=args.io_iterations, io_mode=args.io_mode,
+                               baselines=baselines,
                                device=args.device, modality=args.modality, progress=bar)
     finally:
         bar.close()
@@ -266,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name or model spec JSON (default: %(default)s)")
     reg.add_argument("--weights", help="weights file overriding the model's")
     reg.add_argument("--io-iterations", type=int, default=0, help="instance-optimisation steps (default 0)")
+    reg.add_argument("--io-mode", choices=["fields", "weights"], default="fields",
+                     help="instance optimisation of the two displacement fields (default, fast) or of the "
+                          "network weights")
     reg.add_argument("--io-similarity", choices=["lncc", "squared_lncc", "ssd", "mind_ssc"],
                      help="similarity for instance optimisation (default: the model's)")
     reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -331,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--penalty", default=None, choices=["gradicon", "icon", "bending", "diffusion"],
                      help="regulariser (default: the architecture's: gradicon, bending for constricon, "
                           "diffusion for sitreg)")
+    trn.add_argument("--penalty-fraction", type=float, default=0.125,
+                     help="fraction of grid points (random each step) at which the GradICON/ICON penalty is "
+                          "evaluated: same expectation as 1.0 (every point), a fraction of the cost")
     trn.add_argument("--similarity", choices=["lncc", "squared_lncc", "ssd", "mind_ssc"])
     trn.add_argument("--lambda", dest="lmbda", type=float, help="regularisation weight (default: the spec's)")
     trn.add_argument("--affine", type=float, default=0.05, help="random affine augmentation strength")
@@ -357,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--one-direction", action="store_true", help="each pair once instead of both directions")
     evl.add_argument("--max-pairs", type=int, default=0, help="evaluate at most this many pairs (0 = all)")
     evl.add_argument("--io-iterations", type=int, default=0, help="also evaluate with instance optimisation")
+    evl.add_argument("--io-mode", choices=["fields", "weights"], default="fields")
     evl.add_argument("--baselines", default="identity,demons", help="comma-separated: identity, demons")
     evl.add_argument("--modality", default="auto", choices=["ct", "mri", "auto"])
     evl.add_argument("--device", default="auto")

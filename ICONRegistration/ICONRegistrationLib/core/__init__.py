@@ -4,7 +4,7 @@ from .coordinates import (compose, displacement_jacobian_determinant, displaceme
                           identity_map, is_identity, jacobian_determinant, map_to_displacement, mark_identity, warp)
 from .losses import (LNCC, MINDSSC, SSD, SquaredLNCC, gaussian_blur, gradicon_penalty, icon_penalty,
                      jittered_identity, make_similarity, masked_mean)
-from .objective import ObjectiveTerms, swap_halves, symmetric_objective
+from .objective import ObjectiveTerms, symmetric_objective
 from .networks import UNet2, tallUNet2
 from .registration_modules import (Down, DownsampleRegistration, FunctionFromVectorField, RegistrationModule,
                                    Transform, TwoStep, TwoStepRegistration)
@@ -15,7 +15,7 @@ __all__ = [
     "jacobian_determinant", "map_to_displacement", "mark_identity", "warp",
     "LNCC", "MINDSSC", "SSD", "SquaredLNCC", "gaussian_blur", "gradicon_penalty", "icon_penalty",
     "jittered_identity", "make_similarity", "masked_mean",
-    "ObjectiveTerms", "swap_halves", "symmetric_objective",
+    "ObjectiveTerms", "symmetric_objective",
     "UNet2", "tallUNet2",
     "Down", "DownsampleRegistration", "FunctionFromVectorField", "RegistrationModule", "Transform",
     "TwoStep", "TwoStepRegistration",

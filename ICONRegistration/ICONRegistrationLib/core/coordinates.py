@@ -70,7 +70,45 @@ def warp(image: torch.Tensor, coordinates: torch.Tensor, *, padding: str = "bord
         image = image.expand(grid.shape[0], *image.shape[1:])
     if grid.dtype != image.dtype:
         grid = grid.to(image.dtype)
+    chunks = _sampling_chunks(image, grid)
+    if chunks > 1:
+        return _grid_sample_in_chunks(image, grid, chunks, mode=mode, padding=padding)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
+_MIN_POINTS_PER_CHUNK = 1 << 14
+
+
+def _sampling_chunks(image: torch.Tensor, grid: torch.Tensor) -> int:
+    """How many pieces to cut a batch-1 CPU sampling into: PyTorch's CPU ``grid_sample`` (forward and backward)
+    runs one thread per batch element, so a single large sampling would use one core only."""
+    if image.device.type != "cpu" or image.shape[0] != 1 or grid.shape[0] != 1:
+        return 1
+    points = grid[0, ..., 0].numel()
+    return max(1, min(torch.get_num_threads(), points // _MIN_POINTS_PER_CHUNK))
+
+
+def _grid_sample_in_chunks(image: torch.Tensor, grid: torch.Tensor, chunks: int, *, mode: str,
+                           padding: str) -> torch.Tensor:
+    """``grid_sample`` of a batch-1 image at a batch-1 grid as ``chunks`` batch elements (same values).
+
+    The points are cut into equal pieces (the last one padded by repeating points) and the image is
+    broadcast to them without a copy, so each thread samples one piece; the gradient of the image sums the
+    pieces' contributions.
+    """
+    dimension = grid.shape[-1]
+    out_shape = grid.shape[1:-1]
+    points = grid.reshape(-1, dimension)
+    total = points.shape[0]
+    padded = -(-total // chunks) * chunks
+    if padded != total:
+        points = torch.cat([points, points[:padded - total]])
+    pieces = points.reshape(chunks, padded // chunks, *[1] * (dimension - 1), dimension)
+    sampled = F.grid_sample(image.expand(chunks, *image.shape[1:]), pieces, mode=mode, padding_mode=padding,
+                            align_corners=True)  # [chunks, C, P, 1, …]
+    channels = image.shape[1]
+    flat = sampled.reshape(chunks, channels, -1).transpose(0, 1).reshape(channels, padded)[:, :total]
+    return flat.reshape(1, channels, *out_shape)
 
 
 def voxel_scale(shape: Sequence[int], *, dtype: torch.dtype = torch.float32,

@@ -25,6 +25,16 @@ def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return y
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory order for the convolutions that gain from it.
+
+    oneDNN runs the transposed convolutions and the wide-to-3 last convolution 2–3× faster on a CPU when the
+    input is channels-last (same numbers); the rest of the UNet (pooling, interpolation, batch norm,
+    concatenation) is faster in the default order, so only those inputs are converted.
+    """
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
+
+
 class UNet2(nn.Module):
     """The residual U-Net of GradICON / uniGradICON.
 
@@ -71,14 +81,14 @@ class UNet2(nn.Module):
             y = self.downConvs[depth](F.leaky_relu(x))
             x = y + _match_channels(self._avg_pool(x, 2, ceil_mode=True), y.shape[1])
         for depth in reversed(range(self.num_layers)):
-            y = self.upConvs[depth](F.leaky_relu(x))
+            y = self.upConvs[depth](_channels_last(F.leaky_relu(x))).contiguous()
             x = y + F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2,
                                   mode=self._interpolate_mode, align_corners=False)
             x = self.batchNorms[depth](x)
             skip = skips[depth]
             x = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in skip.shape[2:])]
             x = torch.cat([x, skip], dim=1)
-        return self.lastConv(x) / 10
+        return self.lastConv(_channels_last(x)).contiguous() / 10
 
 
 def tallUNet2(dimension: int = 3, input_channels: int = 1) -> UNet2:  # noqa: N802 (icon_registration's name)

@@ -1,7 +1,7 @@
 """The GradICON / ICON training objective, shared by training and instance optimisation.
 
-Both directions run as one batch: the network sees ``[A; B]`` against ``[B; A]`` and returns
-``[Φ_AB; Φ_BA]``, so inverse consistency is penalised symmetrically (Φ_AB∘Φ_BA and Φ_BA∘Φ_AB).
+Both directions are evaluated as one stacked transform ``[Φ_AB; Φ_BA]`` of the batch ``[A; B]`` against
+``[B; A]``; the inverse-consistency penalty acts on Φ_AB∘Φ_BA.
 """
 
 from __future__ import annotations
@@ -28,32 +28,35 @@ class ObjectiveTerms:
     transform: Transform
 
 
-def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
-    """``[X; Y] -> [Y; X]`` along the batch axis."""
-    half = tensor.shape[0] // 2
-    return torch.cat([tensor[half:], tensor[:half]], dim=0)
-
-
 PENALTIES = ("gradicon", "icon", "bending", "diffusion")
 
 
-def both_directions(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor) -> Transform:
-    """The transform ``[Φ_AB; Φ_BA]`` of the batch ``[A; B]`` against ``[B; A]``.
+def directions(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor) -> tuple[Transform, Transform]:
+    """``(Φ_AB, Φ_BA)`` for batches ``image_A``, ``image_B`` ``[b, 1, *S]``.
 
-    Networks that are inverse consistent by construction (``forward_and_inverse``) compute both directions from
-    one pass on ``A, B``; others run on the doubled batch. Called on coordinates ``[2b, 3, …]`` the result maps
-    the first half by Φ_AB and the second by Φ_BA; on a single grid ``[1, 3, …]`` it returns both stacked.
+    Networks that are inverse consistent by construction (``forward_and_inverse``) compute both from one pass on
+    ``A, B``; others run twice, on ``(A, B)`` and on ``(B, A)``, as icon_registration's GradICON does (in training
+    mode each direction's batch norm sees its own batch; on a CPU two passes of ``b`` also run faster than one of
+    ``2b``, whose large temporaries cost page faults).
     """
     if hasattr(net, "forward_and_inverse"):
-        forward, backward = net.forward_and_inverse(image_A, image_B)
-        batch = image_A.shape[0]
+        return net.forward_and_inverse(image_A, image_B)
+    return net(image_A, image_B), net(image_B, image_A)
 
-        def stacked(coordinates: torch.Tensor) -> torch.Tensor:
-            if coordinates.shape[0] == 2 * batch:
-                return torch.cat([forward(coordinates[:batch]), backward(coordinates[batch:])])
-            return torch.cat([forward(coordinates), backward(coordinates)])
-        return stacked
-    return net(torch.cat([image_A, image_B], dim=0), torch.cat([image_B, image_A], dim=0))
+
+def stack_directions(forward: Transform, backward: Transform, batch: int) -> Transform:
+    """The transform ``[Φ_AB; Φ_BA]`` of the batch ``[A; B]`` against ``[B; A]``: on coordinates ``[2b, 3, …]`` it
+    maps the first half by Φ_AB and the second by Φ_BA; on a single grid ``[1, 3, …]`` it returns both stacked."""
+    def stacked(coordinates: torch.Tensor) -> torch.Tensor:
+        if coordinates.shape[0] == 2 * batch:
+            return torch.cat([forward(coordinates[:batch]), backward(coordinates[batch:])])
+        return torch.cat([forward(coordinates), backward(coordinates)])
+    return stacked
+
+
+def both_directions(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor) -> Transform:
+    """The stacked transform ``[Φ_AB; Φ_BA]`` (:func:`stack_directions` of :func:`directions`)."""
+    return stack_directions(*directions(net, image_A, image_B), image_A.shape[0])
 
 
 def diffusion_penalty(maps: torch.Tensor) -> torch.Tensor:
@@ -70,34 +73,41 @@ def diffusion_penalty(maps: torch.Tensor) -> torch.Tensor:
 def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor, *, similarity: Callable,
                         lmbda: float = 1.5, penalty: str = "gradicon", mask_A: Optional[torch.Tensor] = None,
                         mask_B: Optional[torch.Tensor] = None, padding: str = "zeros",
-                        generator: Optional[torch.Generator] = None) -> ObjectiveTerms:
+                        generator: Optional[torch.Generator] = None, penalty_fraction: float = 1.0,
+                        penalty_samples: Optional[torch.Tensor] = None) -> ObjectiveTerms:
     """``sim(A∘Φ_AB, B) + sim(B∘Φ_BA, A) + λ · penalty`` for batches ``image_A``, ``image_B`` ``[b, 1, *S]``.
 
-    ``penalty``: ``"gradicon"`` (‖∇(Φ_AB∘Φ_BA) − I‖²_F), ``"icon"`` (‖Φ_AB∘Φ_BA − Id‖²), ``"bending"`` (bending
+    ``penalty``: ``"gradicon"`` (‖∇(Φ_AB∘Φ_BA) − I‖²_F), ``"icon"`` (‖Φ_AB∘Φ_BA − Id‖²) — on Φ_AB∘Φ_BA only,
+    as in the GradICON paper and icon_registration (pairs come in both orders, so it is symmetric in
+    expectation, at half the cost of penalising Φ_BA∘Φ_AB as well) — ``"bending"`` (bending
     energy of the velocity fields of a ConstrICON network's SVF steps, voxels) or ``"diffusion"`` (squared
     gradient of both displacements, voxels). Masks restrict the similarity to the reference image's mask (loss
     masking). Images are warped with ``padding``.
+
+    The GradICON / ICON penalties are evaluated at jittered grid points (:func:`jittered_identity`):
+    every grid point (``penalty_fraction = 1``, Tian et al.) or a uniformly random subset of that fraction of
+    them (same expectation, the cost of the penalty's map evaluations falls in proportion).
+    ``penalty_samples`` ``[b, d, …]`` (or ``[1, d, …]`` for all) replaces the random points.
     """
     if penalty not in PENALTIES:
         raise ValueError(f"unknown penalty '{penalty}': use one of {', '.join(PENALTIES)}")
     batch = image_A.shape[0]
     shape = image_A.shape[2:]
     pair_moving = torch.cat([image_A, image_B], dim=0)
-    phi = both_directions(net, image_A, image_B)
+    phi_AB, phi_BA = directions(net, image_A, image_B)
+    phi = stack_directions(phi_AB, phi_BA, batch)
     grid = identity_map(shape, dtype=image_A.dtype, device=image_A.device)
     maps = phi(grid)
     warped = warp(pair_moving, maps, padding=padding)
     similarity_value = (similarity(warped[:batch], image_B, mask_B) + similarity(warped[batch:], image_A, mask_A))
     if penalty in ("gradicon", "icon"):
-        samples = jittered_identity(shape, batch=batch, dtype=image_A.dtype, device=image_A.device,
-                                    generator=generator)
-        samples = torch.cat([samples, samples], dim=0)
-
-        def phi_swapped(coordinates: torch.Tensor) -> torch.Tensor:  # [Φ_BA(x); Φ_AB(y)] for input [x; y]
-            return swap_halves(phi(swap_halves(coordinates)))
-
+        if penalty_samples is None:
+            samples = jittered_identity(shape, batch=batch, dtype=image_A.dtype, device=image_A.device,
+                                        generator=generator, fraction=penalty_fraction)
+        else:
+            samples = penalty_samples.to(image_A.dtype).expand(batch, *penalty_samples.shape[1:])
         penalty_function = gradicon_penalty if penalty == "gradicon" else icon_penalty
-        penalty_value = penalty_function(phi, phi_swapped, samples)
+        penalty_value = penalty_function(phi_AB, phi_BA, samples)
     elif penalty == "bending":
         penalty_value = velocity_bending_energy(net)
     else:

@@ -52,7 +52,8 @@ class RegistrationSettings:
     overrides the model's weights. ``outputMode`` is ``"transform"`` (moving volume placed under the transform)
     or ``"warped"`` (a new resampled volume). ``exactInverse`` makes the inverse transform the numerical inverse of
     the forward one (fixed-point inversion to 0.01 voxel) rather than the network's reverse prediction.
-    ``overlay`` is the QA map shown over the images.
+    ``overlay`` is the QA map shown over the images. ``ioMode`` is the instance optimisation's mode: ``"fields"``
+    (the two displacement fields, fast) or ``"weights"`` (the network's weights).
     """
 
     model: str = DEFAULT_MODEL
@@ -60,6 +61,7 @@ class RegistrationSettings:
     fixedModality: str = "auto"
     movingModality: str = "auto"
     ioIterations: int = 0
+    ioMode: str = "fields"
     device: str = "auto"
     fieldGrid: str = "network"
     outputMode: str = "transform"
@@ -205,7 +207,8 @@ class ICONRegistrationLogic:
         return register(inputs.fixed, inputs.moving, loaded_model if loaded_model is not None else settings.model,
                         fixed_modality=settings.fixedModality, moving_modality=settings.movingModality,
                         fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
-                        io_iterations=int(settings.ioIterations), device=settings.device, progress=progress,
+                        io_iterations=int(settings.ioIterations), io_mode=settings.ioMode, device=settings.device,
+                        progress=progress,
                         weights=settings.weightsFile or None, field_grid=settings.fieldGrid,
                         exact_inverse=bool(settings.exactInverse and settings.createInverse),
                         random_weights=random_weights)
@@ -213,7 +216,7 @@ class ICONRegistrationLogic:
     def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,
                  fixedModality: Optional[str] = None, movingModality: Optional[str] = None,
                  fixedMaskNode=None, movingMaskNode=None, ioIterations: Optional[int] = None,
-                 device: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+                 ioMode: Optional[str] = None, device: Optional[str] = None, progress: Optional[ProgressCallback] = None,
                  weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
                  outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
                  exactInverse: Optional[bool] = None, settings: Optional[RegistrationSettings] = None,
@@ -230,7 +233,7 @@ class ICONRegistrationLogic:
             loaded_model, model = model, model.spec.name
         settings = dataclasses.replace(settings or RegistrationSettings(), **{k: v for k, v in {
             "fixedModality": fixedModality, "movingModality": movingModality,
-            "ioIterations": ioIterations, "device": device, "weightsFile": weightsFile, "fieldGrid": fieldGrid,
+            "ioIterations": ioIterations, "ioMode": ioMode, "device": device, "weightsFile": weightsFile, "fieldGrid": fieldGrid,
             "model": str(model) if model is not None else None,
             "outputMode": outputMode, "createInverse": createInverse,
             "exactInverse": exactInverse}.items() if v is not None})

@@ -1,0 +1,161 @@
+"""The CPU fast paths give the numbers of the plain paths they replace.
+
+* sampling a batch-1 volume in chunks (one per thread) = one ``grid_sample`` call, values and gradients;
+* Gaussian blur as banded-matrix products = depthwise 1-D convolutions (odd and even kernels);
+* the GradICON penalty with the shifted points fused into one evaluation = four separate evaluations;
+* the penalty on a random subset of points has the full penalty's expectation;
+* the UNet's channels-last convolutions = the default memory order;
+* the objective equals icon_registration's GradICON formula (one-sided penalty) written out here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ICONRegistrationLib.core import coordinates, networks
+from ICONRegistrationLib.core.coordinates import identity_map, warp
+from ICONRegistrationLib.core.losses import (LNCC, gaussian_blur, gaussian_kernel1d, gradicon_penalty,
+                                             jittered_identity)
+from ICONRegistrationLib.core.networks import UNet2
+from ICONRegistrationLib.core.registration_modules import displacement_transform
+
+
+def _plain_grid_sample(image, coordinates_, padding="border", mode="bilinear"):
+    grid = torch.stack([coordinates_[:, 2], coordinates_[:, 1], coordinates_[:, 0]], dim=-1) * 2 - 1
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_chunked_sampling_equals_one_grid_sample_call(monkeypatch, padding, mode):
+    monkeypatch.setattr(coordinates, "_MIN_POINTS_PER_CHUNK", 64)  # force several chunks on a small grid
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # a point count not divisible by the chunks
+    generator = torch.Generator().manual_seed(0)
+    field = torch.randn(1, 3, 9, 10, 11, generator=generator, dtype=torch.float64).requires_grad_(True)
+    points = (torch.rand(1, 3, 7, 8, 5, generator=generator, dtype=torch.float64) * 1.2 - 0.1).requires_grad_(True)
+    assert coordinates._sampling_chunks(field, points.movedim(1, -1)) == 3
+    chunked = warp(field, points, padding=padding, mode=mode)
+    plain = _plain_grid_sample(field, points, padding, mode)
+    assert chunked.shape == plain.shape == (1, 3, 7, 8, 5)
+    assert torch.equal(chunked, plain)
+    if mode == "bilinear":
+        weights = torch.randn_like(plain)
+        grads_chunked = torch.autograd.grad((chunked * weights).sum(), [field, points])
+        grads_plain = torch.autograd.grad((plain * weights).sum(), [field, points])
+        for a, b in zip(grads_chunked, grads_plain):
+            assert torch.allclose(a, b, atol=1e-12)
+
+
+def _conv_blur(tensor, sigma, kernel_size=None):
+    kernel = gaussian_kernel1d(sigma, kernel_size, dtype=tensor.dtype)
+    out, groups = tensor, tensor.shape[1]
+    for axis in range(3):
+        shape = [groups, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        out = F.conv3d(out, kernel.reshape([1, 1] + shape[2:]).expand(shape), padding="same", groups=groups)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("sigma,kernel_size", [(2, None), (5, None), (1.25, None), (1.5, 6)])
+def test_matrix_blur_equals_depthwise_convolution(sigma, kernel_size):
+    image = torch.rand(2, 3, 13, 17, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(gaussian_blur(image, sigma, kernel_size), _conv_blur(image, sigma, kernel_size),
+                          atol=1e-14)
+
+
+def _unfused_gradicon(phi_AB, phi_BA, samples, delta=1e-3):
+    error = samples - phi_AB(phi_BA(samples))
+    total = 0
+    for axis in range(3):
+        step = torch.zeros(1, 3, 1, 1, 1, dtype=samples.dtype)
+        step[0, axis] = delta
+        shifted = samples + step
+        total = total + torch.mean(((error - (shifted - phi_AB(phi_BA(shifted)))) / delta) ** 2)
+    return total
+
+
+def _smooth_field(shape, amplitude, seed):
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 3, 4, 4, 4, generator=generator, dtype=torch.float64) * amplitude
+    return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
+def test_fused_gradicon_penalty_equals_separate_evaluations():
+    shape = (12, 14, 10)
+    phi_AB = displacement_transform(_smooth_field(shape, 0.03, 0))
+    phi_BA = displacement_transform(_smooth_field(shape, 0.03, 1))
+    samples = jittered_identity(shape, batch=2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fused = gradicon_penalty(phi_AB, phi_BA, samples)
+    assert float(fused) > 1e-3
+    assert float(fused) == pytest.approx(float(_unfused_gradicon(phi_AB, phi_BA, samples)), rel=1e-12)
+
+
+def test_subset_penalty_has_the_full_penalty_expectation():
+    shape = (10, 12, 9)
+    phi_AB = displacement_transform(_smooth_field(shape, 0.04, 3))
+    phi_BA = displacement_transform(_smooth_field(shape, 0.04, 4))
+    generator = torch.Generator().manual_seed(5)
+    full = [float(gradicon_penalty(phi_AB, phi_BA, jittered_identity(shape, 1, dtype=torch.float64,
+                                                                      generator=generator))) for _ in range(40)]
+    subset = [float(gradicon_penalty(phi_AB, phi_BA, jittered_identity(shape, 1, dtype=torch.float64,
+                                                                        generator=generator, fraction=0.125)))
+              for _ in range(400)]
+    samples = jittered_identity(shape, 2, generator=generator, fraction=0.125)
+    count = round(0.125 * 10 * 12 * 9)
+    assert samples.shape == (2, 3, count, 1, 1)
+    mean_full = sum(full) / len(full)
+    mean_subset = sum(subset) / len(subset)
+    spread = (sum((v - mean_subset) ** 2 for v in subset) / (len(subset) - 1)) ** 0.5
+    # unbiased: the means agree within four standard errors of the subset mean
+    assert abs(mean_subset - mean_full) < 4 * spread / math.sqrt(len(subset)) + 1e-3 * mean_full
+    # the subset estimate is noisier than the full one, as stated
+    spread_full = (sum((v - mean_full) ** 2 for v in full) / (len(full) - 1)) ** 0.5
+    assert spread > spread_full
+    with pytest.raises(ValueError):
+        jittered_identity(shape, 1, fraction=0)
+
+
+def test_unet_channels_last_convolutions_give_the_same_output(monkeypatch):
+    torch.manual_seed(0)
+    net = UNet2(5, [[2, 8, 16, 16, 16, 16], [8, 16, 16, 16, 16]]).train()
+    torch.nn.init.normal_(net.lastConv.weight, std=0.05)
+    a, b = torch.rand(2, 1, 34, 33, 36), torch.rand(2, 1, 34, 33, 36)
+    fast = net(a, b)
+    monkeypatch.setattr(networks, "_channels_last", lambda x: x)
+    plain = net(a, b)
+    assert fast.is_contiguous()
+    assert torch.allclose(fast, plain, atol=1e-6)
+
+
+def test_objective_is_icon_registrations_gradicon_loss():
+    """icon_registration 1.1.9's GradientICON, transcribed: LNCC both ways (border padding) + λ·penalty of
+    Φ_AB∘Φ_BA at identity + N(0, 1/W²) noise (the same noise for every batch element)."""
+    from ICONRegistrationLib.core.objective import symmetric_objective
+
+    shape = (12, 14, 10)
+    fields = {"AB": _smooth_field(shape, 0.03, 6).float(), "BA": _smooth_field(shape, 0.03, 7).float()}
+
+    class Net(torch.nn.Module):
+        def forward(self, image_A, image_B):
+            key = "AB" if image_A is images[0] else "BA"
+            return displacement_transform(fields[key].expand(image_A.shape[0], -1, -1, -1, -1))
+
+    generator = torch.Generator().manual_seed(8)
+    images = (torch.rand(2, 1, *shape, generator=generator), torch.rand(2, 1, *shape, generator=generator))
+    identity = identity_map(shape)
+    samples = identity + torch.randn(identity.shape, generator=generator) / shape[-1]
+    terms = symmetric_objective(Net(), *images, similarity=LNCC(2), lmbda=1.5, padding="border",
+                                penalty_samples=samples)
+    phi_AB, phi_BA = displacement_transform(fields["AB"]), displacement_transform(fields["BA"])
+    maps_AB, maps_BA = ((identity + fields[key]).expand(2, -1, -1, -1, -1) for key in ("AB", "BA"))
+    similarity = (LNCC(2)(_plain_grid_sample(images[0], maps_AB), images[1])
+                  + LNCC(2)(_plain_grid_sample(images[1], maps_BA), images[0]))
+    penalty = _unfused_gradicon(phi_AB, phi_BA, samples)
+    assert float(terms.similarity) == pytest.approx(float(similarity), rel=1e-6)
+    assert float(terms.penalty) == pytest.approx(float(penalty), rel=1e-5)
+    assert float(terms.loss) == pytest.approx(float(similarity + 1.5 * penalty), rel=1e-6)
