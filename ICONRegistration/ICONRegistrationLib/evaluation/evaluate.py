@@ -118,7 +118,8 @@ def _score(method: str, transform: sitk.Transform, pair: LabelledPair, fixed: si
 
 
 def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterations: int = 0,
-             io_mode: str = "fields", baselines: Sequence[str] = ("identity", "demons"), device: str = "auto", modality: str = "auto",
+             io_mode: str = "fields", baselines: Sequence[str] = ("identity", "demons"), device: str = "auto",
+             modality: str = "auto",
              progress: Optional[ProgressCallback] = None) -> dict:
     """Evaluate ``model`` (zoo name, spec path or ``LoadedModel``) and ``baselines`` on ``pairs``.
 

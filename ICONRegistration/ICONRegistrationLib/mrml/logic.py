@@ -216,7 +216,8 @@ class ICONRegistrationLogic:
     def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,
                  fixedModality: Optional[str] = None, movingModality: Optional[str] = None,
                  fixedMaskNode=None, movingMaskNode=None, ioIterations: Optional[int] = None,
-                 ioMode: Optional[str] = None, device: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+                 ioMode: Optional[str] = None, device: Optional[str] = None,
+                 progress: Optional[ProgressCallback] = None,
                  weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
                  outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
                  exactInverse: Optional[bool] = None, settings: Optional[RegistrationSettings] = None,
@@ -233,7 +234,8 @@ class ICONRegistrationLogic:
             loaded_model, model = model, model.spec.name
         settings = dataclasses.replace(settings or RegistrationSettings(), **{k: v for k, v in {
             "fixedModality": fixedModality, "movingModality": movingModality,
-            "ioIterations": ioIterations, "ioMode": ioMode, "device": device, "weightsFile": weightsFile, "fieldGrid": fieldGrid,
+            "ioIterations": ioIterations, "ioMode": ioMode, "device": device, "weightsFile": weightsFile,
+            "fieldGrid": fieldGrid,
             "model": str(model) if model is not None else None,
             "outputMode": outputMode, "createInverse": createInverse,
             "exactInverse": exactInverse}.items() if v is not None})

@@ -23,12 +23,14 @@ from ..core.registration_modules import displacement_transform
 from ..progress import ProgressCallback, report
 
 IO_MODES = ("fields", "weights")
+WEIGHTS_LEARNING_RATE = 2e-5  # Adam step size of the weight mode (uniGradICON's)
 FIELD_LEARNING_RATE = 0.05  # Adam step size of the field mode, in voxels of the network grid
 FIELD_PENALTY_FRACTION = 0.125  # the field mode's penalty points: a fresh random eighth of the grid each step
 
 
 def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, *, iterations: int,
-                      similarity: Callable, lmbda: float, penalty: str = "gradicon", learning_rate: float = 2e-5,
+                      similarity: Callable, lmbda: float, penalty: str = "gradicon",
+                      learning_rate: float = WEIGHTS_LEARNING_RATE,
                       mask_A: Optional[torch.Tensor] = None, mask_B: Optional[torch.Tensor] = None,
                       progress: Optional[ProgressCallback] = None) -> tuple[Callable, list[float]]:
     """Run ``iterations`` Adam steps of the training objective (``penalty``: the model's regulariser, GradICON by
@@ -67,14 +69,13 @@ def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torc
 
 
 def field_objective(displacements: torch.Tensor, image_A: torch.Tensor, image_B: torch.Tensor, *,
-                    similarity: Callable, lmbda: float, mask_A: Optional[torch.Tensor] = None,
-                    mask_B: Optional[torch.Tensor] = None,
-                    samples: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    similarity: Callable, lmbda: float, samples: torch.Tensor, mask_A: Optional[torch.Tensor] = None,
+                    mask_B: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sim(A∘Φ_AB, B) + sim(B∘Φ_BA, A) + λ/2 (GradICON(Φ_AB, Φ_BA) + GradICON(Φ_BA, Φ_AB))``.
 
     ``displacements`` ``[2, 3, *S]``: Φ_AB − Id and Φ_BA − Id on the images' network grid ``S`` (unit-cube
     units); ``image_A``, ``image_B`` ``[1, 1, *S]``. ``samples``: the penalty's points, unit-cube coordinates
-    ``[1, 3, …]`` (default: the grid points themselves).
+    ``[1, 3, …]`` (jittered grid points, :func:`~ICONRegistrationLib.core.losses.jittered_identity`).
     Returns (loss, similarity, penalty).
     """
     shape = image_A.shape[2:]
@@ -83,8 +84,7 @@ def field_objective(displacements: torch.Tensor, image_A: torch.Tensor, image_B:
     warped = warp(torch.cat([image_A, image_B]), maps, padding="zeros")
     similarity_value = similarity(warped[:1], image_B, mask_B) + similarity(warped[1:], image_A, mask_A)
     phi_AB, phi_BA = displacement_transform(displacements[:1]), displacement_transform(displacements[1:])
-    points = grid if samples is None else samples
-    penalty = 0.5 * (gradicon_penalty(phi_AB, phi_BA, points) + gradicon_penalty(phi_BA, phi_AB, points))
+    penalty = 0.5 * (gradicon_penalty(phi_AB, phi_BA, samples) + gradicon_penalty(phi_BA, phi_AB, samples))
     return similarity_value + lmbda * penalty, similarity_value, penalty
 
 
@@ -96,8 +96,8 @@ def optimize_fields(maps: torch.Tensor, image_A: torch.Tensor, image_B: torch.Te
     ``iterations`` Adam steps of :func:`field_objective` on the displacement fields; ``learning_rate`` is in
     voxels of the grid. Each step evaluates the penalty at a fresh random eighth of the jittered grid points
     (the full penalty's expectation, see :func:`~ICONRegistrationLib.core.losses.jittered_identity`); the last
-    objective value uses every grid point. The network is not involved. Returns the refined maps (same layout) and the objective
-    before each step and after the last one (``iterations + 1`` values).
+    objective value uses every jittered grid point. The network is not involved. Returns the refined maps (same
+    layout) and the objective before each step and after the last one (``iterations + 1`` values).
     """
     shape = maps.shape[2:]
     grid = identity_map(shape, dtype=maps.dtype, device=maps.device)
@@ -119,6 +119,7 @@ def optimize_fields(maps: torch.Tensor, image_A: torch.Tensor, image_B: torch.Te
         report(progress, "instance optimisation", (step + 1) / iterations)
     with torch.no_grad():
         displacements = voxels / scale
+        every_point = jittered_identity(shape, 1, dtype=maps.dtype, device=maps.device, generator=generator)
         history.append(float(field_objective(displacements, image_A, image_B, similarity=similarity, lmbda=lmbda,
-                                             mask_A=mask_A, mask_B=mask_B)[0]))
+                                             samples=every_point, mask_A=mask_A, mask_B=mask_B)[0]))
         return grid + displacements, history

@@ -31,7 +31,8 @@ from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback, report
 from .grid import Grid, apply_affine
 from .images import image_array, mask_array
-from .instance_optimization import IO_MODES, optimize_fields, optimize_instance
+from .instance_optimization import (FIELD_LEARNING_RATE, IO_MODES, WEIGHTS_LEARNING_RATE, optimize_fields,
+                                    optimize_instance)
 from .inverse import invert_field
 from .preprocessing import check_modality, normalize_intensities
 from .qa import field_jacobian, physical_jacobian, summarize
@@ -288,8 +289,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         if io_iterations and io_mode == "weights":
             transform, history = optimize_instance(
                 loaded.net, image_A, image_B, iterations=int(io_iterations), similarity=similarity,
-                lmbda=spec.lmbda, penalty=spec.penalty, learning_rate=io_learning_rate or 2e-5, mask_A=mask_A,
-                mask_B=mask_B, progress=progress)
+                lmbda=spec.lmbda, penalty=spec.penalty, learning_rate=io_learning_rate or WEIGHTS_LEARNING_RATE,
+                mask_A=mask_A, mask_B=mask_B, progress=progress)
             with torch.no_grad():
                 maps = transform(identity_map(grid_B.shape, device=torch_device))  # [Φ_AB; Φ_BA]
         elif io_iterations:
@@ -297,8 +298,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             maps = _predict_both_directions(loaded.net, image_A, image_B, progress)
             maps, history = optimize_fields(maps, image_A, image_B, iterations=int(io_iterations),
                                             similarity=similarity, lmbda=spec.lmbda, mask_A=mask_A, mask_B=mask_B,
-                                            progress=progress, **({"learning_rate": io_learning_rate}
-                                                                  if io_learning_rate else {}))
+                                            learning_rate=io_learning_rate or FIELD_LEARNING_RATE, progress=progress)
         else:
             report(progress, "network", 0.0)
             maps = _predict_both_directions(loaded.net, image_A, image_B, progress)
