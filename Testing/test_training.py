@@ -116,8 +116,8 @@ def test_dataset_listing_split_and_nearest_label_resampling(tmp_path):
     prepared = prepare(entries, small_spec())
     assert prepared.images.shape == (5, 1, 20, 24, 20) and prepared.images.dtype == torch.float16
     assert set(torch.unique(prepared.labels).tolist()) == {0, 3, 7}  # no interpolated label values
-    prepared.save(tmp_path / "prepared.pt")
-    again = PreparedSet.load(tmp_path / "prepared.pt")
+    prepared.save(tmp_path / "prepared.npz")
+    again = PreparedSet.load(tmp_path / "prepared.npz")
     assert torch.equal(again.images, prepared.images) and again.names == prepared.names
     with (tmp_path / "list.csv").open("w") as handle:
         handle.write("image,label\nimages/case0.nii.gz,labels/case0.nii.gz\nimages/case1.nii.gz,\n")
@@ -200,3 +200,171 @@ def test_demons_baseline_recovers_a_shift():
     before = dice_per_label(moving_labels, labels, [1])[1]
     after = dice_per_label(warped, labels, [1])[1]
     assert after > before + 0.1, (before, after)
+
+
+# --- label-aware training (optional supervision) -------------------------------------------------------------
+
+def test_label_fractions_are_one_hot_and_block_fractions():
+    from ICONRegistrationLib.core.losses import label_fractions
+    labels = torch.zeros(1, 1, 4, 4, 4)
+    labels[0, 0, :2, :2, :2] = 7
+    labels[0, 0, 0, 0, 0] = 3
+    labels[0, 0, 2:, 2:, 2:] = 99  # not in the values: background
+    one_hot = label_fractions(labels, torch.tensor([3, 7]))
+    assert one_hot.shape == (1, 2, 4, 4, 4)
+    assert torch.equal(one_hot[0, 0], (labels[0, 0] == 3).float())
+    assert torch.equal(one_hot[0, 1], (labels[0, 0] == 7).float())
+    blocks = label_fractions(labels, torch.tensor([3, 7]), factor=2)
+    assert blocks.shape == (1, 2, 2, 2, 2)
+    assert blocks[0, 0, 0, 0, 0] == pytest.approx(1 / 8) and blocks[0, 1, 0, 0, 0] == pytest.approx(7 / 8)
+    assert float(blocks[0, :, 1, 1, 1].sum()) == 0.0  # label 99 and 0 are background
+    with pytest.raises(ValueError, match="divide"):
+        label_fractions(torch.zeros(1, 1, 5, 4, 4), torch.tensor([1]), factor=2)
+
+
+def test_soft_dice_loss_is_zero_for_a_match_one_for_disjoint_and_skips_absent_labels():
+    from ICONRegistrationLib.core.losses import soft_dice_loss
+    a = torch.zeros(1, 3, 6, 6, 6)
+    a[0, 0, :3] = 1
+    a[0, 1, 3:] = 1  # channel 2 is empty in both maps: skipped, not a perfect match
+    assert float(soft_dice_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(soft_dice_loss(a, a.flip(2))) == pytest.approx(1.0, abs=1e-6)
+    half = a.clone()
+    half[0, 0, 1:3] = 0  # channel 0 overlap 1/3 of a's: Dice 2·(1/3)/(1 + 1/3) = 0.5
+    assert float(soft_dice_loss(half, a)) == pytest.approx(1 - (0.5 + 1.0) / 2, abs=1e-6)
+
+
+def test_label_loss_on_blocks_is_lowest_at_the_true_shift():
+    """Labels of B are those of A moved by 4 voxels along axis 0: over maps Φ = Id + t, the loss (on 2-voxel
+    blocks) is smallest at t = 4 voxels, in both directions, and coarse_coordinates keeps the identity."""
+    from ICONRegistrationLib.core.coordinates import identity_map, voxel_scale
+    from ICONRegistrationLib.training.trainer import coarse_coordinates, label_loss
+    shape = (32, 24, 24)
+    identity = identity_map(shape)
+    assert torch.allclose(coarse_coordinates(identity, 2), identity_map((16, 12, 12)), atol=1e-6)
+    labels_A = torch.zeros(1, 1, *shape)
+    labels_A[0, 0, 8:16, 6:18, 6:18] = 1
+    labels_A[0, 0, 16:22, 6:18, 6:18] = 2
+    labels_B = labels_A.roll(-4, dims=2)  # B(x) = A(x + 4): Φ_AB(x) = x + 4, Φ_BA(x) = x − 4
+    step = 1 / voxel_scale(shape)[0, 0, 0, 0, 0]
+    losses = {}
+    for shift in range(0, 9):
+        maps = identity.repeat(2, 1, 1, 1, 1)
+        maps[0, 0] += shift * step
+        maps[1, 0] -= shift * step
+        losses[shift] = float(label_loss(maps, labels_A, labels_B, torch.tensor([1, 2]), factor=2))
+    assert min(losses, key=losses.get) == 4, losses
+    assert losses[4] < 0.05 and losses[0] > 0.3, losses
+
+
+def test_augment_moves_labels_with_their_images_and_draws_the_same_numbers():
+    from ICONRegistrationLib.training.trainer import augment
+    data = synthetic_set()
+    A, B = data.images[:2].float(), data.images[2:].float()
+    labels = (data.labels[:2].float(), data.labels[2:].float())
+    flips_only = TrainingConfig(flip_axes=(0, 1, 2), affine_strength=0.0)
+    out_A, out_B, (lab_A, lab_B) = augment(A, B, flips_only, torch.Generator().manual_seed(5), labels)
+    # labels are thresholds of the images: they still are after the same flips
+    assert torch.equal(lab_A, (out_A > 0.3).float() + (out_A > 0.6).float())
+    assert torch.equal(lab_B, (out_B > 0.3).float() + (out_B > 0.6).float())
+    config = TrainingConfig(flip_axes=(0, 1, 2), affine_strength=0.05)
+    with_labels = augment(A, B, config, torch.Generator().manual_seed(7), labels)
+    without = augment(A, B, config, torch.Generator().manual_seed(7))
+    assert torch.equal(with_labels[0], without[0]) and torch.equal(with_labels[1], without[1])
+    assert without[2] is None
+    # nearest-neighbour labels agree with the thresholds of the bilinearly warped image almost everywhere
+    agreement = (with_labels[2][0] == (with_labels[0] > 0.3).float() + (with_labels[0] > 0.6).float()).float()
+    assert float(agreement.mean()) > 0.95
+
+
+def test_label_loss_training_lowers_the_label_loss_and_logs_it(tmp_path):
+    config = TrainingConfig(steps=30, batch_size=2, learning_rate=2e-3, affine_strength=0.0, flip_axes=(),
+                            validate_every=30, checkpoint_every=30, seed=1, label_loss="dice", label_weight=1.0)
+    train(small_spec(), synthetic_set(), tmp_path, config, device="cpu")
+    with (tmp_path / "train_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    label = [float(r["label_loss"]) for r in rows]
+    loss = [float(r["loss"]) for r in rows]
+    total = [float(r["similarity"]) + 1.5 * float(r["penalty"]) + float(r["label_loss"]) for r in rows]
+    assert np.allclose(loss, total, atol=1e-5)  # the logged loss includes the label term with weight 1
+    assert np.mean(label[-6:]) < np.mean(label[:6]) - 0.02, label
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"label_loss": "focal"}, "Unknown label loss"),
+    ({"label_weight": 0.0}, "label weight"),
+    ({"label_weight": float("nan")}, "label weight"),
+    ({"label_downsample": 3}, "divide the grid"),
+])
+def test_label_loss_settings_are_checked(tmp_path, change, message):
+    from ICONRegistrationLib.errors import UserError
+    config = TrainingConfig(**{"steps": 1, "batch_size": 2, "label_loss": "dice", **change})
+    with pytest.raises(UserError, match=message):
+        train(small_spec(), synthetic_set(), tmp_path, config, device="cpu")
+
+
+def test_label_loss_without_labels_is_a_user_error(tmp_path):
+    from ICONRegistrationLib.errors import UserError
+    data = synthetic_set()
+    unlabelled = PreparedSet(data.images, None, data.names, data.shape)
+    with pytest.raises(UserError, match="label maps"):
+        train(small_spec(), unlabelled, tmp_path, TrainingConfig(steps=1, label_loss="dice"), device="cpu")
+
+
+def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
+    """scripts/train_gpu.sh, with DEVICE=cpu and 2 steps on prepared synthetic volumes on the hippocampus grid:
+    float16 weights that load strictly into the zoo model, a validation table, curves, and a resume."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from ICONRegistrationLib.models.zoo import zoo_spec
+    root = Path(__file__).resolve().parents[1]
+    shape = (36, 48, 36)
+    images, labels = [], []
+    for k in range(3):
+        volume = blob_volume(shape, centre=(18 + k - 1, 24, 18), seed=k)
+        volume = (volume - volume.min()) / (volume.max() - volume.min())
+        images.append(torch.as_tensor(volume, dtype=torch.float16)[None, None])
+        labels.append(torch.as_tensor((volume > 0.4).astype(np.uint8))[None, None])
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    PreparedSet(torch.cat(images), torch.cat(labels), ["a", "b", "c"], shape).save(prepared / "train_prepared.npz")
+    PreparedSet(torch.cat(images[:2]), torch.cat(labels[:2]), ["a", "b"], shape).save(
+        prepared / "validation_prepared.npz")
+    out = tmp_path / "run"
+    env = {**os.environ, "PREPARED": str(prepared), "DEVICE": "cpu", "STEPS": "2", "PYTHON": sys.executable}
+    command = ["bash", str(root / "scripts" / "train_gpu.sh"), "gradicon-hippocampus", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = torch.load(out / "gradicon-hippocampus.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    net = build_network(zoo_spec("gradicon-hippocampus"))
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=True)
+    table = (out / "validation.md").read_text().splitlines()
+    assert table[0].startswith("| step | validation Dice") and table[-1].startswith("| 2 |")
+    assert (out / "curves.png").is_file() and json.loads((out / "summary.json").read_text())["steps"] == 2
+    # running again continues from the checkpoint (no --init), up to the new total
+    done = subprocess.run(command, env={**env, "STEPS": "3"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    with (out / "train_log.csv").open() as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3]
+
+
+def test_time_limit_stops_with_a_checkpoint_and_a_validation_row(tmp_path):
+    config = TrainingConfig(steps=100, batch_size=2, validate_every=100, checkpoint_every=100, time_limit=0.0)
+    summary = train(small_spec(), synthetic_set(), tmp_path, config, validation_set=synthetic_set(3, seed=1),
+                    device="cpu")
+    assert summary["steps"] == 1 and summary["validation"]["step"] == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert (tmp_path / "validation.md").read_text().splitlines()[-1].startswith("| 1 |")
+
+
+@pytest.mark.parametrize("batch", ["0", "two", "2.5"])
+def test_cli_train_rejects_a_bad_batch_size(tmp_path, batch):
+    data = synthetic_set()
+    data.save(tmp_path / "train.npz")
+    (tmp_path / "small.json").write_text(json.dumps(SMALL))
+    assert main(["train", "--spec", str(tmp_path / "small.json"), "--data", str(tmp_path / "train.npz"),
+                 "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", batch]) == 3

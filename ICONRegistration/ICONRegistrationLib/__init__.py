@@ -10,7 +10,9 @@ does not import torch, so a GUI can list models before torch is installed. The p
 and SimpleITK only.
 """
 
-import importlib
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -24,7 +26,15 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use
+    from .core.coordinates import identity_map
+    from .errors import Cancelled, UserError
+    from .models.build import build_network
+    from .models.spec import ModelSpec
+    from .models.weights import load_model
+    from .models.zoo import DEFAULT_MODEL
+    from .pipeline.grid import Grid
+    from .pipeline.registration import RegistrationResult, register
+    from .pipeline.resampling import warp

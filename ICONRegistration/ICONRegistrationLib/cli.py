@@ -142,11 +142,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from .models.weights import bundled_weights_path
 
     if args.action == "list":
-        print(f"{'name':<16} {'grid (D,H,W)':<16} {'weights':<15} description")
-        for name in model_names():
+        names = model_names()
+        width = max(len(name) for name in names) + 2
+        print(f"{'name':<{width}} {'grid (D,H,W)':<14} {'weights':<15} description")
+        for name in names:
             spec = resolve_spec(name)
             shape = "×".join(str(n) for n in spec.input_shape)
-            print(f"{name:<16} {shape:<16} {weights_state(spec):<15} {spec.description}")
+            print(f"{name:<{width}} {shape:<14} {weights_state(spec):<15} {spec.description}")
+            indent = " " * (width + 1)
+            if spec.extra.get("use"):
+                print(f"{indent}for: {spec.extra['use']}")
+            validation = spec.extra.get("validation")
+            if validation:
+                print(f"{indent}validation: {validation_summary(validation)}")
         return EXIT_OK
     if not args.name:
         raise UserError(f"'iconreg models {args.action}' needs a model name (see 'iconreg models list').")
@@ -174,15 +182,37 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def validation_summary(validation: dict) -> str:
+    """One line from a zoo entry's ``validation`` record: Dice against the baselines, folds, IC error."""
+    baselines = ", ".join(f"{name} {value:.3f}" for name, value in validation.get("baselines", {}).items())
+    parts = [f"Dice {validation['dice']:.3f}" + (f" ({baselines})" if baselines else ""),
+             f"{validation['folds_percent']:.4f} % det J ≤ 0"]
+    if validation.get("ic_error_mm") is not None:
+        parts.append(f"IC error {validation['ic_error_mm']:.2f} mm")
+    parts.append(f"{validation['registrations']} registrations: {validation['data']}")
+    return "; ".join(parts)
+
+
+def _positive_int(text: str, option: str) -> int:
+    """``text`` as an integer ≥ 1, else a user error naming ``option``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip():
+        raise UserError(f"{option} must be a whole number ≥ 1 or 'auto', got '{text}'.")
+    return value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.zoo import resolve_spec
-    from .training.data import PreparedSet, list_volumes, prepare, split_validation
-    from .training.trainer import TrainingConfig, export_weights, train
+    from .training.data import PREPARED_SUFFIXES, PreparedSet, list_volumes, prepare, split_validation
+    from .training.trainer import TrainingConfig, export_weights, largest_batch, train
 
     spec = resolve_spec(args.spec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.data.endswith(".pt"):
+    if args.data.endswith(PREPARED_SUFFIXES):
         train_set = PreparedSet.load(args.data)
         validation_set = PreparedSet.load(args.val) if args.val else None
     else:
@@ -196,15 +226,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train_set = prepare(entries, spec)
         validation_set = prepare(validation_entries, spec) if validation_entries else None
         if args.save_prepared:
-            train_set.save(out / "train_prepared.pt")
+            train_set.save(out / "train_prepared.npz")
             if validation_set is not None:
-                validation_set.save(out / "validation_prepared.pt")
-    config = TrainingConfig(steps=args.steps, stage=args.stage, batch_size=args.batch_size,
+                validation_set.save(out / "validation_prepared.npz")
+    config = TrainingConfig(steps=args.steps, stage=args.stage, batch_size=2 if args.batch_size == "auto"
+                            else _positive_int(args.batch_size, "--batch-size"),
                             learning_rate=args.learning_rate, penalty=args.penalty, similarity=args.similarity,
                             lmbda=args.lmbda, affine_strength=args.affine, validate_every=args.validate_every,
                             checkpoint_every=args.checkpoint_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
+                            label_loss=args.label_loss, label_weight=args.label_weight,
+                            time_limit=args.time_limit,
                             flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a != ""))
+    if args.batch_size == "auto":
+        config.batch_size = largest_batch(spec, train_set, config, device=args.device)
+        print(f"batch size {config.batch_size}", file=sys.stderr)
     bar = ProgressBar()
     try:
         summary = train(spec, train_set, out, config, validation_set=validation_set, init=args.init,
@@ -322,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trn = commands.add_parser("train", help="train or fine-tune a model (GradICON protocol), resumable")
     trn.add_argument("--spec", required=True, help="model spec JSON or zoo name (architecture, grid, similarity)")
-    trn.add_argument("--data", required=True, help="dataset folder (images/ [+ labels/]), CSV, or prepared .pt")
+    trn.add_argument("--data", required=True, help="dataset folder (images/ [+ labels/]), CSV, or prepared .npz")
     trn.add_argument("--val", help="validation folder / CSV / prepared .pt (default: the last --val-fraction)")
     trn.add_argument("--val-fraction", type=float, default=0.2)
     trn.add_argument("--out", required=True, help="folder for checkpoint.pt, logs and curves.png")
@@ -331,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="1: multi-resolution network only; 2: with the final full-resolution step (default)")
     trn.add_argument("--init", help="initial weights: a checkpoint or weights file (stage-1 weights fit stage 2)")
     trn.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
-    trn.add_argument("--batch-size", type=int, default=4)
+    trn.add_argument("--batch-size", default="4",
+                     help="pairs per step, or 'auto': the largest that fits the GPU's memory (2 on a CPU)")
+    trn.add_argument("--time-limit", type=float,
+                     help="stop after this many seconds (checkpoint and validation written; resumable)")
     trn.add_argument("--learning-rate", type=float, default=5e-5)
     trn.add_argument("--penalty", default=None, choices=["gradicon", "icon", "bending", "diffusion"],
                      help="regulariser (default: the architecture's: gradicon, bending for constricon, "
@@ -340,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of grid points (random each step) at which the GradICON/ICON penalty is "
                           "evaluated: same expectation as 1.0 (every point), a fraction of the cost")
     trn.add_argument("--similarity", choices=["lncc", "squared_lncc", "ssd", "mind_ssc"])
+    trn.add_argument("--label-loss", choices=["dice"],
+                     help="add a soft Dice loss of warped moving labels against fixed labels, both directions "
+                          "(needs label maps for the training volumes; inference stays image-only)")
+    trn.add_argument("--label-weight", type=float, default=1.0, help="weight of --label-loss (default 1)")
     trn.add_argument("--lambda", dest="lmbda", type=float, help="regularisation weight (default: the spec's)")
     trn.add_argument("--affine", type=float, default=0.05, help="random affine augmentation strength")
     trn.add_argument("--flip-axes", default="0,1,2", help="tensor axes to flip at random ('' for none)")

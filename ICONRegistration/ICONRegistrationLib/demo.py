@@ -46,7 +46,8 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
     from .pipeline.registration import register
 
     sample = sample_pair()
-    fixed, moving = sitk.ReadImage(str(sample["fixed"])), sitk.ReadImage(str(sample["moving"]))
+    from .io.images import read_image
+    fixed, moving = read_image(sample["fixed"], "fixed"), read_image(sample["moving"], "moving")
     name = model or sample["model"]
     result = register(fixed, moving, name, fixed_modality=sample.get("modality", "auto"),
                       moving_modality=sample.get("modality", "auto"), io_iterations=io_iterations,
@@ -60,8 +61,8 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
     lines = [f"Registered {Path(sample['moving']).name} to {Path(sample['fixed']).name} with {metrics['model']} "
              f"on {metrics['device']} in {summary['seconds']:.2f} s."]
     if sample.get("fixed_label") and sample.get("moving_label"):
-        fixed_label = sitk.ReadImage(str(sample["fixed_label"]))
-        moving_label = sitk.ReadImage(str(sample["moving_label"]))
+        fixed_label = read_image(sample["fixed_label"], "fixed label")
+        moving_label = read_image(sample["moving_label"], "moving label")
         labels = label_values(fixed_label, moving_label)
         before = dice_per_label(sitk.Resample(moving_label, fixed_label, sitk.Transform(),
                                               sitk.sitkNearestNeighbor, 0.0), fixed_label, labels)

@@ -7,6 +7,8 @@ optional mask ``[B, 1, *S]`` (non-zero = counted) on the reference image. Penalt
 
 from __future__ import annotations
 
+import itertools
+
 from typing import Optional
 
 import torch
@@ -219,3 +221,41 @@ def gradicon_penalty(phi_AB: Transform, phi_BA: Transform, samples: torch.Tensor
     for axis in range(dimension):
         total = total + torch.mean(((errors[0] - errors[axis + 1]) / delta) ** 2)
     return total
+
+
+def label_fractions(labels: torch.Tensor, values: torch.Tensor, factor: int = 1,
+                    dtype=torch.float32) -> torch.Tensor:
+    """Label maps ``[b, 1, *S]`` (integer values) as one channel per label of ``values`` (``[K]``, foreground
+    values, in channel order): ``[b, K, *S/factor]``, each voxel the fraction of its ``factor``^d block that has
+    the label (one-hot for ``factor = 1``). Voxels whose value is not in ``values`` count as background. Block
+    ``i`` covers fine voxels ``factor·i … factor·i + factor − 1``; every size of ``S`` must divide by ``factor``.
+    """
+    shape = labels.shape[2:]
+    if any(size % factor for size in shape):
+        raise ValueError(f"grid {tuple(shape)} does not divide by {factor}")
+    table = torch.zeros(int(max(labels.max().item(), values.max().item())) + 1, dtype=torch.long,
+                        device=labels.device)
+    table[values.to(labels.device)] = torch.arange(1, values.numel() + 1, device=labels.device)
+    index = table[labels.long()]  # 0: background, k: values[k − 1]
+    coarse = [size // factor for size in shape]
+    out = torch.zeros((labels.shape[0], values.numel() + 1, *coarse), dtype=dtype, device=labels.device)
+    weight = torch.full((labels.shape[0], 1, *coarse), 1.0 / factor ** len(shape), dtype=dtype,
+                        device=labels.device)
+    for offset in itertools.product(range(factor), repeat=len(shape)):
+        block = index[(slice(None), slice(None)) + tuple(slice(o, None, factor) for o in offset)]
+        out.scatter_add_(1, block, weight)
+    return out[:, 1:]
+
+
+def soft_dice_loss(warped: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 − mean soft Dice of one-hot (or probabilistic) label maps ``[b, K, *S]``, over the samples and the
+    channels present in either map (a channel empty in both is skipped, so absent labels do not count as
+    perfect matches). Linear in each map's values, as used by VoxelMorph's auxiliary segmentation loss."""
+    dims = tuple(range(2, warped.dim()))
+    overlap = (warped * fixed).sum(dims)
+    total = warped.sum(dims) + fixed.sum(dims)
+    present = total > eps
+    if not bool(present.any()):
+        return warped.new_zeros(())
+    dice = (2 * overlap + eps) / (total + eps)
+    return 1 - dice[present].mean()

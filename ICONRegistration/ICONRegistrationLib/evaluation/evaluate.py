@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..io.images import read_image
 from ..progress import ProgressCallback, report
 from .baselines import BASELINES, timed
 from .metrics import dice_per_label, hd95_per_label, label_values, mean_std
@@ -136,9 +137,9 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     rows = []
     for index, pair in enumerate(pairs):
-        fixed, moving = sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving))
-        fixed_label = sitk.ReadImage(str(pair.fixed_label))
-        moving_label = sitk.ReadImage(str(pair.moving_label))
+        fixed, moving = read_image(pair.fixed, "fixed"), read_image(pair.moving, "moving")
+        fixed_label = read_image(pair.fixed_label, "fixed label")
+        moving_label = read_image(pair.moving_label, "moving label")
         runs = [("model", 0)] + ([("model+io", io_iterations)] if io_iterations else [])
         for method, iterations in runs:
             result = register(fixed, moving, loaded, fixed_modality=modality, moving_modality=modality,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import SimpleITK as sitk
 
-from ..pipeline.registration import RegistrationResult
 from .transforms import atomic_path, write_displacement_field, write_image
+
+if TYPE_CHECKING:
+    from ..pipeline.registration import RegistrationResult
 
 RESULT_FILES = ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz", "metrics.json")
 
@@ -21,7 +23,7 @@ def write_json(data: dict, path: str | Path) -> Path:
     return path
 
 
-def write_result(result: RegistrationResult, folder: str | Path, *, fixed: Optional[sitk.Image] = None,
+def write_result(result: "RegistrationResult", folder: str | Path, *, fixed: Optional[sitk.Image] = None,
                  moving: Optional[sitk.Image] = None, report: bool = True) -> dict[str, Path]:
     """Write transform.h5, inverse.h5, warped/jacobian/ic_error .nii.gz, metrics.json and report.png.
 

@@ -25,10 +25,12 @@ import SimpleITK as sitk
 
 from ..errors import UserError
 from ..frames import flip_lps_ras
+from .images import read_image
 
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VECTOR_IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+DISPLACEMENT_IMAGE_SUFFIXES = NIFTI_SUFFIXES + VECTOR_IMAGE_SUFFIXES
 NIFTI_INTENT_DISPVECT = 1006
 _NIFTI_INTENT_OFFSET = 68  # byte offset of intent_code in a NIfTI-1 header
 
@@ -67,8 +69,9 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> P
 
 
 def _check_field(field: sitk.Image) -> None:
-    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
-        raise UserError("A displacement field needs one vector component per dimension.")
+    if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
+        raise UserError(f"A displacement field must be a 3-D image of 3-vectors; this one is "
+                        f"{field.GetDimension()}-D with {field.GetNumberOfComponentsPerPixel()} component(s).")
 
 
 def write_displacement_field(field: sitk.Image, path: str | Path) -> Path:
@@ -116,14 +119,25 @@ def read_displacement_field(path: str | Path) -> sitk.Image:
     if not path.is_file():
         raise UserError(f"Transform file '{path}' does not exist.")
     if _suffix(path) in TRANSFORM_SUFFIXES:
-        transform = sitk.ReadTransform(str(path))
+        try:
+            transform = sitk.ReadTransform(str(path))
+        except RuntimeError as error:
+            raise UserError(f"Could not read the transform file '{path}' (damaged or not a transform): "
+                            f"{str(error).strip().splitlines()[-1]}") from None
         if transform.GetName() == "CompositeTransform":
             composite = sitk.CompositeTransform(transform)
             if composite.GetNumberOfTransforms() == 1:
                 transform = composite.GetNthTransform(0)
         if transform.GetName() != "DisplacementFieldTransform":
             raise UserError(f"'{path}' holds a {transform.GetName()}, not a displacement field transform.")
-        return sitk.DisplacementFieldTransform(transform).GetDisplacementField()
-    field = sitk.ReadImage(str(path))
+        field = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+    elif _suffix(path) in DISPLACEMENT_IMAGE_SUFFIXES:
+        field = read_image(path, "displacement field")
+    else:
+        raise UserError(f"Unknown transform file type '{path.name}': use .h5, .tfm, .nii.gz, .nrrd or .mha.")
     _check_field(field)
+    values = sitk.GetArrayViewFromImage(field)
+    if not np.isfinite(values).all():
+        raise UserError(f"The displacement field '{path}' holds {int((~np.isfinite(values)).sum())} NaN or "
+                        "infinite values: it did not come from a successful registration; register again.")
     return sitk.Cast(field, sitk.sitkVectorFloat64)

@@ -3,7 +3,9 @@
 Names are imported on first use, so that listing the zoo or the weight cache does not import torch.
 """
 
-import importlib
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "build_network": ".build", "ModelSpec": ".spec", "LoadedModel": ".weights", "cache_dir": ".weights",
@@ -15,7 +17,11 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from .build import build_network
+    from .spec import ModelSpec
+    from .weights import (LoadedModel, cache_dir, cached_weights_path, download_weights, install_weights,
+                          load_model, read_state_dict, sha256_of, weights_state)
+    from .zoo import DEFAULT_MODEL, model_names, resolve_spec, zoo_spec

@@ -5,12 +5,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
 
 ARCHITECTURES = ("gradicon", "constricon", "sitreg")
+SIMILARITIES = ("lncc", "lncc2", "squared_lncc", "ssd", "mind", "mind_ssc", "mindssc")
+REQUIRED_FIELDS = ("name", "unet", "input_shape")
+REQUIRED_FIELDS_HELP = {"name": "the model's name", "unet": '{"num_layers": N, "channels": [[down…], [up…]]}',
+                        "input_shape": "the network grid [D, H, W] in voxels"}
 # The training regulariser each architecture's paper uses (``iconreg train --penalty`` overrides it).
 DEFAULT_PENALTIES = {"gradicon": "gradicon", "constricon": "bending", "sitreg": "diffusion"}
 
@@ -51,15 +56,7 @@ class ModelSpec:
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise UserError(f"Model '{self.name}': unknown architecture '{self.architecture}' "
-                            f"(known: {', '.join(ARCHITECTURES)}).")
-        if len(self.input_shape) != 3 or any(int(n) < 2 for n in self.input_shape):
-            raise UserError(f"Model '{self.name}': input_shape must be three sizes ≥ 2, got {self.input_shape}.")
-        if int(self.levels) < 1:
-            raise UserError(f"Model '{self.name}': levels must be ≥ 1.")
-        self.input_shape = [int(n) for n in self.input_shape]
-        self.levels = int(self.levels)
+        _validate(self)
         smallest = self.minimum_size
         if min(self.input_shape) < smallest:
             raise UserError(f"Model '{self.name}': every input_shape size must be ≥ {smallest} for {self.levels} "
@@ -84,13 +81,19 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
+        """A spec from its JSON form. ``name``, ``unet`` and ``input_shape`` are required (they decide the network
+        and the grid: a default would silently change the result); every field is checked by type and range."""
+        if not isinstance(data, dict):
+            raise UserError(f"A model spec must be a JSON object, got {type(data).__name__}.")
         data = copy.deepcopy(dict(data))
         if "lambda" in data:
             data["lmbda"] = data.pop("lambda")
         known = {f.name for f in dataclasses.fields(cls)}
         extra = {k: data.pop(k) for k in list(data) if k not in known}
-        if "name" not in data:
-            raise UserError("A model spec needs a 'name'.")
+        for required in REQUIRED_FIELDS:
+            if required not in data:
+                raise UserError(f"Model spec '{data.get('name', '?')}' has no '{required}' field; it is required "
+                                f"({REQUIRED_FIELDS_HELP[required]}).")
         spec = cls(**data)
         spec.extra.update(extra)
         return spec
@@ -121,3 +124,96 @@ class ModelSpec:
     @property
     def sha256(self) -> Optional[str]:
         return self.weights.get("sha256")
+
+
+def _fail(spec_name: str, field: str, expected: str, value: Any) -> None:
+    raise UserError(f"Model spec '{spec_name}': field '{field}' must be {expected}, got {value!r}.")
+
+
+def _whole(value: Any) -> Optional[int]:
+    """``value`` as an int if it is a whole number (``36`` or ``36.0``; never ``36.7``, ``True`` or ``"36"``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _validate(spec: ModelSpec) -> None:
+    """Check every field by type and range (a message names the field); normalise whole numbers to ``int``."""
+    if not isinstance(spec.name, str) or not spec.name.strip():
+        _fail(str(spec.name), "name", "a non-empty string", spec.name)
+    name = spec.name
+    if spec.architecture not in ARCHITECTURES:
+        raise UserError(f"Model '{name}': unknown architecture '{spec.architecture}' "
+                        f"(known: {', '.join(ARCHITECTURES)}).")
+    unet = spec.unet
+    if not isinstance(unet, dict) or set(unet) - {"num_layers", "channels"} or "channels" not in unet:
+        _fail(name, "unet", '{"num_layers": N, "channels": [[down…], [up…]]}', unet)
+    layers = _whole(unet.get("num_layers", 5))
+    channels = unet["channels"]
+    if layers is None or layers < 1:
+        _fail(name, "unet.num_layers", "a whole number ≥ 1", unet.get("num_layers"))
+    if (not isinstance(channels, list) or len(channels) != 2 or not all(isinstance(c, list) for c in channels)
+            or any(_whole(n) is None or _whole(n) < 1 for c in channels for n in c)):
+        _fail(name, "unet.channels", "two lists of whole numbers ≥ 1 ([[down…], [up…]])", channels)
+    if len(channels[0]) != layers + 1 or len(channels[1]) != layers:
+        _fail(name, "unet.channels", f"[{layers + 1} down sizes, {layers} up sizes] for num_layers {layers}",
+              channels)
+    spec.unet = {"num_layers": layers, "channels": [[_whole(n) for n in c] for c in channels]}
+    levels = _whole(spec.levels)
+    if levels is None or levels < 1:
+        _fail(name, "levels", "a whole number ≥ 1", spec.levels)
+    spec.levels = levels
+    if not isinstance(spec.last_step, bool):
+        _fail(name, "last_step", "true or false", spec.last_step)
+    shape = spec.input_shape
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+            or any(_whole(n) is None or _whole(n) < 2 for n in shape)):
+        _fail(name, "input_shape", "three whole numbers ≥ 2 ([D, H, W] voxels)", shape)
+    spec.input_shape = [_whole(n) for n in shape]
+    similarity = spec.similarity
+    if not isinstance(similarity, dict) or str(similarity.get("name", "")).lower().replace("-", "_") \
+            not in SIMILARITIES:
+        _fail(name, "similarity", f'{{"name": one of {", ".join(SIMILARITIES)}, …}}', similarity)
+    for key in ("sigma", "radius", "dilation"):
+        if key in similarity and (_number(similarity[key]) is None or similarity[key] <= 0):
+            _fail(name, f"similarity.{key}", "a positive number", similarity[key])
+    lmbda = _number(spec.lmbda)
+    if lmbda is None or lmbda < 0:
+        _fail(name, "lambda", "a number ≥ 0", spec.lmbda)
+    spec.lmbda = lmbda
+    rules = spec.preprocessing
+    if not isinstance(rules, dict):
+        _fail(name, "preprocessing", "an object", rules)
+    window = rules.get("ct_window")
+    if window is not None and (not isinstance(window, list) or len(window) != 2
+                               or any(_number(v) is None for v in window) or window[0] >= window[1]):
+        _fail(name, "preprocessing.ct_window", "[low, high] Hounsfield units with low < high", window)
+    percentile = rules.get("mri_percentile")
+    if percentile is not None and (_number(percentile) is None or not 0 < percentile <= 100):
+        _fail(name, "preprocessing.mri_percentile", "a number in (0, 100]", percentile)
+    if "scale_max_to" in rules and (_number(rules["scale_max_to"]) is None or rules["scale_max_to"] <= 0):
+        _fail(name, "preprocessing.scale_max_to", "a positive number", rules["scale_max_to"])
+    if not isinstance(rules.get("require_mask", False), bool):
+        _fail(name, "preprocessing.require_mask", "true or false", rules["require_mask"])
+    weights = spec.weights
+    if not isinstance(weights, dict):
+        _fail(name, "weights", '{"file", "url", "sha256"}', weights)
+    sha = weights.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64
+                            or any(c not in "0123456789abcdef" for c in sha.lower())):
+        _fail(name, "weights.sha256", "64 hexadecimal digits or null", sha)
+    for key in ("file", "url"):
+        if weights.get(key) is not None and not isinstance(weights[key], str):
+            _fail(name, f"weights.{key}", "a string", weights[key])
+    if not isinstance(spec.options, dict):
+        _fail(name, "options", "an object", spec.options)

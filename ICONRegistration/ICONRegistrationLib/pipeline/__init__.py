@@ -3,7 +3,9 @@
 Names are imported on first use, so numpy-only helpers (``preprocessing.guess_modality``) load without torch.
 """
 
-import importlib
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {"Grid": ".grid", "RegistrationResult": ".registration", "register": ".registration",
             "as_transform": ".resampling", "warp": ".resampling"}
@@ -11,7 +13,9 @@ _EXPORTS = {"Grid": ".grid", "RegistrationResult": ".registration", "register": 
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from .grid import Grid
+    from .registration import RegistrationResult, register
+    from .resampling import as_transform, warp

@@ -54,3 +54,23 @@ def mask_array(mask: sitk.Image, image: sitk.Image, role: str) -> np.ndarray:
     if not array.any():
         raise UserError(f"The {role} mask is empty where it overlaps the {role} image.")
     return array
+
+
+def require_finite(values, stage: str, suspect: str) -> None:
+    """Raise :class:`UserError` if ``values`` (a torch tensor or numpy array, a stage's output) holds NaN or ±inf.
+
+    The message names the stage and what to suspect, so that no stage passes a non-finite result on (a NaN
+    transform would otherwise be written with "0 folds").
+    """
+    import torch  # the pipeline imports torch anyway; this module's other helpers need only numpy
+
+    if isinstance(values, torch.Tensor):
+        bad = int((~torch.isfinite(values)).sum())
+        total = values.numel()
+    else:
+        array = np.asarray(values)
+        bad = int((~np.isfinite(array)).sum())
+        total = array.size
+    if bad:
+        raise UserError(f"The {stage} produced {bad} NaN or infinite values out of {total}; {suspect}. "
+                        "Nothing was written.")

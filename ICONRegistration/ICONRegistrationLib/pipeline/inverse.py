@@ -20,6 +20,7 @@ from ..core.coordinates import warp
 from ..core.inversion import InversionReport, InversionWarning, invert_displacement
 from ..errors import UserError
 from .grid import Grid, apply_affine
+from .images import require_finite
 from .qa import field_jacobian
 
 
@@ -51,6 +52,8 @@ def invert_field(field: sitk.Image, reference: sitk.Image, *, tolerance: float =
         raise UserError("Only 3-D displacement fields (three components per voxel) can be inverted.")
     if reference.GetDimension() != 3:
         raise UserError("The reference image for the inverse must be 3-D.")
+    require_finite(sitk.GetArrayFromImage(field), "displacement field to invert",
+                   "it did not come from a successful registration; register again")
     determinant = sitk.GetArrayFromImage(field_jacobian(field))  # a copy: a view would outlive its image
     folds = int((determinant <= 0).sum())
     if folds and not allow_folds:
@@ -72,6 +75,7 @@ def invert_field(field: sitk.Image, reference: sitk.Image, *, tolerance: float =
     residual_unit = inverse + warp(displacement, points + inverse, padding="border")
     max_error_mm = float(apply_affine(unit, np.zeros(3), residual_unit).norm(dim=1).max())
     inverse_mm = apply_affine(unit, np.zeros(3), inverse)
+    require_finite(inverse_mm, "inversion", "the field is too irregular to invert; check it with 'iconreg jacobian'")
     array = np.ascontiguousarray(inverse_mm[0].permute(1, 2, 3, 0).numpy().astype(np.float64))
     result = target.apply_to(sitk.GetImageFromArray(array, isVector=True))
     outcome = FieldInverse(result, report, max_error_mm)

@@ -42,7 +42,11 @@ def field_jacobian(field: "sitk.Image") -> "sitk.Image":
 
     from .grid import Grid
 
+    from .images import require_finite
+
     grid = Grid.of_image(field)
-    displacement = torch.as_tensor(sitk.GetArrayFromImage(field), dtype=torch.float32).permute(3, 0, 1, 2)[None]
+    vectors = sitk.GetArrayFromImage(field)
+    require_finite(vectors, "displacement field", "it did not come from a successful registration; register again")
+    displacement = torch.as_tensor(vectors, dtype=torch.float32).permute(3, 0, 1, 2)[None]
     determinant = physical_jacobian(displacement, grid.index_matrix)
     return grid.apply_to(sitk.GetImageFromArray(determinant[0, 0].numpy()))

@@ -30,7 +30,7 @@ from ..models.weights import LoadedModel, load_model
 from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback, report
 from .grid import Grid, apply_affine
-from .images import image_array, mask_array
+from .images import image_array, mask_array, require_finite
 from .instance_optimization import (FIELD_LEARNING_RATE, IO_MODES, WEIGHTS_LEARNING_RATE, optimize_fields,
                                     optimize_instance)
 from .inverse import invert_field
@@ -282,6 +282,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
                                                           moving_mask_voxels, "moving"), torch_device)
         mask_B = grid_B.to_network(fixed_mask_voxels, torch_device) if fixed_mask_voxels is not None else None
         mask_A = grid_A.to_network(moving_mask_voxels, torch_device) if moving_mask_voxels is not None else None
+        for role, tensor in (("fixed", image_B), ("moving", image_A)):
+            require_finite(tensor, f"intensity normalisation of the {role} image",
+                           f"the {role} image's intensities are too extreme to scale (values near ±3e38?); "
+                           "rescale or convert it to a normal intensity range")
     report(progress, "preprocessing", 1.0)
 
     history: list[float] = []
@@ -302,6 +306,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         else:
             report(progress, "network", 0.0)
             maps = _predict_both_directions(loaded.net, image_A, image_B, progress)
+        if io_iterations:
+            require_finite(maps, f"instance optimisation ({io_mode})",
+                           "it diverged: use fewer iterations or a smaller io_learning_rate, or check the "
+                           "network's own prediction without instance optimisation")
+        else:
+            require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model "
+                           "(reinstall them), or the inputs are not images this model was trained for")
     report(progress, "network", 1.0)
     # Φ − Id of both directions, once: QA and export sample these (trilinear, border), as evaluate_map does.
     displacement_AB, displacement_BA = map_to_displacement(maps).split(1)
@@ -312,6 +323,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         moving_field_grid = grid_A if field_grid == "network" else Grid.of_image(moving)
         forward_mm, jacobian, ic_error = _sample_fields(displacement_AB, displacement_BA, grid_B, grid_A,
                                                         fixed_field_grid)
+        for name, tensor in (("forward field", forward_mm), ("Jacobian map", jacobian),
+                             ("inverse-consistency map", ic_error)):
+            require_finite(tensor, f"quality-map stage ({name})", "this is a bug: please report it with the inputs")
         metrics = summarize(jacobian.cpu().numpy(), ic_error.cpu().numpy())
     report(progress, "quality maps", 1.0)
 
@@ -322,6 +336,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         else:
             inverse_mm, _, _ = _sample_fields(displacement_BA, None, grid_A, grid_B, moving_field_grid,
                                               with_jacobian=False)
+            require_finite(inverse_mm, "inverse field", "this is a bug: please report it with the inputs")
             inverse_field = _field_image(inverse_mm, moving_field_grid)
             metrics["inverse"] = {"method": "network"}
         if inverse_qa:
@@ -333,6 +348,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         fixed_grid = Grid.of_image(fixed)
         warped_voxels = _warp_moving(moving_voxels, displacement_AB, grid_B, grid_A, fixed_grid,
                                      Grid.of_image(moving))
+        require_finite(warped_voxels, "warped-image stage", "this is a bug: please report it with the inputs")
         warped = fixed_grid.apply_to(sitk.GetImageFromArray(warped_voxels))
         jacobian_image = _scalar_image(jacobian, fixed_field_grid)
         ic_image = _scalar_image(ic_error, fixed_field_grid)

@@ -7,6 +7,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..io.transforms import DISPLACEMENT_IMAGE_SUFFIXES, read_displacement_field
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
@@ -22,9 +23,8 @@ def as_transform(transform: "sitk.Transform | sitk.Image | str | Path") -> sitk.
     path = Path(transform)
     if not path.is_file():
         raise UserError(f"Transform file '{path}' does not exist.")
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
-        return as_transform(sitk.ReadImage(str(path)))
+    if path.name.lower().endswith(DISPLACEMENT_IMAGE_SUFFIXES):
+        return as_transform(read_displacement_field(path))
     try:
         return sitk.ReadTransform(str(path))
     except RuntimeError as error:

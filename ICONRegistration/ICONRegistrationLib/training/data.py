@@ -3,8 +3,8 @@
 A dataset folder holds ``images/`` (and optionally ``labels/`` with the same file names), or is a flat folder of
 images. A CSV has a header with ``image`` and optionally ``label`` columns (paths relative to the CSV).
 Volumes are preprocessed with the spec's rules and placed on the network grid exactly as :func:`register` does
-(:meth:`Grid.over_image`), so training sees what inference sees. Labels are used only for validation Dice and are
-resampled nearest-neighbour. A prepared set can be saved as one compact file (float16 images, uint8 labels).
+(:meth:`Grid.over_image`), so training sees what inference sees. Labels (for validation Dice and the optional label
+loss) are resampled nearest-neighbour. A prepared set can be saved as one compact file (float16 images, uint8 labels).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..io.images import read_image
 from ..models.spec import ModelSpec
 from ..pipeline.grid import Grid
 from ..pipeline.images import image_array
@@ -87,13 +88,36 @@ class PreparedSet:
         return self.images.shape[0]
 
     def save(self, path: str | Path) -> None:
-        torch.save({"images": self.images, "labels": self.labels, "names": self.names, "shape": list(self.shape)},
-                   str(path))
+        """A compressed ``.npz`` (float16 images, uint8 labels; about 1/6 of the raw size for skull-stripped
+        brains, whose background is zero), written atomically."""
+        path = Path(path)
+        arrays = {"images": self.images.to(torch.float16).numpy(), "names": np.array(self.names),
+                  "shape": np.array(self.shape, dtype=np.int64)}
+        if self.labels is not None:
+            arrays["labels"] = self.labels.to(torch.uint8).numpy()
+        temporary = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(temporary, **arrays)
+        temporary.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "PreparedSet":
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-        return cls(data["images"], data["labels"], list(data["names"]), tuple(data["shape"]))
+        """A set written by :meth:`save` (``.npz``; the older ``.pt`` layout also loads)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Prepared data '{path}' does not exist.")
+        if path.suffix == ".pt":
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+            return cls(data["images"], data["labels"], list(data["names"]), tuple(data["shape"]))
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                labels = torch.from_numpy(data["labels"]) if "labels" in data else None
+                return cls(torch.from_numpy(data["images"]), labels, [str(n) for n in data["names"]],
+                           tuple(int(n) for n in data["shape"]))
+        except (OSError, ValueError, KeyError) as error:
+            raise UserError(f"'{path}' is not prepared training data ({error}).") from None
+
+
+PREPARED_SUFFIXES = (".npz", ".pt")
 
 
 def labels_to_network(labels: np.ndarray, grid: Grid) -> torch.Tensor:
@@ -112,13 +136,13 @@ def prepare(entries: Sequence[VolumeEntry], spec: ModelSpec, modality: str = "au
     images, labels, names = [], [], []
     with_labels = all(e.label is not None for e in entries)
     for entry in entries:
-        image = sitk.ReadImage(str(entry.image))
+        image = read_image(entry.image, "training")
         voxels = image_array(image, entry.image.name)
         grid = Grid.over_image(image, shape)
         normalized = normalize_intensities(voxels, check_modality(modality, voxels, "training"), spec.preprocessing)
         images.append(grid.to_network(normalized).clamp_(0, 1).to(torch.float16))
         if with_labels:
-            label = sitk.GetArrayFromImage(sitk.ReadImage(str(entry.label)))
+            label = sitk.GetArrayFromImage(read_image(entry.label, "label"))
             if label.shape != voxels.shape:
                 raise UserError(f"Label map '{entry.label}' does not match its image's size.")
             labels.append(labels_to_network(label.astype(np.int64), grid))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.coordinates import identity_map, jacobian_determinant, voxel_scale, warp
-from ..core.losses import make_similarity
+from ..core.losses import make_similarity, label_fractions, soft_dice_loss
 from ..core.objective import both_directions, symmetric_objective
 from ..device import choose_device, device_description
 from ..errors import UserError
@@ -37,6 +37,7 @@ from ..progress import ProgressCallback, report
 from .data import PreparedSet
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LABEL_LOSSES = (None, "dice")
 
 
 @dataclasses.dataclass
@@ -59,6 +60,12 @@ class TrainingConfig:
     # GradICON/ICON penalty on a random 1/8 of the jittered grid points: the full penalty's expectation at a
     # fraction of its cost (see core.losses.jittered_identity); 1.0 evaluates it at every grid point.
     penalty_fraction: float = 0.125
+    # Optional supervision: "dice" adds label_weight × soft Dice loss of the warped moving labels (one-hot,
+    # linear interpolation) against the fixed labels, both directions. Inference stays image-only.
+    label_loss: Optional[str] = None
+    label_weight: float = 1.0
+    label_downsample: int = 2  # the label loss is evaluated on blocks of this many voxels per axis
+    time_limit: Optional[float] = None  # seconds: stop (checkpoint and validation written) once exceeded
 
 
 def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
@@ -96,13 +103,21 @@ def random_affine_grids(batch: int, shape, strength: float, generator: torch.Gen
 
 
 def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConfig,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same random flips for A and B (pairs stay anatomically consistent), independent random affine warps."""
+            generator: torch.Generator, labels: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+            ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """Same random flips for A and B (pairs stay anatomically consistent), independent random affine warps.
+
+    ``labels`` ``(labels_A, labels_B)`` ``[b, 1, *S]`` (float) get exactly the flips and warps of their images
+    (nearest neighbour); the random draws are the same with or without them. Returns ``(A, B, labels)``.
+    """
     for axis in config.flip_axes:
         flip = torch.rand(images_A.shape[0], generator=generator) < 0.5
         if flip.any():
-            images_A = torch.where(flip.view(-1, 1, 1, 1, 1), images_A.flip(axis + 2), images_A)
-            images_B = torch.where(flip.view(-1, 1, 1, 1, 1), images_B.flip(axis + 2), images_B)
+            where = flip.view(-1, 1, 1, 1, 1)
+            images_A = torch.where(where, images_A.flip(axis + 2), images_A)
+            images_B = torch.where(where, images_B.flip(axis + 2), images_B)
+            if labels is not None:
+                labels = tuple(torch.where(where, part.flip(axis + 2), part) for part in labels)
     if config.affine_strength > 0:
         shape = images_A.shape[2:]
         grids = random_affine_grids(2 * images_A.shape[0], shape, config.affine_strength, generator)
@@ -110,7 +125,52 @@ def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConf
         both = F.grid_sample(torch.cat([images_A, images_B]), grids, mode="bilinear", padding_mode="zeros",
                              align_corners=False)
         images_A, images_B = both.split(images_A.shape[0])
-    return images_A, images_B
+        if labels is not None:
+            warped = F.grid_sample(torch.cat(labels), grids, mode="nearest", padding_mode="zeros",
+                                   align_corners=False)
+            labels = tuple(warped.split(images_A.shape[0]))
+    return images_A, images_B, labels
+
+
+def label_values(data: PreparedSet) -> torch.Tensor:
+    """The foreground label values of a prepared set (sorted), the channels of the label loss."""
+    if data.labels is None:
+        raise UserError("A label loss needs label maps for every training volume (a labels/ folder beside "
+                        "images/, or a 'label' column in the CSV).")
+    values = torch.unique(data.labels)
+    values = values[values != 0].long()
+    if values.numel() == 0:
+        raise UserError("The training label maps hold only background (0); a label loss needs labels.")
+    return values
+
+
+def coarse_coordinates(maps: torch.Tensor, factor: int) -> torch.Tensor:
+    """Maps ``[b, d, *S]`` on a grid of size ``S`` as maps on the grid of ``factor``-blocks (size ``S/factor``):
+    each block's value is the mean of its fine values (the map at the block centre, for a smooth map), and the
+    coordinates are re-expressed for an image on the block grid (block ``i`` centred at fine index
+    ``factor·i + (factor − 1)/2``)."""
+    if factor == 1:
+        return maps
+    fine = torch.tensor([size - 1 for size in maps.shape[2:]], dtype=maps.dtype, device=maps.device)
+    coarse = torch.tensor([size // factor - 1 for size in maps.shape[2:]], dtype=maps.dtype, device=maps.device)
+    view = (1, -1) + (1,) * (maps.dim() - 2)
+    pooled = F.avg_pool3d(maps, factor) if maps.dim() == 5 else F.avg_pool2d(maps, factor)
+    return ((pooled * fine.view(view) - (factor - 1) / 2) / factor) / coarse.view(view)
+
+
+def label_loss(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tensor, values: torch.Tensor,
+               factor: int = 2) -> torch.Tensor:
+    """Soft Dice loss of the moving labels warped linearly onto the fixed labels, both directions.
+
+    ``maps`` ``[Φ_AB; Φ_BA]`` ``[2b, d, *S]`` on the grid of the label maps ``[b, 1, *S]``; ``values`` the label
+    values (one channel each). Evaluated on the grid of ``factor``-blocks, with label fractions per block (on a
+    CPU 56 one-hot channels at full resolution cost more than the rest of a training step; at ``factor`` 2 the
+    loss costs about an eighth of that).
+    """
+    both = torch.cat([labels_A, labels_B])
+    moving = label_fractions(both, values, factor, dtype=maps.dtype)
+    fixed = torch.cat([moving[labels_A.shape[0]:], moving[:labels_A.shape[0]]])
+    return soft_dice_loss(warp(moving, coarse_coordinates(maps, factor), padding="zeros"), fixed)
 
 
 def dice_per_label(warped: torch.Tensor, fixed: torch.Tensor, labels) -> dict[int, float]:
@@ -188,7 +248,7 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
         return None
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps = [int(r["step"]) for r in train_rows]
-    for key in ("loss", "similarity", "penalty"):
+    for key in [k for k in ("loss", "similarity", "penalty", "label_loss") if k in train_rows[0]]:
         axes[0].plot(steps, [float(r[key]) for r in train_rows], label=key, linewidth=0.8)
     axes[0].set_xlabel("step")
     axes[0].legend()
@@ -209,6 +269,55 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
+
+
+def write_validation_table(out_dir: Path) -> Optional[Path]:
+    """``validation.md``: the validation log as a Markdown table (step, Dice, IC error, folds)."""
+    path = out_dir / "validation_log.csv"
+    if not path.exists():
+        return None
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return None
+    columns = [("step", "step"), ("val_dice", "validation Dice"), ("val_ic_error_voxels", "IC error (voxels)"),
+               ("val_folds_percent", "% det J ≤ 0")]
+    columns = [(key, title) for key, title in columns if key in rows[0]]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(row[key] for key, _ in columns) + " |" for row in rows]
+    table = out_dir / "validation.md"
+    table.write_text("\n".join(lines) + "\n")
+    return table
+
+
+def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, device: str = "auto",
+                  candidates: tuple[int, ...] = (64, 32, 16, 8, 4, 2, 1)) -> int:
+    """The largest batch (of ``candidates``) whose training step fits in the GPU's memory, found by trying one
+    step of each (bfloat16 autocast if ``config.mixed_precision``). On a CPU: 2 (memory is rarely the limit
+    there, time is)."""
+    torch_device = choose_device(device)
+    if torch_device.type != "cuda":
+        return 2
+    net = build_network(stage_spec(spec, config.stage)).to(torch_device)
+    similarity = make_similarity(**spec.similarity)
+    for batch in candidates:
+        try:
+            images = data.images[torch.arange(batch) % len(data)].float().to(torch_device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.mixed_precision):
+                terms = symmetric_objective(net, images, images.roll(1, 0), similarity=similarity,
+                                            lmbda=spec.lmbda, penalty=config.penalty or spec.penalty,
+                                            penalty_fraction=config.penalty_fraction)
+            terms.loss.backward()
+            net.zero_grad(set_to_none=True)
+            del terms, images
+            torch.cuda.synchronize(torch_device)
+            torch.cuda.empty_cache()
+            return batch
+        except torch.cuda.OutOfMemoryError:
+            net.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    raise UserError("Not even a batch of 1 fits in the GPU's memory; use a smaller grid or --device cpu.")
 
 
 def _save_checkpoint(path: Path, net, optimizer, step: int, generator: torch.Generator, spec: ModelSpec,
@@ -244,6 +353,16 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError("Training needs at least two volumes.")
     if not 0 < config.penalty_fraction <= 1:
         raise UserError(f"The penalty fraction must be in (0, 1], got {config.penalty_fraction}.")
+    if config.label_loss not in LABEL_LOSSES:
+        raise UserError(f"Unknown label loss '{config.label_loss}': use one of "
+                        f"{', '.join(str(name) for name in LABEL_LOSSES[1:])}.")
+    if config.label_loss is not None and not (math.isfinite(config.label_weight) and config.label_weight > 0):
+        raise UserError(f"The label weight must be a positive number, got {config.label_weight}.")
+    values = label_values(train_set) if config.label_loss else None
+    if values is not None and (config.label_downsample < 1
+                               or any(size % config.label_downsample for size in train_set.shape)):
+        raise UserError(f"The label loss's downsampling factor {config.label_downsample} must divide the grid "
+                        f"{'×'.join(map(str, train_set.shape))}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = choose_device(device)
@@ -280,7 +399,9 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         index_B = (index_A + torch.randint(1, count, (config.batch_size,), generator=generator)) % count
         batch_A = images[index_A].float()
         batch_B = images[index_B].float()
-        batch_A, batch_B = augment(batch_A, batch_B, config, generator)
+        labels = (train_set.labels[index_A].float(), train_set.labels[index_B].float()) if values is not None \
+            else None
+        batch_A, batch_B, labels = augment(batch_A, batch_B, config, generator, labels)
         batch_A, batch_B = batch_A.to(torch_device), batch_B.to(torch_device)
         step_start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -288,14 +409,21 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             terms = symmetric_objective(net, batch_A, batch_B, similarity=similarity, lmbda=lmbda,
                                         penalty=penalty, generator=generator,
                                         penalty_fraction=config.penalty_fraction)
-        if not torch.isfinite(terms.loss.detach()):
-            raise UserError(f"The loss became {terms.loss.item()} at step {step + 1}; lower the learning rate.")
-        terms.loss.backward()
+            loss = terms.loss
+            if labels is not None:
+                label_term = label_loss(terms.maps.float(), labels[0].to(torch_device), labels[1].to(torch_device),
+                                        values.to(torch_device), config.label_downsample)
+                loss = loss + config.label_weight * label_term
+        if not torch.isfinite(loss.detach()):
+            raise UserError(f"The loss became {loss.item()} at step {step + 1}; lower the learning rate.")
+        loss.backward()
         optimizer.step()
         step += 1
         _append_csv(out_dir / "train_log.csv", {
-            "step": step, "loss": f"{terms.loss.item():.6f}", "similarity": f"{terms.similarity.item():.6f}",
-            "penalty": f"{terms.penalty.item():.6f}", "seconds": f"{time.perf_counter() - step_start:.3f}"})
+            "step": step, "loss": f"{loss.item():.6f}", "similarity": f"{terms.similarity.item():.6f}",
+            "penalty": f"{terms.penalty.item():.6f}",
+            **({"label_loss": f"{label_term.item():.6f}"} if labels is not None else {}),
+            "seconds": f"{time.perf_counter() - step_start:.3f}"})
         if step % config.checkpoint_every == 0 or step == config.steps:
             _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
         if (validation_set is not None and len(validation_set) > 1
@@ -305,8 +433,17 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                                                          for k, v in last_validation.items()})
             plot_curves(out_dir)
         report(progress, "training", step / config.steps)
+        if config.time_limit is not None and time.perf_counter() - start > config.time_limit \
+                and step < config.steps:
+            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
+            if validation_set is not None and len(validation_set) > 1 and last_validation.get("step") != step:
+                last_validation = {"step": step, **validate(net, validation_set, torch_device)}
+                _append_csv(out_dir / "validation_log.csv", {k: (f"{v:.5f}" if isinstance(v, float) else v)
+                                                             for k, v in last_validation.items()})
+            break
     seconds = time.perf_counter() - start
     plot_curves(out_dir)
+    write_validation_table(out_dir)
     summary = {"steps": step, "stage": config.stage, "device": device_description(torch_device),
                "seconds": round(seconds, 1),
                "seconds_per_step": round(seconds / max(step - start_step, 1), 3) if step > start_step else None,

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Train one of the project's models on an NVIDIA GPU from prepared data, into one folder, in under 10 minutes.
+#
+#   bash scripts/train_gpu.sh MODEL [OUT]
+#
+# MODEL is a recipe the project trains: gradicon-brain-lpba40 or gradicon-hippocampus. The prepared data
+# (`iconreg train --save-prepared …`, compressed .npz, a few MB) are read from $PREPARED (default prepared/MODEL):
+# train_prepared.npz and validation_prepared.npz. Make them on any machine, for example
+#   iconreg train --spec Resources/Models/gradicon-brain-lpba40.json --data ../shared/data/lpba40 \
+#       --val-fraction 0.1667 --out prepared/gradicon-brain-lpba40 --steps 0 --save-prepared
+# OUT (default runs/MODEL-gpu) receives checkpoint.pt (resumable: run the script again to continue),
+# MODEL.pt (float16 weights, the shipped format), validation.md, validation_log.csv, train_log.csv and curves.png.
+#
+# Environment overrides: DEVICE (cuda), TIME_LIMIT (seconds of training, 480), STEPS (the stage's total steps),
+# STAGE, LEARNING_RATE, BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
+# checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), PYTHON (python3).
+# It installs what is missing: the package is used from this checkout (PYTHONPATH), SimpleITK from .whl/ if
+# present (offline machines) or from the package index; PyTorch is never replaced (a GPU machine's own build is
+# kept; only if none is importable is one installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${1:?usage: scripts/train_gpu.sh MODEL [OUT]}
+OUT=${2:-runs/$MODEL-gpu}
+PYTHON=${PYTHON:-python3}
+PREPARED=${PREPARED:-prepared/$MODEL}
+DEVICE=${DEVICE:-cuda}
+TIME_LIMIT=${TIME_LIMIT:-480}
+BATCH=${BATCH:-auto}
+
+case "$MODEL" in
+  gradicon-brain-lpba40)
+    SPEC=Resources/Models/gradicon-brain-lpba40.json
+    DEFAULT_INIT=Resources/Models/gradicon-brain-lpba40-stage1.pt
+    STAGE=${STAGE:-1}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-2e-4}; FLIP_AXES=2
+    LABEL_WEIGHT=${LABEL_WEIGHT:-1} ;;
+  gradicon-hippocampus)
+    SPEC=gradicon-hippocampus
+    DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-hippocampus.pt
+    STAGE=${STAGE:-2}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-1e-4}; FLIP_AXES=0,1,2
+    LABEL_WEIGHT=${LABEL_WEIGHT:-1} ;;
+  *)
+    echo "unknown model '$MODEL': use gradicon-brain-lpba40 or gradicon-hippocampus" >&2; exit 2 ;;
+esac
+INIT=${INIT:-$DEFAULT_INIT}
+for file in "$PREPARED/train_prepared.npz" "$PREPARED/validation_prepared.npz"; do
+  [ -f "$file" ] || { echo "missing $file: see the comment at the top of $0 for how to make it" >&2; exit 2; }
+done
+
+# --- what it needs -------------------------------------------------------------------------------------------
+"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install --quiet torch
+if ! "$PYTHON" -c "import SimpleITK" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --target /tmp/iconreg-site .whl/*.whl
+    export PYTHONPATH=/tmp/iconreg-site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    "$PYTHON" -m pip install --quiet SimpleITK
+  fi
+fi
+export PYTHONPATH=$PWD/ICONRegistration${PYTHONPATH:+:$PYTHONPATH}
+"$PYTHON" - "$DEVICE" <<'EOF'
+import sys, torch
+device = sys.argv[1]
+if device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit("DEVICE is cuda but PyTorch sees no GPU (set DEVICE=cpu to try the script on a CPU)")
+print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}",
+      file=sys.stderr)
+EOF
+
+# --- train ---------------------------------------------------------------------------------------------------
+mkdir -p "$OUT"
+ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARED/validation_prepared.npz"
+      --out "$OUT" --stage "$STAGE" --steps "$STEPS" --learning-rate "$LEARNING_RATE" --batch-size "$BATCH"
+      --flip-axes "$FLIP_AXES" --time-limit "$TIME_LIMIT" --device "$DEVICE" --checkpoint-every 100
+      --validate-every 250 --export "$OUT/$MODEL.pt")
+[ -f "$OUT/checkpoint.pt" ] || ARGS+=(--init "$INIT")
+[ "$LABEL_WEIGHT" = 0 ] || ARGS+=(--label-loss dice --label-weight "$LABEL_WEIGHT")
+[[ "$DEVICE" == cuda* ]] && ARGS+=(--mixed-precision)
+"$PYTHON" -m ICONRegistrationLib.cli "${ARGS[@]}" | tee "$OUT/summary.json"
+echo "wrote $OUT: $MODEL.pt (float16), validation.md, curves.png; run again to continue from $OUT/checkpoint.pt" >&2
