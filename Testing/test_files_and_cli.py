@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,13 +112,17 @@ def test_cli_models_list_info_install(tmp_path, tiny_model_files, capsys):
     assert main(["models", "info", "gradicon-brain"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["input_shape"] == [130, 155, 130]
-    # Offline install of a file whose architecture does not match still copies it (sha256 unknown), but loading fails
-    # with a clear message listing the differing keys.
+    # Offline install of another model's file (sha256 unknown for this zoo entry) is refused: keys and shapes are
+    # checked against the spec before anything is installed, and the cache is left as it was.
     _, weights = tiny_model_files
-    assert main(["models", "install", "unigradicon", "--from", str(weights)]) == 0
-    assert "installed unigradicon" in capsys.readouterr().out
-    with pytest.raises(UserError, match="does not match the model's architecture.*wrong shape.*downConvs.0.weight"):
-        load_model("unigradicon", device="cpu")
+    assert main(["models", "install", "unigradicon", "--from", str(weights)]) == 3
+    error = capsys.readouterr().err
+    assert "does not match the model's architecture" in error and "wrong shape" in error and str(weights) in error
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+    cache = Path(os.environ["ICONREG_CACHE"])
+    assert not any(p.is_file() for p in cache.rglob("*")), sorted(cache.rglob("*"))
+    with pytest.raises(UserError, match="not installed"):
+        load_model("unigradicon", device="cpu", download=False)
 
 
 @pytest.mark.parametrize("bad", ["2d", "4d", "vector", "constant", "nan", "flat"])

@@ -69,7 +69,7 @@ def test_cache_dir_honours_environment(cache):
     assert cached_weights_path(_spec()) == cache / "models" / "tiny" / "tiny.pt"
 
 
-def test_install_weights_copies_verifies_and_records_sha256(cache, checkpoint):
+def test_install_weights_copies_and_verifies_without_sidecars(cache, checkpoint):
     source, _, digest = checkpoint
     spec = _spec()
     assert weights_state(spec) == "not downloaded"
@@ -77,10 +77,8 @@ def test_install_weights_copies_verifies_and_records_sha256(cache, checkpoint):
     assert target == cache / "models" / "tiny" / "tiny.pt"
     assert target.read_bytes() == source.read_bytes()
     assert source.is_file()  # a copy, the source stays
-    assert _files(cache) == ["models/tiny/tiny.pt", "models/tiny/tiny.pt.sha256"]  # no *.part left
+    assert _files(cache) == ["models/tiny/tiny.pt"]  # no *.part left
     assert not list(cache.rglob("*.part"))
-    recorded = (cache / "models" / "tiny" / "tiny.pt.sha256").read_text().split()
-    assert recorded[1] == digest
     assert sha256_of(target) == digest
     assert weights_state(spec) == "downloaded"
     # with the right sha256 in the spec it installs as well
@@ -168,7 +166,7 @@ def test_download_weights_from_file_url(cache, checkpoint):
     target = download_weights(spec, progress=lambda stage, fraction: calls.append((stage, fraction)))
     assert target == cache / "models" / "tiny" / "tiny.pt"
     assert target.read_bytes() == source.read_bytes()
-    assert _files(cache) == ["models/tiny/tiny.pt", "models/tiny/tiny.pt.sha256"]
+    assert _files(cache) == ["models/tiny/tiny.pt"]
     assert calls and calls[-1] == ("downloading tiny", 1.0)
     assert all(0.0 <= f <= 1.0 for _, f in calls)
     # and it is then found without downloading again
@@ -195,7 +193,7 @@ def test_download_is_atomic(cache, checkpoint):
     with pytest.raises(UserError):
         download_weights(_spec(url=other.as_uri(), sha256=digest))
     assert good.read_bytes() == before
-    assert _files(cache) == ["models/tiny/tiny.pt", "models/tiny/tiny.pt.sha256"]
+    assert _files(cache) == ["models/tiny/tiny.pt"]
 
 
 def test_interrupted_download_leaves_no_file(cache, checkpoint, monkeypatch):

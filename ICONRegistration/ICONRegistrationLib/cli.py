@@ -6,11 +6,15 @@ Exit codes: 0 success, 2 usage error, 3 user error (one line on stderr, no trace
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .errors import Cancelled, UserError
 
@@ -59,9 +63,10 @@ def _summary(metrics: dict) -> str:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from .io import read_image, write_result
+    from .io import check_output_folder, read_image, result_folder, write_result
     from .pipeline import register
 
+    out = check_output_folder(args.out)
     fixed = read_image(args.fixed, "fixed")
     moving = read_image(args.moving, "moving")
     fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
@@ -74,7 +79,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
                           device=args.device,
                           progress=bar, weights=args.weights, field_grid=args.field_grid,
                           inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse)
-        written = write_result(result, args.out, fixed=fixed, moving=moving, report=not args.no_report)
+        with result_folder(out) as staging:
+            written = write_result(result, staging, fixed=fixed, moving=moving, report=not args.no_report)
     finally:
         bar.close()
     print(_summary(result.metrics))
@@ -83,14 +89,15 @@ def _cmd_register(args: argparse.Namespace) -> int:
         print(f"exact inverse: {inverse['iterations']} iterations, round-trip error max "
               f"{inverse['max_error_mm']:.4f} mm ({inverse['max_error_voxels']:.4f} voxels)"
               f"{'' if inverse['invertible'] else ' — NOT invertible everywhere (folds or no convergence)'}")
-    print(f"wrote {', '.join(p.name for p in written.values())} to {Path(args.out)}")
+    print(f"wrote {', '.join(p.name for p in written.values())} to {out}")
     return EXIT_OK
 
 
 def _cmd_warp(args: argparse.Namespace) -> int:
-    from .io import read_image, write_image
+    from .io import check_output_file, read_image, write_image
     from .pipeline import warp
 
+    check_output_file(args.out)
     image = read_image(args.image, "input")
     reference = read_image(args.reference, "reference")
     write_image(warp(image, args.transform, reference, interpolator=args.interpolator), args.out)
@@ -101,9 +108,11 @@ def _cmd_warp(args: argparse.Namespace) -> int:
 def _cmd_jacobian(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
-    from .io import read_displacement_field, write_image
+    from .io import check_output_file, read_displacement_field, write_image
     from .pipeline.qa import field_jacobian
 
+    if args.out:
+        check_output_file(args.out)
     determinant = field_jacobian(read_displacement_field(args.transform))
     values = sitk.GetArrayViewFromImage(determinant)
     folds = int((values <= 0).sum())
@@ -119,9 +128,10 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     import warnings
 
     from .core.inversion import InversionWarning
-    from .io import read_displacement_field, read_image, write_displacement_field
+    from .io import check_output_file, read_displacement_field, read_image, write_displacement_field
     from .pipeline.inverse import invert_field
 
+    check_output_file(args.out)
     field = read_displacement_field(args.transform)
     reference = read_image(args.reference, "reference")
     with warnings.catch_warnings(record=True) as caught:
@@ -211,7 +221,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     spec = resolve_spec(args.spec)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"Cannot create the training folder '{out}' ({error.strerror or error}).") from None
     if args.data.endswith(PREPARED_SUFFIXES):
         train_set = PreparedSet.load(args.data)
         validation_set = PreparedSet.load(args.val) if args.val else None
@@ -254,8 +267,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import evaluate, markdown_table, read_pairs, write_report
+    from .evaluation.evaluate import evaluate, markdown_table, read_pairs, write_evaluation
+    from .io import check_output_folder, result_folder
 
+    out = check_output_folder(args.out)
     pairs = read_pairs(args.data, pairing=args.pairing, last_fraction=args.last_fraction,
                        both_directions=not args.one_direction)
     if args.max_pairs:
@@ -271,9 +286,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                device=args.device, modality=args.modality, progress=bar)
     finally:
         bar.close()
-    json_path, markdown_path = write_report(report_data, args.out)
+    with result_folder(out) as staging:
+        write_evaluation(report_data, staging)
     print(markdown_table(report_data), end="")
-    print(f"wrote {json_path} and {markdown_path}")
+    print(f"wrote {out / 'evaluation.json'} and {out / 'evaluation.md'}")
     return EXIT_OK
 
 
@@ -423,23 +439,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that every ``finally`` (temporary files, staging folders) runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: OS errors a user causes or can fix (full disk, permissions, read-only or missing folders): exit 3, one line.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
+                   errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line. Exit codes: 0 success, 2 usage, 3 a user error (one line on stderr, no traceback),
+    130 interrupted (Ctrl-C, SIGTERM, cancel); only bugs show a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with 2 on usage errors
     try:
-        code = args.func(args)
-        sys.stdout.flush()  # a closed pipe must fail here, inside the handler, not at interpreter exit
+        with _sigterm_as_exception():
+            code = args.func(args)
+            sys.stdout.flush()  # a closed pipe must fail here, inside the handler, not at interpreter exit
         return code
     except UserError as error:
         print(f"iconreg: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (Cancelled, KeyboardInterrupt):
-        print("iconreg: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into a reader that stopped early (e.g. `| head`): not an error
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return EXIT_OK
+    except RuntimeError as error:
+        if type(error).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, outside the network stage
+            raise
+        print("iconreg: error: out of GPU memory; close other GPU programs or use --device cpu.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        print("iconreg: error: out of memory; close other programs, use a machine with more memory or a model "
+              "with a smaller grid.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        if error.errno not in _USER_OS_ERRORS:
+            raise
+        where = f" '{error.filename}'" if error.filename else ""
+        print(f"iconreg: error: {error.strerror or error}{where}.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (Cancelled, KeyboardInterrupt):
+        print("iconreg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

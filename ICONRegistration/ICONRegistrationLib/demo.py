@@ -41,9 +41,11 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
              progress: Optional[ProgressCallback] = None) -> dict:
     """Register the sample pair, write the usual outputs to ``out`` and return a summary (also ``demo.json``)."""
     from .evaluation.metrics import dice_per_label, label_values, mean_std
-    from .io import write_result
-    from .io.results import write_json
+    from .io import check_output_folder, result_folder, write_result
+    from .io.results import RESULT_FILES, write_json
     from .pipeline.registration import register
+
+    out = check_output_folder(out)
 
     sample = sample_pair()
     from .io.images import read_image
@@ -52,12 +54,11 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
     result = register(fixed, moving, name, fixed_modality=sample.get("modality", "auto"),
                       moving_modality=sample.get("modality", "auto"), io_iterations=io_iterations,
                       device=device, progress=progress)
-    written = write_result(result, out, fixed=fixed, moving=moving)
     metrics = result.metrics
     summary = {"model": metrics["model"], "device": metrics["device"], "folds": metrics["folds"],
                "folds_percent": metrics["folds_percent"], "ic_error_mean_mm": metrics["ic_error_mean_mm"],
                "ic_error_p95_mm": metrics["ic_error_p95_mm"], "seconds": metrics["seconds"]["total"],
-               "outputs": sorted(p.name for p in written.values())}
+               "outputs": sorted(RESULT_FILES + ("report.png", "demo.json"))}
     lines = [f"Registered {Path(sample['moving']).name} to {Path(sample['fixed']).name} with {metrics['model']} "
              f"on {metrics['device']} in {summary['seconds']:.2f} s."]
     if sample.get("fixed_label") and sample.get("moving_label"):
@@ -76,5 +77,7 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
                  f"error {metrics['ic_error_mean_mm']:.4f} mm mean, {metrics['ic_error_p95_mm']:.4f} mm 95th.")
     lines.append(f"Wrote {', '.join(summary['outputs'])} to {Path(out)}/.")
     summary["text"] = "\n".join(lines)
-    write_json(summary, Path(out) / "demo.json")
+    with result_folder(out) as staging:
+        write_result(result, staging, fixed=fixed, moving=moving)
+        write_json(summary, staging / "demo.json")
     return summary

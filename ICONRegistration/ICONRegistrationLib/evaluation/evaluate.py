@@ -21,7 +21,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..io.atomic import atomic_path
 from ..io.images import read_image
+from ..io.results import write_json
 from ..progress import ProgressCallback, report
 from .baselines import BASELINES, timed
 from .metrics import dice_per_label, hd95_per_label, label_values, mean_std
@@ -191,10 +193,10 @@ def markdown_table(report_data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report_data: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """``evaluation.json`` and ``evaluation.md`` in ``out_dir``."""
+def write_evaluation(report_data: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """``evaluation.json`` and ``evaluation.md`` in ``out_dir`` (each written atomically; the command line writes
+    them into a :func:`~ICONRegistrationLib.io.atomic.result_folder`)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     def clean(value):
         if isinstance(value, float) and math.isnan(value):
@@ -207,9 +209,9 @@ def write_report(report_data: dict, out_dir: str | Path) -> tuple[Path, Path]:
             return value.item()
         return value
 
-    json_path = out_dir / "evaluation.json"
-    json_path.write_text(json.dumps(clean(report_data), indent=2, ensure_ascii=False))
+    json_path = write_json(clean(report_data), out_dir / "evaluation.json")
     markdown_path = out_dir / "evaluation.md"
-    markdown_path.write_text(f"Model `{report_data['model']}`, {len(report_data['pairs'])} rows\n\n"
+    with atomic_path(markdown_path) as temporary:
+        temporary.write_text(f"Model `{report_data['model']}`, {len(report_data['pairs'])} rows\n\n"
                              + markdown_table(report_data))
     return json_path, markdown_path

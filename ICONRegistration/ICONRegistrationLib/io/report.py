@@ -26,19 +26,20 @@ voxels. For oblique images the closest patient axis is used, so the planes are o
 
 matplotlib is imported inside :func:`write_report` (Agg canvas, no pyplot), so importing this module stays light
 and never touches a GUI backend. The file is written atomically: rendered to a temporary file in the target
-folder, then moved onto ``path`` with :func:`os.replace`.
+folder, then moved onto ``path`` (:func:`~ICONRegistrationLib.io.atomic.atomic_path`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import SimpleITK as sitk
+
+from .atomic import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..pipeline.registration import RegistrationResult
@@ -289,18 +290,6 @@ def write_report(path: "str | os.PathLike[str]", fixed: sitk.Image, moving: sitk
     figure.suptitle(title if title is not None else _summary(result.metrics), fontsize=11,
                     y=1 - 0.25 / fig_height)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            canvas.print_png(stream)
-        # mkstemp creates the file private (0600); give it the mode of the file it replaces, or rw-r--r--.
-        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        canvas.print_png(stream)
     return path

@@ -12,19 +12,16 @@ Every file is written under a temporary name in the target folder and renamed wh
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import os
 import struct
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
 from ..frames import flip_lps_ras
+from .atomic import atomic_path
 from .images import read_image
 
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
@@ -38,26 +35,6 @@ _NIFTI_INTENT_OFFSET = 68  # byte offset of intent_code in a NIfTI-1 header
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` with the same suffix; rename it onto ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name[:-len(suffix)] or 'out'}.", suffix=suffix,
-                                         dir=path.parent)
-    os.close(handle)
-    temporary_path = Path(temporary)
-    try:
-        yield temporary_path
-        os.replace(temporary_path, path)
-    finally:
-        temporary_path.unlink(missing_ok=True)
-        # .mhd/.nhdr writers put the voxels in a second file next to the header
-        for companion in (".raw", ".zraw", ".raw.gz"):
-            temporary_path.with_suffix(companion).unlink(missing_ok=True)
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:

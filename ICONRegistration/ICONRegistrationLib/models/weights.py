@@ -1,7 +1,9 @@
 """Model weights: per-user cache, download, offline install, sha256 verification, safe strict loading.
 
-Weights never go to the current directory or the install folder: they live in the per-user cache
-(``$ICONREG_CACHE`` when set). Files are written under a temporary name and renamed when complete.
+Weights never go to the current directory, the install folder or beside a user's weights file: they live in the
+per-user cache (``$ICONREG_CACHE`` when set). Files are written under a temporary name, checked (sha256 when known,
+keys and shapes always) and renamed when complete. A hash is never remembered: the sha256 reported for a
+registration is computed from the very bytes that were loaded.
 Checkpoints are read with ``torch.load(weights_only=True)``, so a checkpoint can never run code.
 """
 
@@ -10,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -63,42 +65,44 @@ def bundled_weights_path(spec: ModelSpec) -> Optional[Path]:
 
 
 def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file; remembered in a ``.sha256`` file beside it, keyed by size and mtime."""
-    path = Path(path)
-    stat = path.stat()
-    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-    sidecar = path.with_name(path.name + ".sha256")
-    try:
-        recorded_stamp, recorded = sidecar.read_text().split()
-        if recorded_stamp == stamp:
-            return recorded
-    except (OSError, ValueError):
-        pass
+    """Hex sha256 of a file's bytes, computed now (never remembered: a remembered hash can belong to other bytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
-    value = digest.hexdigest()
-    _record_sha256(path, value)
-    return value
+    return digest.hexdigest()
 
 
-def _record_sha256(path: Path, value: str) -> None:
-    stat = path.stat()
-    try:
-        path.with_name(path.name + ".sha256").write_text(f"{stat.st_size}:{stat.st_mtime_ns} {value}\n")
-    except OSError:
-        pass  # read-only folder (bundled weights): the hash is simply recomputed next time
-
-
-def _verify(spec: ModelSpec, path: Path) -> str:
-    actual = sha256_of(path)
+def _check_hash(spec: ModelSpec, path: Path, actual: str) -> str:
     expected = spec.sha256
     if expected and actual.lower() != expected.lower():
         raise UserError(f"The weights file '{path}' for model '{spec.name}' has sha256 {actual}, "
                         f"but the model expects {expected}: the file is corrupt or is another model's. "
                         f"Delete it and download or install it again.")
     return actual
+
+
+def read_weights(spec: ModelSpec, path: Path, origin: Optional[str] = None) -> tuple[dict, str]:
+    """The state dict of the weights file ``path`` and the sha256 of exactly the bytes it was read from (one read;
+    checked against the spec's hash when it has one). ``origin`` names the file in messages (default: ``path``)."""
+    origin = origin or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"Could not read weights file '{origin}': {error.strerror or error}.") from None
+    digest = _check_hash(spec, Path(origin), hashlib.sha256(data).hexdigest())
+    return read_state_dict(io.BytesIO(data), name=origin), digest
+
+
+def check_weights_fit(spec: ModelSpec, path: Path, origin: Optional[str] = None) -> str:
+    """Verify that ``path`` holds weights of ``spec``'s network: sha256 (when the spec has one), then keys and
+    shapes against the network built from the spec. Returns the sha256 of the bytes checked."""
+    from .build import build_network
+
+    state, digest = read_weights(spec, path, origin)
+    load_state_dict_strict(build_network(spec), state,
+                           source=f"weights file '{origin or path.name}' (for model '{spec.name}')")
+    return digest
 
 
 def _offline_hint(spec: ModelSpec) -> str:
@@ -109,53 +113,60 @@ def _offline_hint(spec: ModelSpec) -> str:
 
 
 @contextlib.contextmanager
-def _staged_weights(spec: ModelSpec) -> Iterator[Path]:
-    """Yield a temporary file in the cache folder of ``spec``; once the caller has filled it, verify its sha256,
-    rename it onto the cached weights path and record the hash. Nothing is left behind on failure."""
+def _staged_weights(spec: ModelSpec, origin: str) -> Iterator[Path]:
+    """Yield a temporary file beside the cached weights path of ``spec``; once the caller has filled it, check that
+    it holds this model's weights (sha256 when known, keys and shapes always) and rename it into place
+    (:func:`~ICONRegistrationLib.io.atomic.atomic_path`: nothing is left behind on any exit — errors, Ctrl-C, and
+    SIGTERM, which the command line turns into an exception)."""
+    from ..io.atomic import atomic_path
+
     target = cached_weights_path(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
+    with atomic_path(target) as temporary:
         yield temporary
-        digest = _verify(spec, temporary)
-        os.replace(temporary, target)
-        _record_sha256(target, digest)
-    finally:
-        temporary.unlink(missing_ok=True)
-        temporary.with_name(temporary.name + ".sha256").unlink(missing_ok=True)
+        check_weights_fit(spec, temporary, origin)
 
 
 def install_weights(model: "str | ModelSpec", source: str | Path) -> Path:
-    """Copy a weights file into the cache for ``model`` (offline install); verifies sha256 when known."""
+    """Copy a weights file into the cache for ``model`` (offline install) after checking that it holds this model's
+    weights: sha256 when the zoo knows it, and always the keys and shapes of the model's network."""
     spec = resolve_spec(model)
     source = Path(source)
     if not source.is_file():
         raise UserError(f"Weights file '{source}' does not exist.")
-    with _staged_weights(spec) as temporary:
+    with _staged_weights(spec, str(source)) as temporary:
         shutil.copyfile(source, temporary)
     return cached_weights_path(spec)
 
 
 def download_weights(model: "str | ModelSpec", progress: Optional[ProgressCallback] = None) -> Path:
-    """Download the weights of ``model`` into the cache (temporary file, renamed when complete)."""
+    """Download the weights of ``model`` into the cache (temporary file, checked, renamed when complete).
+
+    A transfer that ends before ``Content-Length`` bytes, an HTML page (an error or login page served instead of
+    the file) or a file that is not this model's weights is refused and leaves nothing behind.
+    """
     spec = resolve_spec(model)
     url = spec.weights.get("url")
     if not url:
         raise UserError(f"Model '{spec.name}' has no download URL. {_offline_hint(spec)}")
-    with _staged_weights(spec) as temporary, open(temporary, "wb") as out:
+    with _staged_weights(spec, url) as temporary, open(temporary, "wb") as out:
         try:
             with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (URL from the spec)
+                if "html" in (response.headers.get("Content-Type") or "").lower():
+                    raise UserError(f"The download of '{spec.name}' from {url} returned a web page, not a weights "
+                                    f"file (a moved file or a login page?). {_offline_hint(spec)}")
                 total = int(response.headers.get("Content-Length") or 0)
                 done = 0
                 for block in iter(lambda: response.read(_CHUNK), b""):
                     out.write(block)
                     done += len(block)
                     report(progress, f"downloading {spec.name}", done / total if total else 0.0)
-        except (urllib.error.URLError, OSError) as error:  # refused, unreachable, or dropped mid-way
+        except (urllib.error.URLError, OSError, ValueError) as error:  # refused, unreachable, dropped mid-way
             raise UserError(f"Could not download the weights of '{spec.name}' ({error}). "
                             f"{_offline_hint(spec)}") from None
+        if total and done != total:
+            raise UserError(f"The download of '{spec.name}' was cut short: {done} of {total} bytes arrived. "
+                            "Try again; nothing was installed.")
+        out.flush()
     return cached_weights_path(spec)
 
 
@@ -182,23 +193,27 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None, *, downl
     return download_weights(spec, progress)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, safely (``weights_only=True``), as float32 on the CPU.
+def read_state_dict(path: "str | Path | io.BytesIO", name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint (a path, or bytes already read, named ``name`` in messages), safely
+    (``weights_only=True``), as float32 on the CPU.
 
     Accepts a plain state dict (official ``.trch`` files), a dict with a ``"state_dict"`` or ``"model"``
     entry (training checkpoints), and strips a ``regis_net.`` prefix (a whole GradICON wrapper's dict).
     """
     import torch
 
+    name = name or str(path)
+    path = name if not isinstance(path, io.BytesIO) else path
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable / unsafe files
-        raise UserError(f"Could not read weights file '{path}': {error}".split("\n")[0]) from None
+        raise UserError(f"Could not read weights file '{name}' (damaged, cut short or not a PyTorch "
+                        f"checkpoint): {error}".split("\n")[0]) from None
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise UserError(f"Weights file '{path}' does not hold a state dict of tensors.")
+        raise UserError(f"Weights file '{name}' does not hold a state dict of tensors.")
     if data and all(k.startswith("regis_net.") for k in data):
         data = {k[len("regis_net."):]: v for k, v in data.items()}
     return {k: (v.float() if v.is_floating_point() else v) for k, v in data.items()}
@@ -256,9 +271,9 @@ def load_model(model: "str | Path | ModelSpec", weights: str | Path | None = Non
            stat.st_mtime_ns, str(torch_device))
     if key in _LOADED:
         return _LOADED[key]
-    sha256 = _verify(spec, path)
+    state, sha256 = read_weights(spec, path)  # the hash of exactly the bytes loaded
     net = build_network(spec)
-    load_state_dict_strict(net, read_state_dict(path), source=f"weights file '{path.name}'")
+    load_state_dict_strict(net, state, source=f"weights file '{path.name}'")
     loaded = LoadedModel(spec, net.to(torch_device).eval(), torch_device, path, sha256)
     _LOADED.clear()  # keep one network in memory: uniGradICON-sized models weigh 280 MB
     _LOADED[key] = loaded

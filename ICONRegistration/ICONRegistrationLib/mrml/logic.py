@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +31,7 @@ import slicer
 import vtk
 
 from ..errors import UserError
+from ..io.atomic import atomic_path
 from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback
 from . import display
@@ -409,17 +408,11 @@ class ICONRegistrationLogic:
         suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
         if suffix.lower() not in (".h5", ".hdf5", ".tfm", ".txt", ".mat", ".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr"):
             raise UserError(f"Unknown transform file type '{path.name}': use .h5, .tfm, .nii.gz, .mha or .nrrd.")
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-        os.close(handle)
-        storage = slicer.vtkMRMLTransformStorageNode()
-        storage.SetFileName(temporary)
-        try:
+        with atomic_path(path) as temporary:
+            storage = slicer.vtkMRMLTransformStorageNode()
+            storage.SetFileName(str(temporary))
             if not storage.WriteData(transformNode):
                 raise UserError(f"Slicer could not write '{path.name}'; check the folder is writable.")
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
         return path
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..io.atomic import atomic_path
 from ..io.images import read_image
 from ..models.spec import ModelSpec
 from ..pipeline.grid import Grid
@@ -95,9 +96,8 @@ class PreparedSet:
                   "shape": np.array(self.shape, dtype=np.int64)}
         if self.labels is not None:
             arrays["labels"] = self.labels.to(torch.uint8).numpy()
-        temporary = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(temporary, **arrays)
-        temporary.replace(path)
+        with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+            np.savez_compressed(stream, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "PreparedSet":

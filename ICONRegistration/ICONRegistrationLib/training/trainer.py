@@ -16,7 +16,6 @@ import contextlib
 import csv
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from ..core.losses import make_similarity, label_fractions, soft_dice_loss
 from ..core.objective import both_directions, symmetric_objective
 from ..device import choose_device, device_description
 from ..errors import UserError
+from ..io.atomic import atomic_path
 from ..evaluation.metrics import dice
 from ..models.build import build_network
 from ..models.spec import ModelSpec
@@ -322,11 +322,10 @@ def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, de
 
 def _save_checkpoint(path: Path, net, optimizer, step: int, generator: torch.Generator, spec: ModelSpec,
                      config: TrainingConfig) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "generator": generator.get_state(), "spec": spec.to_dict(),
-                "config": dataclasses.asdict(config)}, str(temporary))
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "generator": generator.get_state(), "spec": spec.to_dict(),
+                    "config": dataclasses.asdict(config)}, str(temporary))
 
 
 def export_weights(checkpoint: str | Path, out: str | Path, half: bool = True) -> Path:
@@ -335,9 +334,8 @@ def export_weights(checkpoint: str | Path, out: str | Path, half: bool = True) -
     if half:
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     out = Path(out)
-    temporary = out.with_name(out.name + ".tmp")
-    torch.save(state, str(temporary))
-    os.replace(temporary, out)
+    with atomic_path(out) as temporary:
+        torch.save(state, str(temporary))
     return out
 
 

@@ -1,0 +1,201 @@
+"""The one atomic writer: single files and whole result folders appear complete or not at all.
+
+* :func:`atomic_path` — a temporary name beside the target (same folder, same suffix), renamed onto it when the
+  caller's writing succeeded; removed on any exit otherwise (errors, Ctrl-C, SIGTERM turned into an exception).
+* :func:`result_folder` — a results folder is one unit: the new set is built in a hidden sibling folder and then
+  swapped with the old folder in one step (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames with
+  signals held back between them), so a reader finds either the complete new set or the complete old one, never a
+  mix. The old set is deleted after the swap.
+* :func:`check_output_folder` / :func:`check_output_file` — validate an output path before any computation.
+
+Files get the user's umask (``mkstemp`` alone would make them private, 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import UserError
+
+#: Files a results folder may hold: what register, demo and evaluate write. A folder holding anything else is
+#: not a results folder and is never replaced.
+RESULT_SET_FILES = ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz",
+                    "metrics.json", "report.png", "demo.json", "evaluation.json", "evaluation.md")
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the user's umask (0o666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def folder_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for double in (".nii.gz", ".tar.gz"):
+        if name.endswith(double):
+            return path.name[-len(double):]
+    return path.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` with the same suffix; rename it onto ``path`` on success (with the
+    user's umask). On failure nothing is left: the temporary file and any companion data file (``.raw`` of an
+    ``.mhd``) are removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = _suffix(path)
+        stem = path.name[:len(path.name) - len(suffix)] if suffix else path.name
+        handle, temporary = tempfile.mkstemp(prefix=f".{stem or 'out'}.", suffix=suffix, dir=path.parent)
+    except OSError as error:
+        raise _os_error_as_user_error(error, path) from None
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.chmod(temporary_path, file_mode())
+        os.replace(temporary_path, path)
+    except OSError as error:
+        raise _os_error_as_user_error(error, path) from None
+    finally:
+        temporary_path.unlink(missing_ok=True)
+        for companion in (".raw", ".zraw", ".raw.gz"):
+            temporary_path.with_suffix(companion).unlink(missing_ok=True)
+
+
+def _os_error_as_user_error(error: OSError, path: Path) -> UserError:
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"Could not write '{path}': the disk is full ({reason}). Free some space and run again; "
+                         "the previous files were left as they were.")
+    return UserError(f"Could not write '{path}' ({reason}). Choose a folder you can write to.")
+
+
+def check_output_file(path: str | Path, option: str = "--out") -> Path:
+    """Validate an output file path before any work: not empty, not a folder, in a folder that exists or can be
+    made and that is writable."""
+    if path is None or str(path).strip() == "":
+        raise UserError(f"{option} is empty; give a file name.")
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} '{path}' is a folder; give a file name.")
+    _check_writable_folder(path.parent if str(path.parent) else Path("."), option)
+    return path
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Validate a results folder before any work: not empty, not an existing file, new or empty or an earlier
+    results folder (only :data:`RESULT_SET_FILES`), and its parent writable."""
+    if path is None or str(path).strip() == "":
+        raise UserError(f"{option} is empty; give a folder name.")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} '{path}' is an existing file, not a folder.")
+    if path.is_dir():
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in RESULT_SET_FILES)
+        if foreign:
+            raise UserError(f"{option} '{path}' holds files that are not registration results "
+                            f"({', '.join(foreign[:3])}{'…' if len(foreign) > 3 else ''}); results replace the "
+                            "whole folder, so choose a new or empty folder.")
+    _check_writable_folder(path.parent, option)
+    return path
+
+
+def _check_writable_folder(folder: Path, option: str) -> None:
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option}: '{existing}' is a file, so '{folder}' cannot be created.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option}: the folder '{existing}' is not writable.")
+
+
+_RENAME_EXCHANGE = 2
+_libc = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    global _libc
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EPERM):  # old kernel or file system without the flag
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (main thread, POSIX) for the few system calls of a swap."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def result_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a new hidden sibling folder of ``path`` to write a complete result set into; on success it replaces
+    ``path`` in one step (see the module docstring); on any failure it is removed and ``path`` is untouched."""
+    path = check_output_folder(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    except OSError as error:
+        raise _os_error_as_user_error(error, path) from None
+    retired = None
+    try:
+        yield staging
+        os.chmod(staging, folder_mode())
+        with _signals_held():
+            if path.exists():
+                if _exchange(staging, path):
+                    retired = staging  # now holds the old set
+                else:
+                    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                    os.rmdir(retired)
+                    os.replace(path, retired)
+                    os.replace(staging, path)
+            else:
+                os.replace(staging, path)
+    except OSError as error:
+        raise _os_error_as_user_error(error, path) from None
+    finally:
+        if staging.exists() and staging != retired:
+            shutil.rmtree(staging, ignore_errors=True)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
