@@ -473,6 +473,19 @@ def test_user_mistakes_raise_user_errors(scene):
         logic.register(fixed_node, empty)
     with pytest.raises(UserError, match="direction"):
         logic.applyToSegmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode"), None, "sideways")
+    # the same node as fixed and moving, and a label map as an input, are user errors; nothing is added or moved
+    moving_node = volume_node(scene, make_image(blob_volume((8, 9, 10), seed=1)), "moving")
+    labels = volume_node(scene, make_image((blob_volume((8, 9, 10)) > 0.5).astype(np.uint8)), "labels",
+                         class_name="vtkMRMLLabelMapVolumeNode")
+    before = node_ids(scene)
+    with pytest.raises(UserError, match="both the fixed and the moving"):
+        logic.register(fixed_node, fixed_node)
+    with pytest.raises(UserError, match="fixed volume 'labels' is a label map"):
+        logic.register(labels, moving_node)
+    with pytest.raises(UserError, match="moving volume 'labels' is a label map"):
+        logic.register(fixed_node, labels)
+    assert node_ids(scene) == before
+    assert fixed_node.GetParentTransformNode() is None and labels.GetParentTransformNode() is None
 
 
 def test_guess_modality_and_model_choices_need_no_torch(scene):

@@ -66,6 +66,8 @@ def test_resume_takes_the_same_next_steps_as_an_uninterrupted_run(tmp_path):
     data = synthetic_set()
     train(small_spec(), data, tmp_path / "straight", config, device="cpu")
     train(small_spec(), data, tmp_path / "resumed", TrainingConfig(**{**config.__dict__, "steps": 3}), device="cpu")
+    with (tmp_path / "resumed" / "train_log.csv").open("a") as handle:  # a step logged after the checkpoint,
+        handle.write("4,9.0,9.0,9.0,1.0\n")                              # by a run killed before the next one
     train(small_spec(), data, tmp_path / "resumed", config, device="cpu")  # picks up checkpoint at step 3
 
     def losses(folder):

@@ -111,14 +111,14 @@ def _cmd_jacobian(args: argparse.Namespace) -> int:
     from .io import check_output_file, read_displacement_field, write_image
     from .pipeline.qa import field_jacobian
 
-    if args.out:
+    if args.out is not None:
         check_output_file(args.out)
     determinant = field_jacobian(read_displacement_field(args.transform))
     values = sitk.GetArrayViewFromImage(determinant)
     folds = int((values <= 0).sum())
     print(json.dumps({"folds": folds, "folds_percent": 100.0 * folds / values.size,
                       "jacobian_min": float(values.min()), "jacobian_max": float(values.max())}))
-    if args.out:
+    if args.out is not None:
         write_image(determinant, args.out)
         print(f"wrote {args.out}")
     return EXIT_OK
@@ -249,6 +249,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             checkpoint_every=args.checkpoint_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
                             label_loss=args.label_loss, label_weight=args.label_weight,
+                            label_downsample=args.label_downsample,
                             time_limit=args.time_limit,
                             flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a != ""))
     if args.batch_size == "auto":
@@ -399,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a soft Dice loss of warped moving labels against fixed labels, both directions "
                           "(needs label maps for the training volumes; inference stays image-only)")
     trn.add_argument("--label-weight", type=float, default=1.0, help="weight of --label-loss (default 1)")
+    trn.add_argument("--label-downsample", type=int, default=2,
+                     help="evaluate --label-loss on blocks of this many voxels per axis (default 2; 1 for small "
+                          "structures on small grids)")
     trn.add_argument("--lambda", dest="lmbda", type=float, help="regularisation weight (default: the spec's)")
     trn.add_argument("--affine", type=float, default=0.05, help="random affine augmentation strength")
     trn.add_argument("--flip-axes", default="0,1,2", help="tensor axes to flip at random ('' for none)")

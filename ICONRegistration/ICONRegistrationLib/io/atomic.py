@@ -75,10 +75,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(temporary_path, path)
     except OSError as error:
         raise _os_error_as_user_error(error, path) from None
+    except RuntimeError as error:  # SimpleITK / ITK writers report OS errors as RuntimeError text
+        _remove_temporary(temporary_path)
+        code = _os_error_in_text(str(error))
+        if code is None and _nearly_full(path.parent):  # ITK's HDF5 writer says only "H5Dwrite failed"
+            code = errno.ENOSPC
+        if code is None:
+            raise
+        raise _os_error_as_user_error(OSError(code, os.strerror(code)), path) from None
     finally:
-        temporary_path.unlink(missing_ok=True)
-        for companion in (".raw", ".zraw", ".raw.gz"):
-            temporary_path.with_suffix(companion).unlink(missing_ok=True)
+        _remove_temporary(temporary_path)
+
+
+def _remove_temporary(temporary_path: Path) -> None:
+    temporary_path.unlink(missing_ok=True)
+    for companion in (".raw", ".zraw", ".raw.gz"):  # .mhd/.nhdr writers put the voxels in a second file
+        temporary_path.with_suffix(companion).unlink(missing_ok=True)
+
+
+_NEARLY_FULL_BYTES = 16 << 20
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has less than 16 MB free (after a failed write was removed)."""
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def _os_error_as_user_error(error: OSError, path: Path) -> UserError:
@@ -87,6 +110,17 @@ def _os_error_as_user_error(error: OSError, path: Path) -> UserError:
         return UserError(f"Could not write '{path}': the disk is full ({reason}). Free some space and run again; "
                          "the previous files were left as they were.")
     return UserError(f"Could not write '{path}' ({reason}). Choose a folder you can write to.")
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
+
+
+def _os_error_in_text(text: str) -> "int | None":
+    """The errno whose message (``strerror``) a library's error text quotes, for write failures."""
+    for code in _WRITE_ERRNOS:
+        if os.strerror(code) in text:
+            return code
+    return None
 
 
 def check_output_file(path: str | Path, option: str = "--out") -> Path:

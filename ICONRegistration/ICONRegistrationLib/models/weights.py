@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # torch is imported when weights are read, so listing models 
     import torch
 
 _CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 30.0  # seconds without data before a download is abandoned
 
 
 def cache_dir() -> Path:
@@ -150,7 +151,7 @@ def download_weights(model: "str | ModelSpec", progress: Optional[ProgressCallba
         raise UserError(f"Model '{spec.name}' has no download URL. {_offline_hint(spec)}")
     with _staged_weights(spec, url) as temporary, open(temporary, "wb") as out:
         try:
-            with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (URL from the spec)
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310 (URL from the spec)
                 if "html" in (response.headers.get("Content-Type") or "").lower():
                     raise UserError(f"The download of '{spec.name}' from {url} returned a web page, not a weights "
                                     f"file (a moved file or a login page?). {_offline_hint(spec)}")

@@ -182,7 +182,13 @@ class ICONRegistrationLogic:
         """Copy the input volumes (and masks) into SimpleITK images (LPS, world geometry). Main thread."""
         if fixedVolumeNode is None or movingVolumeNode is None:
             raise UserError("Select a fixed and a moving volume.")
-        for node in (fixedVolumeNode, movingVolumeNode):
+        if fixedVolumeNode is movingVolumeNode or fixedVolumeNode.GetID() == movingVolumeNode.GetID():
+            raise UserError(f"'{fixedVolumeNode.GetName()}' is selected as both the fixed and the moving volume; "
+                            "select two different volumes.")
+        for role, node in (("fixed", fixedVolumeNode), ("moving", movingVolumeNode)):
+            if node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise UserError(f"The {role} volume '{node.GetName()}' is a label map (a segmentation); select an "
+                                "image volume, and use label maps as masks or move them with the transform.")
             if not node.IsA("vtkMRMLScalarVolumeNode"):
                 raise UserError(f"'{node.GetName()}' is not a scalar volume; select a scalar volume.")
         return RegistrationInputs(

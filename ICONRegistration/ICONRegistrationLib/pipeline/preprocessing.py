@@ -52,7 +52,8 @@ def normalize_intensities(array: np.ndarray, modality: str, rules: dict, mask: O
             high = float(np.percentile(array, float(rules.get("mri_percentile", 99))))
             if high <= low:  # mostly-background images: fall back to the full range
                 high = float(array.max())
-        result = (np.clip(array, low, high) - low) / (high - low)
+        # float64: the range of a float32 image can exceed float32 (±3e38 voxels), its normalised values cannot
+        result = (np.clip(array, low, high).astype(np.float64) - low) / (high - low)
     result = result.astype(np.float32, copy=False)
     if mask is not None:
         result = result * mask

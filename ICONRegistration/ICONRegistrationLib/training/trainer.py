@@ -227,6 +227,21 @@ def _append_csv(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Drop the rows of a log with ``step > last_step`` (a resumed run takes those steps again)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, [row for row in reader if int(row["step"]) <= last_step]
+    if fields is None:
+        return
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot_curves(out_dir: Path) -> Optional[Path]:
     """``curves.png`` from ``train_log.csv`` and ``validation_log.csv`` (skipped without matplotlib)."""
     try:
@@ -382,6 +397,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         step = int(saved["step"])
+        for log in ("train_log.csv", "validation_log.csv"):  # rows written after the checkpoint are redone
+            _truncate_csv(out_dir / log, step)
     elif init is not None:
         initialise(net, init)
     net.train()
