@@ -356,8 +356,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.metricsTableView.setMRMLTableNode(self._outputs.metrics_table)
         metrics = result.metrics
         self.ui.statusLabel.text = (
-            f"Done in {metrics['seconds']['total']:.1f} s on {metrics['device']}: {metrics['folds']} folded voxels "
-            f"({metrics['folds_percent']:.3f} %), IC error {metrics['ic_error_mean_mm']:.3f} mm mean.")
+            f"Done in {metrics.total_seconds:.1f} s on {metrics.device}: {metrics.folds} folded voxels "
+            f"({metrics.folds_percent:.3f} %), IC error {metrics.ic_error_mean_mm:.3f} mm mean.")
         self.ui.resultsCollapsibleButton.collapsed = False
         self.updateGUIFromParameterNode()
 
@@ -472,8 +472,8 @@ class ICONRegistrationTest(ScriptedLoadableModuleTest):
         outputs = logic.register(fixed, moving, model, fixedModality="mri", movingModality="mri",
                                  outputMode="warped")
         metrics = outputs.result.metrics
-        self.assertLess(metrics["folds_percent"], 0.1)
-        self.assertLess(metrics["ic_error_mean_mm"], 1.0)
+        self.assertLess(metrics.folds_percent, 0.1)
+        self.assertLess(metrics.ic_error_mean_mm, 1.0)
         inputs = logic.prepareInputs(fixed, moving)
         fixed_image, moving_image = inputs.fixed, inputs.moving
         before = sitk.Resample(moving_image, fixed_image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -72,6 +74,47 @@ def test_no_array_view_of_a_temporary_simpleitk_image():
     assert offenders == []
 
 
+def test_no_module_reads_registration_metrics_by_string_key():
+    """Registration metrics are a typed dataclass read through attributes: ``metrics["…"]`` or ``metrics.get("…")``
+    in the package (outside the metrics type itself) would turn a renamed field into a silent "—"."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "ICONRegistration").rglob("*.py")):
+        if path.name == "metrics.py" and path.parent.name == "pipeline":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            target = None
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) \
+                    and isinstance(node.slice.value, str):
+                target = node.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+                target = node.func.value
+            name = getattr(target, "attr", getattr(target, "id", None))
+            if name == "metrics":
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_metrics_table_rows_name_real_fields_and_json_round_trips(tmp_path):
+    from ICONRegistrationLib.pipeline.metrics import RegistrationMetrics
+
+    fixed = make_image(blob_volume((20, 22, 24)))
+    moving = make_image(blob_volume((20, 22, 24), centre=(11, 11, 12), seed=1))
+    result = register(fixed, moving, tiny_spec(), fixed_modality="mri", moving_modality="mri", random_weights=True,
+                      exact_inverse=True)
+    metrics = result.metrics
+    assert RegistrationMetrics.from_dict(json.loads(json.dumps(metrics.to_dict()))) == metrics
+    try:
+        from ICONRegistrationLib.mrml.logic import METRIC_ROWS, _lookup
+    except ImportError:  # slicer-core absent: the rows are checked where the MRML layer runs
+        return
+    for path, _, _ in METRIC_ROWS:
+        _lookup(metrics, path)  # raises AttributeError for a renamed field
+    with pytest.raises(AttributeError):
+        _lookup(metrics, "ic_error_average_mm")
+
+
 def test_inverse_of_a_fold_free_registration_reports_no_folds():
     """The forward field of a registration without folds is invertible: no phantom folds, converged."""
     from ICONRegistrationLib.pipeline.inverse import invert_field
@@ -83,7 +126,7 @@ def test_inverse_of_a_fold_free_registration_reports_no_folds():
 
     model = analytic_model(fixed, moving, rotation(2, 5.0), np.array([1.0, -1.0, 0.5]), bulge=1.0)
     result = register(fixed, moving, model, fixed_modality="mri", moving_modality="mri")
-    assert result.metrics["folds"] == 0
+    assert result.metrics.folds == 0
     assert int((sitk.GetArrayFromImage(field_jacobian(result.forward_field)) <= 0).sum()) == 0
     for _ in range(3):  # repeated, so freed memory would be reused and show up
         inverse = invert_field(result.forward_field, moving)

@@ -207,8 +207,8 @@ def test_instance_optimisation_lowers_the_objective_and_restores_the_cached_mode
     optimised = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri",
                          io_iterations=iterations, io_mode=mode, io_learning_rate=learning_rate,
                          progress=lambda stage, f: fractions.append(f) if stage == "instance optimisation" else None)
-    history = optimised.metrics["io_objective"]
-    assert optimised.metrics["io_mode"] == mode
+    history = optimised.metrics.io_objective
+    assert optimised.metrics.io_mode == mode
     assert len(history) == iterations + 1 and fractions[-1] == 1.0  # before each step and after the last
     assert history[-1] < history[0] - 0.01
     after = loaded.net.state_dict()

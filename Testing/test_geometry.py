@@ -36,8 +36,8 @@ def test_exported_field_equals_analytic_map_in_mm(field_grid):
     result = register(fixed, moving, analytic_model(fixed, moving, matrix, offset), fixed_modality="mri",
                       moving_modality="mri", field_grid=field_grid, inverse_qa=True)
     inverse_jacobian = 1 / np.linalg.det(matrix)
-    assert result.metrics["inverse"]["folds"] == 0
-    assert abs(result.metrics["inverse"]["jacobian_min"] - inverse_jacobian) < 1e-4
+    assert result.metrics.inverse.folds == 0
+    assert abs(result.metrics.inverse.jacobian_min - inverse_jacobian) < 1e-4
     transform = result.forward_transform()
     inverse = result.inverse_transform()
     points = _interior_points(fixed, 200, margin=0.1)
@@ -56,7 +56,7 @@ def test_exported_field_equals_analytic_map_in_mm(field_grid):
     # QA maps: an affine map has Jacobian det(M) everywhere and no inverse-consistency error.
     jacobian = sitk.GetArrayFromImage(result.jacobian)
     assert np.abs(jacobian - np.linalg.det(matrix)).max() < 1e-4
-    assert result.metrics["folds"] == 0
+    assert result.metrics.folds == 0
     # Φ_BA∘Φ_AB is the identity wherever Φ_AB lands inside the moving image (outside it, fields are clamped).
     ic_error = result.ic_error
     ic_values = [ic_error.GetPixel(ic_error.TransformPhysicalPointToIndex(points[i].tolist())) for i in inside]
@@ -146,8 +146,8 @@ def test_identity_network_registers_the_same_anatomy_stored_flipped_and_transpos
     inner = (slice(2, -2),) * 3
     correlation = np.corrcoef(warped[inner].ravel(), original[inner].ravel())[0, 1]
     assert correlation > 0.999
-    assert abs(result.metrics["jacobian_median"] - 1.0) < 1e-4
-    assert result.metrics["ic_error_max_mm"] < 1e-3
+    assert abs(result.metrics.jacobian_median - 1.0) < 1e-4
+    assert result.metrics.ic_error_max_mm < 1e-3
 
 
 def test_both_directions_in_one_batch_match_separate_passes():

@@ -356,8 +356,8 @@ def test_register_exact_inverse_on_oblique_grids():
     for field_grid in ("network", "fixed"):
         result = register(fixed, moving, model, fixed_modality="mri", moving_modality="mri", exact_inverse=True,
                           field_grid=field_grid)
-        inverse = result.metrics["inverse"]
-        assert inverse["method"] == "exact" and inverse["invertible"] and inverse["max_error_voxels"] <= 0.01
+        inverse = result.metrics.inverse
+        assert inverse.method == "exact" and inverse.invertible and inverse.max_error_voxels <= 0.01
         network = model.net
         # Moving-grid points well inside the forward field's domain: Φ(Φ⁻¹(y)) with the analytic Φ.
         grid = sitk.DisplacementFieldTransform(sitk.Image(result.inverse_field))
@@ -376,7 +376,7 @@ def test_register_exact_inverse_on_oblique_grids():
         assert len(errors) >= 20
         assert max(errors) <= 0.05, (field_grid, max(errors))
     plain = register(fixed, moving, model, fixed_modality="mri", moving_modality="mri")
-    assert plain.metrics["inverse"]["method"] == "network"
+    assert plain.metrics.inverse.method == "network"
 
 
 def test_bending_energy_is_zero_for_affine_velocity_and_positive_otherwise():

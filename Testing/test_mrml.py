@@ -403,8 +403,8 @@ def test_qa_volumes_metrics_table_and_display(scene):
     assert ic_display.GetApplyThreshold() and ic_display.GetLowerThreshold() == display.IC_VISIBLE_FROM_MM
     # metrics table: numbers equal to the engine's
     metrics = metrics_from_table(outputs.metrics_table)
-    assert metrics["Folded voxels (det J ≤ 0)"] == str(outputs.result.metrics["folds"]) == "0"
-    assert float(metrics["IC error mean"]) == pytest.approx(outputs.result.metrics["ic_error_mean_mm"], rel=1e-3)
+    assert metrics["Folded voxels (det J ≤ 0)"] == str(outputs.result.metrics.folds) == "0"
+    assert float(metrics["IC error mean"]) == pytest.approx(outputs.result.metrics.ic_error_mean_mm, rel=1e-3)
     assert metrics["Model"] == "tiny"
     assert json.loads(outputs.transform.GetAttribute("ICONRegistration.metrics"))["folds"] == 0
     # slice views: none in a bare scene, then three
@@ -458,8 +458,8 @@ def test_register_with_a_model_file_runs_the_real_network(scene, tiny_model_file
     outputs = logic.register(fixed_node, moving_node, str(spec_path), fixedModality="mri",
                              movingModality="mri", progress=lambda stage, fraction: stages.append(stage))
     assert "network" in stages
-    assert outputs.result.metrics["weights_sha256"]
-    assert metrics_from_table(outputs.metrics_table)["Weights sha256"] == outputs.result.metrics["weights_sha256"]
+    assert outputs.result.metrics.weights_sha256
+    assert metrics_from_table(outputs.metrics_table)["Weights sha256"] == outputs.result.metrics.weights_sha256
     assert logic.getParameterNode().GetNodeReference("outputTransform") is outputs.transform
 
 

@@ -58,7 +58,7 @@ def _with_jacobian(result, fold_block: bool):
         values[tuple(slice(c - 6, c + 6) for c in centre)] = -1.0
     image = sitk.GetImageFromArray(values)
     image.CopyInformation(result.jacobian)
-    metrics = dict(result.metrics, folds=int((values <= 0).sum()))
+    metrics = dataclasses.replace(result.metrics, folds=int((values <= 0).sum()))
     return dataclasses.replace(result, jacobian=image, metrics=metrics)
 
 

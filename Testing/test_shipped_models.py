@@ -52,7 +52,7 @@ def test_hippocampus_model_beats_identity_on_held_out_pairs():
         for transform, scores in ((sitk.Transform(), identity), (result.forward_transform(), registered)):
             warped = sitk.Resample(moving_label, fixed_label, transform, sitk.sitkNearestNeighbor, 0.0)
             scores.append(mean_std(dice_per_label(warped, fixed_label, [1, 2]).values())[0])
-        assert result.metrics["folds_percent"] < 0.1
+        assert result.metrics.folds_percent < 0.1
     assert mean_std(registered)[0] >= mean_std(identity)[0] + HIPPOCAMPUS_MARGIN, (identity, registered)
 
 

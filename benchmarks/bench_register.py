@@ -9,7 +9,7 @@ images are resampled onto the network grid) and measures
   evaluation of the returned transform on the identity grid (the sampled map Φ_AB), after one warm-up call,
   best of ``--repeats``;
 * end-to-end ``register()`` (both directions, QA maps, export to SimpleITK images) reusing the loaded network, as
-  a cached model is reused, and its stage seconds from ``result.metrics["seconds"]``, best of ``--repeats`` by total;
+  a cached model is reused, and its stage seconds from ``result.metrics.seconds``, best of ``--repeats`` by total;
 * the ratio (register total − load) / forward pass, the target's measure (≤ 2.2 on a CPU);
 * peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measurement); elsewhere the growth
   of the peak resident set size (``ru_maxrss``) over the value after the synthetic images were built. Because
@@ -290,8 +290,8 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
         cpu_start, start = _cpu_seconds(), time.perf_counter()
         outcome = run_register()
         wall = time.perf_counter() - start
-        runs.append({"wall_s": wall, "cpu_s": _cpu_seconds() - cpu_start, "seconds": dict(outcome.metrics["seconds"]),
-                     "folds": outcome.metrics["folds"], "reported_device": outcome.metrics["device"]})
+        runs.append({"wall_s": wall, "cpu_s": _cpu_seconds() - cpu_start, "seconds": dict(outcome.metrics.seconds),
+                     "folds": outcome.metrics.folds, "reported_device": outcome.metrics.device})
         del outcome
         gc.collect()
     result["register_peak_bytes"] = memory.stop()

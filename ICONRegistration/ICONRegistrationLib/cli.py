@@ -55,11 +55,10 @@ class ProgressBar:
 
 
 def _summary(metrics: dict) -> str:
-    seconds = metrics.get("seconds", {})
-    return (f"model {metrics['model']} on {metrics['device']}: folds {metrics['folds']} "
-            f"({metrics['folds_percent']:.4f} %), Jacobian min {metrics['jacobian_min']:.3f}, "
-            f"IC error mean {metrics['ic_error_mean_mm']:.4f} mm / 95th {metrics['ic_error_p95_mm']:.4f} mm, "
-            f"{seconds.get('total', float('nan')):.2f} s")
+    return (f"model {metrics.model} on {metrics.device}: folds {metrics.folds} "
+            f"({metrics.folds_percent:.4f} %), Jacobian min {metrics.jacobian_min:.3f}, "
+            f"IC error mean {metrics.ic_error_mean_mm:.4f} mm / 95th {metrics.ic_error_p95_mm:.4f} mm, "
+            f"{metrics.total_seconds:.2f} s")
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
@@ -84,11 +83,11 @@ def _cmd_register(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(_summary(result.metrics))
-    inverse = result.metrics.get("inverse", {})
-    if inverse.get("method") == "exact":
-        print(f"exact inverse: {inverse['iterations']} iterations, round-trip error max "
-              f"{inverse['max_error_mm']:.4f} mm ({inverse['max_error_voxels']:.4f} voxels)"
-              f"{'' if inverse['invertible'] else ' — NOT invertible everywhere (folds or no convergence)'}")
+    inverse = result.metrics.inverse
+    if inverse.method == "exact":
+        print(f"exact inverse: {inverse.iterations} iterations, round-trip error max "
+              f"{inverse.max_error_mm:.4f} mm ({inverse.max_error_voxels:.4f} voxels)"
+              f"{'' if inverse.invertible else ' — NOT invertible everywhere (folds or no convergence)'}")
     print(f"wrote {', '.join(p.name for p in written.values())} to {out}")
     return EXIT_OK
 

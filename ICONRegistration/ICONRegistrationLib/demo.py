@@ -55,12 +55,12 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
                       moving_modality=sample.get("modality", "auto"), io_iterations=io_iterations,
                       device=device, progress=progress)
     metrics = result.metrics
-    summary = {"model": metrics["model"], "device": metrics["device"], "folds": metrics["folds"],
-               "folds_percent": metrics["folds_percent"], "ic_error_mean_mm": metrics["ic_error_mean_mm"],
-               "ic_error_p95_mm": metrics["ic_error_p95_mm"], "seconds": metrics["seconds"]["total"],
+    summary = {"model": metrics.model, "device": metrics.device, "folds": metrics.folds,
+               "folds_percent": metrics.folds_percent, "ic_error_mean_mm": metrics.ic_error_mean_mm,
+               "ic_error_p95_mm": metrics.ic_error_p95_mm, "seconds": metrics.total_seconds,
                "outputs": sorted(RESULT_FILES + ("report.png", "demo.json"))}
-    lines = [f"Registered {Path(sample['moving']).name} to {Path(sample['fixed']).name} with {metrics['model']} "
-             f"on {metrics['device']} in {summary['seconds']:.2f} s."]
+    lines = [f"Registered {Path(sample['moving']).name} to {Path(sample['fixed']).name} with {metrics.model} "
+             f"on {metrics.device} in {summary['seconds']:.2f} s."]
     if sample.get("fixed_label") and sample.get("moving_label"):
         fixed_label = read_image(sample["fixed_label"], "fixed label")
         moving_label = read_image(sample["moving_label"], "moving label")
@@ -73,8 +73,8 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
                         "dice_per_label_after": {str(k): v for k, v in after.items()}})
         lines.append(f"Dice (labels {', '.join(map(str, labels))}): {summary['dice_before']:.3f} before → "
                      f"{summary['dice_after']:.3f} after.")
-    lines.append(f"Folded voxels: {metrics['folds']} ({metrics['folds_percent']:.4f} %); inverse-consistency "
-                 f"error {metrics['ic_error_mean_mm']:.4f} mm mean, {metrics['ic_error_p95_mm']:.4f} mm 95th.")
+    lines.append(f"Folded voxels: {metrics.folds} ({metrics.folds_percent:.4f} %); inverse-consistency "
+                 f"error {metrics.ic_error_mean_mm:.4f} mm mean, {metrics.ic_error_p95_mm:.4f} mm 95th.")
     lines.append(f"Wrote {', '.join(summary['outputs'])} to {Path(out)}/.")
     summary["text"] = "\n".join(lines)
     with result_folder(out) as staging:

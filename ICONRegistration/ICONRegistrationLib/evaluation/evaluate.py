@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,6 +27,9 @@ from ..io.results import write_json
 from ..progress import ProgressCallback, report
 from .baselines import BASELINES, timed
 from .metrics import dice_per_label, hd95_per_label, label_values, mean_std
+
+if TYPE_CHECKING:
+    from ..pipeline.metrics import RegistrationMetrics
 
 
 @dataclasses.dataclass
@@ -102,7 +105,7 @@ def _jacobian_folds_percent(transform: sitk.Transform, fixed: sitk.Image) -> flo
 
 
 def _score(method: str, transform: sitk.Transform, pair: LabelledPair, fixed: sitk.Image, fixed_label: sitk.Image,
-           moving_label: sitk.Image, seconds: float, metrics: Optional[dict] = None) -> dict:
+           moving_label: sitk.Image, seconds: float, metrics: "Optional[RegistrationMetrics]" = None) -> dict:
     warped = sitk.Resample(moving_label, fixed_label, transform, sitk.sitkNearestNeighbor, 0.0,
                            moving_label.GetPixelID())
     labels = label_values(fixed_label, moving_label)
@@ -112,8 +115,8 @@ def _score(method: str, transform: sitk.Transform, pair: LabelledPair, fixed: si
            "hd95_mm": mean_std(distances.values())[0], "seconds": seconds,
            "dice": {str(k): v for k, v in dices.items()}}
     if metrics is not None:  # the network's own QA maps
-        row.update({"jacobian_nonpositive_percent": metrics["folds_percent"],
-                    "ic_error_mean_mm": metrics["ic_error_mean_mm"], "ic_error_p95_mm": metrics["ic_error_p95_mm"]})
+        row.update({"jacobian_nonpositive_percent": metrics.folds_percent,
+                    "ic_error_mean_mm": metrics.ic_error_mean_mm, "ic_error_p95_mm": metrics.ic_error_p95_mm})
     else:
         row.update({"jacobian_nonpositive_percent": _jacobian_folds_percent(transform, fixed),
                     "ic_error_mean_mm": math.nan, "ic_error_p95_mm": math.nan})
@@ -147,7 +150,7 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
             result = register(fixed, moving, loaded, fixed_modality=modality, moving_modality=modality,
                               io_iterations=iterations, io_mode=io_mode)
             rows.append(_score(method, result.forward_transform(), pair, fixed, fixed_label, moving_label,
-                               result.metrics["seconds"]["total"], result.metrics))
+                               result.metrics.total_seconds, result.metrics))
         for name in baselines:
             transform, seconds = timed(BASELINES[name], fixed, moving)
             rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds))

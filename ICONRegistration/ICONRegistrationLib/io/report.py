@@ -42,6 +42,7 @@ import SimpleITK as sitk
 from .atomic import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..pipeline.metrics import RegistrationMetrics
     from ..pipeline.registration import RegistrationResult
 
 __all__ = ["write_report", "IC_ERROR_MIN_RANGE_MM", "FOLD_COLOR"]
@@ -187,25 +188,10 @@ def _checkerboard(view: _View, shape: tuple[int, int], first: np.ndarray, second
     return np.where(use_first, first, second)
 
 
-def _fmt(metrics: dict, key: str, spec: str) -> str:
-    value = metrics.get(key)
-    if value is None:
-        return "?"
-    try:
-        return format(value, spec)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _summary(metrics: dict) -> str:
-    """The default title: model, folds, IC error and run time from ``result.metrics`` (missing values as '?')."""
-    metrics = metrics or {}
-    seconds = metrics.get("seconds") or {}
-    total = seconds.get("total") if isinstance(seconds, dict) else None
-    total_text = f"{total:.1f} s" if isinstance(total, (int, float)) else "? s"
-    return (f"{metrics.get('model', '?')} — folds: {_fmt(metrics, 'folds', 'd')} "
-            f"({_fmt(metrics, 'folds_percent', '.3f')} %) — IC error mean {_fmt(metrics, 'ic_error_mean_mm', '.2f')} mm,"
-            f" p95 {_fmt(metrics, 'ic_error_p95_mm', '.2f')} mm — {total_text}")
+def _summary(metrics: "RegistrationMetrics") -> str:
+    """The default title: model, folds, IC error and run time."""
+    return (f"{metrics.model} — folds: {metrics.folds:d} ({metrics.folds_percent:.3f} %) — IC error mean "
+            f"{metrics.ic_error_mean_mm:.2f} mm, p95 {metrics.ic_error_p95_mm:.2f} mm — {metrics.total_seconds:.1f} s")
 
 
 def write_report(path: "str | os.PathLike[str]", fixed: sitk.Image, moving: sitk.Image,

@@ -37,7 +37,7 @@ def write_result(result: "RegistrationResult", folder: str | Path, *, fixed: Opt
         "warped": write_image(result.warped, folder / "warped.nii.gz"),
         "jacobian": write_image(result.jacobian, folder / "jacobian.nii.gz"),
         "ic_error": write_image(result.ic_error, folder / "ic_error.nii.gz"),
-        "metrics": write_json(result.metrics, folder / "metrics.json"),
+        "metrics": write_json(result.metrics.to_dict(), folder / "metrics.json"),
     }
     if report and fixed is not None and moving is not None:
         from .report import write_report  # matplotlib is only needed here

@@ -24,7 +24,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import SimpleITK as sitk
 import slicer
@@ -36,6 +36,9 @@ from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback
 from . import display
 from .nodes import grid_transform_from_field, image_from_volume, update_volume_from_image
+
+if TYPE_CHECKING:
+    from ..pipeline.metrics import RegistrationMetrics
 
 MODULE_NAME = "ICONRegistration"
 DIRECTIONS = ("moving_to_fixed", "fixed_to_moving")
@@ -455,8 +458,11 @@ def _set_units(volume_node, code: str, meaning: str) -> None:
     volume_node.SetVoxelValueUnits(units)
 
 
-def _compact(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in ("io_objective",)}
+def _compact(metrics: "RegistrationMetrics") -> dict:
+    """The metrics' JSON form without the per-step objective (a node attribute stays small)."""
+    data = metrics.to_dict()
+    data.pop("io_objective")
+    return data
 
 
 def _copy_window_level(source, target) -> None:
@@ -469,7 +475,7 @@ def _copy_window_level(source, target) -> None:
         target_display.SetAndObserveColorNodeID(source_display.GetColorNodeID())
 
 
-METRIC_ROWS = (  # (key in metrics, label, unit)
+METRIC_ROWS = (  # (attribute path of RegistrationMetrics, label, unit)
     ("folds", "Folded voxels (det J ≤ 0)", "voxels"),
     ("folds_percent", "Folded voxels", "%"),
     ("jacobian_min", "Jacobian minimum", ""),
@@ -480,7 +486,7 @@ METRIC_ROWS = (  # (key in metrics, label, unit)
     ("ic_error_mean_mm", "IC error mean", "mm"),
     ("ic_error_p95_mm", "IC error 95th percentile", "mm"),
     ("ic_error_max_mm", "IC error maximum", "mm"),
-    ("seconds.total", "Time", "s"),
+    ("total_seconds", "Time", "s"),
     ("device", "Device", ""),
     ("model", "Model", ""),
     ("weights_sha256", "Weights sha256", ""),
@@ -491,12 +497,11 @@ METRIC_ROWS = (  # (key in metrics, label, unit)
 )
 
 
-def _lookup(metrics: dict, key: str):
+def _lookup(metrics: "RegistrationMetrics", path: str):
+    """The value at an attribute path of the metrics (``"inverse.max_error_mm"``); a wrong path raises."""
     value: Any = metrics
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
+    for part in path.split("."):
+        value = getattr(value, part)
     return value
 
 
@@ -508,7 +513,7 @@ def format_metric(value) -> str:
     return str(value)
 
 
-def fill_metrics_table(table_node, metrics: dict) -> None:
+def fill_metrics_table(table_node, metrics: "RegistrationMetrics") -> None:
     """Three string columns: Metric, Value, Unit (rows in :data:`METRIC_ROWS` order)."""
     table = table_node.GetTable()
     columns = []

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from ..core.coordinates import displacement_jacobian_determinant
+from .metrics import QualitySummary
 
 
 def physical_jacobian(displacement_mm: torch.Tensor, index_matrix: np.ndarray) -> torch.Tensor:
@@ -14,26 +15,18 @@ def physical_jacobian(displacement_mm: torch.Tensor, index_matrix: np.ndarray) -
     return displacement_jacobian_determinant(displacement_mm.float(), torch.as_tensor(index_matrix))
 
 
-def summarize(jacobian: np.ndarray, ic_error_mm: np.ndarray) -> dict:
+def summarize(jacobian: np.ndarray, ic_error_mm: np.ndarray) -> QualitySummary:
     """Fold count and %, Jacobian min / percentiles / max, IC error mean / 95th / max (mm)."""
     jacobian = jacobian.ravel()
     ic_error_mm = ic_error_mm.ravel()
     folds = int((jacobian <= 0).sum())
     percentiles = np.percentile(jacobian, [1, 5, 50, 95, 99])
-    return {
-        "folds": folds,
-        "folds_percent": 100.0 * folds / max(jacobian.size, 1),
-        "jacobian_min": float(jacobian.min()),
-        "jacobian_p1": float(percentiles[0]),
-        "jacobian_p5": float(percentiles[1]),
-        "jacobian_median": float(percentiles[2]),
-        "jacobian_p95": float(percentiles[3]),
-        "jacobian_p99": float(percentiles[4]),
-        "jacobian_max": float(jacobian.max()),
-        "ic_error_mean_mm": float(ic_error_mm.mean()),
-        "ic_error_p95_mm": float(np.percentile(ic_error_mm, 95)),
-        "ic_error_max_mm": float(ic_error_mm.max()),
-    }
+    return QualitySummary(
+        folds=folds, folds_percent=100.0 * folds / max(jacobian.size, 1), jacobian_min=float(jacobian.min()),
+        jacobian_p1=float(percentiles[0]), jacobian_p5=float(percentiles[1]), jacobian_median=float(percentiles[2]),
+        jacobian_p95=float(percentiles[3]), jacobian_p99=float(percentiles[4]), jacobian_max=float(jacobian.max()),
+        ic_error_mean_mm=float(ic_error_mm.mean()), ic_error_p95_mm=float(np.percentile(ic_error_mm, 95)),
+        ic_error_max_mm=float(ic_error_mm.max()))
 
 
 def field_jacobian(field: "sitk.Image") -> "sitk.Image":

@@ -34,6 +34,7 @@ from .images import image_array, mask_array, require_finite
 from .instance_optimization import (FIELD_LEARNING_RATE, IO_MODES, WEIGHTS_LEARNING_RATE, optimize_fields,
                                     optimize_instance)
 from .inverse import invert_field
+from .metrics import InverseReport, RegistrationMetrics
 from .preprocessing import check_modality, normalize_intensities
 from .qa import field_jacobian, physical_jacobian, summarize
 
@@ -51,7 +52,8 @@ class RegistrationResult:
     * ``warped``: the moving image resampled on the fixed image's own grid (float32).
     * ``jacobian``: det ∂Φ_AB/∂x on the forward field's grid (unitless, ≤ 0 = folding).
     * ``ic_error``: ‖Φ_BA(Φ_AB(x)) − x‖ in mm on the forward field's grid.
-    * ``metrics``: folds, Jacobian and IC-error statistics, seconds per stage, device, model, weight sha256.
+    * ``metrics``: :class:`~ICONRegistrationLib.pipeline.metrics.RegistrationMetrics` — folds, Jacobian and
+      IC-error statistics, seconds per stage, device, model, weight sha256 (``metrics.json`` is its ``to_dict``).
     """
 
     forward_field: sitk.Image
@@ -59,7 +61,7 @@ class RegistrationResult:
     warped: sitk.Image
     jacobian: sitk.Image
     ic_error: sitk.Image
-    metrics: dict
+    metrics: RegistrationMetrics
 
     def forward_transform(self) -> sitk.DisplacementFieldTransform:
         """The forward field as an ITK transform (moving → fixed resampling)."""
@@ -150,17 +152,17 @@ def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch
     return displacement_mm, jacobian, ic_error
 
 
-def _exact_inverse(forward_field: sitk.Image, grid: Grid) -> tuple[sitk.Image, dict]:
-    """The numerical inverse of ``forward_field`` on ``grid`` and its ``metrics["inverse"]`` entry. A folding
-    field is inverted approximately; the entry says so (``invertible: false``) instead of a warning."""
+def _exact_inverse(forward_field: sitk.Image, grid: Grid) -> tuple[sitk.Image, InverseReport]:
+    """The numerical inverse of ``forward_field`` on ``grid`` and its report. A folding field is inverted
+    approximately; the report says so (``invertible`` False) instead of a warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InversionWarning)
         exact = invert_field(forward_field, grid.reference_image(), allow_folds=True)
     solved = exact.report
-    return exact.field, {"method": "exact", "iterations": solved.iterations,
-                         "max_error_voxels": solved.max_error_voxels, "max_error_mm": exact.max_error_mm,
-                         "tolerance_voxels": solved.tolerance_voxels, "converged": solved.converged,
-                         "invertible": solved.invertible}
+    return exact.field, InverseReport("exact", iterations=solved.iterations,
+                                      max_error_voxels=solved.max_error_voxels, max_error_mm=exact.max_error_mm,
+                                      tolerance_voxels=solved.tolerance_voxels, converged=solved.converged,
+                                      invertible=solved.invertible)
 
 
 def _resize_slab(field: torch.Tensor, shape: tuple[int, int, int], slab: slice) -> torch.Tensor:
@@ -326,25 +328,25 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         for name, tensor in (("forward field", forward_mm), ("Jacobian map", jacobian),
                              ("inverse-consistency map", ic_error)):
             require_finite(tensor, f"quality-map stage ({name})", "this is a bug: please report it with the inputs")
-        metrics = summarize(jacobian.cpu().numpy(), ic_error.cpu().numpy())
+        quality = summarize(jacobian.cpu().numpy(), ic_error.cpu().numpy())
     report(progress, "quality maps", 1.0)
 
     with timer("export"), torch.no_grad():
         forward_field = _field_image(forward_mm, fixed_field_grid)
         if exact_inverse:
-            inverse_field, metrics["inverse"] = _exact_inverse(forward_field, moving_field_grid)
+            inverse_field, inverse_report = _exact_inverse(forward_field, moving_field_grid)
         else:
             inverse_mm, _, _ = _sample_fields(displacement_BA, None, grid_A, grid_B, moving_field_grid,
                                               with_jacobian=False)
             require_finite(inverse_mm, "inverse field", "this is a bug: please report it with the inputs")
             inverse_field = _field_image(inverse_mm, moving_field_grid)
-            metrics["inverse"] = {"method": "network"}
+            inverse_report = InverseReport("network")
         if inverse_qa:
             inverse_values = sitk.GetArrayFromImage(field_jacobian(inverse_field))
             inverse_folds = int((inverse_values <= 0).sum())
-            metrics["inverse"].update({"folds": inverse_folds,
-                                       "folds_percent": 100.0 * inverse_folds / inverse_values.size,
-                                       "jacobian_min": float(inverse_values.min())})
+            inverse_report.folds = inverse_folds
+            inverse_report.folds_percent = 100.0 * inverse_folds / inverse_values.size
+            inverse_report.jacobian_min = float(inverse_values.min())
         fixed_grid = Grid.of_image(fixed)
         warped_voxels = _warp_moving(moving_voxels, displacement_AB, grid_B, grid_A, fixed_grid,
                                      Grid.of_image(moving))
@@ -355,18 +357,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     report(progress, "export", 1.0)
 
     timer.seconds["total"] = time.perf_counter() - start
-    metrics.update({
-        "model": spec.name,
-        "weights_sha256": loaded.weights_sha256,
-        "weights_file": str(loaded.weights_path) if loaded.weights_path else None,
-        "device": device_description(torch_device),
-        "network_shape": list(grid_B.shape),
-        "field_grid": field_grid,
-        "fixed_modality": fixed_modality,
-        "moving_modality": moving_modality,
-        "io_iterations": int(io_iterations),
-        "io_mode": io_mode if io_iterations else None,
-        "io_objective": history,
-        "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
-    })
+    metrics = RegistrationMetrics(
+        **dataclasses.asdict(quality), model=spec.name, weights_sha256=loaded.weights_sha256,
+        weights_file=str(loaded.weights_path) if loaded.weights_path else None,
+        device=device_description(torch_device), network_shape=list(grid_B.shape), field_grid=field_grid,
+        fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=int(io_iterations),
+        io_mode=io_mode if io_iterations else None, io_objective=history, inverse=inverse_report,
+        seconds={k: round(v, 4) for k, v in timer.seconds.items()})
     return RegistrationResult(forward_field, inverse_field, warped, jacobian_image, ic_image, metrics)

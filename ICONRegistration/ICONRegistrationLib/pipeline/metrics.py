@@ -1,0 +1,88 @@
+"""Typed results of :func:`~ICONRegistrationLib.pipeline.registration.register`: quality numbers, provenance and
+timings (``metrics.json`` is :meth:`RegistrationMetrics.to_dict`). Every reader uses the attributes; a renamed
+field fails loudly instead of showing an empty cell."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+
+@dataclasses.dataclass
+class InverseReport:
+    """How ``inverse_field`` was made. ``method``: ``"network"`` (the network's Φ_BA) or ``"exact"`` (numerical
+    inverse of the forward field: iterations, round-trip error in voxels and mm, tolerance, whether it converged
+    and whether the forward field is invertible everywhere). With ``inverse_qa``: folds, % and the minimum of the
+    inverse field's Jacobian determinant."""
+
+    method: str
+    iterations: Optional[int] = None
+    max_error_voxels: Optional[float] = None
+    max_error_mm: Optional[float] = None
+    tolerance_voxels: Optional[float] = None
+    converged: Optional[bool] = None
+    invertible: Optional[bool] = None
+    folds: Optional[int] = None
+    folds_percent: Optional[float] = None
+    jacobian_min: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class QualitySummary:
+    """Fold count (det J ≤ 0, voxels of the field grid) and %, Jacobian determinant statistics (unitless), and the
+    inverse-consistency error ‖Φ_BA(Φ_AB(x)) − x‖ mean / 95th percentile / maximum in mm."""
+
+    folds: int
+    folds_percent: float
+    jacobian_min: float
+    jacobian_p1: float
+    jacobian_p5: float
+    jacobian_median: float
+    jacobian_p95: float
+    jacobian_p99: float
+    jacobian_max: float
+    ic_error_mean_mm: float
+    ic_error_p95_mm: float
+    ic_error_max_mm: float
+
+
+@dataclasses.dataclass
+class RegistrationMetrics(QualitySummary):
+    """:class:`QualitySummary` plus what produced the result: model, sha256 of the weight bytes loaded, device,
+    network grid, field grid, modalities, instance optimisation (iterations, mode, objective per step), the inverse
+    (:class:`InverseReport`) and seconds per stage (``load``, ``preprocessing``, ``network``, ``qa``, ``export``,
+    ``total``)."""
+
+    model: str = ""
+    weights_sha256: Optional[str] = None
+    weights_file: Optional[str] = None
+    device: str = ""
+    network_shape: list[int] = dataclasses.field(default_factory=list)
+    field_grid: str = "network"
+    fixed_modality: str = ""
+    moving_modality: str = ""
+    io_iterations: int = 0
+    io_mode: Optional[str] = None
+    io_objective: list[float] = dataclasses.field(default_factory=list)
+    inverse: InverseReport = dataclasses.field(default_factory=lambda: InverseReport("network"))
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return float(self.seconds.get("total", float("nan")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``metrics.json``): a flat object with ``inverse`` and ``seconds`` nested."""
+        data = dataclasses.asdict(self)
+        data["inverse"] = self.inverse.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RegistrationMetrics":
+        """Read :meth:`to_dict`'s form back (unknown keys are an error: they mean a different version)."""
+        values = dict(data)
+        values["inverse"] = InverseReport(**values.get("inverse", {"method": "network"}))
+        return cls(**values)
