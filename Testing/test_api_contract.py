@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import subprocess
 import sys
@@ -113,6 +114,41 @@ def test_metrics_table_rows_name_real_fields_and_json_round_trips(tmp_path):
         _lookup(metrics, path)  # raises AttributeError for a renamed field
     with pytest.raises(AttributeError):
         _lookup(metrics, "ic_error_average_mm")
+
+
+def test_package_boundaries():
+    """Imports point down the layers: evaluation and training do not import each other (datasets and overlap are
+    neutral modules), io does not import the pipeline at run time (only for type checking), and core, models and
+    pipeline never import slicer, vtk or qt."""
+    import ast
+
+    def runtime_imports(path: Path) -> list[tuple[int, str]]:
+        tree = ast.parse(path.read_text(), str(path))
+        skipped = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skipped.update(id(child) for child in ast.walk(node))
+        found = []
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                found.append((node.lineno, ("." * node.level) + (node.module or "")))
+            elif isinstance(node, ast.Import):
+                found.extend((node.lineno, alias.name) for alias in node.names)
+        return found
+
+    library = REPO / "ICONRegistration" / "ICONRegistrationLib"
+    rules = {"evaluation": ("training",), "training": ("evaluation",), "io": ("pipeline",),
+             "core": ("slicer", "vtk", "qt", "mrml"), "models": ("slicer", "vtk", "qt", "mrml"),
+             "pipeline": ("slicer", "vtk", "qt", "mrml")}
+    offenders = []
+    for package, banned in rules.items():
+        for path in sorted((library / package).glob("*.py")):
+            for line, module in runtime_imports(path):
+                if set(module.strip(".").split(".")) & set(banned):
+                    offenders.append(f"{path.relative_to(REPO)}:{line} imports {module}")
+    assert offenders == []
 
 
 def test_inverse_of_a_fold_free_registration_reports_no_folds():

@@ -488,3 +488,48 @@ def test_result_set_names_cover_what_register_and_demo_write():
     from ICONRegistrationLib.io.results import RESULT_FILES
     assert set(RESULT_FILES) | {"report.png", "demo.json", "evaluation.json", "evaluation.md"} == \
         set(RESULT_SET_FILES)
+
+
+# ----- one contract for errors: more rows ----------------------------------------------------------------------
+
+def test_more_user_mistakes_exit_3_in_one_line(setup, capsys):
+    tmp = setup["tmp"]
+    flat_field = tmp / "field2d.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 12, 2)), isVector=True), str(flat_field))
+    unknown = tmp / "transform.xyz"
+    unknown.write_text("not a transform")
+    csv_file = tmp / "pairs.csv"
+    csv_file.write_text("fixed,moving,fixed_label,moving_label\n"
+                        f"{setup['fixed'].name},{setup['moving'].name},missing_label.nii.gz,{setup['moving'].name}\n")
+    single = tmp / "single"
+    (single / "images").mkdir(parents=True)
+    sitk.WriteImage(make_image(blob_volume((20, 22, 24))), str(single / "images" / "a.nii.gz"))
+    image = ["--image", str(setup["moving"]), "--reference", str(setup["fixed"])]
+    rows = [
+        (["warp", *image, "--transform", str(flat_field), "--out", str(tmp / "w.nii.gz")], "3-D image of 3-vectors"),
+        (["warp", *image, "--transform", str(unknown), "--out", str(tmp / "w.nii.gz")], "transform"),
+        (["warp", *image, "--transform", str(flat_field), "--out", str(tmp / "w.xyz")], "unknown file type"),
+        (["invert", "--transform", str(flat_field), "--reference", str(setup["fixed"]), "--out",
+          str(tmp / "inverse.png")], "unknown file type"),
+        (["evaluate", "--data", str(csv_file), "--model", str(setup["spec"]), "--out", str(tmp / "ev")],
+         "line 2"),
+        (["train", "--spec", str(setup["spec"]), "--data", str(single), "--out", str(tmp / "run"), "--steps", "1",
+          "--val-fraction", "0"], "at least two"),
+    ]
+    for args, message in rows:
+        code = main(args)
+        err = capsys.readouterr().err
+        _one_line_user_error(code, err)
+        assert message in err, (args[0], err)
+    assert not (tmp / "w.nii.gz").exists() and not (tmp / "ev").exists()
+
+
+def test_a_label_typed_image_through_the_api_is_a_user_error_not_an_abort(setup):
+    image = sitk.ReadImage(str(setup["fixed"]))
+    labels = sitk.Cast(sitk.Cast(image > 0.5, sitk.sitkUInt8), sitk.sitkLabelUInt8)
+    with pytest.raises(UserError, match="label map"):
+        register(image, labels, str(setup["spec"]), weights=setup["weights"], fixed_modality="mri",
+                 moving_modality="mri")
+    with pytest.raises(UserError, match="label map"):
+        register(image, image, str(setup["spec"]), weights=setup["weights"], fixed_modality="mri",
+                 moving_modality="mri", fixed_mask=labels)

@@ -39,7 +39,7 @@ HIPPOCAMPUS_MARGIN = 0.15  # mean Dice must beat the identity baseline by at lea
 
 def test_hippocampus_model_beats_identity_on_held_out_pairs():
     folder = require_shared("data", "hippocampus")
-    from ICONRegistrationLib.training.data import list_volumes, split_validation
+    from ICONRegistrationLib.datasets import list_volumes, split_validation
 
     validation = split_validation(list_volumes(folder), 0.2)[1]
     pairs = list(zip(validation[:6], validation[1:7]))  # 6 held-out pairs (i, i+1)

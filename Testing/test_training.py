@@ -13,7 +13,8 @@ import torch
 from conftest import blob_volume, make_image
 from ICONRegistrationLib.cli import main
 from ICONRegistrationLib.models import ModelSpec, build_network, load_model
-from ICONRegistrationLib.training.data import PreparedSet, list_volumes, prepare, split_validation
+from ICONRegistrationLib.datasets import list_volumes, split_validation
+from ICONRegistrationLib.training.data import PreparedSet, prepare
 from ICONRegistrationLib.training.trainer import TrainingConfig, export_weights, initialise, stage_spec, train
 
 SMALL = {"name": "small", "unet": {"num_layers": 3, "channels": [[2, 8, 8, 8], [8, 8, 8]]}, "levels": 2,

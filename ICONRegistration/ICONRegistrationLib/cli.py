@@ -94,9 +94,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def _cmd_warp(args: argparse.Namespace) -> int:
     from .io import check_output_file, read_image, write_image
+    from .io.transforms import IMAGE_SUFFIXES
     from .pipeline import warp
 
-    check_output_file(args.out)
+    check_output_file(args.out, suffixes=IMAGE_SUFFIXES)
     image = read_image(args.image, "input")
     reference = read_image(args.reference, "reference")
     write_image(warp(image, args.transform, reference, interpolator=args.interpolator), args.out)
@@ -108,10 +109,11 @@ def _cmd_jacobian(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from .io import check_output_file, read_displacement_field, write_image
+    from .io.transforms import IMAGE_SUFFIXES
     from .pipeline.qa import field_jacobian
 
     if args.out is not None:
-        check_output_file(args.out)
+        check_output_file(args.out, suffixes=IMAGE_SUFFIXES)
     determinant = field_jacobian(read_displacement_field(args.transform))
     values = sitk.GetArrayViewFromImage(determinant)
     folds = int((values <= 0).sum())
@@ -128,9 +130,10 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
     from .core.inversion import InversionWarning
     from .io import check_output_file, read_displacement_field, read_image, write_displacement_field
+    from .io.transforms import FIELD_FILE_SUFFIXES
     from .pipeline.inverse import invert_field
 
-    check_output_file(args.out)
+    check_output_file(args.out, suffixes=FIELD_FILE_SUFFIXES)
     field = read_displacement_field(args.transform)
     reference = read_image(args.reference, "reference")
     with warnings.catch_warnings(record=True) as caught:
@@ -215,7 +218,8 @@ def _positive_int(text: str, option: str) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.zoo import resolve_spec
-    from .training.data import PREPARED_SUFFIXES, PreparedSet, list_volumes, prepare, split_validation
+    from .datasets import list_volumes, split_validation
+    from .training.data import PREPARED_SUFFIXES, PreparedSet, prepare
     from .training.trainer import TrainingConfig, export_weights, largest_batch, train
 
     spec = resolve_spec(args.spec)
@@ -233,6 +237,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             validation_entries = list_volumes(args.val)
         else:
             entries, validation_entries = split_validation(entries, args.val_fraction)
+        if len(entries) < 2:
+            raise UserError(f"Training needs at least two volumes; '{args.data}' gives {len(entries)} for "
+                            "training (after the validation split).")
         print(f"preparing {len(entries)} training and {len(validation_entries)} validation volumes "
               f"on a {'×'.join(map(str, spec.input_shape))} grid", file=sys.stderr)
         train_set = prepare(entries, spec)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -45,7 +44,7 @@ class LabelledPair:
 
 
 def _stem(path: Path) -> str:
-    from ..training.data import IMAGE_SUFFIXES
+    from ..io.transforms import IMAGE_SUFFIXES
 
     name = path.name
     for suffix in IMAGE_SUFFIXES:
@@ -62,7 +61,7 @@ def read_pairs(source: str | Path, *, pairing: str = "consecutive", last_fractio
     ``pairing`` is ``consecutive`` (i, i+1) or ``all`` (every unordered pair), each in both directions unless
     ``both_directions`` is False.
     """
-    from ..training.data import list_volumes, split_validation
+    from ..datasets import list_volumes, split_validation
 
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
@@ -71,8 +70,13 @@ def read_pairs(source: str | Path, *, pairing: str = "consecutive", last_fractio
         needed = {"fixed", "moving", "fixed_label", "moving_label"}
         if not rows or not needed <= set(rows[0]):
             raise UserError(f"CSV '{source}' needs the columns {', '.join(sorted(needed))}.")
-        return [LabelledPair(*((source.parent / row[k]).resolve() for k in ("fixed", "moving", "fixed_label",
-                                                                           "moving_label"))) for row in rows]
+        pairs = [LabelledPair(*((source.parent / row[k]).resolve() for k in ("fixed", "moving", "fixed_label",
+                                                                            "moving_label"))) for row in rows]
+        for number, pair in enumerate(pairs, start=2):  # line 1 is the header
+            for path in (pair.fixed, pair.moving, pair.fixed_label, pair.moving_label):
+                if not path.is_file():
+                    raise UserError(f"'{path}', named on line {number} of '{source}', does not exist.")
+        return pairs
     entries = list_volumes(source)
     if last_fraction > 0:
         entries = split_validation(entries, last_fraction)[1]

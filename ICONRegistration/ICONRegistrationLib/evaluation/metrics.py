@@ -7,6 +7,8 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
+from ..overlap import dice_scores
+
 
 def label_values(*label_maps: sitk.Image) -> list[int]:
     """Non-zero labels present in every given label map, sorted."""
@@ -17,16 +19,9 @@ def label_values(*label_maps: sitk.Image) -> list[int]:
     return sorted(common or [])
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """2|A∩B| / (|A| + |B|) of two boolean arrays (NaN when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else math.nan
-
-
 def dice_per_label(warped: sitk.Image, fixed: sitk.Image, labels: list[int]) -> dict[int, float]:
     """Dice of each label between two label maps on the same grid."""
-    a, b = sitk.GetArrayViewFromImage(warped), sitk.GetArrayViewFromImage(fixed)
-    return {label: dice(a == label, b == label) for label in labels}
+    return dice_scores(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(fixed), labels)
 
 
 def _surface_distances(source: sitk.Image, target: sitk.Image) -> np.ndarray:

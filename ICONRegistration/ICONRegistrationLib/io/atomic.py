@@ -123,14 +123,16 @@ def _os_error_in_text(text: str) -> "int | None":
     return None
 
 
-def check_output_file(path: str | Path, option: str = "--out") -> Path:
-    """Validate an output file path before any work: not empty, not a folder, in a folder that exists or can be
-    made and that is writable."""
+def check_output_file(path: str | Path, option: str = "--out", suffixes: tuple[str, ...] = ()) -> Path:
+    """Validate an output file path before any work: not empty, not a folder, one of ``suffixes`` (when given),
+    in a folder that exists or can be made and that is writable."""
     if path is None or str(path).strip() == "":
         raise UserError(f"{option} is empty; give a file name.")
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} '{path}' is a folder; give a file name.")
+    if suffixes and not path.name.lower().endswith(tuple(suffixes)):
+        raise UserError(f"{option} '{path.name}': unknown file type; use one of {', '.join(suffixes)}.")
     _check_writable_folder(path.parent if str(path.parent) else Path("."), option)
     return path
 

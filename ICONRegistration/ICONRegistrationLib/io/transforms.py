@@ -28,6 +28,9 @@ TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VECTOR_IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 DISPLACEMENT_IMAGE_SUFFIXES = NIFTI_SUFFIXES + VECTOR_IMAGE_SUFFIXES
+FIELD_FILE_SUFFIXES = TRANSFORM_SUFFIXES + DISPLACEMENT_IMAGE_SUFFIXES
+#: scalar image files the commands write
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_INTENT_DISPVECT = 1006
 _NIFTI_INTENT_OFFSET = 68  # byte offset of intent_code in a NIfTI-1 header
 

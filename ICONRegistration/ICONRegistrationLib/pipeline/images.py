@@ -15,6 +15,7 @@ def image_array(image: sitk.Image, role: str) -> np.ndarray:
     """
     if not isinstance(image, sitk.Image):
         raise UserError(f"The {role} image must be a SimpleITK image, got {type(image).__name__}.")
+    _reject_label_map(image, f"{role} image")
     dimension = image.GetDimension()
     if dimension != 3:
         raise UserError(f"The {role} image is {dimension}-D; registration needs a 3-D volume "
@@ -38,10 +39,19 @@ def image_array(image: sitk.Image, role: str) -> np.ndarray:
     return array
 
 
+def _reject_label_map(image: sitk.Image, what: str) -> None:
+    """SimpleITK's run-length label-map pixel types (``sitkLabelUInt8``…) abort the whole process when their voxels
+    are read as an array; refuse them with a way out."""
+    if image.GetPixelIDTypeAsString().startswith("label"):
+        raise UserError(f"The {what} is a SimpleITK label map ({image.GetPixelIDTypeAsString()}); convert it to "
+                        "an ordinary image first, e.g. sitk.LabelMapToLabel(image).")
+
+
 def mask_array(mask: sitk.Image, image: sitk.Image, role: str) -> np.ndarray:
     """A binary float32 mask ``[z, y, x]`` on ``image``'s grid (resampled nearest-neighbour if needed)."""
     if not isinstance(mask, sitk.Image):
         raise UserError(f"The {role} mask must be a SimpleITK image, got {type(mask).__name__}.")
+    _reject_label_map(mask, f"{role} mask")
     if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"The {role} mask must be a 3-D scalar label image.")
     same_grid = (mask.GetSize() == image.GetSize()

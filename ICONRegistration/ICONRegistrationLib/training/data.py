@@ -1,7 +1,6 @@
-"""Training data: volumes (and optional label maps) listed by a folder or a CSV, resampled once onto a spec's grid.
+"""Training data: volumes (and optional label maps) listed by :mod:`~ICONRegistrationLib.datasets`, resampled once
+onto a spec's grid.
 
-A dataset folder holds ``images/`` (and optionally ``labels/`` with the same file names), or is a flat folder of
-images. A CSV has a header with ``image`` and optionally ``label`` columns (paths relative to the CSV).
 Volumes are preprocessed with the spec's rules and placed on the network grid exactly as :func:`register` does
 (:meth:`Grid.over_image`), so training sees what inference sees. Labels (for validation Dice and the optional label
 loss) are resampled nearest-neighbour. A prepared set can be saved as one compact file (float16 images, uint8 labels).
@@ -9,7 +8,6 @@ loss) are resampled nearest-neighbour. A prepared set can be saved as one compac
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +17,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from ..datasets import VolumeEntry
 from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..io.images import read_image
@@ -26,55 +25,6 @@ from ..models.spec import ModelSpec
 from ..pipeline.grid import Grid
 from ..pipeline.images import image_array
 from ..pipeline.preprocessing import check_modality, normalize_intensities
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
-
-
-@dataclasses.dataclass
-class VolumeEntry:
-    image: Path
-    label: Optional[Path] = None
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def list_volumes(source: str | Path) -> list[VolumeEntry]:
-    """Entries of a dataset folder (``images/`` [+ ``labels/``], or flat) or a CSV (``image``[, ``label``])."""
-    source = Path(source)
-    if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows or "image" not in rows[0]:
-            raise UserError(f"CSV '{source}' needs a header with an 'image' column (and optionally 'label').")
-        entries = []
-        for row in rows:
-            image = (source.parent / row["image"]).resolve()
-            label = (source.parent / row["label"]).resolve() if row.get("label") else None
-            entries.append(VolumeEntry(image, label))
-    elif source.is_dir():
-        image_dir = source / "images" if (source / "images").is_dir() else source
-        label_dir = source / "labels"
-        entries = [VolumeEntry(p, (label_dir / p.name) if (label_dir / p.name).is_file() else None)
-                   for p in sorted(image_dir.iterdir()) if _is_image(p)]
-    else:
-        raise UserError(f"'{source}' is neither a dataset folder nor a CSV file.")
-    if not entries:
-        raise UserError(f"No images found in '{source}'.")
-    for entry in entries:
-        if not entry.image.is_file():
-            raise UserError(f"Image '{entry.image}' listed in '{source}' does not exist.")
-    return entries
-
-
-def split_validation(entries: Sequence[VolumeEntry], fraction: float) -> tuple[list, list]:
-    """The last ``fraction`` of the entries (in listing order) for validation, the rest for training."""
-    count = int(round(len(entries) * fraction))
-    if fraction > 0 and count == 0:
-        count = 1
-    return list(entries[:len(entries) - count]), list(entries[len(entries) - count:])
-
 
 @dataclasses.dataclass
 class PreparedSet:

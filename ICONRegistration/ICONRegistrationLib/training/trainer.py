@@ -29,7 +29,7 @@ from ..core.objective import both_directions, symmetric_objective
 from ..device import choose_device, device_description
 from ..errors import UserError
 from ..io.atomic import atomic_path
-from ..evaluation.metrics import dice
+from ..overlap import dice_scores
 from ..models.build import build_network
 from ..models.spec import ModelSpec
 from ..models.weights import load_state_dict_strict, read_state_dict
@@ -173,13 +173,6 @@ def label_loss(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tenso
     return soft_dice_loss(warp(moving, coarse_coordinates(maps, factor), padding="zeros"), fixed)
 
 
-def dice_per_label(warped: torch.Tensor, fixed: torch.Tensor, labels) -> dict[int, float]:
-    """Dice of each label of two label tensors (labels absent from both are skipped)."""
-    warped_labels, fixed_labels = warped.cpu().numpy(), fixed.cpu().numpy()
-    scores = {int(label): dice(warped_labels == label, fixed_labels == label) for label in labels}
-    return {label: value for label, value in scores.items() if not math.isnan(value)}
-
-
 @torch.no_grad()
 def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20) -> dict:
     """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels) on pairs
@@ -208,7 +201,9 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
             fixed = torch.cat([labels_B, labels_A])
             present = [int(v) for v in torch.unique(fixed) if v != 0]
             for k in range(2):
-                scores = dice_per_label(warped[k], fixed[k], present)
+                scores = {label: value for label, value in dice_scores(warped[k].cpu().numpy(),
+                                                                       fixed[k].cpu().numpy(), present).items()
+                          if not math.isnan(value)}
                 if scores:
                     dices.append(sum(scores.values()) / len(scores))
     net.train()
