@@ -1,4 +1,4 @@
-"""Coordinate maps on the network grid: identity, warp, compose, evaluate_map, Jacobian, fold count.
+"""Coordinate maps on the network grid: identity, sample_at, compose, evaluate_map, Jacobian, fold count.
 
 Convention under test (DESIGN.md): maps are [B, 3, D, H, W] in the unit cube, channel c = coordinate along
 tensor axis 2 + c (z, y, x), voxel i of an N-voxel axis at i / (N - 1), trilinear sampling with
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ICONRegistrationLib.core.coordinates import (compose, evaluate_map, fold_count, identity_map, is_identity,
-                                                   jacobian_determinant, warp)
+                                                   jacobian_determinant, sample_at)
 
 SHAPE = (7, 9, 11)  # anisotropic so that any axis / channel mix-up shows
 
@@ -63,14 +63,14 @@ def test_identity_map_float64():
     assert grid[0, 2, 0, 0, :].tolist() == [0.0, 1.0]
 
 
-# ------------------------------------------------------------------------------------------------- warp
+# ------------------------------------------------------------------------------------------------- sample_at
 
 
 @pytest.mark.parametrize("padding", ["border", "zeros"])
 def test_warp_at_identity_returns_the_image(padding):
     torch.manual_seed(0)
     image = torch.randn(2, 3, *SHAPE)
-    warped = warp(image, identity_map(SHAPE), padding=padding)
+    warped = sample_at(image, identity_map(SHAPE), padding=padding)
     assert warped.shape == image.shape
     assert torch.allclose(warped, image, atol=1e-6, rtol=0)
 
@@ -83,7 +83,7 @@ def test_warp_translation_matches_hand_computed_linear_interpolation(axis):
     n = SHAPE[axis]
     grid = identity_map(SHAPE, dtype=torch.float64).clone()
     grid[:, axis] += 0.3 / (n - 1)
-    warped = warp(image, grid, padding="border")
+    warped = sample_at(image, grid, padding="border")
     lower = image.narrow(2 + axis, 0, n - 1)
     upper = image.narrow(2 + axis, 1, n - 1)
     expected = 0.7 * lower + 0.3 * upper
@@ -98,7 +98,7 @@ def test_warp_translation_of_linear_image_is_exact():
     image = (1.5 + torch.einsum("c,bc...->b...", gradient, identity_map(SHAPE, dtype=torch.float64)))[:, None]
     shift = torch.tensor([0.11, -0.07, 0.23], dtype=torch.float64)
     coordinates = identity_map(SHAPE, dtype=torch.float64) + shift.reshape(1, 3, 1, 1, 1)
-    warped = warp(image, coordinates, padding="zeros")
+    warped = sample_at(image, coordinates, padding="zeros")
     expected = 1.5 + torch.einsum("c,bc...->b...", gradient, coordinates)[:, None]
     inside = ((coordinates >= 0) & (coordinates <= 1)).all(dim=1, keepdim=True)
     assert int(inside.sum()) > 100
@@ -108,20 +108,20 @@ def test_warp_translation_of_linear_image_is_exact():
 def test_warp_padding_modes_outside_the_cube():
     image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 1, 2, 3, 4) + 1
     outside = torch.full((1, 3, 1, 1, 1), -1.0)  # far below the cube along every axis
-    assert warp(image, outside, padding="zeros").item() == 0.0
-    assert warp(image, outside, padding="border").item() == image[0, 0, 0, 0, 0].item() == 1.0
+    assert sample_at(image, outside, padding="zeros").item() == 0.0
+    assert sample_at(image, outside, padding="border").item() == image[0, 0, 0, 0, 0].item() == 1.0
     beyond = torch.full((1, 3, 1, 1, 1), 3.0)
-    assert warp(image, beyond, padding="border").item() == image[0, 0, -1, -1, -1].item() == 24.0
-    assert warp(image, beyond, padding="zeros").item() == 0.0
+    assert sample_at(image, beyond, padding="border").item() == image[0, 0, -1, -1, -1].item() == 24.0
+    assert sample_at(image, beyond, padding="zeros").item() == 0.0
 
 
 def test_warp_broadcasts_batch_of_one():
     torch.manual_seed(2)
     image = torch.randn(3, 1, *SHAPE)
     grid = identity_map(SHAPE)
-    assert warp(image, grid).shape == (3, 1, *SHAPE)
+    assert sample_at(image, grid).shape == (3, 1, *SHAPE)
     maps = torch.cat([grid, grid, grid])
-    assert warp(image[:1], maps).shape == (3, 1, *SHAPE)
+    assert sample_at(image[:1], maps).shape == (3, 1, *SHAPE)
 
 
 # ---------------------------------------------------------------------------------------------- compose

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ICONRegistrationLib.core import coordinates, networks
-from ICONRegistrationLib.core.coordinates import identity_map, warp
+from ICONRegistrationLib.core.coordinates import identity_map, sample_at
 from ICONRegistrationLib.core.losses import (LNCC, gaussian_blur, gaussian_kernel1d, gradicon_penalty,
                                              jittered_identity)
 from ICONRegistrationLib.core.networks import UNet2
@@ -38,7 +38,7 @@ def test_chunked_sampling_equals_one_grid_sample_call(monkeypatch, padding, mode
     field = torch.randn(1, 3, 9, 10, 11, generator=generator, dtype=torch.float64).requires_grad_(True)
     points = (torch.rand(1, 3, 7, 8, 5, generator=generator, dtype=torch.float64) * 1.2 - 0.1).requires_grad_(True)
     assert coordinates._sampling_chunks(field, points.movedim(1, -1)) == 3
-    chunked = warp(field, points, padding=padding, mode=mode)
+    chunked = sample_at(field, points, padding=padding, mode=mode)
     plain = _plain_grid_sample(field, points, padding, mode)
     assert chunked.shape == plain.shape == (1, 3, 7, 8, 5)
     assert torch.equal(chunked, plain)

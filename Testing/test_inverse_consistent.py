@@ -16,7 +16,7 @@ import torch
 
 from conftest import blob_volume, make_image, rotation
 from ICONRegistrationLib.core.constricon import AffineStep, integrate_velocity
-from ICONRegistrationLib.core.coordinates import identity_map, warp
+from ICONRegistrationLib.core.coordinates import identity_map, sample_at
 from ICONRegistrationLib.core.inversion import InversionWarning, invert_displacement
 from ICONRegistrationLib.core.objective import symmetric_objective
 from ICONRegistrationLib.core.losses import LNCC
@@ -192,7 +192,7 @@ def test_inversion_of_analytic_diffeomorphisms_reaches_a_hundredth_of_a_voxel(ki
         u = _sinusoidal(shape, 3.0)
 
         def phi(voxels):
-            return voxels + warp(u, voxels / scale) * scale  # trilinear on the grid: this field's exact map
+            return voxels + sample_at(u, voxels / scale) * scale  # trilinear on the grid: this field's exact map
     else:
         u, phi = _rotation_plus_bulge(shape, 8.0, 2.0)
     z, report = invert_displacement(u, tolerance=0.01)

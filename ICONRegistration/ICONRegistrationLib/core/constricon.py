@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .coordinates import identity_map, resample_displacement, voxel_scale, warp
+from .coordinates import identity_map, resample_displacement, voxel_scale, sample_at
 from .networks import UNet2
 from .registration_modules import RegistrationModule, Transform, displacement_transform
 
@@ -146,7 +146,7 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     displacement = velocity / (2 ** steps)
     grid = identity_map(velocity.shape[2:], dtype=velocity.dtype, device=velocity.device)
     for _ in range(steps):
-        displacement = displacement + warp(displacement, grid + displacement, padding="border")
+        displacement = displacement + sample_at(displacement, grid + displacement, padding="border")
     return displacement
 
 
@@ -217,8 +217,8 @@ class TwoStepConsistent(InverseConsistentModule):
         root_AB = self.netPhi.exponential(g / 2, shape)
         root_BA = self.netPhi.exponential(-g / 2, shape)
         grid = identity_map(shape, dtype=image_A.dtype, device=image_A.device)
-        halfway_A = warp(image_A, root_AB(grid), padding="border")
-        halfway_B = warp(image_B, root_BA(grid), padding="border")
+        halfway_A = sample_at(image_A, root_AB(grid), padding="border")
+        halfway_B = sample_at(image_B, root_BA(grid), padding="border")
         psi, psi_inverse = self.netPsi.forward_and_inverse(halfway_A, halfway_B)
         return (compose_transforms(root_AB, psi, root_AB), compose_transforms(root_BA, psi_inverse, root_BA))
 

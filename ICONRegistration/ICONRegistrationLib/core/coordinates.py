@@ -52,7 +52,7 @@ def is_identity(coordinates: torch.Tensor) -> bool:
     return version is not None and version == coordinates._version
 
 
-def warp(image: torch.Tensor, coordinates: torch.Tensor, *, padding: str = "border",
+def sample_at(image: torch.Tensor, coordinates: torch.Tensor, *, padding: str = "border",
          mode: str = "bilinear") -> torch.Tensor:
     """Sample ``image`` ``[B, C, *S]`` at ``coordinates`` ``[B', d, *T]`` (map convention above).
 
@@ -123,7 +123,7 @@ def resample_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> t
     """A unit-cube displacement ``[B, d, *S]`` evaluated on another grid of the same cube (trilinear, border)."""
     if tuple(displacement.shape[2:]) == tuple(shape):
         return displacement
-    return warp(displacement, identity_map(shape, dtype=displacement.dtype, device=displacement.device))
+    return sample_at(displacement, identity_map(shape, dtype=displacement.dtype, device=displacement.device))
 
 
 def map_to_displacement(coordinate_map: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def evaluate_map(coordinate_map: torch.Tensor, coordinates: torch.Tensor) -> tor
     """
     if is_identity(coordinates) and coordinates.shape[2:] == coordinate_map.shape[2:]:
         return coordinate_map.expand(max(coordinate_map.shape[0], coordinates.shape[0]), *coordinate_map.shape[1:])
-    return coordinates + warp(map_to_displacement(coordinate_map), coordinates, padding="border")
+    return coordinates + sample_at(map_to_displacement(coordinate_map), coordinates, padding="border")
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .coordinates import identity_map, jacobian_determinant, voxel_scale, warp
+from .coordinates import identity_map, jacobian_determinant, voxel_scale, sample_at
 
 
 class InversionWarning(UserWarning):
@@ -135,7 +135,7 @@ class _FixedPointInverse(torch.autograd.Function):
         batch = max(displacement.shape[0], points.shape[0])
 
         def step(z: torch.Tensor) -> torch.Tensor:
-            return -warp(displacement, points + z, padding="border")
+            return -sample_at(displacement, points + z, padding="border")
 
         def error(residual: torch.Tensor) -> torch.Tensor:
             return (residual * scale).norm(dim=1).flatten(1).amax(dim=1)
@@ -159,7 +159,7 @@ class _FixedPointInverse(torch.autograd.Function):
             u = displacement.detach().requires_grad_(ctx.needs_input_grad[0])
             p = points.detach().requires_grad_(ctx.needs_input_grad[1])
             z = solution.detach().requires_grad_(True)
-            value = -warp(u, p + z, padding="border")
+            value = -sample_at(u, p + z, padding="border")
 
             def adjoint_step(w: torch.Tensor) -> torch.Tensor:  # w ↦ g + (∂G/∂z)ᵀ w
                 (vjp,) = torch.autograd.grad(value, z, w, retain_graph=True)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .constricon import velocity_bending_energy
-from .coordinates import identity_map, voxel_scale, warp
+from .coordinates import identity_map, voxel_scale, sample_at
 from .losses import gradicon_penalty, icon_penalty, jittered_identity
 from .registration_modules import Transform
 
@@ -98,7 +98,7 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
     phi = stack_directions(phi_AB, phi_BA, batch)
     grid = identity_map(shape, dtype=image_A.dtype, device=image_A.device)
     maps = phi(grid)
-    warped = warp(pair_moving, maps, padding=padding)
+    warped = sample_at(pair_moving, maps, padding=padding)
     similarity_value = (similarity(warped[:batch], image_B, mask_B) + similarity(warped[batch:], image_A, mask_A))
     if penalty in ("gradicon", "icon"):
         if penalty_samples is None:

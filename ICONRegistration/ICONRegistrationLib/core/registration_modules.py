@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .coordinates import identity_map, is_identity, warp
+from .coordinates import identity_map, is_identity, sample_at
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,7 +32,7 @@ def displacement_transform(displacement: torch.Tensor) -> Transform:
     def transform(coordinates: torch.Tensor) -> torch.Tensor:
         if is_identity(coordinates) and coordinates.shape[2:] == displacement.shape[2:]:
             return coordinates + displacement  # exactly on the grid: no interpolation needed
-        return coordinates + warp(displacement, coordinates, padding="border")
+        return coordinates + sample_at(displacement, coordinates, padding="border")
     return transform
 
 
@@ -71,7 +71,7 @@ class TwoStepRegistration(RegistrationModule):
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Transform:
         phi = self.netPhi(image_A, image_B)
         grid = identity_map(image_A.shape[2:], dtype=image_A.dtype, device=image_A.device)
-        psi = self.netPsi(warp(image_A, phi(grid), padding="border"), image_B)
+        psi = self.netPsi(sample_at(image_A, phi(grid), padding="border"), image_B)
         return lambda coordinates: phi(psi(coordinates))
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constricon import InverseConsistentModule
-from .coordinates import identity_map, resample_displacement, voxel_scale, warp
+from .coordinates import identity_map, resample_displacement, voxel_scale, sample_at
 from .inversion import invert_displacement
 from .networks import UNet2
 from .registration_modules import Transform, displacement_transform
@@ -34,7 +34,7 @@ from .registration_modules import Transform, displacement_transform
 def compose_displacements(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """Displacement of ``(Id + outer) ∘ (Id + inner)`` on the (shared) grid: ``inner + outer(x + inner)``."""
     grid = identity_map(inner.shape[2:], dtype=inner.dtype, device=inner.device)
-    return inner + warp(outer, grid + inner, padding="border")
+    return inner + sample_at(outer, grid + inner, padding="border")
 
 
 class SITRegNetwork(InverseConsistentModule):
@@ -85,8 +85,8 @@ class SITRegNetwork(InverseConsistentModule):
                 half_A, half_A_inverse, half_B, half_B_inverse = (
                     resample_displacement(d, shape) for d in (half_A, half_A_inverse, half_B, half_B_inverse))
             grid = identity_map(shape, dtype=level_A.dtype, device=level_A.device)
-            halfway_A = warp(level_A, grid + half_A, padding="border")
-            halfway_B = warp(level_B, grid + half_B, padding="border")
+            halfway_A = sample_at(level_A, grid + half_A, padding="border")
+            halfway_B = sample_at(level_B, grid + half_B, padding="border")
             raw = self.updates[level](torch.cat([halfway_A, halfway_B]), torch.cat([halfway_B, halfway_A]))
             updates = self._bounded_update(raw)  # [f_AB; f_BA]
             inverses, report = invert_displacement(updates, tolerance=self.inversion_tolerance,

@@ -160,14 +160,14 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
             rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds))
         report(progress, "evaluation", (index + 1) / len(pairs))
     return {"model": loaded.spec.name, "weights_sha256": loaded.weights_sha256, "io_iterations": io_iterations,
-            "io_mode": io_mode if io_iterations else None, "pairs": rows, "summary": summarize(rows)}
+            "io_mode": io_mode if io_iterations else None, "pairs": rows, "summary": summarize_methods(rows)}
 
 
 SUMMARY_METRICS = ("dice_mean", "hd95_mm", "jacobian_nonpositive_percent", "ic_error_mean_mm", "ic_error_p95_mm",
                    "seconds")
 
 
-def summarize(rows: Sequence[dict]) -> dict:
+def summarize_methods(rows: Sequence[dict]) -> dict:
     """``{method: {metric: [mean, std], "pairs": n}}`` in the order methods first appear."""
     summary: dict = {}
     for method in dict.fromkeys(r["method"] for r in rows):

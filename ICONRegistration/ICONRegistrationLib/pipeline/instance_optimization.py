@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core.coordinates import identity_map, voxel_scale, warp
+from ..core.coordinates import identity_map, voxel_scale, sample_at
 from ..core.losses import gradicon_penalty, jittered_identity
 from ..core.objective import symmetric_objective
 from ..core.registration_modules import displacement_transform
@@ -81,7 +81,7 @@ def field_objective(displacements: torch.Tensor, image_A: torch.Tensor, image_B:
     shape = image_A.shape[2:]
     grid = identity_map(shape, dtype=displacements.dtype, device=displacements.device)
     maps = grid + displacements
-    warped = warp(torch.cat([image_A, image_B]), maps, padding="zeros")
+    warped = sample_at(torch.cat([image_A, image_B]), maps, padding="zeros")
     similarity_value = similarity(warped[:1], image_B, mask_B) + similarity(warped[1:], image_A, mask_A)
     phi_AB, phi_BA = displacement_transform(displacements[:1]), displacement_transform(displacements[1:])
     penalty = 0.5 * (gradicon_penalty(phi_AB, phi_BA, samples) + gradicon_penalty(phi_BA, phi_AB, samples))

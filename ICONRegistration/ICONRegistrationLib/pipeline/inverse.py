@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..core.coordinates import warp
+from ..core.coordinates import sample_at
 from ..core.inversion import InversionReport, InversionWarning, invert_displacement
 from ..errors import UserError
 from .grid import Grid, apply_affine
@@ -72,7 +72,7 @@ def invert_field(field: sitk.Image, reference: sitk.Image, *, tolerance: float =
                                               max_iterations=max_iterations, check_folds=False, warn=False)
     report.folds = folds
     # Round-trip error in mm at the solution: Φ(y + w) − y = w + u(y + w), mapped to mm.
-    residual_unit = inverse + warp(displacement, points + inverse, padding="border")
+    residual_unit = inverse + sample_at(displacement, points + inverse, padding="border")
     max_error_mm = float(apply_affine(unit, np.zeros(3), residual_unit).norm(dim=1).max())
     inverse_mm = apply_affine(unit, np.zeros(3), inverse)
     require_finite(inverse_mm, "inversion", "the field is too irregular to invert; check it with 'iconreg jacobian'")

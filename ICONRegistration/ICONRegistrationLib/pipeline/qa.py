@@ -15,7 +15,7 @@ def physical_jacobian(displacement_mm: torch.Tensor, index_matrix: np.ndarray) -
     return displacement_jacobian_determinant(displacement_mm.float(), torch.as_tensor(index_matrix))
 
 
-def summarize(jacobian: np.ndarray, ic_error_mm: np.ndarray) -> QualitySummary:
+def summarize_quality(jacobian: np.ndarray, ic_error_mm: np.ndarray) -> QualitySummary:
     """Fold count and %, Jacobian min / percentiles / max, IC error mean / 95th / max (mm)."""
     jacobian = jacobian.ravel()
     ic_error_mm = ic_error_mm.ravel()

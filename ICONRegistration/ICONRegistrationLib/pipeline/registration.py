@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..core.coordinates import identity_map, map_to_displacement, warp as sample_at
+from ..core.coordinates import identity_map, map_to_displacement, sample_at
 from ..core.inversion import InversionWarning
 from ..core.losses import make_similarity
 from ..core.objective import both_directions
@@ -36,7 +36,7 @@ from .instance_optimization import (FIELD_LEARNING_RATE, IO_MODES, WEIGHTS_LEARN
 from .inverse import invert_field
 from .metrics import InverseReport, RegistrationMetrics
 from .preprocessing import check_modality, normalize_intensities
-from .qa import field_jacobian, physical_jacobian, summarize
+from .qa import field_jacobian, physical_jacobian, summarize_quality
 
 FIELD_GRIDS = ("network", "fixed")
 _SLAB_VOXELS = 1 << 22  # resample the warped image in slabs of ~4 M voxels to bound memory
@@ -328,7 +328,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         for name, tensor in (("forward field", forward_mm), ("Jacobian map", jacobian),
                              ("inverse-consistency map", ic_error)):
             require_finite(tensor, f"quality-map stage ({name})", "this is a bug: please report it with the inputs")
-        quality = summarize(jacobian.cpu().numpy(), ic_error.cpu().numpy())
+        quality = summarize_quality(jacobian.cpu().numpy(), ic_error.cpu().numpy())
     report(progress, "quality maps", 1.0)
 
     with timer("export"), torch.no_grad():

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core.coordinates import identity_map, jacobian_determinant, voxel_scale, warp
+from ..core.coordinates import identity_map, jacobian_determinant, voxel_scale, sample_at
 from ..core.losses import make_similarity, label_fractions, soft_dice_loss
 from ..core.objective import both_directions, symmetric_objective
 from ..device import choose_device, device_description
@@ -170,7 +170,7 @@ def label_loss(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tenso
     both = torch.cat([labels_A, labels_B])
     moving = label_fractions(both, values, factor, dtype=maps.dtype)
     fixed = torch.cat([moving[labels_A.shape[0]:], moving[:labels_A.shape[0]]])
-    return soft_dice_loss(warp(moving, coarse_coordinates(maps, factor), padding="zeros"), fixed)
+    return soft_dice_loss(sample_at(moving, coarse_coordinates(maps, factor), padding="zeros"), fixed)
 
 
 @torch.no_grad()
@@ -192,12 +192,12 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
         jac = jacobian_determinant(maps)
         folds.append(100.0 * float((jac <= 0).float().mean()))
         back = torch.cat([maps[1:], maps[:1]])
-        round_trip = warp(back, maps, padding="border")  # Φ_BA(Φ_AB(x)), Φ_AB(Φ_BA(y))
+        round_trip = sample_at(back, maps, padding="border")  # Φ_BA(Φ_AB(x)), Φ_AB(Φ_BA(y))
         ic_errors.append(float(((round_trip - grid) * scale).norm(dim=1).mean()))
         if data.labels is not None:
             labels_A = data.labels[i:i + 1].to(device).float()
             labels_B = data.labels[j:j + 1].to(device).float()
-            warped = warp(torch.cat([labels_A, labels_B]), maps, padding="zeros", mode="nearest").round()
+            warped = sample_at(torch.cat([labels_A, labels_B]), maps, padding="zeros", mode="nearest").round()
             fixed = torch.cat([labels_B, labels_A])
             present = [int(v) for v in torch.unique(fixed) if v != 0]
             for k in range(2):
