@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import SimpleITK as sitk
 import slicer
-import vtk
 
 from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback
 from . import display
+from .metrics_table import fill_metrics_table, metrics_from_table  # noqa: F401 (part of the logic's API)
 from .nodes import grid_transform_from_field, image_from_volume, update_volume_from_image
+from .segmentations import move_segmentation
 
 if TYPE_CHECKING:
     from ..pipeline.metrics import RegistrationMetrics
@@ -373,38 +374,7 @@ class ICONRegistrationLogic:
         if not segmentation.ContainsRepresentation(labelmap_name):
             raise UserError(f"Segmentation '{segmentationNode.GetName()}' has no binary labelmap; create one in "
                             "the Segmentations module (Representations: Binary labelmap → Create).")
-        reference_geometry = slicer.vtkOrientedImageData()
-        ijk_to_ras = vtk.vtkMatrix4x4()
-        reference.GetIJKToRASMatrix(ijk_to_ras)
-        reference_geometry.SetImageToWorldMatrix(ijk_to_ras)
-        reference_geometry.SetExtent(reference.GetImageData().GetExtent())
-
-        scene = self.scene
-        output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(
-            f"{segmentationNode.GetName()} on {reference.GetName()}"))
-        try:
-            output.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-            for index in range(segmentation.GetNumberOfSegments()):
-                segment_id = segmentation.GetNthSegmentID(index)
-                source = segmentation.GetSegment(segment_id)
-                labelmap = slicer.vtkOrientedImageData()
-                segmentationNode.GetBinaryLabelmapRepresentation(segment_id, labelmap)
-                moved = slicer.vtkOrientedImageData()
-                if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-                        labelmap, reference_geometry, moved, False, False, to_reference):
-                    raise UserError(f"Slicer could not resample segment '{source.GetName()}'.")
-                segment = slicer.vtkSegment()
-                segment.SetName(source.GetName())
-                segment.SetColor(source.GetColor())
-                segment.AddRepresentation(labelmap_name, moved)
-                output.GetSegmentation().AddSegment(segment, segment_id)
-            output.CreateDefaultDisplayNodes()
-            # shown where its reference is shown (e.g. the moving volume under the registration's transform)
-            output.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
-        except BaseException:
-            scene.RemoveNode(output)
-            raise
-        return output
+        return move_segmentation(self.scene, segmentationNode, reference, to_reference)
 
     def exportTransform(self, transformNode, path: "str | Path") -> Path:
         """Write ``transformNode`` with Slicer's transform storage node (``.h5``/``.tfm``: ITK transform files,
@@ -473,68 +443,3 @@ def _copy_window_level(source, target) -> None:
     target_display.SetWindowLevel(source_display.GetWindow(), source_display.GetLevel())
     if source_display.GetColorNodeID():
         target_display.SetAndObserveColorNodeID(source_display.GetColorNodeID())
-
-
-METRIC_ROWS = (  # (attribute path of RegistrationMetrics, label, unit)
-    ("folds", "Folded voxels (det J ≤ 0)", "voxels"),
-    ("folds_percent", "Folded voxels", "%"),
-    ("jacobian_min", "Jacobian minimum", ""),
-    ("jacobian_p1", "Jacobian 1st percentile", ""),
-    ("jacobian_median", "Jacobian median", ""),
-    ("jacobian_p99", "Jacobian 99th percentile", ""),
-    ("jacobian_max", "Jacobian maximum", ""),
-    ("ic_error_mean_mm", "IC error mean", "mm"),
-    ("ic_error_p95_mm", "IC error 95th percentile", "mm"),
-    ("ic_error_max_mm", "IC error maximum", "mm"),
-    ("total_seconds", "Time", "s"),
-    ("device", "Device", ""),
-    ("model", "Model", ""),
-    ("weights_sha256", "Weights sha256", ""),
-    ("io_iterations", "Instance-optimisation steps", ""),
-    ("inverse.method", "Inverse transform", ""),
-    ("inverse.max_error_mm", "Inverse round-trip error maximum", "mm"),
-    ("inverse.iterations", "Inverse fixed-point iterations", ""),
-)
-
-
-def _lookup(metrics: "RegistrationMetrics", path: str):
-    """The value at an attribute path of the metrics (``"inverse.max_error_mm"``); a wrong path raises."""
-    value: Any = metrics
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def format_metric(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def fill_metrics_table(table_node, metrics: "RegistrationMetrics") -> None:
-    """Three string columns: Metric, Value, Unit (rows in :data:`METRIC_ROWS` order)."""
-    table = table_node.GetTable()
-    columns = []
-    for name in ("Metric", "Value", "Unit"):
-        column = vtk.vtkStringArray()
-        column.SetName(name)
-        columns.append(column)
-    for key, label, unit in METRIC_ROWS:
-        columns[0].InsertNextValue(label)
-        columns[1].InsertNextValue(format_metric(_lookup(metrics, key)))
-        columns[2].InsertNextValue(unit)
-    for column in columns:
-        table.AddColumn(column)
-    table_node.SetUseColumnNameAsColumnHeader(True)
-    table_node.SetLocked(True)
-    table_node.Modified()
-
-
-def metrics_from_table(table_node) -> dict[str, str]:
-    """``{label: value}`` read back from a metrics table node."""
-    table = table_node.GetTable()
-    labels, values = table.GetColumnByName("Metric"), table.GetColumnByName("Value")
-    return {labels.GetValue(i): values.GetValue(i) for i in range(table.GetNumberOfRows())}
-
