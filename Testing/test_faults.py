@@ -533,3 +533,33 @@ def test_a_label_typed_image_through_the_api_is_a_user_error_not_an_abort(setup)
     with pytest.raises(UserError, match="label map"):
         register(image, image, str(setup["spec"]), weights=setup["weights"], fixed_modality="mri",
                  moving_modality="mri", fixed_mask=labels)
+
+
+def test_out_of_memory_outside_the_network_stage_is_a_user_error(setup, capsys, monkeypatch):
+    import ICONRegistrationLib.pipeline.registration as registration
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(registration, "_warp_moving", exhausted)
+    code = main(setup["args"])
+    err = capsys.readouterr().err
+    _one_line_user_error(code, err)
+    assert "out of memory" in err and not setup["out"].exists()
+
+
+def test_an_unusable_cache_is_a_user_error_and_nothing_goes_into_the_package(setup, capsys, monkeypatch, tmp_path):
+    from ICONRegistrationLib.models.weights import bundled_weights_path, load_model
+    from ICONRegistrationLib.models.zoo import BUNDLED_DIR, zoo_spec
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache should be")
+    monkeypatch.setenv("ICONREG_CACHE", str(blocker))
+    code = main(["models", "install", "gradicon-hippocampus", "--from",
+                 str(bundled_weights_path(zoo_spec("gradicon-hippocampus")))])
+    err = capsys.readouterr().err
+    _one_line_user_error(code, err)
+    assert blocker.read_text() == "a file where the cache should be"
+    package = sorted(p.name for p in BUNDLED_DIR.iterdir())
+    load_model("gradicon-hippocampus", device="cpu")
+    assert sorted(p.name for p in BUNDLED_DIR.iterdir()) == package  # no side files beside shipped weights

@@ -143,7 +143,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     write_displacement_field(inverse.field, args.out)
     for warning in caught:
         print(f"iconreg: warning: {warning.message}", file=sys.stderr)
-    print(json.dumps(inverse.summary()))
+    print(json.dumps(inverse.to_dict()))
     print(f"wrote {args.out}")
     return EXIT_OK
 

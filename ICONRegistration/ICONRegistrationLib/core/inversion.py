@@ -54,7 +54,7 @@ class InversionReport:
     def invertible(self) -> bool:
         return self.converged and self.folds == 0
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "invertible": self.invertible}
 
 

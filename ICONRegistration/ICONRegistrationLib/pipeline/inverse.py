@@ -34,10 +34,12 @@ class FieldInverse:
     report: InversionReport
     max_error_mm: float
 
-    def summary(self) -> dict:
-        summary = {**self.report.as_dict(), "max_error_mm": self.max_error_mm}
-        summary.pop("backward_iterations")
-        return summary
+    def to_dict(self) -> dict:
+        """The report for JSON (``iconreg invert`` prints it): iterations, errors (voxels, mm), tolerance,
+        convergence, folds and invertibility."""
+        data = {**self.report.to_dict(), "max_error_mm": self.max_error_mm}
+        data.pop("backward_iterations")
+        return data
 
 
 def invert_field(field: sitk.Image, reference: sitk.Image, *, tolerance: float = 0.01, max_iterations: int = 200,
