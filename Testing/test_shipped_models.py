@@ -76,3 +76,42 @@ def test_demo_runs_offline_on_the_bundled_pair(tmp_path, capsys):
                            sitk.sitkNearestNeighbor, 0.0)
     dice = mean_std(dice_per_label(warped, fixed_label, [1, 2]).values())[0]
     assert dice == pytest.approx(summary["dice_after"], abs=0.01)
+
+
+def _card_table(text: str, first_header: str) -> list[list[str]]:
+    """Rows (cells stripped of ** and `) of the first Markdown table whose header starts with ``first_header``."""
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith(f"| {first_header} "):
+            rows = []
+            for row in lines[index + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append([cell.strip().strip("*`").strip() for cell in row.strip().strip("|").split("|")])
+            return rows
+    raise AssertionError(f"no table starting with '{first_header}'")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_zoo_validation_numbers_are_the_model_cards_and_the_best_shipped(name):
+    """The numbers `iconreg models list` shows come from the card's validation table, and the shipped weights are
+    the best version in the card's ledger (never a worse model over a better one)."""
+    from pathlib import Path
+
+    spec = zoo_spec(name)
+    validation = spec.extra["validation"]
+    card = (Path(__file__).resolve().parents[1] / "Resources" / "Models" / f"{name}.md").read_text()
+    rows = {row[0]: row for row in _card_table(card, "method")}
+    own = rows[name]
+    assert int(own[1]) == validation["registrations"]
+    assert float(own[2].split("±")[0]) == pytest.approx(validation["dice"], abs=5e-4)
+    assert float(own[3].split("±")[0]) == pytest.approx(validation["hd95_mm"], abs=5e-3)
+    assert float(own[4].split("±")[0]) == pytest.approx(validation["folds_percent"], abs=5e-5)
+    assert float(own[5].split("±")[0]) == pytest.approx(validation["ic_error_mm"], abs=5e-3)
+    for baseline, dice in validation["baselines"].items():
+        assert float(rows[baseline][2].split("±")[0]) == pytest.approx(dice, abs=5e-4)
+    ledger = _card_table(card, "shipped")
+    assert spec.weights["sha256"].startswith(ledger[-1][1].rstrip("…"))
+    shipped_dice = [float(row[3]) for row in ledger]
+    assert shipped_dice[-1] == pytest.approx(validation["dice"], abs=5e-4)
+    assert shipped_dice[-1] >= max(shipped_dice) - 1e-9, "a worse model replaced a better one"

@@ -37,6 +37,20 @@ def sample_pair() -> dict:
     return description
 
 
+def _check_anatomy(model: str, sample: dict) -> None:
+    """A model trained for one anatomy (zoo ``anatomy``) is not demonstrated on a sample pair of another."""
+    from .models.zoo import resolve_spec
+
+    wanted = resolve_spec(model).extra.get("anatomy")
+    have = sample.get("anatomy")
+    if wanted and have and wanted != have:
+        raise UserError(
+            f"The sample pair in '{sample_data_dir()}' shows the {have}; model '{model}' is for the {wanted}. "
+            f"No {wanted} pair ships with the project (LPBA40 may not be redistributed, and no openly licensed "
+            f"{wanted} pair was available): run 'iconreg register --model {model}' on your own images, or point "
+            f"ICONREG_SAMPLE_DATA at a folder with a sample.json for a {wanted} pair.")
+
+
 def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "auto", io_iterations: int = 0,
              progress: Optional[ProgressCallback] = None) -> dict:
     """Register the sample pair, write the usual outputs to ``out`` and return a summary (also ``demo.json``)."""
@@ -48,9 +62,10 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
     out = check_output_folder(out)
 
     sample = sample_pair()
+    name = model or sample["model"]
+    _check_anatomy(name, sample)
     from .io.images import read_image
     fixed, moving = read_image(sample["fixed"], "fixed"), read_image(sample["moving"], "moving")
-    name = model or sample["model"]
     result = register(fixed, moving, name, fixed_modality=sample.get("modality", "auto"),
                       moving_modality=sample.get("modality", "auto"), io_iterations=io_iterations,
                       device=device, progress=progress)
