@@ -34,7 +34,7 @@ from .images import image_array, mask_array, require_finite
 from .instance_optimization import (FIELD_LEARNING_RATE, IO_MODES, WEIGHTS_LEARNING_RATE, optimize_fields,
                                     optimize_instance)
 from .inverse import invert_field
-from .metrics import InverseReport, RegistrationMetrics
+from .metrics import InverseReport, QualitySummary, RegistrationMetrics
 from .preprocessing import check_modality, normalize_intensities
 from .qa import field_jacobian, physical_jacobian, summarize_quality
 
@@ -250,18 +250,18 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     Raises:
         UserError: for inputs or settings a user can fix; nothing is written in that case.
     """
-    fixed_voxels = image_array(fixed, "fixed")
-    moving_voxels = image_array(moving, "moving")
-    fixed_mask_voxels = mask_array(fixed_mask, fixed, "fixed") if fixed_mask is not None else None
-    moving_mask_voxels = mask_array(moving_mask, moving, "moving") if moving_mask is not None else None
-    fixed_modality = check_modality(fixed_modality, fixed_voxels, "fixed")
-    moving_modality = check_modality(moving_modality, moving_voxels, "moving")
+    inputs = _check_inputs(fixed, moving, fixed_mask, moving_mask, fixed_modality, moving_modality)
     if int(io_iterations) < 0:
         raise UserError("io_iterations must be 0 (no instance optimisation) or a positive number of steps.")
     if io_mode not in IO_MODES:
         raise UserError(f"io_mode must be one of {', '.join(IO_MODES)}, not '{io_mode}'.")
     if field_grid not in FIELD_GRIDS:
         raise UserError(f"field_grid must be one of {', '.join(FIELD_GRIDS)}, not '{field_grid}'.")
+    if io_similarity is not None:
+        try:
+            make_similarity(io_similarity)
+        except ValueError as error:
+            raise UserError(f"io_similarity: {error}.") from None
 
     timer = _StageTimer()
     start = time.perf_counter()
@@ -270,98 +270,174 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             loaded = model
         else:
             loaded = load_model(model, weights, device=device, progress=progress, random_weights=random_weights)
-    spec, torch_device = loaded.spec, loaded.device
-    timer.device = torch_device
-    similarity = make_similarity(**({"name": io_similarity} if io_similarity else spec.similarity))
-
+    timer.device = loaded.device
     with timer("preprocessing"):
-        rules = spec.preprocessing
-        grid_B = Grid.over_image(fixed, spec.input_shape)
-        grid_A = Grid.over_image(moving, spec.input_shape, align_to=grid_B)
-        image_B = grid_B.to_network(normalize_intensities(fixed_voxels, fixed_modality, rules, fixed_mask_voxels,
-                                                          "fixed"), torch_device)
-        image_A = grid_A.to_network(normalize_intensities(moving_voxels, moving_modality, rules,
-                                                          moving_mask_voxels, "moving"), torch_device)
-        mask_B = grid_B.to_network(fixed_mask_voxels, torch_device) if fixed_mask_voxels is not None else None
-        mask_A = grid_A.to_network(moving_mask_voxels, torch_device) if moving_mask_voxels is not None else None
-        for role, tensor in (("fixed", image_B), ("moving", image_A)):
-            require_finite(tensor, f"intensity normalisation of the {role} image",
-                           f"the {role} image's intensities are too extreme to scale (values near ±3e38?); "
-                           "rescale or convert it to a normal intensity range")
+        pair = _prepare(inputs, fixed, moving, loaded)
     report(progress, "preprocessing", 1.0)
-
-    history: list[float] = []
-    with timer("network"), _memory_errors_as_user_errors(torch_device):
-        if io_iterations and io_mode == "weights":
-            transform, history = optimize_instance(
-                loaded.net, image_A, image_B, iterations=int(io_iterations), similarity=similarity,
-                lmbda=spec.lmbda, penalty=spec.penalty, learning_rate=io_learning_rate or WEIGHTS_LEARNING_RATE,
-                mask_A=mask_A, mask_B=mask_B, progress=progress)
-            with torch.no_grad():
-                maps = transform(identity_map(grid_B.shape, device=torch_device))  # [Φ_AB; Φ_BA]
-        elif io_iterations:
-            report(progress, "network", 0.0)
-            maps = _predict_both_directions(loaded.net, image_A, image_B, progress)
-            maps, history = optimize_fields(maps, image_A, image_B, iterations=int(io_iterations),
-                                            similarity=similarity, lmbda=spec.lmbda, mask_A=mask_A, mask_B=mask_B,
-                                            learning_rate=io_learning_rate or FIELD_LEARNING_RATE, progress=progress)
-        else:
-            report(progress, "network", 0.0)
-            maps = _predict_both_directions(loaded.net, image_A, image_B, progress)
-        if io_iterations:
-            require_finite(maps, f"instance optimisation ({io_mode})",
-                           "it diverged: use fewer iterations or a smaller io_learning_rate, or check the "
-                           "network's own prediction without instance optimisation")
-        else:
-            require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model "
-                           "(reinstall them), or the inputs are not images this model was trained for")
+    with timer("network"), _memory_errors_as_user_errors(loaded.device):
+        maps, history = _predict_and_optimise(pair, loaded, int(io_iterations), io_mode, io_similarity,
+                                              io_learning_rate, progress)
     report(progress, "network", 1.0)
     # Φ − Id of both directions, once: QA and export sample these (trilinear, border), as evaluate_map does.
     displacement_AB, displacement_BA = map_to_displacement(maps).split(1)
     del maps
-
+    fixed_field_grid = pair.grid_B if field_grid == "network" else Grid.of_image(fixed)
+    moving_field_grid = pair.grid_A if field_grid == "network" else Grid.of_image(moving)
     with timer("qa"), torch.no_grad():
-        fixed_field_grid = grid_B if field_grid == "network" else Grid.of_image(fixed)
-        moving_field_grid = grid_A if field_grid == "network" else Grid.of_image(moving)
-        forward_mm, jacobian, ic_error = _sample_fields(displacement_AB, displacement_BA, grid_B, grid_A,
-                                                        fixed_field_grid)
-        for name, tensor in (("forward field", forward_mm), ("Jacobian map", jacobian),
-                             ("inverse-consistency map", ic_error)):
-            require_finite(tensor, f"quality-map stage ({name})", "this is a bug: please report it with the inputs")
-        quality = summarize_quality(jacobian.cpu().numpy(), ic_error.cpu().numpy())
+        forward_mm, jacobian, ic_error, quality = _fields_and_qa(displacement_AB, displacement_BA, pair,
+                                                                 fixed_field_grid)
     report(progress, "quality maps", 1.0)
-
     with timer("export"), torch.no_grad():
-        forward_field = _field_image(forward_mm, fixed_field_grid)
-        if exact_inverse:
-            inverse_field, inverse_report = _exact_inverse(forward_field, moving_field_grid)
-        else:
-            inverse_mm, _, _ = _sample_fields(displacement_BA, None, grid_A, grid_B, moving_field_grid,
-                                              with_jacobian=False)
-            require_finite(inverse_mm, "inverse field", "this is a bug: please report it with the inputs")
-            inverse_field = _field_image(inverse_mm, moving_field_grid)
-            inverse_report = InverseReport("network")
-        if inverse_qa:
-            inverse_values = sitk.GetArrayFromImage(field_jacobian(inverse_field))
-            inverse_folds = int((inverse_values <= 0).sum())
-            inverse_report.folds = inverse_folds
-            inverse_report.folds_percent = 100.0 * inverse_folds / inverse_values.size
-            inverse_report.jacobian_min = float(inverse_values.min())
-        fixed_grid = Grid.of_image(fixed)
-        warped_voxels = _warp_moving(moving_voxels, displacement_AB, grid_B, grid_A, fixed_grid,
-                                     Grid.of_image(moving))
-        require_finite(warped_voxels, "warped-image stage", "this is a bug: please report it with the inputs")
-        warped = fixed_grid.apply_to(sitk.GetImageFromArray(warped_voxels))
-        jacobian_image = _scalar_image(jacobian, fixed_field_grid)
-        ic_image = _scalar_image(ic_error, fixed_field_grid)
+        forward_field, inverse_field, inverse_report = _export_fields(
+            forward_mm, displacement_BA, pair, fixed_field_grid, moving_field_grid, exact_inverse, inverse_qa)
+        warped, jacobian_image, ic_image = _export_images(inputs, displacement_AB, pair, fixed, moving, jacobian,
+                                                          ic_error, fixed_field_grid)
     report(progress, "export", 1.0)
 
     timer.seconds["total"] = time.perf_counter() - start
     metrics = RegistrationMetrics(
-        **dataclasses.asdict(quality), model=spec.name, weights_sha256=loaded.weights_sha256,
+        **dataclasses.asdict(quality), model=loaded.spec.name, weights_sha256=loaded.weights_sha256,
         weights_file=str(loaded.weights_path) if loaded.weights_path else None,
-        device=device_description(torch_device), network_shape=list(grid_B.shape), field_grid=field_grid,
-        fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=int(io_iterations),
-        io_mode=io_mode if io_iterations else None, io_objective=history, inverse=inverse_report,
-        seconds={k: round(v, 4) for k, v in timer.seconds.items()})
+        device=device_description(loaded.device), network_shape=list(pair.grid_B.shape), field_grid=field_grid,
+        fixed_modality=inputs.fixed_modality, moving_modality=inputs.moving_modality,
+        io_iterations=int(io_iterations), io_mode=io_mode if io_iterations else None, io_objective=history,
+        inverse=inverse_report, seconds={k: round(v, 4) for k, v in timer.seconds.items()})
     return RegistrationResult(forward_field, inverse_field, warped, jacobian_image, ic_image, metrics)
+
+
+# ----- the stages of register(); each checks its output --------------------------------------------------------
+
+@dataclasses.dataclass
+class _Inputs:
+    """Checked inputs: voxels ``[z, y, x]`` float32, masks (binary float32) and resolved modalities."""
+
+    fixed_voxels: np.ndarray
+    moving_voxels: np.ndarray
+    fixed_mask: Optional[np.ndarray]
+    moving_mask: Optional[np.ndarray]
+    fixed_modality: str
+    moving_modality: str
+
+
+@dataclasses.dataclass
+class _NetworkPair:
+    """Both images (and masks) on their network grids ``[1, 1, *S]``, and those grids (B over fixed, A over
+    moving)."""
+
+    image_A: torch.Tensor
+    image_B: torch.Tensor
+    mask_A: Optional[torch.Tensor]
+    mask_B: Optional[torch.Tensor]
+    grid_A: Grid
+    grid_B: Grid
+
+
+def _check_inputs(fixed, moving, fixed_mask, moving_mask, fixed_modality, moving_modality) -> _Inputs:
+    """Stage 0: every input is a usable 3-D scalar image (finite, non-constant), masks overlap their images."""
+    fixed_voxels = image_array(fixed, "fixed")
+    moving_voxels = image_array(moving, "moving")
+    return _Inputs(fixed_voxels, moving_voxels,
+                   mask_array(fixed_mask, fixed, "fixed") if fixed_mask is not None else None,
+                   mask_array(moving_mask, moving, "moving") if moving_mask is not None else None,
+                   check_modality(fixed_modality, fixed_voxels, "fixed"),
+                   check_modality(moving_modality, moving_voxels, "moving"))
+
+
+def _prepare(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, loaded: LoadedModel) -> _NetworkPair:
+    """Stage 1 (prepare): intensities normalised by the model's rules, both images on their network grids (the
+    moving grid's axes matched to the fixed one's). Checked: finite network inputs."""
+    spec, device = loaded.spec, loaded.device
+    rules = spec.preprocessing
+    grid_B = Grid.over_image(fixed, spec.input_shape)
+    grid_A = Grid.over_image(moving, spec.input_shape, align_to=grid_B)
+    image_B = grid_B.to_network(normalize_intensities(inputs.fixed_voxels, inputs.fixed_modality, rules,
+                                                      inputs.fixed_mask, "fixed"), device)
+    image_A = grid_A.to_network(normalize_intensities(inputs.moving_voxels, inputs.moving_modality, rules,
+                                                      inputs.moving_mask, "moving"), device)
+    mask_B = grid_B.to_network(inputs.fixed_mask, device) if inputs.fixed_mask is not None else None
+    mask_A = grid_A.to_network(inputs.moving_mask, device) if inputs.moving_mask is not None else None
+    for role, tensor in (("fixed", image_B), ("moving", image_A)):
+        require_finite(tensor, f"intensity normalisation of the {role} image",
+                       f"the {role} image's intensities cannot be scaled; convert it to a normal intensity range")
+    return _NetworkPair(image_A, image_B, mask_A, mask_B, grid_A, grid_B)
+
+
+def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations: int, io_mode: str,
+                          io_similarity: Optional[str], io_learning_rate: Optional[float],
+                          progress: Optional[ProgressCallback]) -> tuple[torch.Tensor, list[float]]:
+    """Stages 2–3 (predict, optimise): ``[Φ_AB; Φ_BA]`` on the fixed network grid and the instance-optimisation
+    objective per step. Checked: finite maps (the message blames the weights, or the optimisation's divergence)."""
+    spec, device = loaded.spec, loaded.device
+    history: list[float] = []
+    if io_iterations and io_mode == "weights":
+        similarity = make_similarity(**({"name": io_similarity} if io_similarity else spec.similarity))
+        transform, history = optimize_instance(
+            loaded.net, pair.image_A, pair.image_B, iterations=io_iterations, similarity=similarity,
+            lmbda=spec.lmbda, penalty=spec.penalty, learning_rate=io_learning_rate or WEIGHTS_LEARNING_RATE,
+            mask_A=pair.mask_A, mask_B=pair.mask_B, progress=progress)
+        with torch.no_grad():
+            maps = transform(identity_map(pair.grid_B.shape, device=device))  # [Φ_AB; Φ_BA]
+    else:
+        report(progress, "network", 0.0)
+        maps = _predict_both_directions(loaded.net, pair.image_A, pair.image_B, progress)
+        if not io_iterations:
+            require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model "
+                           "(reinstall them), or the inputs are not images this model was trained for")
+            return maps, history
+        similarity = make_similarity(**({"name": io_similarity} if io_similarity else spec.similarity))
+        maps, history = optimize_fields(maps, pair.image_A, pair.image_B, iterations=io_iterations,
+                                        similarity=similarity, lmbda=spec.lmbda, mask_A=pair.mask_A,
+                                        mask_B=pair.mask_B, learning_rate=io_learning_rate or FIELD_LEARNING_RATE,
+                                        progress=progress)
+    require_finite(maps, f"instance optimisation ({io_mode})",
+                   "it diverged: use fewer iterations or a smaller io_learning_rate, or check the network's own "
+                   "prediction without instance optimisation")
+    return maps, history
+
+
+def _fields_and_qa(displacement_AB: torch.Tensor, displacement_BA: torch.Tensor, pair: _NetworkPair,
+                   field_grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QualitySummary]:
+    """Stage 4 (fields, QA): the forward displacement (mm), its Jacobian and the IC error (mm) on ``field_grid``,
+    and their summary. Checked: all finite."""
+    forward_mm, jacobian, ic_error = _sample_fields(displacement_AB, displacement_BA, pair.grid_B, pair.grid_A,
+                                                    field_grid)
+    for name, tensor in (("forward field", forward_mm), ("Jacobian map", jacobian),
+                         ("inverse-consistency map", ic_error)):
+        require_finite(tensor, f"quality-map stage ({name})", "this is a bug: please report it with the inputs")
+    return forward_mm, jacobian, ic_error, summarize_quality(jacobian.cpu().numpy(), ic_error.cpu().numpy())
+
+
+def _export_fields(forward_mm: torch.Tensor, displacement_BA: torch.Tensor, pair: _NetworkPair,
+                   fixed_field_grid: Grid, moving_field_grid: Grid, exact_inverse: bool, inverse_qa: bool
+                   ) -> tuple[sitk.Image, sitk.Image, InverseReport]:
+    """Stage 5a (export): forward and inverse fields as SimpleITK images, and how the inverse was made. Checked:
+    a finite inverse."""
+    forward_field = _field_image(forward_mm, fixed_field_grid)
+    if exact_inverse:
+        inverse_field, inverse_report = _exact_inverse(forward_field, moving_field_grid)
+    else:
+        inverse_mm, _, _ = _sample_fields(displacement_BA, None, pair.grid_A, pair.grid_B, moving_field_grid,
+                                          with_jacobian=False)
+        require_finite(inverse_mm, "inverse field", "this is a bug: please report it with the inputs")
+        inverse_field = _field_image(inverse_mm, moving_field_grid)
+        inverse_report = InverseReport("network")
+    if inverse_qa:
+        inverse_values = sitk.GetArrayFromImage(field_jacobian(inverse_field))
+        inverse_folds = int((inverse_values <= 0).sum())
+        inverse_report.folds = inverse_folds
+        inverse_report.folds_percent = 100.0 * inverse_folds / inverse_values.size
+        inverse_report.jacobian_min = float(inverse_values.min())
+    return forward_field, inverse_field, inverse_report
+
+
+def _export_images(inputs: _Inputs, displacement_AB: torch.Tensor, pair: _NetworkPair, fixed: sitk.Image,
+                   moving: sitk.Image, jacobian: torch.Tensor, ic_error: torch.Tensor, field_grid: Grid
+                   ) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """Stage 5b (export): the warped moving image on the fixed image's grid, the Jacobian and IC-error maps.
+    Checked: a finite warped image."""
+    fixed_grid = Grid.of_image(fixed)
+    warped_voxels = _warp_moving(inputs.moving_voxels, displacement_AB, pair.grid_B, pair.grid_A, fixed_grid,
+                                 Grid.of_image(moving))
+    require_finite(warped_voxels, "warped-image stage", "this is a bug: please report it with the inputs")
+    warped = fixed_grid.apply_to(sitk.GetImageFromArray(warped_voxels))
+    return warped, _scalar_image(jacobian, field_grid), _scalar_image(ic_error, field_grid)
