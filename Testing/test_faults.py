@@ -504,8 +504,18 @@ def test_more_user_mistakes_exit_3_in_one_line(setup, capsys):
     single = tmp / "single"
     (single / "images").mkdir(parents=True)
     sitk.WriteImage(make_image(blob_volume((20, 22, 24))), str(single / "images" / "a.nii.gz"))
+    corrupt_h5 = tmp / "corrupt.h5"
+    corrupt_h5.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4000))
+    corrupt_gz = tmp / "corrupt.nii.gz"
+    data = bytearray(setup["moving"].read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = os.urandom(64)  # damaged in the middle, full length
+    corrupt_gz.write_bytes(bytes(data))
     image = ["--image", str(setup["moving"]), "--reference", str(setup["fixed"])]
     rows = [
+        (["jacobian", "--transform", str(corrupt_h5)], "damaged or not a transform"),
+        (["warp", "--image", str(corrupt_gz), "--reference", str(setup["fixed"]), "--transform", str(corrupt_h5),
+          "--out", str(tmp / "w.nii.gz")], "damaged or cut short"),
         (["warp", *image, "--transform", str(flat_field), "--out", str(tmp / "w.nii.gz")], "3-D image of 3-vectors"),
         (["warp", *image, "--transform", str(unknown), "--out", str(tmp / "w.nii.gz")], "transform"),
         (["warp", *image, "--transform", str(flat_field), "--out", str(tmp / "w.xyz")], "unknown file type"),
