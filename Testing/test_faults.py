@@ -196,6 +196,10 @@ def _spec_with(setup, **changes) -> Path:
     ({"weights": {"file": "tiny.pt", "sha256": "abc"}}, "weights.sha256"),
     ({"unet": {"num_layers": 5, "channels": [[2, 8], [8]]}}, "unet.channels"),
     ({"unet": None}, "unet"),
+    ({"name": "../../outside"}, "name"),
+    ({"weights": {"file": "/etc/passwd"}}, "weights.file"),
+    ({"options": {"svf_steps": "x"}}, "options.svf_steps"),
+    ({"options": {"penalty": "l2"}}, "options.penalty"),
 ])
 def test_spec_fields_are_validated_by_type_and_range(setup, capsys, changes, field):
     args = list(setup["args"])
@@ -218,9 +222,7 @@ def test_recorded_hash_is_the_hash_of_the_bytes_loaded_even_with_the_mtime_kept(
     stat = weights.stat()
     torch.save(random_state(tiny_spec(), seed=9, output_scale=1e-3), weights)  # changed in place, same size
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    from ICONRegistrationLib.models.weights import _LOADED
-    _LOADED.clear()  # a new process would not have the network in memory
-    assert main(setup["args"]) == 0
+    assert main(setup["args"]) == 0  # the same process: its model cache must notice the new bytes too
     capsys.readouterr()
     second = json.loads((setup["out"] / "metrics.json").read_text())["weights_sha256"]
     assert second == hashlib.sha256(weights.read_bytes()).hexdigest() != first
@@ -519,6 +521,7 @@ def test_more_user_mistakes_exit_3_in_one_line(setup, capsys):
         (["warp", *image, "--transform", str(flat_field), "--out", str(tmp / "w.nii.gz")], "3-D image of 3-vectors"),
         (["warp", *image, "--transform", str(unknown), "--out", str(tmp / "w.nii.gz")], "transform"),
         (["warp", *image, "--transform", str(flat_field), "--out", str(tmp / "w.xyz")], "unknown file type"),
+        (["warp", *image, "--transform", str(flat_field), "--out", str(tmp / "w.mhd")], "unknown file type"),
         (["invert", "--transform", str(flat_field), "--reference", str(setup["fixed"]), "--out",
           str(tmp / "inverse.png")], "unknown file type"),
         (["evaluate", "--data", str(csv_file), "--model", str(setup["spec"]), "--out", str(tmp / "ev")],
@@ -573,3 +576,34 @@ def test_an_unusable_cache_is_a_user_error_and_nothing_goes_into_the_package(set
     package = sorted(p.name for p in BUNDLED_DIR.iterdir())
     load_model("gradicon-hippocampus", device="cpu")
     assert sorted(p.name for p in BUNDLED_DIR.iterdir()) == package  # no side files beside shipped weights
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
+def test_result_folder_without_an_atomic_exchange_puts_the_old_set_back(tmp_path, monkeypatch, interruption):
+    """Where renameat2(RENAME_EXCHANGE) is missing (macOS, some file systems) the swap takes two renames; an
+    interruption between them puts the old set back and removes only the new one."""
+    from ICONRegistrationLib.io import atomic
+
+    out = tmp_path / "result"
+    out.mkdir()
+    (out / "metrics.json").write_text("old")
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real = os.replace
+
+    def failing(source, target):
+        if ".new-" in str(source):
+            raise interruption()
+        return real(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises((KeyboardInterrupt, UserError)):
+        with atomic.result_folder(out) as staging:
+            (staging / "metrics.json").write_text("new")
+            (staging / "transform.h5").write_text("new")
+    monkeypatch.setattr(atomic.os, "replace", real)
+    assert _snapshot(out) == {"metrics.json": b"old"}
+    _no_staging_left(tmp_path)
+    with atomic.result_folder(out) as staging:  # and without interruption the two renames swap the sets
+        (staging / "metrics.json").write_text("new")
+    assert _snapshot(out) == {"metrics.json": b"new"}
+    _no_staging_left(tmp_path)

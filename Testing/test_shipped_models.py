@@ -32,6 +32,7 @@ def test_shipped_weights_are_small_verified_and_load_strictly(name):
     assert spec.weights["sha256"] == sha256_of(path)
     loaded = load_model(name, device="cpu")
     assert loaded.weights_sha256 == spec.weights["sha256"]
+    assert not list(path.parent.glob("*.sha256")), "no remembered hashes beside the shipped weights"
 
 
 HIPPOCAMPUS_MARGIN = 0.15  # mean Dice must beat the identity baseline by at least this much

@@ -371,3 +371,16 @@ def test_cli_train_rejects_a_bad_batch_size(tmp_path, batch):
     (tmp_path / "small.json").write_text(json.dumps(SMALL))
     assert main(["train", "--spec", str(tmp_path / "small.json"), "--data", str(tmp_path / "train.npz"),
                  "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", batch]) == 3
+
+
+def test_a_fresh_run_starts_its_logs_anew_and_a_resume_keeps_the_label_loss_setting(tmp_path):
+    from ICONRegistrationLib.errors import UserError
+    (tmp_path / "train_log.csv").write_text("step,loss,similarity,penalty,seconds\n1,9,9,9,1\n2,9,9,9,1\n")
+    config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=2, validate_every=100)
+    train(small_spec(), synthetic_set(), tmp_path, config, device="cpu")
+    with (tmp_path / "train_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["step"] for r in rows] == ["1", "2"] and all(r["loss"] != "9" for r in rows)
+    with pytest.raises(UserError, match="label loss"):
+        train(small_spec(), synthetic_set(), tmp_path, TrainingConfig(steps=3, batch_size=2, label_loss="dice"),
+              device="cpu")

@@ -94,10 +94,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def _cmd_warp(args: argparse.Namespace) -> int:
     from .io import check_output_file, read_image, write_image
-    from .io.transforms import IMAGE_SUFFIXES
+    from .io.transforms import WRITABLE_IMAGE_SUFFIXES
     from .pipeline import warp
 
-    check_output_file(args.out, suffixes=IMAGE_SUFFIXES)
+    check_output_file(args.out, suffixes=WRITABLE_IMAGE_SUFFIXES)
     image = read_image(args.image, "input")
     reference = read_image(args.reference, "reference")
     write_image(warp(image, args.transform, reference, interpolator=args.interpolator), args.out)
@@ -109,11 +109,11 @@ def _cmd_jacobian(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from .io import check_output_file, read_displacement_field, write_image
-    from .io.transforms import IMAGE_SUFFIXES
+    from .io.transforms import WRITABLE_IMAGE_SUFFIXES
     from .pipeline.qa import field_jacobian
 
     if args.out is not None:
-        check_output_file(args.out, suffixes=IMAGE_SUFFIXES)
+        check_output_file(args.out, suffixes=WRITABLE_IMAGE_SUFFIXES)
     determinant = field_jacobian(read_displacement_field(args.transform))
     values = sitk.GetArrayViewFromImage(determinant)
     folds = int((values <= 0).sum())
@@ -130,10 +130,10 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
     from .core.inversion import InversionWarning
     from .io import check_output_file, read_displacement_field, read_image, write_displacement_field
-    from .io.transforms import FIELD_FILE_SUFFIXES
+    from .io.transforms import WRITABLE_FIELD_SUFFIXES
     from .pipeline.inverse import invert_field
 
-    check_output_file(args.out, suffixes=FIELD_FILE_SUFFIXES)
+    check_output_file(args.out, suffixes=WRITABLE_FIELD_SUFFIXES)
     field = read_displacement_field(args.transform)
     reference = read_image(args.reference, "reference")
     with warnings.catch_warnings(record=True) as caught:

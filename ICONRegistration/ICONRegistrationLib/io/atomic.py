@@ -33,17 +33,28 @@ RESULT_SET_FILES = ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii
                     "metrics.json", "report.png", "demo.json", "evaluation.json", "evaluation.md")
 
 
+def _umask() -> int:
+    """The process's umask, read from /proc where possible (setting it, the only portable way to read it, would
+    briefly change it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def file_mode() -> int:
     """The mode a new file gets from the user's umask (0o666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
 
 
 def folder_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
+    """The mode a new folder gets from the user's umask (0o777 & ~umask)."""
+    return 0o777 & ~_umask()
 
 
 def _suffix(path: Path) -> str:
@@ -190,17 +201,25 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (main thread, POSIX) for the few system calls of a swap."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+def _signals_deferred() -> Iterator[None]:
+    """Defer SIGINT and SIGTERM for the few system calls of a swap: their Python handlers only record them, and a
+    recorded signal is delivered again once the swap is done. (Blocking with ``pthread_sigmask`` would not be
+    enough: the kernel may deliver the signal to another thread, torch's, and Python still runs the handler in
+    the main thread.) Outside the main thread, where handlers cannot be set, nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    received: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in received[:1]:
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
@@ -217,15 +236,20 @@ def result_folder(path: str | Path) -> Iterator[Path]:
     try:
         yield staging
         os.chmod(staging, folder_mode())
-        with _signals_held():
+        with _signals_deferred():
             if path.exists():
                 if _exchange(staging, path):
                     retired = staging  # now holds the old set
                 else:
-                    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                    os.rmdir(retired)
-                    os.replace(path, retired)
-                    os.replace(staging, path)
+                    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                    os.rmdir(aside)
+                    os.replace(path, aside)
+                    try:
+                        os.replace(staging, path)
+                    except BaseException:
+                        os.replace(aside, path)  # the old set goes back before anything else happens
+                        raise
+                    retired = aside
             else:
                 os.replace(staging, path)
     except OSError as error:

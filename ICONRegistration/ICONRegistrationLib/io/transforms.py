@@ -28,9 +28,12 @@ TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VECTOR_IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 DISPLACEMENT_IMAGE_SUFFIXES = NIFTI_SUFFIXES + VECTOR_IMAGE_SUFFIXES
-FIELD_FILE_SUFFIXES = TRANSFORM_SUFFIXES + DISPLACEMENT_IMAGE_SUFFIXES
-#: scalar image files the commands write
+#: image files the project reads (datasets, inputs)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: single-file formats the commands write (a .mhd/.nhdr header and its separate data file cannot be renamed into
+#: place as one unit, so they are not offered for output)
+WRITABLE_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+WRITABLE_FIELD_SUFFIXES = TRANSFORM_SUFFIXES + WRITABLE_IMAGE_SUFFIXES
 NIFTI_INTENT_DISPVECT = 1006
 _NIFTI_INTENT_OFFSET = 68  # byte offset of intent_code in a NIfTI-1 header
 

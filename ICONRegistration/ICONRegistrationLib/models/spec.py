@@ -147,10 +147,16 @@ def _number(value: Any) -> Optional[float]:
     return float(value)
 
 
+def _plain_file_name(value: Any) -> bool:
+    """A non-empty name of a file in a folder (no separators, not ``.`` or ``..``)."""
+    return (isinstance(value, str) and value.strip() != "" and value not in (".", "..")
+            and Path(value).name == value and "\\" not in value)
+
+
 def _validate(spec: ModelSpec) -> None:
     """Check every field by type and range (a message names the field); normalise whole numbers to ``int``."""
-    if not isinstance(spec.name, str) or not spec.name.strip():
-        _fail(str(spec.name), "name", "a non-empty string", spec.name)
+    if not _plain_file_name(spec.name):
+        _fail(str(spec.name), "name", "a non-empty name without folders (it names the cache folder)", spec.name)
     name = spec.name
     if spec.architecture not in ARCHITECTURES:
         raise UserError(f"Model '{name}': unknown architecture '{spec.architecture}' "
@@ -212,8 +218,17 @@ def _validate(spec: ModelSpec) -> None:
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64
                             or any(c not in "0123456789abcdef" for c in sha.lower())):
         _fail(name, "weights.sha256", "64 hexadecimal digits or null", sha)
-    for key in ("file", "url"):
-        if weights.get(key) is not None and not isinstance(weights[key], str):
-            _fail(name, f"weights.{key}", "a string", weights[key])
+    if weights.get("url") is not None and not isinstance(weights["url"], str):
+        _fail(name, "weights.url", "a string", weights["url"])
+    if weights.get("file") is not None and not _plain_file_name(weights["file"]):
+        _fail(name, "weights.file", "a file name without folders", weights["file"])
     if not isinstance(spec.options, dict):
         _fail(name, "options", "an object", spec.options)
+    for key in ("affine_steps", "svf_steps", "integration_steps"):
+        if key in spec.options and (_whole(spec.options[key]) is None or spec.options[key] < 1):
+            _fail(name, f"options.{key}", "a whole number ≥ 1", spec.options[key])
+    for key in ("max_gradient", "inversion_tolerance"):
+        if key in spec.options and (_number(spec.options[key]) is None or spec.options[key] <= 0):
+            _fail(name, f"options.{key}", "a positive number", spec.options[key])
+    if "penalty" in spec.options and spec.options["penalty"] not in ("gradicon", "icon", "bending", "diffusion"):
+        _fail(name, "options.penalty", "gradicon, icon, bending or diffusion", spec.options["penalty"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import io
 import os
 import shutil
@@ -161,7 +162,8 @@ def download_weights(model: "str | ModelSpec", progress: Optional[ProgressCallba
                     out.write(block)
                     done += len(block)
                     report(progress, f"downloading {spec.name}", done / total if total else 0.0)
-        except (urllib.error.URLError, OSError, ValueError) as error:  # refused, unreachable, dropped mid-way
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+            # refused, unreachable, dropped mid-way, not speaking HTTP, a chunked transfer cut short
             raise UserError(f"Could not download the weights of '{spec.name}' ({error}). "
                             f"{_offline_hint(spec)}") from None
         if total and done != total:
@@ -203,10 +205,10 @@ def read_state_dict(path: "str | Path | io.BytesIO", name: Optional[str] = None)
     """
     import torch
 
+    source = path if isinstance(path, io.BytesIO) else str(path)
     name = name or str(path)
-    path = name if not isinstance(path, io.BytesIO) else path
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable / unsafe files
         raise UserError(f"Could not read weights file '{name}' (damaged, cut short or not a PyTorch "
                         f"checkpoint): {error}".split("\n")[0]) from None
@@ -268,8 +270,9 @@ def load_model(model: "str | Path | ModelSpec", weights: str | Path | None = Non
         return LoadedModel(spec, net, torch_device, None, None)
     path = resolve_weights(spec, weights, download=download, progress=progress)
     stat = path.stat()
+    # the file's identity: inode and change time too (ctime cannot be set back, unlike a copied mtime)
     key = (repr(sorted(spec.to_dict().items(), key=lambda kv: kv[0])), str(path.resolve()), stat.st_size,
-           stat.st_mtime_ns, str(torch_device))
+           stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns, str(torch_device))
     if key in _LOADED:
         return _LOADED[key]
     state, sha256 = read_weights(spec, path)  # the hash of exactly the bytes loaded

@@ -415,6 +415,8 @@ def _export_fields(forward_mm: torch.Tensor, displacement_BA: torch.Tensor, pair
     forward_field = _field_image(forward_mm, fixed_field_grid)
     if exact_inverse:
         inverse_field, inverse_report = _exact_inverse(forward_field, moving_field_grid)
+        require_finite(sitk.GetArrayFromImage(inverse_field), "exact inverse",
+                       "this is a bug: please report it with the inputs")
     else:
         inverse_mm, _, _ = _sample_fields(displacement_BA, None, pair.grid_A, pair.grid_B, moving_field_grid,
                                           with_jacobian=False)

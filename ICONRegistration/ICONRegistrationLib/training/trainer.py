@@ -303,27 +303,35 @@ def write_validation_table(out_dir: Path) -> Optional[Path]:
 
 def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, device: str = "auto",
                   candidates: tuple[int, ...] = (64, 32, 16, 8, 4, 2, 1)) -> int:
-    """The largest batch (of ``candidates``) whose training step fits in the GPU's memory, found by trying one
-    step of each (bfloat16 autocast if ``config.mixed_precision``). On a CPU: 2 (memory is rarely the limit
-    there, time is)."""
+    """The largest batch (of ``candidates``) whose training step fits in the GPU's memory with room to spare: one
+    trial step per size, largest first (bfloat16 autocast if ``config.mixed_precision``, the label loss if
+    ``config.label_loss``), and then the next smaller candidate is returned, leaving headroom for the optimiser's
+    state and fragmentation. On a CPU: 2 (memory is rarely the limit there, time is)."""
     torch_device = choose_device(device)
     if torch_device.type != "cuda":
         return 2
     net = build_network(stage_spec(spec, config.stage)).to(torch_device)
     similarity = make_similarity(**spec.similarity)
-    for batch in candidates:
+    values = label_values(data).to(torch_device) if config.label_loss else None
+    for position, batch in enumerate(candidates):
         try:
-            images = data.images[torch.arange(batch) % len(data)].float().to(torch_device)
+            index = torch.arange(batch) % len(data)
+            images = data.images[index].float().to(torch_device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.mixed_precision):
                 terms = symmetric_objective(net, images, images.roll(1, 0), similarity=similarity,
                                             lmbda=spec.lmbda, penalty=config.penalty or spec.penalty,
                                             penalty_fraction=config.penalty_fraction)
-            terms.loss.backward()
+                loss = terms.loss
+                if values is not None:
+                    labels = data.labels[index].float().to(torch_device)
+                    loss = loss + label_loss(terms.maps.float(), labels, labels.roll(1, 0), values,
+                                             config.label_downsample)
+            loss.backward()
             net.zero_grad(set_to_none=True)
-            del terms, images
+            del terms, loss, images
             torch.cuda.synchronize(torch_device)
             torch.cuda.empty_cache()
-            return batch
+            return candidates[min(position + 1, len(candidates) - 1)]
         except torch.cuda.OutOfMemoryError:
             net.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
@@ -366,11 +374,13 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                         f"{', '.join(str(name) for name in LABEL_LOSSES[1:])}.")
     if config.label_loss is not None and not (math.isfinite(config.label_weight) and config.label_weight > 0):
         raise UserError(f"The label weight must be a positive number, got {config.label_weight}.")
+    if config.time_limit is not None and not (math.isfinite(config.time_limit) and config.time_limit >= 0):
+        raise UserError(f"The time limit must be a number of seconds ≥ 0, got {config.time_limit}.")
     values = label_values(train_set) if config.label_loss else None
-    if values is not None and (config.label_downsample < 1
-                               or any(size % config.label_downsample for size in train_set.shape)):
-        raise UserError(f"The label loss's downsampling factor {config.label_downsample} must divide the grid "
-                        f"{'×'.join(map(str, train_set.shape))}.")
+    factor = config.label_downsample
+    if values is not None and (factor < 1 or any(size % factor or size // factor < 2 for size in train_set.shape)):
+        raise UserError(f"The label loss's downsampling factor {factor} must divide the grid "
+                        f"{'×'.join(map(str, train_set.shape))} and leave at least 2 blocks per axis.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = choose_device(device)
@@ -392,10 +402,18 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         step = int(saved["step"])
+        before = saved.get("config", {}).get("label_loss")
+        if before != config.label_loss:
+            raise UserError(f"The run in '{out_dir}' was trained with label loss {before!r}, not "
+                            f"{config.label_loss!r}; resume it with the same setting, or start a new run "
+                            "(another --out, or --restart).")
         for log in ("train_log.csv", "validation_log.csv"):  # rows written after the checkpoint are redone
             _truncate_csv(out_dir / log, step)
-    elif init is not None:
-        initialise(net, init)
+    else:
+        for log in ("train_log.csv", "validation_log.csv"):  # a fresh run's logs start empty
+            (out_dir / log).unlink(missing_ok=True)
+        if init is not None:
+            initialise(net, init)
     net.train()
     images = train_set.images
     count = len(train_set)
