@@ -384,3 +384,24 @@ def test_a_fresh_run_starts_its_logs_anew_and_a_resume_keeps_the_label_loss_sett
     with pytest.raises(UserError, match="label loss"):
         train(small_spec(), synthetic_set(), tmp_path, TrainingConfig(steps=3, batch_size=2, label_loss="dice"),
               device="cpu")
+
+
+def test_hd95_per_label_on_cropped_boxes_equals_the_whole_image():
+    from ICONRegistrationLib.evaluation.metrics import hd95, hd95_per_label
+    a = np.zeros((40, 50, 45), np.uint8)
+    b = np.zeros_like(a)
+    a[10:20, 15:30, 5:12] = 1
+    a[25:35, 5:10, 30:40] = 2
+    b[12:21, 14:28, 6:14] = 1
+    b[24:33, 6:12, 28:41] = 2
+    b[0:3, 0:4, 40:45] = 2  # a second piece at the image corner: the box reaches the border
+    images = [sitk.GetImageFromArray(x) for x in (a, b)]
+    for image in images:
+        image.SetSpacing((0.9, 1.1, 1.3))
+        image.SetOrigin((3.0, -2.0, 5.0))
+    whole = {label: hd95(sitk.Cast(images[0] == label, sitk.sitkUInt8), sitk.Cast(images[1] == label, sitk.sitkUInt8))
+             for label in (1, 2, 3)}
+    cropped = hd95_per_label(images[0], images[1], [1, 2, 3])
+    assert np.isnan(whole[3]) and np.isnan(cropped[3])
+    for label in (1, 2):
+        assert cropped[label] == pytest.approx(whole[label], abs=1e-5)

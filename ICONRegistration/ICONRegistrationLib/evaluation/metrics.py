@@ -40,9 +40,39 @@ def hd95(a: sitk.Image, b: sitk.Image) -> float:
     return float(max(np.percentile(_surface_distances(a, b), 95), np.percentile(_surface_distances(b, a), 95)))
 
 
+def _union_box(a: np.ndarray, b: np.ndarray, margin: int = 2) -> "tuple[list[int], list[int]] | None":
+    """Index and size (SimpleITK x, y, z order) of the box around both masks, ``margin`` voxels wider (clipped)."""
+    union = a | b
+    if not union.any():
+        return None
+    lower, upper = [], []
+    for axis in range(union.ndim):
+        other = tuple(i for i in range(union.ndim) if i != axis)
+        present = np.flatnonzero(union.any(axis=other))
+        lower.append(max(int(present[0]) - margin, 0))
+        upper.append(min(int(present[-1]) + margin + 1, union.shape[axis]))
+    return [int(v) for v in reversed(lower)], [int(u - v) for u, v in zip(reversed(upper), reversed(lower))]
+
+
 def hd95_per_label(warped: sitk.Image, fixed: sitk.Image, labels: list[int]) -> dict[int, float]:
-    return {label: hd95(sitk.Cast(warped == label, sitk.sitkUInt8), sitk.Cast(fixed == label, sitk.sitkUInt8))
-            for label in labels}
+    """HD95 (mm) of each label. Each pair of masks is cropped to the box around both (plus a margin), which gives
+    the same distances (both surfaces lie inside it) at a fraction of the cost for small structures."""
+    warped_array, fixed_array = sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(fixed)
+    scores = {}
+    for label in labels:
+        mask_a, mask_b = warped_array == label, fixed_array == label
+        box = _union_box(mask_a, mask_b)
+        if box is None or not mask_a.any() or not mask_b.any():
+            scores[label] = math.nan
+            continue
+        index, size = box
+        images = []
+        for mask, reference in ((mask_a, warped), (mask_b, fixed)):
+            image = sitk.GetImageFromArray(mask.astype(np.uint8))
+            image.CopyInformation(reference)
+            images.append(sitk.RegionOfInterest(image, size, index))
+        scores[label] = hd95(*images)
+    return scores
 
 
 def mean_std(values) -> tuple[float, float]:
