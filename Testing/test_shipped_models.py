@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -116,3 +117,29 @@ def test_zoo_validation_numbers_are_the_model_cards_and_the_best_shipped(name):
     shipped_dice = [float(row[3]) for row in ledger]
     assert shipped_dice[-1] == pytest.approx(validation["dice"], abs=5e-4)
     assert shipped_dice[-1] >= max(shipped_dice) - 1e-9, "a worse model replaced a better one"
+
+
+def test_brain_model_beats_identity_on_held_out_lpba40_subjects():
+    """gradicon-brain-lpba40 on a validation pair it never saw (S39 ↔ S40, both directions): mean Dice over the 56
+    labels well above identity, no folds."""
+    folder = require_shared("data", "lpba40")
+    loaded = load_model("gradicon-brain-lpba40", device="cpu")
+    names = ("S39.nii.gz", "S40.nii.gz")
+    images = {n: sitk.ReadImage(str(folder / "images" / n)) for n in names}
+    labels = {n: sitk.ReadImage(str(folder / "labels" / n)) for n in names}
+    for moving, fixed in (names, names[::-1]):
+        result = register(images[fixed], images[moving], loaded, fixed_modality="mri", moving_modality="mri")
+        values = sorted(set(int(v) for v in np.unique(sitk.GetArrayFromImage(labels[fixed]))) - {0})
+        scores = {}
+        for label, transform in (("identity", sitk.Transform()), ("model", result.forward_transform())):
+            warped = sitk.Resample(labels[moving], labels[fixed], transform, sitk.sitkNearestNeighbor, 0.0)
+            scores[label] = mean_std(dice_per_label(warped, labels[fixed], values).values())[0]
+        assert scores["model"] >= scores["identity"] + 0.08, scores
+        assert result.metrics.folds_percent < 0.01
+
+
+def test_demo_with_the_brain_model_says_why_there_is_no_brain_pair(tmp_path, capsys):
+    assert main(["demo", "--model", "gradicon-brain-lpba40", "--out", str(tmp_path / "demo")]) == 3
+    err = capsys.readouterr().err
+    assert "No brain pair ships" in err and "ICONREG_SAMPLE_DATA" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()

@@ -30,7 +30,7 @@ BATCH=${BATCH:-auto}
 case "$MODEL" in
   gradicon-brain-lpba40)
     SPEC=Resources/Models/gradicon-brain-lpba40.json
-    DEFAULT_INIT=Resources/Models/gradicon-brain-lpba40-stage1.pt
+    DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-brain-lpba40.pt
     STAGE=${STAGE:-1}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-2e-4}; FLIP_AXES=2
     LABEL_WEIGHT=${LABEL_WEIGHT:-1} ;;
   gradicon-hippocampus)

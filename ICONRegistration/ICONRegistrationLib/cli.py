@@ -197,7 +197,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def validation_summary(validation: dict) -> str:
     """One line from a zoo entry's ``validation`` record: Dice against the baselines, folds, IC error."""
     baselines = ", ".join(f"{name} {value:.3f}" for name, value in validation.get("baselines", {}).items())
-    parts = [f"Dice {validation['dice']:.3f}" + (f" ({baselines})" if baselines else ""),
+    optimised = validation.get("instance_optimisation")
+    with_io = (f", with {optimised['iterations']} instance-optimisation steps {optimised['dice']:.3f} "
+               f"in {optimised['seconds']:.0f} s" if optimised else "")
+    parts = [f"Dice {validation['dice']:.3f}{with_io}" + (f" ({baselines})" if baselines else ""),
              f"{validation['folds_percent']:.4f} % det J ≤ 0"]
     if validation.get("ic_error_mm") is not None:
         parts.append(f"IC error {validation['ic_error_mm']:.2f} mm")
