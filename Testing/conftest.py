@@ -35,6 +35,8 @@ def require_shared(*parts: str) -> Path:
 def tiny_spec(name: str = "tiny", shape=(66, 66, 66), **extra) -> ModelSpec:
     """A narrow GradICON network (same composition as uniGradICON) that runs in a second on a CPU."""
     data = {"name": name, "unet": {"num_layers": 5, "channels": TINY_CHANNELS}, "input_shape": list(shape),
+            "similarity": {"name": "lncc", "sigma": 5}, "lambda": 1.5,
+            "preprocessing": {"ct_window": [-1000, 1000], "mri_percentile": 99},
             "weights": {"file": f"{name}.pt", "sha256": None}}
     data.update(extra)
     return ModelSpec.from_dict(data)

@@ -182,6 +182,9 @@ def _spec_with(setup, **changes) -> Path:
 
 @pytest.mark.parametrize("changes, field", [
     ({"input_shape": None}, "input_shape"),
+    ({"preprocessing": None}, "preprocessing"),
+    ({"lambda": None}, "lambda"),
+    ({"similarity": None}, "similarity"),
     ({"input_shape": [66.7, 66, 66]}, "input_shape"),
     ({"input_shape": [66, 66]}, "input_shape"),
     ({"input_shape": ["66", 66, 66]}, "input_shape"),

@@ -142,7 +142,9 @@ def parity():
     shape = [int(n) for n in list(data["input_shape"])[-3:]]
     spec = ModelSpec.from_dict({"name": "parity", "unet": {"num_layers": int(data["num_layers"]),
                                                            "channels": data["channels"]},
-                                "levels": 3, "last_step": True, "input_shape": shape})
+                                "levels": 3, "last_step": True, "input_shape": shape,
+                                "similarity": {"name": "lncc", "sigma": 5}, "lambda": 1.5,
+                                "preprocessing": {"ct_window": [-1000, 1000], "mri_percentile": 99}})
     net = build_network(spec)
     load_state_dict_strict(net, data["state_dict"])
     net.eval()

@@ -18,7 +18,7 @@ from ICONRegistrationLib.io.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_SPEC = {"name": "tiny", "unet": {"num_layers": 5, "channels": [[2, 8, 8, 16, 16, 16], [8, 8, 16, 16, 16]]},
-             "input_shape": [66, 72, 68]}
+             "input_shape": [66, 72, 68], "similarity": {"name": "lncc", "sigma": 5}, "lambda": 1.5, "preprocessing": {"mri_percentile": 99}}
 
 
 def _blobs(size_xyz, spacing, centres_mm, sigma_mm=8.0) -> sitk.Image:

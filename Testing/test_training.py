@@ -19,6 +19,7 @@ from ICONRegistrationLib.training.trainer import TrainingConfig, export_weights,
 
 SMALL = {"name": "small", "unet": {"num_layers": 3, "channels": [[2, 8, 8, 8], [8, 8, 8]]}, "levels": 2,
          "last_step": True, "input_shape": [20, 24, 20], "similarity": {"name": "lncc", "sigma": 2},
+         "lambda": 1.5, "preprocessing": {"mri_percentile": 99},
          "weights": {"file": "small.pt", "sha256": None}}
 
 

@@ -16,7 +16,8 @@ from ICONRegistrationLib.models.weights import (cache_dir, cached_weights_path, 
                                                 weights_state)
 
 TINY = {"name": "tiny", "unet": {"num_layers": 5, "channels": [[2, 8, 8, 16, 16, 16], [8, 8, 16, 16, 16]]},
-        "input_shape": [66, 66, 66], "weights": {"file": "tiny.pt", "sha256": None}}
+        "input_shape": [66, 66, 66], "similarity": {"name": "lncc", "sigma": 5}, "lambda": 1.5,
+        "preprocessing": {"mri_percentile": 99}, "weights": {"file": "tiny.pt", "sha256": None}}
 
 
 class NotATensor:

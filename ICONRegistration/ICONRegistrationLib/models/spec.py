@@ -13,9 +13,14 @@ from ..errors import UserError
 
 ARCHITECTURES = ("gradicon", "constricon", "sitreg")
 SIMILARITIES = ("lncc", "lncc2", "squared_lncc", "ssd", "mind", "mind_ssc", "mindssc")
-REQUIRED_FIELDS = ("name", "unet", "input_shape")
+REQUIRED_FIELDS = ("name", "unet", "input_shape", "similarity", "lambda", "preprocessing")
 REQUIRED_FIELDS_HELP = {"name": "the model's name", "unet": '{"num_layers": N, "channels": [[down…], [up…]]}',
-                        "input_shape": "the network grid [D, H, W] in voxels"}
+                        "input_shape": "the network grid [D, H, W] in voxels",
+                        "similarity": 'the objective of training and instance optimisation, e.g. {"name": "lncc", '
+                                      '"sigma": 5}',
+                        "lambda": "the regularisation weight, e.g. 1.5",
+                        "preprocessing": 'the intensity rules, e.g. {"ct_window": [-1000, 1000], '
+                                         '"mri_percentile": 99}'}
 # The training regulariser each architecture's paper uses (``iconreg train --penalty`` overrides it).
 DEFAULT_PENALTIES = {"gradicon": "gradicon", "constricon": "bending", "sitreg": "diffusion"}
 
@@ -81,8 +86,10 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
-        """A spec from its JSON form. ``name``, ``unet`` and ``input_shape`` are required (they decide the network
-        and the grid: a default would silently change the result); every field is checked by type and range."""
+        """A spec from its JSON form. ``name``, ``unet``, ``input_shape``, ``similarity``, ``lambda`` and
+        ``preprocessing`` are required (a default for any of them would silently change the result; the network's
+        structure — architecture, levels, last step — is checked by the strict weight loading); every field is
+        checked by type and range."""
         if not isinstance(data, dict):
             raise UserError(f"A model spec must be a JSON object, got {type(data).__name__}.")
         data = copy.deepcopy(dict(data))
@@ -91,7 +98,7 @@ class ModelSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         extra = {k: data.pop(k) for k in list(data) if k not in known}
         for required in REQUIRED_FIELDS:
-            if required not in data:
+            if {"lambda": "lmbda"}.get(required, required) not in data:
                 raise UserError(f"Model spec '{data.get('name', '?')}' has no '{required}' field; it is required "
                                 f"({REQUIRED_FIELDS_HELP[required]}).")
         spec = cls(**data)
