@@ -531,6 +531,8 @@ def test_more_user_mistakes_exit_3_in_one_line(setup, capsys):
          "line 2"),
         (["train", "--spec", str(setup["spec"]), "--data", str(single), "--out", str(tmp / "run"), "--steps", "1",
           "--val-fraction", "0"], "at least two"),
+        (["train", "--spec", str(setup["spec"]), "--data", str(single), "--out", str(tmp / "run"), "--steps", "1",
+          "--export", str(tmp)], "is a folder"),
     ]
     for args, message in rows:
         code = main(args)

@@ -225,7 +225,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.data import PREPARED_SUFFIXES, PreparedSet, prepare
     from .training.trainer import TrainingConfig, export_weights, largest_batch, train
 
+    from .io import check_output_file
+
     spec = resolve_spec(args.spec)
+    if args.export is not None:
+        check_output_file(args.export, "--export")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
