@@ -231,9 +231,9 @@ def _validate(spec: ModelSpec) -> None:
         _fail(name, "weights.file", "a file name without folders", weights["file"])
     if not isinstance(spec.options, dict):
         _fail(name, "options", "an object", spec.options)
-    for key in ("affine_steps", "svf_steps", "integration_steps"):
-        if key in spec.options and (_whole(spec.options[key]) is None or spec.options[key] < 1):
-            _fail(name, f"options.{key}", "a whole number ≥ 1", spec.options[key])
+    for key, smallest in (("affine_steps", 0), ("svf_steps", 0), ("integration_steps", 1)):
+        if key in spec.options and (_whole(spec.options[key]) is None or spec.options[key] < smallest):
+            _fail(name, f"options.{key}", f"a whole number ≥ {smallest}", spec.options[key])
     for key in ("max_gradient", "inversion_tolerance"):
         if key in spec.options and (_number(spec.options[key]) is None or spec.options[key] <= 0):
             _fail(name, f"options.{key}", "a positive number", spec.options[key])
