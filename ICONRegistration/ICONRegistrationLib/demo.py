@@ -56,7 +56,7 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
     """Register the sample pair, write the usual outputs to ``out`` and return a summary (also ``demo.json``)."""
     from .evaluation.metrics import dice_per_label, label_values, mean_std
     from .io import check_output_folder, result_folder, write_result
-    from .io.results import RESULT_FILES, write_json
+    from .io.results import write_json
     from .pipeline.registration import register
 
     out = check_output_folder(out)
@@ -72,8 +72,7 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
     metrics = result.metrics
     summary = {"model": metrics.model, "device": metrics.device, "folds": metrics.folds,
                "folds_percent": metrics.folds_percent, "ic_error_mean_mm": metrics.ic_error_mean_mm,
-               "ic_error_p95_mm": metrics.ic_error_p95_mm, "seconds": metrics.total_seconds,
-               "outputs": sorted(RESULT_FILES + ("report.png", "demo.json"))}
+               "ic_error_p95_mm": metrics.ic_error_p95_mm, "seconds": metrics.total_seconds}
     lines = [f"Registered {Path(sample['moving']).name} to {Path(sample['fixed']).name} with {metrics.model} "
              f"on {metrics.device} in {summary['seconds']:.2f} s."]
     if sample.get("fixed_label") and sample.get("moving_label"):
@@ -90,9 +89,10 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
                      f"{summary['dice_after']:.3f} after.")
     lines.append(f"Folded voxels: {metrics.folds} ({metrics.folds_percent:.4f} %); inverse-consistency "
                  f"error {metrics.ic_error_mean_mm:.4f} mm mean, {metrics.ic_error_p95_mm:.4f} mm 95th.")
-    lines.append(f"Wrote {', '.join(summary['outputs'])} to {Path(out)}/.")
-    summary["text"] = "\n".join(lines)
     with result_folder(out) as staging:
-        write_result(result, staging, fixed=fixed, moving=moving)
+        written = write_result(result, staging, fixed=fixed, moving=moving)  # report.png only with matplotlib
+        summary["outputs"] = sorted([path.name for path in written.values()] + ["demo.json"])
+        lines.append(f"Wrote {', '.join(summary['outputs'])} to {out}/.")
+        summary["text"] = "\n".join(lines)
         write_json(summary, staging / "demo.json")
     return summary

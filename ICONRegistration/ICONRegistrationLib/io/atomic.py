@@ -57,7 +57,8 @@ def folder_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def _suffix(path: Path) -> str:
+def file_suffix(path: Path) -> str:
+    """The suffix of a file name as written (``.nii.gz`` and ``.tar.gz`` count as one)."""
     name = path.name.lower()
     for double in (".nii.gz", ".tar.gz"):
         if name.endswith(double):
@@ -73,7 +74,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = _suffix(path)
+        suffix = file_suffix(path)
         stem = path.name[:len(path.name) - len(suffix)] if suffix else path.name
         handle, temporary = tempfile.mkstemp(prefix=f".{stem or 'out'}.", suffix=suffix, dir=path.parent)
     except OSError as error:

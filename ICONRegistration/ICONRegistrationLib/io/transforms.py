@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from ..errors import UserError
 from ..frames import flip_lps_ras
-from .atomic import atomic_path
+from .atomic import atomic_path, file_suffix
 from .images import read_image
 
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
@@ -39,8 +39,7 @@ _NIFTI_INTENT_OFFSET = 68  # byte offset of intent_code in a NIfTI-1 header
 
 
 def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+    return file_suffix(path).lower()
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
