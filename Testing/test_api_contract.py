@@ -118,8 +118,9 @@ def test_metrics_table_rows_name_real_fields_and_json_round_trips(tmp_path):
 
 def test_package_boundaries():
     """Imports point down the layers: evaluation and training do not import each other (datasets and overlap are
-    neutral modules), io does not import the pipeline at run time (only for type checking), and core, models and
-    pipeline never import slicer, vtk or qt."""
+    neutral modules), io does not import the pipeline at run time (only for type checking), core, models and
+    pipeline never import slicer, vtk or qt, the MRML layer never qt, and no layer imports a front end (the web
+    app, trame, the CLI)."""
     import ast
 
     def runtime_imports(path: Path) -> list[tuple[int, str]]:
@@ -139,9 +140,11 @@ def test_package_boundaries():
         return found
 
     library = REPO / "ICONRegistration" / "ICONRegistrationLib"
-    rules = {"evaluation": ("training",), "training": ("evaluation",), "io": ("pipeline",),
-             "core": ("slicer", "vtk", "qt", "mrml"), "models": ("slicer", "vtk", "qt", "mrml"),
-             "pipeline": ("slicer", "vtk", "qt", "mrml")}
+    front = ("webapp", "trame", "trame_slicer", "cli")  # nothing below the front ends imports them
+    rules = {"evaluation": ("training",) + front, "training": ("evaluation",) + front, "io": ("pipeline",) + front,
+             "core": ("slicer", "vtk", "qt", "mrml") + front, "models": ("slicer", "vtk", "qt", "mrml") + front,
+             "pipeline": ("slicer", "vtk", "qt", "mrml") + front, "mrml": ("qt", "ctk") + front,
+             "webapp": ("qt", "ctk", "cli")}
     offenders = []
     for package, banned in rules.items():
         for path in sorted((library / package).glob("*.py")):

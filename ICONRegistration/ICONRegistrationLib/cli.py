@@ -307,6 +307,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    try:
+        import aiohttp  # noqa: F401
+        import trame_slicer  # noqa: F401
+    except ImportError as error:
+        raise UserError(f"The browser app needs the 'app' extra ({error.name} is missing): "
+                        "pip install -e '.[app]' (or bash scripts/setup.sh).") from None
+    from .webapp.launcher import run
+
+    if args.max_sessions < 1 or args.idle_timeout < 1 or args.max_upload_mb <= 0:
+        raise UserError("--max-sessions, --idle-timeout and --max-upload-mb must be positive.")
+    run(args.host, args.port, data_dir=args.data_dir, fixed=args.fixed, moving=args.moving,
+        max_upload_mb=args.max_upload_mb, max_sessions=args.max_sessions, idle_timeout=args.idle_timeout)
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -453,6 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
     dem.add_argument("--io-iterations", type=int, default=0)
     dem.add_argument("--device", default="auto")
     dem.set_defaults(func=_cmd_demo)
+
+    app = commands.add_parser("app", help="the browser front end: Slicer slice views in a web page (one session "
+                                          "per browser tab)")
+    app.add_argument("--host", default="127.0.0.1",
+                     help="address to serve on (default loopback only; 0.0.0.0 serves every network)")
+    app.add_argument("--port", type=int, default=8080, help="port of the page (sessions use free ports)")
+    app.add_argument("--data-dir", help="folder whose images the page may open (nothing outside it is readable)")
+    app.add_argument("--fixed", help="fixed image loaded in every new session (with --moving)")
+    app.add_argument("--moving", help="moving image loaded in every new session (with --fixed)")
+    app.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted upload (default 512 MB)")
+    app.add_argument("--max-sessions", type=int, default=4, help="sessions alive at once (default 4)")
+    app.add_argument("--idle-timeout", type=int, default=60,
+                     help="seconds a session lives after its tab closed (default 60)")
+    app.set_defaults(func=_cmd_app)
     return parser
 
 

@@ -74,6 +74,32 @@ def ic_error_colour_table(scene):
     return _colour_table(scene, IC_TABLE_NAME, *IC_ERROR_WINDOW_MM, _heat_colour)
 
 
+def overlay_legend(overlay: str, stops: int = 41) -> dict:
+    """How an overlay's colours read, for a legend beside the views: the value range, its unit, a CSS
+    ``linear-gradient`` sampled from the same colour function as the colour table, and labelled ticks.
+
+    ``overlay`` is ``"folds"`` (Jacobian determinant, unitless) or ``"ic"`` (inverse-consistency error, mm).
+    """
+    if overlay == "folds":
+        low, high = JACOBIAN_WINDOW
+        colour, title, unit = _fold_colour, "Jacobian determinant (≤ 0: folding)", ""
+        ticks = [(-1.0, "≤ 0 fold"), (1.0, "1"), (3.0, "≥ 3")]
+    elif overlay == "ic":
+        low, high = IC_ERROR_WINDOW_MM
+        colour, title, unit = _heat_colour, f"Inverse-consistency error (mm; < {IC_VISIBLE_FROM_MM:g} mm hidden)", "mm"
+        ticks = [(0.0, "0 mm"), (0.5, "0.5 mm"), (1.0, "≥ 1 mm")]
+    else:
+        raise ValueError(f"No legend for overlay {overlay!r}.")
+    parts = []
+    for value in np.linspace(low, high, stops):
+        red, green, blue, _ = colour(float(value))
+        parts.append(f"rgb({round(red * 255)},{round(green * 255)},{round(blue * 255)}) "
+                     f"{100 * (value - low) / (high - low):.1f}%")
+    return {"title": title, "unit": unit, "low": low, "high": high,
+            "gradient": f"linear-gradient(to right, {', '.join(parts)})",
+            "ticks": [{"label": label, "percent": 100 * (value - low) / (high - low)} for value, label in ticks]}
+
+
 def show_with_fixed_window(volume_node, colour_table, window: tuple[float, float],
                            visible_from: "float | None" = None) -> None:
     """Give ``volume_node`` a display node using ``colour_table`` over the fixed value range ``window``;

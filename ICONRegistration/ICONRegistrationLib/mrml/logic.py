@@ -324,18 +324,21 @@ class ICONRegistrationLogic:
                 node.SetNodeReferenceID(role, output.GetID() if output is not None else None)
 
     # ----- using the result -----------------------------------------------------------------------
-    def showResults(self, outputs: RegistrationOutputs, fixedVolumeNode=None, overlay: str = "folds") -> int:
-        """Fixed image as background, moving/warped at 50 % as foreground, the fold map (``"folds"``) or IC map
-        (``"ic"``) or nothing (``"none"``) as overlay, in every slice view. Returns the number of views set
-        (0 when the scene has no layout)."""
+    def showResults(self, outputs: RegistrationOutputs, fixedVolumeNode=None, overlay: str = "folds",
+                    foregroundOpacity: float = 0.5) -> int:
+        """Fixed image as background, moving/warped as foreground (``foregroundOpacity``, default 50 %), the fold
+        map (``"folds"``) or IC map (``"ic"``) or nothing (``"none"``) as overlay, in every slice view. Returns the
+        number of views set (0 when the scene has no layout)."""
         if overlay not in OVERLAYS:
             raise UserError(f"Unknown overlay '{overlay}': use {', '.join(OVERLAYS)}.")
         if fixedVolumeNode is None and outputs.transform is not None:
             fixedVolumeNode = outputs.transform.GetNodeReference(outputs.transform.GetFixedNodeReferenceRole())
         overlay_node, opacity = {"folds": (outputs.jacobian, display.FOLD_OVERLAY_OPACITY),
                                  "ic": (outputs.ic_error, display.IC_OVERLAY_OPACITY), "none": (None, 1.0)}[overlay]
+        if not 0.0 <= foregroundOpacity <= 1.0:
+            raise UserError(f"The foreground opacity must be in [0, 1], got {foregroundOpacity}.")
         return display.set_slice_layers(self.scene, background=fixedVolumeNode, foreground=outputs.output_volume,
-                                        foreground_opacity=0.5, overlay=overlay_node, overlay_opacity=opacity)
+                                        foreground_opacity=foregroundOpacity, overlay=overlay_node, overlay_opacity=opacity)
 
     def applyToSegmentation(self, segmentationNode, transformNode, direction: str = "moving_to_fixed",
                             referenceVolumeNode=None):

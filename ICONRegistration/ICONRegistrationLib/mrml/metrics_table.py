@@ -68,9 +68,14 @@ def fill_metrics_table(table_node, metrics: "RegistrationMetrics") -> None:
     table_node.Modified()
 
 
+def metrics_rows(table_node) -> list[tuple[str, str, str]]:
+    """``(label, value, unit)`` rows read back from a metrics table node, in table order."""
+    table = table_node.GetTable()
+    labels, values, units = (table.GetColumnByName(name) for name in ("Metric", "Value", "Unit"))
+    return [(labels.GetValue(i), values.GetValue(i), units.GetValue(i)) for i in range(table.GetNumberOfRows())]
+
+
 def metrics_from_table(table_node) -> dict[str, str]:
     """``{label: value}`` read back from a metrics table node."""
-    table = table_node.GetTable()
-    labels, values = table.GetColumnByName("Metric"), table.GetColumnByName("Value")
-    return {labels.GetValue(i): values.GetValue(i) for i in range(table.GetNumberOfRows())}
+    return {label: value for label, value, _ in metrics_rows(table_node)}
 

@@ -1,0 +1,204 @@
+"""One browser session's registration state on one MRML scene (no trame, no browser: tested directly).
+
+The page's controls map onto :class:`RegistrationSession` calls; every scene change goes through the module's
+:class:`~ICONRegistrationLib.mrml.logic.ICONRegistrationLogic`, so the web page shows exactly what the Slicer
+module shows. A registration runs in three parts so the slow one can leave the main (render) thread:
+
+* :meth:`RegistrationSession.prepare` (main thread) copies the input nodes into SimpleITK images;
+* :func:`run_engine` (any thread) runs the engine and writes the downloadable files into a new folder;
+* :meth:`RegistrationSession.finish` (main thread) replaces the previous result's nodes with the new ones.
+
+A failure or a cancel before :meth:`~RegistrationSession.finish` leaves the scene and the previous result's files
+as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import SimpleITK as sitk
+
+from ..errors import UserError
+from ..mrml.logic import OVERLAYS, ICONRegistrationLogic, RegistrationInputs, RegistrationOutputs, \
+    RegistrationSettings
+from ..mrml.metrics_table import metrics_rows
+from ..mrml.nodes import update_volume_from_image
+from ..mrml import display
+from ..progress import ProgressCallback
+
+#: files a page can download after a registration, as :func:`~ICONRegistrationLib.io.write_result` names them
+DOWNLOADS = ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz", "metrics.json",
+             "report.png")
+
+
+@dataclasses.dataclass
+class EngineRun:
+    """What :func:`run_engine` hands back to the main thread: the engine's result and its files."""
+
+    result: object  # RegistrationResult
+    folder: Path
+
+
+def run_engine(inputs: RegistrationInputs, settings: RegistrationSettings, work_dir: Path,
+               progress: Optional[ProgressCallback] = None) -> EngineRun:
+    """Register and write the downloadable files into a new folder under ``work_dir``; touches no MRML node.
+
+    On any error (or a cancel through ``progress``) the new folder is removed and nothing else changes.
+    """
+    from ..io import write_result
+
+    result = ICONRegistrationLogic.runRegistration(inputs, settings, progress)
+    folder = Path(tempfile.mkdtemp(prefix="result-", dir=work_dir))
+    try:
+        write_result(result, folder, fixed=inputs.fixed, moving=inputs.moving)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return EngineRun(result, folder)
+
+
+class RegistrationSession:
+    """Inputs, settings, result nodes and result files of one user on ``scene``.
+
+    ``on_display_change`` is called after every change of what the slice views show (the web app schedules a
+    render of each view there: changing composite nodes alone does not always trigger one).
+    """
+
+    def __init__(self, scene, work_dir: str | Path, on_display_change: Optional[Callable[[], None]] = None):
+        self.logic = ICONRegistrationLogic(scene)
+        self.scene = scene
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.fixed_node = None
+        self.moving_node = None
+        self.outputs: Optional[RegistrationOutputs] = None
+        self.results_dir: Optional[Path] = None
+        self.overlay = "folds"
+        self.opacity = 0.5
+        self._on_display_change = on_display_change or (lambda: None)
+
+    # ----- inputs ---------------------------------------------------------------------------------
+    def set_inputs(self, fixed: sitk.Image, moving: sitk.Image, fixed_name: str, moving_name: str) -> None:
+        """Replace the input volumes (and drop the previous result): new scalar volume nodes named after the
+        files, fixed as background and moving as foreground in every slice view."""
+        from ..pipeline.images import image_array
+
+        image_array(fixed, "fixed")  # the engine's input check, before the scene changes
+        image_array(moving, "moving")
+        self._clear_result()
+        for node in (self.fixed_node, self.moving_node):
+            if node is not None:
+                self._remove(node)
+        self.fixed_node = self._add_volume(fixed, fixed_name)
+        self.moving_node = self._add_volume(moving, moving_name)
+        self.show()
+
+    def _add_volume(self, image: sitk.Image, name: str):
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", self.scene.GenerateUniqueName(name))
+        update_volume_from_image(node, image)
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().AutoWindowLevelOn()
+        return node
+
+    @property
+    def has_inputs(self) -> bool:
+        return self.fixed_node is not None and self.moving_node is not None
+
+    # ----- registration ---------------------------------------------------------------------------
+    def prepare(self, settings: RegistrationSettings) -> RegistrationInputs:
+        """Main thread: the settings stored on the parameter node and the inputs copied out of the scene."""
+        if not self.has_inputs:
+            raise UserError("Load a fixed and a moving image first (sample pair, data folder or upload).")
+        settings = dataclasses.replace(settings, outputMode="warped", createInverse=True)
+        self.logic.setSettings(settings)
+        return self.logic.prepareInputs(self.fixed_node, self.moving_node)
+
+    def finish(self, run: EngineRun, settings: RegistrationSettings) -> RegistrationOutputs:
+        """Main thread: the new result's nodes replace the previous result's (inputs untouched)."""
+        settings = dataclasses.replace(settings, outputMode="warped", createInverse=True)
+        outputs = self.logic.createOutputNodes(self.fixed_node, self.moving_node, run.result, settings)
+        self._clear_result()
+        self.outputs, self.results_dir = outputs, run.folder
+        self.show()
+        return outputs
+
+    def register(self, settings: RegistrationSettings,
+                 progress: Optional[ProgressCallback] = None) -> RegistrationOutputs:
+        """All three parts on the calling thread."""
+        inputs = self.prepare(settings)
+        return self.finish(run_engine(inputs, settings, self.work_dir, progress), settings)
+
+    def _clear_result(self) -> None:
+        if self.outputs is not None:
+            for node in self.outputs.nodes():
+                if node is not self.moving_node and node is not self.fixed_node:
+                    self._remove(node)
+        if self.results_dir is not None:
+            shutil.rmtree(self.results_dir, ignore_errors=True)
+        self.outputs, self.results_dir = None, None
+
+    def _remove(self, node) -> None:
+        """Remove ``node`` with its display and storage nodes (removing a node alone leaves those behind)."""
+        companions = []
+        for count, getter in (("GetNumberOfDisplayNodes", "GetNthDisplayNode"),
+                              ("GetNumberOfStorageNodes", "GetNthStorageNode")):
+            if hasattr(node, count):
+                companions += [getattr(node, getter)(i) for i in range(getattr(node, count)())]
+        self.scene.RemoveNode(node)
+        for companion in companions:
+            if companion is not None and self.scene.IsNodePresent(companion):
+                self.scene.RemoveNode(companion)
+
+    # ----- display --------------------------------------------------------------------------------
+    def set_overlay(self, overlay: str) -> None:
+        if overlay not in OVERLAYS:
+            raise UserError(f"Unknown overlay '{overlay}': use {', '.join(OVERLAYS)}.")
+        self.overlay = overlay
+        self.show()
+
+    def set_opacity(self, opacity: float) -> None:
+        opacity = float(opacity)
+        if not 0.0 <= opacity <= 1.0:
+            raise UserError(f"The opacity must be in [0, 1], got {opacity}.")
+        self.opacity = opacity
+        self.show()
+
+    def show(self) -> None:
+        """Fixed image under the warped (after a registration) or moving image, and the chosen QA overlay."""
+        if self.outputs is not None:
+            self.logic.showResults(self.outputs, self.fixed_node, self.overlay, foregroundOpacity=self.opacity)
+        elif self.has_inputs:
+            display.set_slice_layers(self.scene, background=self.fixed_node, foreground=self.moving_node,
+                                     foreground_opacity=self.opacity, overlay=None)
+        self._on_display_change()
+
+    def legend(self) -> Optional[dict]:
+        """The colour legend of the overlay shown (``None`` without a result or overlay)."""
+        if self.outputs is None or self.overlay == "none":
+            return None
+        return display.overlay_legend(self.overlay)
+
+    # ----- results --------------------------------------------------------------------------------
+    def metrics(self) -> list[tuple[str, str, str]]:
+        """The metrics table node's rows ``(label, value, unit)``, as the Slicer module shows them."""
+        return metrics_rows(self.outputs.metrics_table) if self.outputs is not None else []
+
+    def download_path(self, name: str) -> Path:
+        """The file ``name`` (one of :data:`DOWNLOADS`) of the current result."""
+        if name not in DOWNLOADS:
+            raise UserError(f"Unknown download '{name}': choose one of {', '.join(DOWNLOADS)}.")
+        if self.results_dir is None:
+            raise UserError("Register first; there is nothing to download yet.")
+        path = self.results_dir / name
+        if not path.is_file():
+            raise UserError(f"'{name}' was not written for this result"
+                            f"{' (report.png needs matplotlib)' if name == 'report.png' else ''}.")
+        return path
+
+    def close(self) -> None:
+        """Remove the session's files."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)

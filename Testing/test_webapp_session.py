@@ -1,0 +1,183 @@
+"""The browser front end's rules without a browser: which files a page may read, upload checks, and the
+session controller on a real MRML scene (slicer-core)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import blob_volume, make_image
+
+from ICONRegistrationLib.errors import Cancelled, UserError
+from ICONRegistrationLib.webapp.files import list_data_files, resolve_data_file, safe_upload_name, save_upload
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """data/ with a nested image and links; secret.nii.gz outside it."""
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    image = make_image(blob_volume((12, 14, 10)))
+    sitk.WriteImage(image, str(root / "a.nii.gz"))
+    sitk.WriteImage(image, str(root / "sub" / "b.nrrd"))
+    (root / "notes.txt").write_text("not an image")
+    sitk.WriteImage(image, str(tmp_path / "secret.nii.gz"))
+    os.symlink(tmp_path / "secret.nii.gz", root / "link-out.nii.gz")
+    os.symlink(tmp_path, root / "folder-out")
+    os.symlink(root / "a.nii.gz", root / "link-in.nii.gz")
+    return root
+
+
+def test_data_files_listed_and_resolved_inside_the_folder_only(data_dir, tmp_path):
+    assert list_data_files(data_dir) == ["a.nii.gz", "link-in.nii.gz", "sub/b.nrrd"]
+    assert resolve_data_file(data_dir, "sub/b.nrrd") == (data_dir / "sub" / "b.nrrd").resolve()
+    assert resolve_data_file(data_dir, "link-in.nii.gz") == (data_dir / "a.nii.gz").resolve()
+    refused = {
+        str(tmp_path / "secret.nii.gz"): "absolute path",
+        "/etc/passwd": "absolute path",
+        "../secret.nii.gz": "leaves the data folder",
+        "sub/../../secret.nii.gz": "leaves the data folder",
+        "sub\\..\\..\\secret.nii.gz": "leaves the data folder",
+        "link-out.nii.gz": "outside the data folder",
+        "folder-out/secret.nii.gz": "outside the data folder",
+        "missing.nii.gz": "does not exist",
+        "notes.txt": "not an image",
+        "sub": "not a file",
+        "": "Choose a file",
+    }
+    for relative, message in refused.items():
+        with pytest.raises(UserError, match=message):
+            resolve_data_file(data_dir, relative)
+
+
+def test_uploads_are_checked_before_anything_runs(tmp_path):
+    folder = tmp_path / "uploads"
+    good = tmp_path / "good.nii.gz"
+    sitk.WriteImage(make_image(blob_volume((12, 14, 10))), str(good))
+    path, image = save_upload("../../good.nii.gz", good.read_bytes(), folder, "fixed")
+    assert path.parent == folder and image.GetSize() == (10, 14, 12)
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(20, 20).astype(np.float32)), str(flat))
+    rgb = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(5, 6, 7, 3).astype(np.float32), isVector=True), str(rgb))
+    cases = {
+        ("flat.nii.gz", flat.read_bytes(), 2**30): "2-D",
+        ("rgb.nrrd", rgb.read_bytes(), 2**30): "components",
+        ("notes.nii.gz", b"hello, not an image", 2**30): "damaged|Could not read",
+        ("notes.txt", b"hello", 2**30): "not a single-file 3-D image",
+        ("head.mhd", b"ObjectType = Image", 2**30): "not a single-file 3-D image",
+        ("big.nii.gz", good.read_bytes(), 100): "limit is",
+        ("empty.nii", b"", 2**30): "empty",
+    }
+    for (name, content, limit), message in cases.items():
+        with pytest.raises(UserError, match=message):
+            save_upload(name, content, folder, "moving", limit)
+    assert sorted(p.name for p in folder.iterdir()) == ["fixed-good.nii.gz"]  # refused uploads leave nothing
+    assert safe_upload_name("C:\\x\\évil name;rm.nii") == "_vil_name_rm.nii"
+
+
+# ----- the session controller on a real scene ----------------------------------------------------------------
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e '.[test]')")
+
+
+def _sample_images():
+    from ICONRegistrationLib.demo import sample_pair
+    from ICONRegistrationLib.io.images import read_image
+
+    sample = sample_pair()
+    return sample, read_image(sample["fixed"]), read_image(sample["moving"])
+
+
+@pytest.fixture
+def session(tmp_path):
+    from ICONRegistrationLib.webapp.session import RegistrationSession
+
+    scene = slicer.vtkMRMLScene()
+    for name in ("Red", "Green", "Yellow"):  # the composite nodes the app's three slice views own
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        scene.AddNode(composite)
+    renders = []
+    yield RegistrationSession(scene, tmp_path / "work", on_display_change=lambda: renders.append(1)), renders
+
+
+def _node_ids(scene) -> set[str]:
+    nodes = scene.GetNodes()
+    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+def test_session_registers_like_the_engine_and_replaces_its_result(session):
+    from ICONRegistrationLib.mrml.logic import RegistrationSettings
+    from ICONRegistrationLib.pipeline.registration import register
+
+    session, renders = session
+    sample, fixed, moving = _sample_images()
+    session.set_inputs(fixed, moving, "fixed", "moving")
+    composite = session.scene.GetNodesByClass("vtkMRMLSliceCompositeNode").GetItemAsObject(0)
+    assert composite.GetBackgroundVolumeID() == session.fixed_node.GetID()
+    assert composite.GetForegroundVolumeID() == session.moving_node.GetID() and renders
+    settings = RegistrationSettings(model=sample["model"], fixedModality="mri", movingModality="mri")
+    outputs = session.register(settings)
+    engine = register(fixed, moving, sample["model"], fixed_modality="mri", moving_modality="mri")
+    rows = {label: value for label, value, _ in session.metrics()}
+    assert int(rows["Folded voxels (det J ≤ 0)"]) == engine.metrics.folds
+    assert abs(float(rows["IC error mean"]) - engine.metrics.ic_error_mean_mm) < 1e-3
+    saved = json.loads(session.download_path("metrics.json").read_text())
+    assert abs(saved["ic_error_mean_mm"] - engine.metrics.ic_error_mean_mm) < 1e-6
+    assert composite.GetForegroundVolumeID() == outputs.output_volume.GetID()
+    assert composite.GetNthLayerVolumeID(3) == outputs.jacobian.GetID()
+    session.set_overlay("ic")
+    assert composite.GetNthLayerVolumeID(3) == outputs.ic_error.GetID()
+    assert session.legend()["unit"] == "mm"
+    session.set_overlay("none")
+    assert composite.GetNthLayerVolumeID(3) is None and session.legend() is None
+    session.set_opacity(0.8)
+    assert composite.GetForegroundOpacity() == pytest.approx(0.8)
+    first_folder = session.results_dir
+
+    # a second registration with other settings replaces the first: same number of nodes, the old ones gone
+    count = session.scene.GetNumberOfNodes()
+    old = {node.GetID() for node in outputs.nodes()}
+    second = session.register(RegistrationSettings(model=sample["model"], fixedModality="mri",
+                                                   movingModality="mri", ioIterations=3))
+    assert session.scene.GetNumberOfNodes() == count
+    assert not old & _node_ids(session.scene)
+    assert second.result.metrics.io_iterations == 3 and not first_folder.exists()
+    assert session.moving_node.GetParentTransformNode() is None  # inputs untouched
+    with pytest.raises(UserError, match="Unknown download"):
+        session.download_path("../secret")
+
+
+def test_a_cancelled_or_failed_registration_leaves_the_scene_as_it_was(session):
+    from ICONRegistrationLib.mrml.logic import RegistrationSettings
+
+    session, _ = session
+    sample, fixed, moving = _sample_images()
+    session.set_inputs(fixed, moving, "fixed", "moving")
+    settings = RegistrationSettings(model=sample["model"], fixedModality="mri", movingModality="mri")
+    session.register(settings)
+    before, outputs, folder = _node_ids(session.scene), session.outputs, session.results_dir
+    with pytest.raises(Cancelled):
+        session.register(settings, progress=lambda stage, fraction: stage != "network")
+    with pytest.raises(UserError):
+        session.register(RegistrationSettings(model="no-such-model"))
+    assert _node_ids(session.scene) == before and session.outputs is outputs and session.results_dir == folder
+    assert sorted(p.name for p in session.work_dir.iterdir()) == [folder.name]  # no half-written result folders
+    with pytest.raises(UserError, match="3-D"):
+        session.set_inputs(sitk.GetImageFromArray(np.ones((4, 4), np.float32)), moving, "flat", "moving")
+    assert _node_ids(session.scene) == before
+
+
+def test_overlay_legend_matches_the_colour_tables():
+    from ICONRegistrationLib.mrml.display import IC_ERROR_WINDOW_MM, JACOBIAN_WINDOW, overlay_legend
+
+    folds, ic = overlay_legend("folds"), overlay_legend("ic")
+    assert (folds["low"], folds["high"]) == JACOBIAN_WINDOW and (ic["low"], ic["high"]) == IC_ERROR_WINDOW_MM
+    assert folds["gradient"].startswith("linear-gradient(to right, rgb(255,0,0) 0.0%")  # det ≤ 0 is red
+    assert ic["unit"] == "mm" and [t["label"] for t in ic["ticks"]] == ["0 mm", "0.5 mm", "≥ 1 mm"]
+    with pytest.raises(ValueError):
+        overlay_legend("none")
