@@ -181,3 +181,29 @@ def test_overlay_legend_matches_the_colour_tables():
     assert ic["unit"] == "mm" and [t["label"] for t in ic["ticks"]] == ["0 mm", "0.5 mm", "≥ 1 mm"]
     with pytest.raises(ValueError):
         overlay_legend("none")
+
+
+def test_offscreen_slice_views_show_the_registration(tmp_path):
+    """The app's slice views rendered without a browser: every view shows the images, the fold and IC overlays
+    add colour, and the registration changed the picture."""
+    pytest.importorskip("trame_slicer", reason="the app extra is not installed: pip install -e '.[app]'")
+    from ICONRegistrationLib.mrml.logic import RegistrationSettings
+    from ICONRegistrationLib.webapp.render import render_registration
+
+    sample, fixed, moving = _sample_images()
+    settings = RegistrationSettings(model=sample["model"], fixedModality="mri", movingModality="mri")
+    try:
+        rendered = render_registration(tmp_path / "views.png", fixed, moving, settings, size=160)
+    except RuntimeError as error:  # no EGL/OpenGL on this machine
+        pytest.skip(f"offscreen rendering unavailable ({error}); install libegl1 libegl-mesa0 libgl1-mesa-dri")
+    pictures = rendered["pictures"]
+
+    def coloured(picture):
+        picture = picture.astype(int)
+        return float(((picture.max(axis=2) - picture.min(axis=2)) > 12).mean())
+
+    assert (tmp_path / "views.png").stat().st_size > 10_000
+    for index in range(3):
+        assert pictures["none"][index].std() > 10 and coloured(pictures["none"][index]) < 0.01
+        assert coloured(pictures["folds"][index]) > 0.1
+        assert coloured(pictures["ic"][index]) > 0.05

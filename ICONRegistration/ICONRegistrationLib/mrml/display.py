@@ -118,17 +118,21 @@ def show_with_fixed_window(volume_node, colour_table, window: tuple[float, float
 
 
 def set_slice_layers(scene, background=None, foreground=None, foreground_opacity: float = 0.5,
-                     overlay=None, overlay_opacity: float = 1.0) -> int:
+                     overlay=None, overlay_opacity: float = 1.0, clear: bool = False) -> int:
     """Show volumes in every slice view of the scene; returns how many views were set (0 without a layout).
 
     ``overlay`` goes to the first additional layer, above the foreground, so the fixed image, the warped moving
-    image and a QA map can be seen together; ``overlay=None`` clears that layer.
+    image and a QA map can be seen together; ``overlay=None`` clears that layer. ``clear`` empties the
+    background and foreground layers too (before the volumes shown are removed from the scene).
     """
     composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
     count = composites.GetNumberOfItems()
     for index in range(count):
         composite = composites.GetItemAsObject(index)
         with slicer.util.NodeModify(composite):
+            if clear:
+                composite.SetBackgroundVolumeID(None)
+                composite.SetForegroundVolumeID(None)
             if background is not None:
                 composite.SetBackgroundVolumeID(background.GetID())
             if foreground is not None:

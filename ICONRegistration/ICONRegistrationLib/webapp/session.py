@@ -89,6 +89,7 @@ class RegistrationSession:
 
         image_array(fixed, "fixed")  # the engine's input check, before the scene changes
         image_array(moving, "moving")
+        display.set_slice_layers(self.scene, clear=True)  # no view may show a node while it is removed
         self._clear_result()
         for node in (self.fixed_node, self.moving_node):
             if node is not None:
@@ -120,10 +121,15 @@ class RegistrationSession:
     def finish(self, run: EngineRun, settings: RegistrationSettings) -> RegistrationOutputs:
         """Main thread: the new result's nodes replace the previous result's (inputs untouched)."""
         settings = dataclasses.replace(settings, outputMode="warped", createInverse=True)
-        outputs = self.logic.createOutputNodes(self.fixed_node, self.moving_node, run.result, settings)
-        self._clear_result()
+        try:
+            outputs = self.logic.createOutputNodes(self.fixed_node, self.moving_node, run.result, settings)
+        except BaseException:
+            shutil.rmtree(run.folder, ignore_errors=True)
+            raise
+        previous = (self.outputs, self.results_dir)
         self.outputs, self.results_dir = outputs, run.folder
-        self.show()
+        self.show()  # the views show the new nodes before the old ones are removed
+        self._remove_result(*previous)
         return outputs
 
     def register(self, settings: RegistrationSettings,
@@ -133,13 +139,19 @@ class RegistrationSession:
         return self.finish(run_engine(inputs, settings, self.work_dir, progress), settings)
 
     def _clear_result(self) -> None:
-        if self.outputs is not None:
-            for node in self.outputs.nodes():
+        """Remove the current result's nodes and files, and forget it."""
+        outputs, folder = self.outputs, self.results_dir
+        self.outputs, self.results_dir = None, None
+        self._remove_result(outputs, folder)
+
+    def _remove_result(self, outputs: Optional[RegistrationOutputs], folder: Optional[Path]) -> None:
+        """Remove a result's nodes (never the inputs) and its files."""
+        if outputs is not None:
+            for node in outputs.nodes():
                 if node is not self.moving_node and node is not self.fixed_node:
                     self._remove(node)
-        if self.results_dir is not None:
-            shutil.rmtree(self.results_dir, ignore_errors=True)
-        self.outputs, self.results_dir = None, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _remove(self, node) -> None:
         """Remove ``node`` with its display and storage nodes (removing a node alone leaves those behind)."""
