@@ -207,3 +207,16 @@ def test_offscreen_slice_views_show_the_registration(tmp_path):
         assert pictures["none"][index].std() > 10 and coloured(pictures["none"][index]) < 0.01
         assert coloured(pictures["folds"][index]) > 0.1
         assert coloured(pictures["ic"][index]) > 0.05
+
+
+def test_app_command_refuses_bad_arguments_before_serving(tmp_path, capsys):
+    from ICONRegistrationLib.cli import main
+
+    assert main(["app", "--data-dir", str(tmp_path / "missing"), "--port", "0"]) == 3
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["app", "--fixed", str(tmp_path / "missing.nii.gz"), "--port", "0"]) == 3
+    image = tmp_path / "a.nii.gz"
+    sitk.WriteImage(make_image(blob_volume((8, 8, 8))), str(image))
+    assert main(["app", "--fixed", str(image), "--port", "0"]) == 3
+    assert "both --fixed and --moving" in capsys.readouterr().err
+    assert main(["app", "--max-sessions", "0"]) == 3
