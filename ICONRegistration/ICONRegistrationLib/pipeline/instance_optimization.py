@@ -70,13 +70,15 @@ def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torc
 
 def field_objective(displacements: torch.Tensor, image_A: torch.Tensor, image_B: torch.Tensor, *,
                     similarity: Callable, lmbda: float, samples: torch.Tensor, mask_A: Optional[torch.Tensor] = None,
-                    mask_B: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    mask_B: Optional[torch.Tensor] = None,
+                    penalty_direction: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sim(A∘Φ_AB, B) + sim(B∘Φ_BA, A) + λ/2 (GradICON(Φ_AB, Φ_BA) + GradICON(Φ_BA, Φ_AB))``.
 
     ``displacements`` ``[2, 3, *S]``: Φ_AB − Id and Φ_BA − Id on the images' network grid ``S`` (unit-cube
     units); ``image_A``, ``image_B`` ``[1, 1, *S]``. ``samples``: the penalty's points, unit-cube coordinates
     ``[1, 3, …]`` (jittered grid points, :func:`~ICONRegistrationLib.core.losses.jittered_identity`).
-    Returns (loss, similarity, penalty).
+    ``penalty_direction`` 0 or 1 replaces the mean of the two GradICON terms by the first or the second alone
+    (half the cost; a fair coin per step has the mean's expectation). Returns (loss, similarity, penalty).
     """
     shape = image_A.shape[2:]
     grid = identity_map(shape, dtype=displacements.dtype, device=displacements.device)
@@ -84,7 +86,12 @@ def field_objective(displacements: torch.Tensor, image_A: torch.Tensor, image_B:
     warped = sample_at(torch.cat([image_A, image_B]), maps, padding="zeros")
     similarity_value = similarity(warped[:1], image_B, mask_B) + similarity(warped[1:], image_A, mask_A)
     phi_AB, phi_BA = displacement_transform(displacements[:1]), displacement_transform(displacements[1:])
-    penalty = 0.5 * (gradicon_penalty(phi_AB, phi_BA, samples) + gradicon_penalty(phi_BA, phi_AB, samples))
+    if penalty_direction is None:
+        penalty = 0.5 * (gradicon_penalty(phi_AB, phi_BA, samples) + gradicon_penalty(phi_BA, phi_AB, samples))
+    elif penalty_direction in (0, 1):
+        penalty = gradicon_penalty(*((phi_AB, phi_BA) if penalty_direction == 0 else (phi_BA, phi_AB)), samples)
+    else:
+        raise ValueError(f"penalty_direction must be None, 0 or 1, got {penalty_direction!r}")
     return similarity_value + lmbda * penalty, similarity_value, penalty
 
 
@@ -94,9 +101,10 @@ def optimize_fields(maps: torch.Tensor, image_A: torch.Tensor, image_B: torch.Te
                     progress: Optional[ProgressCallback] = None) -> tuple[torch.Tensor, list[float]]:
     """Refine ``maps`` ``[Φ_AB; Φ_BA]`` (``[2, 3, *S]`` on the network grid, e.g. the network's prediction) by
     ``iterations`` Adam steps of :func:`field_objective` on the displacement fields; ``learning_rate`` is in
-    voxels of the grid. Each step evaluates the penalty at a fresh random eighth of the jittered grid points
-    (the full penalty's expectation, see :func:`~ICONRegistrationLib.core.losses.jittered_identity`); the last
-    objective value uses every jittered grid point. The network is not involved. Returns the refined maps (same
+    voxels of the grid. Each step evaluates the penalty at a fresh random eighth of the jittered grid points, in
+    one of its two directions drawn by a fair coin (both: the full symmetric penalty's expectation, see
+    :func:`~ICONRegistrationLib.core.losses.jittered_identity`); the last objective value uses every jittered grid
+    point and both directions. The network is not involved. Returns the refined maps (same
     layout) and the objective before each step and after the last one (``iterations + 1`` values).
     """
     shape = maps.shape[2:]
@@ -111,8 +119,9 @@ def optimize_fields(maps: torch.Tensor, image_A: torch.Tensor, image_B: torch.Te
         optimizer.zero_grad(set_to_none=True)
         samples = jittered_identity(shape, 1, dtype=maps.dtype, device=maps.device, generator=generator,
                                     fraction=FIELD_PENALTY_FRACTION)
+        direction = int(torch.randint(2, (1,), generator=generator))
         loss, _, _ = field_objective(voxels / scale, image_A, image_B, similarity=similarity, lmbda=lmbda,
-                                     mask_A=mask_A, mask_B=mask_B, samples=samples)
+                                     mask_A=mask_A, mask_B=mask_B, samples=samples, penalty_direction=direction)
         loss.backward()
         optimizer.step()
         history.append(float(loss.detach()))

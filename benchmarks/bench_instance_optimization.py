@@ -1,0 +1,111 @@
+"""Per-iteration cost of instance optimisation: field mode against weight mode, on the grids of the shipped models.
+
+For each model (default: the hippocampus model's 36×48×36 grid and the brain model's 80×96×80 grid) the same image
+pair (smooth synthetic volumes on the model's grid) runs ``--iterations`` steps of each mode after one warm-up
+step; the table gives seconds per iteration, the ratio (target: field mode ≤ 1/10 of the weight mode) and the
+peak resident memory of each mode (each in its own process, so peaks do not mix).
+
+    PYTHONPATH=ICONRegistration python benchmarks/bench_instance_optimization.py [--models a,b] [--iterations 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "ICONRegistration"))
+
+DEFAULT_MODELS = ("gradicon-hippocampus", "gradicon-brain-lpba40")
+
+
+def _pair(shape, seed: int = 0):
+    """Two smooth blob volumes on ``shape``, the second a shifted, rescaled copy, as [1, 1, *shape] tensors."""
+    import numpy as np
+    import torch
+
+    grid = np.meshgrid(*[np.linspace(0, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    volumes = []
+    for shift in (0.0, 0.04):
+        volume = np.zeros(shape, np.float32)
+        local = np.random.default_rng(seed)
+        for k in range(8):
+            centre = local.uniform(0.25, 0.75, 3) + shift
+            width = local.uniform(0.08, 0.2, 3)
+            volume += (1.0 / (k + 1)) * np.exp(-sum(((g - c) / w) ** 2 for g, c, w in zip(grid, centre, width)))
+        volumes.append(torch.from_numpy(volume / volume.max())[None, None])
+    return volumes
+
+
+def run_one(model: str, mode: str, iterations: int, threads: int) -> dict:
+    """Time one mode in this process."""
+    import torch
+
+    from ICONRegistrationLib.core.losses import make_similarity
+    from ICONRegistrationLib.models.weights import load_model
+    from ICONRegistrationLib.pipeline.instance_optimization import optimize_fields, optimize_instance
+    from ICONRegistrationLib.pipeline.registration import _predict_both_directions
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model, device="cpu")
+    spec = loaded.spec
+    image_A, image_B = _pair(tuple(spec.input_shape))
+    similarity = make_similarity(**spec.similarity)
+
+    def once(steps: int) -> float:
+        start = time.perf_counter()
+        if mode == "weights":
+            optimize_instance(loaded.net, image_A, image_B, iterations=steps, similarity=similarity,
+                              lmbda=spec.lmbda, penalty=spec.penalty)
+        else:
+            with torch.no_grad():
+                maps = _predict_both_directions(loaded.net, image_A, image_B, None)
+            optimize_fields(maps, image_A, image_B, iterations=steps, similarity=similarity, lmbda=spec.lmbda)
+        return time.perf_counter() - start
+
+    once(1)  # warm-up (allocations, oneDNN primitives)
+    base = once(0)  # what does not depend on the iteration count (prediction, final objective)
+    total = once(iterations)
+    return {"model": model, "mode": mode, "grid": "×".join(map(str, spec.input_shape)),
+            "seconds_per_iteration": (total - base) / iterations,
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # "model,mode": run in this process, print JSON
+    args = parser.parse_args(argv)
+    if args.one:
+        model, mode = args.one.split(",")
+        print(json.dumps(run_one(model, mode, args.iterations, args.threads)))
+        return 0
+    rows = []
+    for model in args.models.split(","):
+        results = {}
+        for mode in ("weights", "fields"):
+            output = subprocess.run([sys.executable, __file__, "--one", f"{model},{mode}", "--iterations",
+                                     str(args.iterations), "--threads", str(args.threads)],
+                                    capture_output=True, text=True, check=True).stdout
+            results[mode] = json.loads(output.strip().splitlines()[-1])
+        weights, fields = results["weights"], results["fields"]
+        rows.append(f"| {model} | {weights['grid']} | {weights['seconds_per_iteration']:.3f} s | "
+                    f"{fields['seconds_per_iteration']:.3f} s | 1/{weights['seconds_per_iteration'] / fields['seconds_per_iteration']:.1f} | "
+                    f"{weights['peak_gb']:.2f} / {fields['peak_gb']:.2f} GB |")
+    print(f"Instance optimisation, {args.iterations} iterations per mode, {args.threads} threads")
+    print("| model | grid | weight mode per iteration | field mode per iteration | field / weight | "
+          "peak memory weights / fields |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
