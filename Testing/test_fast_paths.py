@@ -120,6 +120,26 @@ def test_subset_penalty_has_the_full_penalty_expectation():
         jittered_identity(shape, 1, fraction=0)
 
 
+def test_one_direction_penalty_has_the_symmetric_penalty_expectation():
+    """The field mode's coin: the mean of the two one-direction objectives is the symmetric objective exactly."""
+    from ICONRegistrationLib.core.losses import make_similarity
+    from ICONRegistrationLib.pipeline.instance_optimization import field_objective
+
+    shape = (10, 12, 9)
+    displacements = torch.cat([_smooth_field(shape, 0.04, 3), _smooth_field(shape, 0.04, 4)])
+    generator = torch.Generator().manual_seed(1)
+    image_A, image_B = torch.rand((1, 1) + shape, generator=generator), torch.rand((1, 1) + shape, generator=generator)
+    samples = jittered_identity(shape, 1, generator=generator)
+    options = dict(similarity=make_similarity("lncc", sigma=2), lmbda=1.5, samples=samples)
+    both = field_objective(displacements, image_A, image_B, **options)
+    one, other = (field_objective(displacements, image_A, image_B, penalty_direction=d, **options) for d in (0, 1))
+    assert torch.allclose(0.5 * (one[0] + other[0]), both[0], rtol=1e-6)
+    assert torch.allclose(0.5 * (one[2] + other[2]), both[2], rtol=1e-6)
+    assert not torch.allclose(one[2], other[2])  # the two compositions differ for unrelated fields
+    with pytest.raises(ValueError):
+        field_objective(displacements, image_A, image_B, penalty_direction=2, **options)
+
+
 def test_unet_channels_last_convolutions_give_the_same_output(monkeypatch):
     torch.manual_seed(0)
     net = UNet2(5, [[2, 8, 16, 16, 16, 16], [8, 16, 16, 16, 16]]).train()
