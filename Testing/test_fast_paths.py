@@ -179,3 +179,17 @@ def test_objective_is_icon_registrations_gradicon_loss():
     assert float(terms.similarity) == pytest.approx(float(similarity), rel=1e-6)
     assert float(terms.penalty) == pytest.approx(float(penalty), rel=1e-5)
     assert float(terms.loss) == pytest.approx(float(similarity + 1.5 * penalty), rel=1e-6)
+
+
+def test_keep_freed_memory_applies_to_its_own_process_only_and_can_be_switched_off():
+    import os
+    import subprocess
+    import sys
+
+    code = "from ICONRegistrationLib.allocator import keep_freed_memory; print(keep_freed_memory())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    applied = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert applied.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")
+    env["ICONREG_SYSTEM_MALLOC"] = "1"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert off.stdout.strip() == "False"

@@ -46,6 +46,7 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from ICONRegistrationLib.core.coordinates import identity_map  # noqa: E402
+from ICONRegistrationLib.allocator import keep_freed_memory  # noqa: E402
 from ICONRegistrationLib.device import choose_device, device_description  # noqa: E402
 from ICONRegistrationLib.models.spec import ModelSpec  # noqa: E402
 from ICONRegistrationLib.models.weights import load_model  # noqa: E402
@@ -230,13 +231,14 @@ def matmul_throughput(device: torch.device, n: int = 2048, repeats: int = 5) -> 
     return 2.0 * n ** 3 / best / 1e9
 
 
-def measure_size(size: int, device_name: str, repeats: int, register_warmup: bool) -> dict:
+def measure_size(size: int, device_name: str, repeats: int, register_warmup: bool, allocator: str = "keep") -> dict:
     device = choose_device(device_name)
+    kept = keep_freed_memory() if allocator == "keep" else False
     spec = _spec(size)
     fixed, moving = synthetic_pair(size)
     result: dict = {"size": size, "device": describe(device), "device_type": device.type,
                     "image_size": list(fixed.GetSize()), "repeats": repeats, "torch": torch.__version__,
-                    "threads": torch.get_num_threads()}
+                    "threads": torch.get_num_threads(), "allocator": "keep freed memory" if kept else "system"}
     gc.collect()
     rss_baseline = _maxrss_bytes()
     memory = _PeakMemory(device, rss_baseline)
@@ -315,7 +317,7 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
 # ----------------------------------------------------------------------------------------------------------------
 def run_child(size: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--one-size", str(size), "--device", args.device,
-               "--repeats", str(args.repeats), "--register-warmup", args.register_warmup]
+               "--repeats", str(args.repeats), "--register-warmup", args.register_warmup, "--allocator", args.allocator]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_PARENT), env.get("PYTHONPATH")]))
     print(f"[bench] size {size}³ …", file=sys.stderr, flush=True)
@@ -347,7 +349,7 @@ def _gb(value: int | None) -> str:
 
 
 def table(results: list[dict]) -> str:
-    header = ["size", "device", "forward 1-dir (s)", "register total (s)", "load (s)", "preprocessing (s)",
+    header = ["size", "device", "allocator", "forward 1-dir (s)", "register total (s)", "load (s)", "preprocessing (s)",
               "network both dirs (s)", "QA (s)", "export (s)", "ratio total/forward", "ratio excl. load",
               "peak memory forward (GB)", "peak memory register (GB)", "forward GFLOP", "forward GFLOP/s",
               "share of fp32 matmul rate"]
@@ -357,7 +359,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {r['size']}³ | error: {r['error']} |" + " |" * (len(header) - 2))
             continue
         s = r["register_seconds"]
-        row = [f"{r['size']}³", r["device"], f"{r['forward_s']:.2f}", f"{s['total']:.2f}", f"{s.get('load', 0):.2f}",
+        row = [f"{r['size']}³", r["device"], r.get("allocator", "system"), f"{r['forward_s']:.2f}", f"{s['total']:.2f}", f"{s.get('load', 0):.2f}",
                f"{s.get('preprocessing', 0):.2f}", f"{s.get('network', 0):.2f}", f"{s.get('qa', 0):.2f}",
                f"{s.get('export', 0):.2f}", f"{r['ratio_total_forward']:.2f}",
                f"{r['ratio_total_excl_load_forward']:.2f}", _gb(r["forward_peak_bytes"]),
@@ -400,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="also write all measurements to this JSON file")
     parser.add_argument("--register-warmup", choices=["auto", "yes", "no"], default="auto",
                         help="run register() once untimed before timing it (auto: on CUDA only)")
+    parser.add_argument("--allocator", choices=["keep", "system"], default="keep",
+                        help="keep: glibc keeps freed memory for reuse, as the command line sets it "
+                             "(device.keep_freed_memory); system: glibc's defaults")
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -412,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     device = choose_device(args.device)
     if args.one_size is not None:
         warmup = args.register_warmup == "yes" or (args.register_warmup == "auto" and device.type == "cuda")
-        outcome = measure_size(args.one_size, args.device, args.repeats, warmup)
+        outcome = measure_size(args.one_size, args.device, args.repeats, warmup, args.allocator)
         print(RESULT_MARK + json.dumps(outcome), flush=True)
         return 0
 

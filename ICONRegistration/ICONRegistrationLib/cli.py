@@ -516,6 +516,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     130 interrupted (Ctrl-C, SIGTERM, cancel); only bugs show a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with 2 on usage errors
+    if argv is None:  # a process of its own (not a call from Python code): large tensors reuse freed memory
+        from .allocator import keep_freed_memory
+        keep_freed_memory()
     try:
         with _sigterm_as_exception():
             code = args.func(args)

@@ -435,6 +435,9 @@ def serve(host: str = "127.0.0.1", port: int = 0, *, data_dir: Optional[str] = N
     from trame.app import get_server
     from trame_slicer import module as trame_slicer_module
 
+    from ..allocator import keep_freed_memory
+
+    keep_freed_memory()  # a session process only computes and renders
     server = get_server(client_type="vue3")
     server.enable_module(trame_slicer_module)
     app = RegistrationApp(server, data_dir=data_dir, fixed=fixed, moving=moving, max_upload_mb=max_upload_mb)
