@@ -220,3 +220,31 @@ def test_app_command_refuses_bad_arguments_before_serving(tmp_path, capsys):
     assert main(["app", "--fixed", str(image), "--port", "0"]) == 3
     assert "both --fixed and --moving" in capsys.readouterr().err
     assert main(["app", "--max-sessions", "0"]) == 3
+
+
+def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_path):
+    """The page's state without a browser: --fixed/--moving preload, every zoo model listed with its weight state,
+    the default model one whose weights are there, and a bad data-folder choice gives a message."""
+    pytest.importorskip("trame_slicer", reason="the app extra is not installed: pip install -e '.[app]'")
+    from trame.app import get_server
+    from trame_slicer import module as trame_slicer_module
+
+    from ICONRegistrationLib.models.zoo import model_names
+    from ICONRegistrationLib.webapp.app import RegistrationApp
+
+    sample, _, _ = _sample_images()
+    server = get_server("preload-test", client_type="vue3")
+    server.enable_module(trame_slicer_module)
+    app = RegistrationApp(server, data_dir=str(tmp_path), fixed=str(sample["fixed"]), moving=str(sample["moving"]))
+    try:
+        state = server.state
+        assert state.has_inputs and "hippocampus_269" in state.inputs_text
+        titles = {item["value"]: item["title"] for item in state.models}
+        assert set(titles) == set(model_names())
+        assert titles[sample["model"]].endswith("(bundled)") and state.model == sample["model"]
+        assert all(title.endswith(("(bundled)", "(downloaded)", "(not downloaded)")) for title in titles.values())
+        state.fixed_file, state.moving_file = "../etc/passwd", "x.nii.gz"
+        app.load_data_files()
+        assert "leaves the data folder" in state.message
+    finally:
+        app.close()
