@@ -7,6 +7,7 @@ Screenshots go to ``$ICONREG_SCREENSHOTS`` (default: a temporary folder).
 
 from __future__ import annotations
 
+import ctypes.util
 import io
 import json
 import os
@@ -29,6 +30,9 @@ playwright_api = pytest.importorskip("playwright.sync_api",
 CHROMIUM = os.environ.get("ICONREG_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
     pytest.skip("no Chromium: apt-get install chromium (or set ICONREG_CHROMIUM)", allow_module_level=True)
+if ctypes.util.find_library("EGL") is None:
+    pytest.skip("no EGL library for offscreen rendering: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri",
+                allow_module_level=True)
 from PIL import Image  # noqa: E402 (pillow comes with the app extra)
 
 WAIT_MS = 180_000  # session start and first render on a busy 2-core machine

@@ -84,6 +84,15 @@ def test_uploads_are_checked_before_anything_runs(tmp_path):
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e '.[test]')")
 
 
+def require_rendering() -> None:
+    """Views need the app extra and EGL (offscreen OpenGL); skip with what to install otherwise."""
+    import ctypes.util
+
+    pytest.importorskip("trame_slicer", reason="the app extra is not installed: pip install -e '.[app]'")
+    if ctypes.util.find_library("EGL") is None:
+        pytest.skip("no EGL library for offscreen rendering: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri")
+
+
 def _sample_images():
     from ICONRegistrationLib.demo import sample_pair
     from ICONRegistrationLib.io.images import read_image
@@ -186,7 +195,7 @@ def test_overlay_legend_matches_the_colour_tables():
 def test_offscreen_slice_views_show_the_registration(tmp_path):
     """The app's slice views rendered without a browser: every view shows the images, the fold and IC overlays
     add colour, and the registration changed the picture."""
-    pytest.importorskip("trame_slicer", reason="the app extra is not installed: pip install -e '.[app]'")
+    require_rendering()
     from ICONRegistrationLib.mrml.logic import RegistrationSettings
     from ICONRegistrationLib.webapp.render import render_registration
 
@@ -225,7 +234,7 @@ def test_app_command_refuses_bad_arguments_before_serving(tmp_path, capsys):
 def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_path):
     """The page's state without a browser: --fixed/--moving preload, every zoo model listed with its weight state,
     the default model one whose weights are there, and a bad data-folder choice gives a message."""
-    pytest.importorskip("trame_slicer", reason="the app extra is not installed: pip install -e '.[app]'")
+    require_rendering()
     from trame.app import get_server
     from trame_slicer import module as trame_slicer_module
 
