@@ -314,6 +314,12 @@ def _cmd_app(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UserError(f"The browser app needs the 'app' extra ({error.name} is missing): "
                         "pip install -e '.[app]' (or bash scripts/setup.sh).") from None
+    import ctypes.util
+    import os
+
+    if ctypes.util.find_library("EGL") is None and not os.environ.get("DISPLAY"):
+        raise UserError("The browser app renders its slice views offscreen with EGL, and no EGL library was found: "
+                        "install libegl1 libegl-mesa0 libgl1-mesa-dri (Debian/Ubuntu).")
     from .webapp.launcher import run
 
     if args.max_sessions < 1 or args.idle_timeout < 1 or args.max_upload_mb <= 0:
