@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--register-warmup", choices=["auto", "yes", "no"], default="auto",
                         help="run register() once untimed before timing it (auto: on CUDA only)")
     parser.add_argument("--allocator", choices=["keep", "system"], default="keep",
-                        help="keep: glibc keeps freed memory for reuse, as the command line sets it "
+                        help="keep: glibc keeps freed memory for reuse, as iconreg register sets it "
                              "(device.keep_freed_memory); system: glibc's defaults")
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -19,6 +19,10 @@ from typing import Iterator, Optional, Sequence
 from .errors import Cancelled, UserError
 
 EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 130
+#: commands that run one registration or field operation and exit: they keep freed memory for reuse
+#: (allocator.keep_freed_memory). Long runs (train, evaluate, app sessions) keep glibc's defaults: in one
+#: 20-pair evaluation the kept heap went with half of the CPU time in the kernel.
+ONE_SHOT_COMMANDS = ("register", "demo", "warp", "jacobian", "invert")
 
 
 class ProgressBar:
@@ -522,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     130 interrupted (Ctrl-C, SIGTERM, cancel); only bugs show a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with 2 on usage errors
-    if argv is None:  # a process of its own (not a call from Python code): large tensors reuse freed memory
+    if argv is None and args.command in ONE_SHOT_COMMANDS:  # a short process of its own: reuse freed memory
         from .allocator import keep_freed_memory
         keep_freed_memory()
     try:

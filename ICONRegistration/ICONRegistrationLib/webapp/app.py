@@ -62,6 +62,8 @@ class RegistrationApp:
         self.session = RegistrationSession(self.slicer_app.scene, self.work_dir / "session",
                                            on_display_change=self._render_views)
         self._cancel = threading.Event()
+        self._uploads: dict[str, tuple] = {}  # role → (checked image, name) until both roles have one
+        self._task = None
         self._fit_views_on_resize()
         self._init_state()
         self._build_ui()
@@ -197,7 +199,6 @@ class RegistrationApp:
         except UserError as error:
             self._say(str(error))
             return
-        self._uploads = getattr(self, "_uploads", {})
         self._uploads[role] = (image, _stem(upload.name))
         if len(self._uploads) == 2:
             (fixed, fixed_name), (moving, moving_name) = self._uploads["fixed"], self._uploads["moving"]
@@ -435,9 +436,6 @@ def serve(host: str = "127.0.0.1", port: int = 0, *, data_dir: Optional[str] = N
     from trame.app import get_server
     from trame_slicer import module as trame_slicer_module
 
-    from ..allocator import keep_freed_memory
-
-    keep_freed_memory()  # a session process only computes and renders
     server = get_server(client_type="vue3")
     server.enable_module(trame_slicer_module)
     app = RegistrationApp(server, data_dir=data_dir, fixed=fixed, moving=moving, max_upload_mb=max_upload_mb)
