@@ -20,8 +20,8 @@ from .errors import Cancelled, UserError
 
 EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 130
 #: commands that run one registration or field operation and exit: they keep freed memory for reuse
-#: (allocator.keep_freed_memory). Long runs (train, evaluate, app sessions) keep glibc's defaults: in one
-#: 20-pair evaluation the kept heap went with half of the CPU time in the kernel.
+#: (allocator.keep_freed_memory). Long runs (train, evaluate, app sessions) keep glibc's defaults, so that the
+#: memory of one step is given back to the system instead of being held for the whole run.
 ONE_SHOT_COMMANDS = ("register", "demo", "warp", "jacobian", "invert")
 
 
