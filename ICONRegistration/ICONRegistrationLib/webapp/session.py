@@ -210,7 +210,3 @@ class RegistrationSession:
             raise UserError(f"'{name}' was not written for this result"
                             f"{' (report.png needs matplotlib)' if name == 'report.png' else ''}.")
         return path
-
-    def close(self) -> None:
-        """Remove the session's files."""
-        shutil.rmtree(self.work_dir, ignore_errors=True)
