@@ -21,6 +21,7 @@ from typing import Any, Optional
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # no X server: render with EGL
 
 from ..errors import Cancelled, UserError  # noqa: E402
+from ..io.atomic import file_suffix  # noqa: E402
 from ..mrml.logic import ICONRegistrationLogic, RegistrationSettings, gpu_names  # noqa: E402
 from .files import DEFAULT_MAX_UPLOAD_MB, list_data_files, resolve_data_file, save_upload  # noqa: E402
 from .session import DOWNLOADS, RegistrationSession, run_engine  # noqa: E402
@@ -422,10 +423,9 @@ class RegistrationApp:
 
 
 def _stem(name: str) -> str:
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """A file name without its suffix (``.nii.gz`` counts as one), for node names."""
+    suffix = file_suffix(Path(name))
+    return name[: -len(suffix)] if suffix and len(suffix) < len(name) else name
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, *, data_dir: Optional[str] = None, fixed: Optional[str] = None,

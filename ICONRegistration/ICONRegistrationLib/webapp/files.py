@@ -12,6 +12,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..io.atomic import file_suffix
 from ..io.images import read_image
 
 #: image files a page may pick under ``--data-dir`` (header + data pairs read their companion from the same folder)
@@ -22,8 +23,9 @@ DEFAULT_MAX_UPLOAD_MB = 512
 
 
 def _suffix(name: str, allowed: tuple[str, ...]) -> str | None:
-    lower = name.lower()
-    return next((suffix for suffix in allowed if lower.endswith(suffix)), None)
+    """The file name's suffix (lower case) when it is one of ``allowed``, else ``None``."""
+    suffix = file_suffix(Path(name)).lower()
+    return suffix if suffix in allowed else None
 
 
 def resolve_data_file(data_dir: str | Path, relative: str) -> Path:
