@@ -192,9 +192,6 @@ class RegistrationApp:
             return
         upload = ClientFile(files)
         try:
-            if upload.size and upload.size > self.max_upload_bytes:
-                raise UserError(f"The {role} upload '{upload.name}' is {upload.size / 2**20:.1f} MB; the limit is "
-                                f"{self.max_upload_bytes / 2**20:.0f} MB.")
             path, image = save_upload(upload.name, upload.content or b"", self.work_dir / "uploads", role,
                                       self.max_upload_bytes)
         except UserError as error:

@@ -61,6 +61,12 @@ def run_engine(inputs: RegistrationInputs, settings: RegistrationSettings, work_
     return EngineRun(result, folder)
 
 
+def _session_settings(settings: RegistrationSettings) -> RegistrationSettings:
+    """The page's settings with what a session always uses: a warped volume (the moving volume never goes under a
+    transform, so a second registration starts from the same scene) and the inverse transform."""
+    return dataclasses.replace(settings, outputMode="warped", createInverse=True)
+
+
 class RegistrationSession:
     """Inputs, settings, result nodes and result files of one user on ``scene``.
 
@@ -114,13 +120,13 @@ class RegistrationSession:
         """Main thread: the settings stored on the parameter node and the inputs copied out of the scene."""
         if not self.has_inputs:
             raise UserError("Load a fixed and a moving image first (sample pair, data folder or upload).")
-        settings = dataclasses.replace(settings, outputMode="warped", createInverse=True)
+        settings = _session_settings(settings)
         self.logic.setSettings(settings)
         return self.logic.prepareInputs(self.fixed_node, self.moving_node)
 
     def finish(self, run: EngineRun, settings: RegistrationSettings) -> RegistrationOutputs:
         """Main thread: the new result's nodes replace the previous result's (inputs untouched)."""
-        settings = dataclasses.replace(settings, outputMode="warped", createInverse=True)
+        settings = _session_settings(settings)
         try:
             outputs = self.logic.createOutputNodes(self.fixed_node, self.moving_node, run.result, settings)
         except BaseException:
