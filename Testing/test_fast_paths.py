@@ -140,6 +140,33 @@ def test_one_direction_penalty_has_the_symmetric_penalty_expectation():
         field_objective(displacements, image_A, image_B, penalty_direction=2, **options)
 
 
+def test_smoothed_field_steps_recover_a_known_shift_better_with_a_falling_objective():
+    """Field-mode instance optimisation smooths each step's gradient and each Adam step (``gradient_sigma``). On a
+    pair with a known shift it gets much closer to the shift than unsmoothed steps in the same number of steps, and
+    its objective falls from first to last step (unsmoothed Adam first raised it)."""
+    from conftest import blob_volume
+    from ICONRegistrationLib.core.coordinates import voxel_scale
+    from ICONRegistrationLib.pipeline.instance_optimization import optimize_fields
+
+    shape = (32, 36, 30)
+    shift = torch.tensor([1.5, -1.0, 1.0])  # voxels: A(x + shift) = B(x), so Φ_AB(x) = x + shift
+    image_B = torch.as_tensor(blob_volume(shape, seed=3) / 1000)[None, None].float()
+    image_A = torch.as_tensor(blob_volume(shape, centre=[n / 2 + d for n, d in zip(shape, shift.tolist())],
+                                          seed=3) / 1000)[None, None].float()
+    inside = image_B[0, 0] > 0.1
+    start = identity_map(shape).repeat(2, 1, 1, 1, 1)
+    errors, histories = {}, {}
+    for sigma in (0.0, 2.0):
+        maps, histories[sigma] = optimize_fields(start, image_A, image_B, iterations=30,
+                                                 similarity=LNCC(sigma=3), lmbda=1.5, gradient_sigma=sigma)
+        found = (maps - identity_map(shape)) * voxel_scale(shape)  # voxels
+        errors[sigma] = float((found[0] - shift.view(3, 1, 1, 1)).norm(dim=0)[inside].mean())
+    assert errors[2.0] < 0.6 * errors[0.0]
+    assert errors[2.0] < 0.6 * float(shift.norm())
+    smoothed = histories[2.0]
+    assert smoothed[-1] < smoothed[0] and max(smoothed[1:]) < smoothed[0]
+
+
 def test_unet_channels_last_convolutions_give_the_same_output(monkeypatch):
     torch.manual_seed(0)
     net = UNet2(5, [[2, 8, 16, 16, 16, 16], [8, 16, 16, 16, 16]]).train()

@@ -18,6 +18,7 @@ from ICONRegistrationLib import Cancelled, UserError, register
 from ICONRegistrationLib.cli import main
 from ICONRegistrationLib.io import read_displacement_field, write_displacement_field
 from ICONRegistrationLib.models import load_model
+from ICONRegistrationLib.pipeline import Grid
 
 
 def _field() -> sitk.Image:
@@ -247,3 +248,35 @@ def test_output_piped_into_a_reader_that_stopped_is_not_an_error(unbuffered):
         os.close(write_end)
     assert "Traceback" not in writer.stderr and "Exception ignored" not in writer.stderr
     assert writer.returncode == 0
+
+
+def test_instance_optimisation_on_the_fixed_image_grid(tiny_model_files):
+    """``io_grid="fixed"``: the field mode compares the images on a grid as fine as the fixed image (at most twice
+    the network grid per axis); the fields stay on the network grid, and the result matches the fixed image
+    better than the network alone."""
+    from ICONRegistrationLib.core.losses import LNCC
+    from ICONRegistrationLib.pipeline.registration import similarity_grid_shape
+
+    spec_file, weights = tiny_model_files
+    fixed = make_image(blob_volume((100, 96, 150), seed=3))  # tiny network grid: 66³
+    moving = make_image(blob_volume((100, 96, 150), centre=(54, 44, 77), seed=3))
+    network_grid = Grid.over_image(fixed, [66, 66, 66])
+    assert similarity_grid_shape(fixed, network_grid) == (100, 96, 132)  # the image's voxels, at most 2 × 66
+    small = make_image(blob_volume((40, 70, 50), seed=3))
+    assert similarity_grid_shape(small, Grid.over_image(small, [66, 66, 66])) == (66, 70, 66)  # never coarser
+    loaded = load_model(str(spec_file), weights, device="cpu")
+    plain = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri")
+    result = register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri", io_iterations=10,
+                      io_grid="fixed")
+    assert result.metrics.io_similarity_shape == [100, 96, 132]
+    assert result.metrics.network_shape == [66, 66, 66]
+    assert result.metrics.folds_percent == 0
+    fixed_voxels = torch.as_tensor(sitk.GetArrayFromImage(fixed))[None, None] / 1000
+
+    def dissimilarity(registration):
+        warped = torch.as_tensor(sitk.GetArrayFromImage(registration.warped))[None, None] / 1000
+        return float(LNCC(sigma=2)(warped, fixed_voxels))
+    assert dissimilarity(result) < dissimilarity(plain) - 0.005
+    with pytest.raises(UserError, match="io_grid"):
+        register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri", io_iterations=1,
+                 io_grid="image")

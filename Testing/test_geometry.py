@@ -166,3 +166,33 @@ def test_both_directions_in_one_batch_match_separate_passes():
         reference = net(a, b)(net(b, a)(grid))
     assert (batched - separate).abs().max() < 1e-5
     assert (composed[:1] - reference).abs().max() < 1e-5
+
+
+def test_box_resampled_displacement_is_the_same_physical_transform_on_a_finer_grid():
+    """The similarity grid of instance optimisation (``io_grid="fixed"``) sees the network's transform unchanged:
+    a coarse grid's map, resampled onto finer grids over the same oblique / transposed image boxes, takes every
+    fine fixed-grid point to the same physical point as the coarse map does."""
+    from ICONRegistrationLib.core.coordinates import box_resample_displacement, sample_at
+
+    fixed = make_image(np.zeros((30, 40, 35), np.float32), spacing=(1.2, 0.9, 1.0), origin=(5.0, -3.0, 2.0),
+                       direction=rotation(0, 20))
+    moving = make_image(np.zeros((36, 30, 40), np.float32), spacing=(1.0, 1.1, 0.8),
+                        direction=np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]], float) @ rotation(2, 10))
+    coarse_B = Grid.over_image(fixed, [12, 16, 14])
+    coarse_A = Grid.over_image(moving, [12, 16, 14], align_to=coarse_B)
+    fine_B = Grid.over_image(fixed, [24, 31, 28])
+    fine_A = Grid.over_image(moving, [24, 31, 28], align_to=fine_B)
+    assert (fine_A.source_axes, fine_A.flipped) == (coarse_A.source_axes, coarse_A.flipped)
+    generator = torch.Generator().manual_seed(0)
+    displacement = torch.nn.functional.interpolate(0.05 * torch.randn(1, 3, 4, 5, 4, generator=generator,
+                                                                     dtype=torch.float64),
+                                                   size=(12, 16, 14), mode="trilinear", align_corners=True)
+    fine_identity = identity_map((24, 31, 28), dtype=torch.float64)
+    fine_map = fine_identity + box_resample_displacement(displacement, (24, 31, 28))
+    # the reference: physically, fine fixed point -> coarse fixed units -> coarse map -> physical -> fine moving units
+    coarse_units = coarse_B.physical_to_unit(fine_B.unit_to_physical(fine_identity))
+    mapped = coarse_units + sample_at(displacement, coarse_units, padding="border")
+    expected = fine_A.physical_to_unit(coarse_A.unit_to_physical(mapped))
+    assert torch.allclose(fine_map, expected, atol=1e-9)
+    # the network grid's own shape is returned unchanged
+    assert box_resample_displacement(displacement, (12, 16, 14)) is displacement

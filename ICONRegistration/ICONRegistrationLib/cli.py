@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import signal
 import sys
 import threading
@@ -19,10 +20,12 @@ from typing import Iterator, Optional, Sequence
 from .errors import Cancelled, UserError
 
 EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 130
-#: commands that run one registration or field operation and exit: they keep freed memory for reuse
-#: (allocator.keep_freed_memory). Long runs (train, evaluate, app sessions) keep glibc's defaults, so that the
-#: memory of one step is given back to the system instead of being held for the whole run.
-ONE_SHOT_COMMANDS = ("register", "demo", "warp", "jacobian", "invert")
+#: commands whose process does registrations one at a time and exits: they keep freed memory for reuse
+#: (allocator.keep_freed_memory), so they hold at most one registration's peak. ``evaluate`` is one of them: with
+#: glibc's defaults an LPBA40 evaluation (1 mm volumes, demons beside the network) spent all its CPU time in the
+#: kernel, faulting in pages of freshly mapped blocks (about 85,000 page faults a second against 5,000 with reuse).
+#: Training and app sessions keep glibc's defaults, so that the memory of one step is given back to the system.
+REUSE_FREED_MEMORY_COMMANDS = ("register", "demo", "warp", "jacobian", "invert", "evaluate")
 
 
 class ProgressBar:
@@ -79,7 +82,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         result = register(fixed, moving, args.model, fixed_modality=args.fixed_modality,
                           moving_modality=args.moving_modality, fixed_mask=fixed_mask, moving_mask=moving_mask,
                           io_iterations=args.io_iterations, io_similarity=args.io_similarity, io_mode=args.io_mode,
-                          device=args.device,
+                          io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, device=args.device,
                           progress=bar, weights=args.weights, field_grid=args.field_grid,
                           inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse)
         with result_folder(out) as staging:
@@ -300,7 +303,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     try:
         report_data = evaluate(pairs, args.model, io_iterations=args.io_iterations, io_mode=args.io_mode,
-                               baselines=baselines,
+                               io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, baselines=baselines,
                                device=args.device, modality=args.modality, progress=bar)
     finally:
         bar.close()
@@ -346,6 +349,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+IO_GRID_HELP = ("where the field mode compares the images: the network grid (default) or a grid as fine as the "
+                "fixed image, at most twice the network grid per axis (more accurate, several times the cost per "
+                "step)")
+IO_LEARNING_RATE_HELP = "instance optimisation's Adam step size (default: 0.1 voxel for fields, 2e-5 for weights)"
+
+
+def _io_learning_rate(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.zoo import DEFAULT_MODEL
 
@@ -365,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "network weights")
     reg.add_argument("--io-similarity", choices=["lncc", "squared_lncc", "ssd", "mind_ssc"],
                      help="similarity for instance optimisation (default: the model's)")
+    reg.add_argument("--io-grid", choices=["network", "fixed"], default="network", help=IO_GRID_HELP)
+    reg.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
     reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     reg.add_argument("--fixed-mask", help="fixed mask (non-zero = inside)")
     reg.add_argument("--moving-mask", help="moving mask (non-zero = inside)")
@@ -468,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--max-pairs", type=int, default=0, help="evaluate at most this many pairs (0 = all)")
     evl.add_argument("--io-iterations", type=int, default=0, help="also evaluate with instance optimisation")
     evl.add_argument("--io-mode", choices=["fields", "weights"], default="fields")
+    evl.add_argument("--io-grid", choices=["network", "fixed"], default="network", help=IO_GRID_HELP)
+    evl.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
     evl.add_argument("--baselines", default="identity,demons", help="comma-separated: identity, demons")
     evl.add_argument("--modality", default="auto", choices=["ct", "mri", "auto"])
     evl.add_argument("--device", default="auto")
@@ -526,7 +546,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     130 interrupted (Ctrl-C, SIGTERM, cancel); only bugs show a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with 2 on usage errors
-    if argv is None and args.command in ONE_SHOT_COMMANDS:  # a short process of its own: reuse freed memory
+    if argv is None and args.command in REUSE_FREED_MEMORY_COMMANDS:  # a process of its own: reuse freed memory
         from .allocator import keep_freed_memory
         keep_freed_memory()
     try:

@@ -126,6 +126,31 @@ def resample_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> t
     return sample_at(displacement, identity_map(shape, dtype=displacement.dtype, device=displacement.device))
 
 
+def box_resample_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Φ − Id given on grids ``S`` as Φ − Id on grids of shape ``shape`` over the same physical boxes.
+
+    Unlike :func:`resample_displacement` (two grids of one unit cube), the grids here are placed as
+    ``Grid.over_image`` places a network grid: voxel ``i`` of ``N`` at ``(i + 0.5) / N`` of the box along each
+    axis, so a finer grid's corner voxels lie inside the coarse grid's. ``displacement`` ``[B, d, *S]`` takes
+    points of a box-S grid (unit-cube units of S) to points of another box-S grid; the result ``[B, d, *shape]``
+    does the same between the two boxes' ``shape`` grids, in their unit-cube units. Trilinear (``interpolate``
+    with ``align_corners=False`` is exactly this placement), edge values continued as ``sample_at``'s border
+    padding does. Differentiable.
+    """
+    shape = tuple(int(n) for n in shape)
+    source = tuple(displacement.shape[2:])
+    if source == shape:
+        return displacement
+    if len(shape) != len(source):
+        raise ValueError(f"shape {shape} has {len(shape)} axes, the displacement {len(source)}")
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(shape)]
+    resized = F.interpolate(displacement, size=shape, mode=mode, align_corners=False)
+    # A unit-cube step of S is (N_S − 1) voxels of S = (N_S − 1)·N_T / N_S voxels of T = that / (N_T − 1) units of T.
+    factors = [(s - 1) * t / (s * (t - 1)) if s > 1 and t > 1 else 1.0 for s, t in zip(source, shape)]
+    return resized * torch.tensor(factors, dtype=resized.dtype, device=resized.device).view(
+        1, len(shape), *[1] * len(shape))
+
+
 def map_to_displacement(coordinate_map: torch.Tensor) -> torch.Tensor:
     """``Φ − Id`` on the map's own grid (units of the map: the unit cube)."""
     return coordinate_map - identity_map(coordinate_map.shape[2:], dtype=coordinate_map.dtype,

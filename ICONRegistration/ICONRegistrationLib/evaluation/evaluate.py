@@ -128,12 +128,14 @@ def _score(method: str, transform: sitk.Transform, pair: LabelledPair, fixed: si
 
 
 def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterations: int = 0,
-             io_mode: str = "fields", baselines: Sequence[str] = ("identity", "demons"), device: str = "auto",
+             io_mode: str = "fields", io_grid: str = "network", io_learning_rate: Optional[float] = None,
+             baselines: Sequence[str] = ("identity", "demons"), device: str = "auto",
              modality: str = "auto",
              progress: Optional[ProgressCallback] = None) -> dict:
     """Evaluate ``model`` (zoo name, spec path or ``LoadedModel``) and ``baselines`` on ``pairs``.
 
-    With ``io_iterations`` the model is also run with instance optimisation (``io_mode``, see
+    With ``io_iterations`` the model is also run with instance optimisation (``io_mode``, ``io_grid``,
+    ``io_learning_rate``, see
     :func:`~ICONRegistrationLib.pipeline.registration.register`), as the method ``model+io``.
     Returns ``{"pairs": [row…], "summary": {method: {metric: [mean, std]}}, "labels": …}``.
     """
@@ -152,7 +154,8 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
         runs = [("model", 0)] + ([("model+io", io_iterations)] if io_iterations else [])
         for method, iterations in runs:
             result = register(fixed, moving, loaded, fixed_modality=modality, moving_modality=modality,
-                              io_iterations=iterations, io_mode=io_mode)
+                              io_iterations=iterations, io_mode=io_mode, io_grid=io_grid,
+                              io_learning_rate=io_learning_rate)
             rows.append(_score(method, result.forward_transform(), pair, fixed, fixed_label, moving_label,
                                result.metrics.total_seconds, result.metrics))
         for name in baselines:
@@ -160,7 +163,8 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
             rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds))
         report(progress, "evaluation", (index + 1) / len(pairs))
     return {"model": loaded.spec.name, "weights_sha256": loaded.weights_sha256, "io_iterations": io_iterations,
-            "io_mode": io_mode if io_iterations else None, "pairs": rows, "summary": summarize_methods(rows)}
+            "io_mode": io_mode if io_iterations else None, "io_grid": io_grid if io_iterations else None,
+            "io_learning_rate": io_learning_rate if io_iterations else None, "pairs": rows, "summary": summarize_methods(rows)}
 
 
 SUMMARY_METRICS = ("dice_mean", "hd95_mm", "jacobian_nonpositive_percent", "ic_error_mean_mm", "ic_error_p95_mm",

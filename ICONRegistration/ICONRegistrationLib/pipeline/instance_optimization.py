@@ -4,8 +4,11 @@ Two modes (``IO_MODES``):
 
 * ``"fields"`` (default): optimise the two displacement fields Φ_AB − Id and Φ_BA − Id on the network grid
   directly, starting from the network's prediction, with the model's similarity in both directions and the
-  GradICON penalty on both compositions (Φ_AB∘Φ_BA and Φ_BA∘Φ_AB). No network runs in the loop, so an
-  iteration costs a few samplings of the images and fields: tens of times less than a network step.
+  GradICON penalty on both compositions (one per step, by a fair coin, at a random eighth of the grid points).
+  Each step's gradient and each Adam step are smoothed with a Gaussian (``FIELD_GRADIENT_SIGMA`` voxels), as
+  demons smooths its updates. The images may be compared on a finer grid than the fields (``io_grid="fixed"`` of
+  :func:`~ICONRegistrationLib.pipeline.registration.register`). No network runs in the loop, so an iteration
+  costs a few samplings of the images and fields: tens of times less than a network step.
 * ``"weights"``: fine-tune the network's weights on the pair with the training objective (uniGradICON's
   instance optimisation), then give the cached model its weights back.
 """
@@ -16,16 +19,17 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core.coordinates import identity_map, voxel_scale, sample_at
-from ..core.losses import gradicon_penalty, jittered_identity
+from ..core.coordinates import box_resample_displacement, identity_map, voxel_scale, sample_at
+from ..core.losses import gaussian_blur, gradicon_penalty, jittered_identity
 from ..core.objective import symmetric_objective
 from ..core.registration_modules import displacement_transform
 from ..progress import ProgressCallback, report
 
 IO_MODES = ("fields", "weights")
 WEIGHTS_LEARNING_RATE = 2e-5  # Adam step size of the weight mode (uniGradICON's)
-FIELD_LEARNING_RATE = 0.05  # Adam step size of the field mode, in voxels of the network grid
+FIELD_LEARNING_RATE = 0.1  # Adam step size of the field mode, in voxels of the network grid
 FIELD_PENALTY_FRACTION = 0.125  # the field mode's penalty points: a fresh random eighth of the grid each step
+FIELD_GRADIENT_SIGMA = 2.0  # the field mode smooths each step's gradient with a Gaussian of this σ (network voxels)
 
 
 def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, *, iterations: int,
@@ -74,15 +78,18 @@ def field_objective(displacements: torch.Tensor, image_A: torch.Tensor, image_B:
                     penalty_direction: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sim(A∘Φ_AB, B) + sim(B∘Φ_BA, A) + λ/2 (GradICON(Φ_AB, Φ_BA) + GradICON(Φ_BA, Φ_AB))``.
 
-    ``displacements`` ``[2, 3, *S]``: Φ_AB − Id and Φ_BA − Id on the images' network grid ``S`` (unit-cube
-    units); ``image_A``, ``image_B`` ``[1, 1, *S]``. ``samples``: the penalty's points, unit-cube coordinates
-    ``[1, 3, …]`` (jittered grid points, :func:`~ICONRegistrationLib.core.losses.jittered_identity`).
+    ``displacements`` ``[2, 3, *S]``: Φ_AB − Id and Φ_BA − Id on the network grid ``S`` (unit-cube units);
+    ``image_A``, ``image_B`` ``[1, 1, *T]`` (and the masks) on the network grid (``T = S``) or on a finer grid
+    ``T`` over the same image boxes (the similarity grid), where the maps are interpolated
+    (:func:`~ICONRegistrationLib.core.coordinates.box_resample_displacement`). ``samples``: the penalty's
+    points on ``S``, unit-cube coordinates ``[1, 3, …]`` (jittered grid points,
+    :func:`~ICONRegistrationLib.core.losses.jittered_identity`).
     ``penalty_direction`` 0 or 1 replaces the mean of the two GradICON terms by the first or the second alone
     (half the cost; a fair coin per step has the mean's expectation). Returns (loss, similarity, penalty).
     """
     shape = image_A.shape[2:]
     grid = identity_map(shape, dtype=displacements.dtype, device=displacements.device)
-    maps = grid + displacements
+    maps = grid + box_resample_displacement(displacements, shape)
     warped = sample_at(torch.cat([image_A, image_B]), maps, padding="zeros")
     similarity_value = similarity(warped[:1], image_B, mask_B) + similarity(warped[1:], image_A, mask_A)
     phi_AB, phi_BA = displacement_transform(displacements[:1]), displacement_transform(displacements[1:])
@@ -97,11 +104,21 @@ def field_objective(displacements: torch.Tensor, image_A: torch.Tensor, image_B:
 
 def optimize_fields(maps: torch.Tensor, image_A: torch.Tensor, image_B: torch.Tensor, *, iterations: int,
                     similarity: Callable, lmbda: float, learning_rate: float = FIELD_LEARNING_RATE,
+                    gradient_sigma: float = FIELD_GRADIENT_SIGMA,
                     mask_A: Optional[torch.Tensor] = None, mask_B: Optional[torch.Tensor] = None,
                     progress: Optional[ProgressCallback] = None) -> tuple[torch.Tensor, list[float]]:
     """Refine ``maps`` ``[Φ_AB; Φ_BA]`` (``[2, 3, *S]`` on the network grid, e.g. the network's prediction) by
     ``iterations`` Adam steps of :func:`field_objective` on the displacement fields; ``learning_rate`` is in
-    voxels of the grid. Each step evaluates the penalty at a fresh random eighth of the jittered grid points, in
+    voxels of the network grid. The images (and masks) lie on the network grid or on a finer similarity grid over
+    the same boxes (see :func:`field_objective`); the fields stay on the network grid either way.
+
+    Each step's gradient and each Adam step are smoothed with a Gaussian of ``gradient_sigma`` voxels (0: off),
+    as demons and ANTs smooth their update fields. Adam scales every voxel's step by that voxel's own gradient
+    history, so without smoothing a voxel with a tiny, noisy gradient moves as far as one at an edge and the
+    fields roughen before they improve; smoothing only the gradient still lets Adam's per-voxel scaling put
+    sharp steps where the smoothed gradient changes sign, and the penalty then grows after ~15 steps. With both
+    (LPBA40 S36 ↔ S37, 2 mm grid): Dice 0.721 and IC error 0.63 mm after 40 steps, against 0.710 and 1.50 mm
+    after 60 unsmoothed steps, and the objective falls at every step. Each step evaluates the penalty at a fresh random eighth of the jittered grid points, in
     one of its two directions drawn by a fair coin (both: the full symmetric penalty's expectation, see
     :func:`~ICONRegistrationLib.core.losses.jittered_identity`); the last objective value uses every jittered grid
     point and both directions. The network is not involved. Returns the refined maps (same
@@ -123,7 +140,13 @@ def optimize_fields(maps: torch.Tensor, image_A: torch.Tensor, image_B: torch.Te
         loss, _, _ = field_objective(voxels / scale, image_A, image_B, similarity=similarity, lmbda=lmbda,
                                      mask_A=mask_A, mask_B=mask_B, samples=samples, penalty_direction=direction)
         loss.backward()
+        if gradient_sigma > 0:
+            voxels.grad = gaussian_blur(voxels.grad, gradient_sigma)
+            before = voxels.detach().clone()
         optimizer.step()
+        if gradient_sigma > 0:
+            with torch.no_grad():
+                voxels.copy_(before + gaussian_blur(voxels - before, gradient_sigma))
         history.append(float(loss.detach()))
         report(progress, "instance optimisation", (step + 1) / iterations)
     with torch.no_grad():

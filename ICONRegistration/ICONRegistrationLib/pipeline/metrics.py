@@ -66,6 +66,7 @@ class RegistrationMetrics(QualitySummary):
     moving_modality: str = ""
     io_iterations: int = 0
     io_mode: Optional[str] = None
+    io_similarity_shape: Optional[list[int]] = None  # the field mode's similarity grid (io_grid), [D, H, W]
     io_objective: list[float] = dataclasses.field(default_factory=list)
     inverse: InverseReport = dataclasses.field(default_factory=lambda: InverseReport("network"))
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)

@@ -39,6 +39,8 @@ from .preprocessing import check_modality, normalize_intensities
 from .qa import field_jacobian, physical_jacobian, summarize_quality
 
 FIELD_GRIDS = ("network", "fixed")
+IO_GRIDS = ("network", "fixed")  # where field-mode instance optimisation compares the images
+IO_GRID_MAX_REFINEMENT = 2  # the "fixed" similarity grid has at most this many times the network grid's voxels per axis
 _SLAB_VOXELS = 1 << 22  # resample the warped image in slabs of ~4 M voxels to bound memory
 
 
@@ -216,7 +218,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
              moving_mask: Optional[sitk.Image] = None, io_iterations: int = 0, io_similarity: Optional[str] = None,
              device: str = "auto", progress: Optional[ProgressCallback] = None, weights: "str | Path | None" = None,
              field_grid: str = "network", io_learning_rate: Optional[float] = None, inverse_qa: bool = False,
-             exact_inverse: bool = False, random_weights: bool = False, io_mode: str = "fields") -> RegistrationResult:
+             exact_inverse: bool = False, random_weights: bool = False, io_mode: str = "fields",
+             io_grid: str = "network") -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a pretrained inverse-consistent network.
 
     Args:
@@ -230,9 +233,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         io_mode: ``"fields"`` (default) optimises the two displacement fields from the network's prediction;
             ``"weights"`` fine-tunes the network's weights on the pair (about 30–100× the cost per step on a
             CPU). See :mod:`~ICONRegistrationLib.pipeline.instance_optimization`.
-        io_learning_rate: Adam's step size for instance optimisation (default: 0.05 voxel for ``"fields"``,
+        io_learning_rate: Adam's step size for instance optimisation (default: 0.1 voxel for ``"fields"``,
             2e-5 for ``"weights"``).
         io_similarity: similarity for instance optimisation (default: the model's).
+        io_grid: where the field mode compares the images: ``"network"`` (default; the network grid) or
+            ``"fixed"`` (a grid over the same boxes as fine as the fixed image, at most twice the network grid's
+            voxels per axis, :func:`similarity_grid_shape`). The fields stay on the network grid; ``"fixed"``
+            sees detail the network grid smooths away, at several times the cost per step (LPBA40 brains on the
+            2 mm grid: 12 steps reach Dice 0.715 in 30 s, 40 network-grid steps 0.722 in 16 s). Ignored by
+            ``"weights"``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         progress: ``callback(stage, fraction)``; returning ``False`` cancels (raises ``Cancelled``).
         weights: a weights file overriding the model's.
@@ -257,6 +266,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         raise UserError(f"io_mode must be one of {', '.join(IO_MODES)}, not '{io_mode}'.")
     if field_grid not in FIELD_GRIDS:
         raise UserError(f"field_grid must be one of {', '.join(FIELD_GRIDS)}, not '{field_grid}'.")
+    if io_grid not in IO_GRIDS:
+        raise UserError(f"io_grid must be one of {', '.join(IO_GRIDS)}, not '{io_grid}'.")
     if io_similarity is not None:
         try:
             make_similarity(io_similarity)
@@ -273,10 +284,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     timer.device = loaded.device
     with timer("preprocessing"):
         pair = _prepare(inputs, fixed, moving, loaded)
+        similarity_pair = (_similarity_pair(inputs, fixed, moving, pair, loaded)
+                           if io_iterations and io_mode == "fields" and io_grid == "fixed" else pair)
     report(progress, "preprocessing", 1.0)
     with timer("network"), _memory_errors_as_user_errors(loaded.device):
         maps, history = _predict_and_optimise(pair, loaded, int(io_iterations), io_mode, io_similarity,
-                                              io_learning_rate, progress)
+                                              io_learning_rate, progress, similarity_pair)
+        io_similarity_shape = (list(similarity_pair.grid_B.shape)
+                               if io_iterations and io_mode == "fields" else None)
+        del similarity_pair
     report(progress, "network", 1.0)
     # Φ − Id of both directions, once: QA and export sample these (trilinear, border), as evaluate_map does.
     displacement_AB, displacement_BA = map_to_displacement(maps).split(1)
@@ -301,6 +317,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         device=device_description(loaded.device), network_shape=list(pair.grid_B.shape), field_grid=field_grid,
         fixed_modality=inputs.fixed_modality, moving_modality=inputs.moving_modality,
         io_iterations=int(io_iterations), io_mode=io_mode if io_iterations else None, io_objective=history,
+        io_similarity_shape=io_similarity_shape,
         inverse=inverse_report, seconds={k: round(v, 4) for k, v in timer.seconds.items()})
     return RegistrationResult(forward_field, inverse_field, warped, jacobian_image, ic_image, metrics)
 
@@ -346,10 +363,14 @@ def _check_inputs(fixed, moving, fixed_mask, moving_mask, fixed_modality, moving
 def _prepare(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, loaded: LoadedModel) -> _NetworkPair:
     """Stage 1 (prepare): intensities normalised by the model's rules, both images on their network grids (the
     moving grid's axes matched to the fixed one's). Checked: finite network inputs."""
-    spec, device = loaded.spec, loaded.device
-    rules = spec.preprocessing
-    grid_B = Grid.over_image(fixed, spec.input_shape)
-    grid_A = Grid.over_image(moving, spec.input_shape, align_to=grid_B)
+    grid_B = Grid.over_image(fixed, loaded.spec.input_shape)
+    grid_A = Grid.over_image(moving, loaded.spec.input_shape, align_to=grid_B)
+    return _images_on_grids(inputs, grid_A, grid_B, loaded)
+
+
+def _images_on_grids(inputs: _Inputs, grid_A: Grid, grid_B: Grid, loaded: LoadedModel) -> _NetworkPair:
+    """Both normalised images (and masks) resampled onto ``grid_A`` (over moving) and ``grid_B`` (over fixed)."""
+    rules, device = loaded.spec.preprocessing, loaded.device
     image_B = grid_B.to_network(normalize_intensities(inputs.fixed_voxels, inputs.fixed_modality, rules,
                                                       inputs.fixed_mask, "fixed"), device)
     image_A = grid_A.to_network(normalize_intensities(inputs.moving_voxels, inputs.moving_modality, rules,
@@ -362,11 +383,36 @@ def _prepare(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, loaded: Loa
     return _NetworkPair(image_A, image_B, mask_A, mask_B, grid_A, grid_B)
 
 
+def similarity_grid_shape(fixed: sitk.Image, network_grid: Grid) -> tuple[int, int, int]:
+    """The ``io_grid="fixed"`` similarity grid: along each axis of ``network_grid`` (placed over ``fixed``) as
+    many voxels as ``fixed`` has along that axis, but at least the network grid's and at most
+    ``IO_GRID_MAX_REFINEMENT`` times as many."""
+    image_shape = fixed.GetSize()[::-1]  # tensor order
+    return tuple(int(min(max(image_shape[axis], n), IO_GRID_MAX_REFINEMENT * n))
+                 for axis, n in zip(network_grid.source_axes, network_grid.shape))
+
+
+def _similarity_pair(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, pair: _NetworkPair,
+                     loaded: LoadedModel) -> _NetworkPair:
+    """Stage 1b (``io_grid="fixed"``): both images on the similarity grids over the same boxes as the network
+    grids (:func:`similarity_grid_shape`); the network pair itself when those are the network grids."""
+    shape = similarity_grid_shape(fixed, pair.grid_B)
+    if shape == pair.grid_B.shape:
+        return pair
+    grid_B = Grid.over_image(fixed, list(shape))
+    grid_A = Grid.over_image(moving, list(shape), align_to=grid_B)
+    if (grid_A.source_axes, grid_A.flipped) != (pair.grid_A.source_axes, pair.grid_A.flipped):
+        raise AssertionError("the similarity grid's axes differ from the network grid's")  # a bug, not a user error
+    return _images_on_grids(inputs, grid_A, grid_B, loaded)
+
+
 def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations: int, io_mode: str,
                           io_similarity: Optional[str], io_learning_rate: Optional[float],
-                          progress: Optional[ProgressCallback]) -> tuple[torch.Tensor, list[float]]:
+                          progress: Optional[ProgressCallback], similarity_pair: Optional[_NetworkPair] = None
+                          ) -> tuple[torch.Tensor, list[float]]:
     """Stages 2–3 (predict, optimise): ``[Φ_AB; Φ_BA]`` on the fixed network grid and the instance-optimisation
-    objective per step. Checked: finite maps (the message blames the weights, or the optimisation's divergence)."""
+    objective per step; the field mode compares the images of ``similarity_pair`` (default ``pair``: the network
+    grids). Checked: finite maps (the message blames the weights, or the optimisation's divergence)."""
     spec, device = loaded.spec, loaded.device
     history: list[float] = []
     if io_iterations and io_mode == "weights":
@@ -385,9 +431,10 @@ def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations
                            "(reinstall them), or the inputs are not images this model was trained for")
             return maps, history
         similarity = make_similarity(**({"name": io_similarity} if io_similarity else spec.similarity))
-        maps, history = optimize_fields(maps, pair.image_A, pair.image_B, iterations=io_iterations,
-                                        similarity=similarity, lmbda=spec.lmbda, mask_A=pair.mask_A,
-                                        mask_B=pair.mask_B, learning_rate=io_learning_rate or FIELD_LEARNING_RATE,
+        images = similarity_pair or pair
+        maps, history = optimize_fields(maps, images.image_A, images.image_B, iterations=io_iterations,
+                                        similarity=similarity, lmbda=spec.lmbda, mask_A=images.mask_A,
+                                        mask_B=images.mask_B, learning_rate=io_learning_rate or FIELD_LEARNING_RATE,
                                         progress=progress)
     require_finite(maps, f"instance optimisation ({io_mode})",
                    "it diverged: use fewer iterations or a smaller io_learning_rate, or check the network's own "
