@@ -5,7 +5,8 @@
 * the GradICON penalty with the shifted points fused into one evaluation = four separate evaluations;
 * the penalty on a random subset of points has the full penalty's expectation;
 * the UNet's channels-last convolutions = the default memory order;
-* the objective equals icon_registration's GradICON formula (one-sided penalty) written out here.
+* the objective equals icon_registration's GradICON formula (one-sided penalty) written out here;
+* the label loss without one-hot maps = the soft Dice of the sampled one-hot maps, values and gradients.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from ICONRegistrationLib.core import coordinates, networks
 from ICONRegistrationLib.core.coordinates import identity_map, sample_at
 from ICONRegistrationLib.core.losses import (LNCC, gaussian_blur, gaussian_kernel1d, gradicon_penalty,
-                                             jittered_identity)
+                                             jittered_identity, label_fractions, label_indices, soft_dice_loss,
+                                             soft_dice_loss_of_warped_labels)
 from ICONRegistrationLib.core.networks import UNet2
 from ICONRegistrationLib.core.registration_modules import displacement_transform
 
@@ -206,6 +208,37 @@ def test_objective_is_icon_registrations_gradicon_loss():
     assert float(terms.similarity) == pytest.approx(float(similarity), rel=1e-6)
     assert float(terms.penalty) == pytest.approx(float(penalty), rel=1e-5)
     assert float(terms.loss) == pytest.approx(float(similarity + 1.5 * penalty), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 8), (13, 10)])
+def test_label_dice_without_one_hot_maps_equals_the_sampled_one_hot_maps(shape):
+    generator = torch.Generator().manual_seed(len(shape))
+    values = torch.tensor([3, 8, 21, 40, 41])  # not consecutive; 40 absent from both maps below
+    present = values[torch.tensor([0, 1, 2, 4])]
+
+    def labels():
+        drawn = present[torch.randint(len(present), (2, 1, *shape), generator=generator)]
+        drawn[torch.rand(drawn.shape, generator=generator) < 0.3] = 0
+        drawn[torch.rand(drawn.shape, generator=generator) < 0.05] = 99  # not a training label: background
+        return drawn
+
+    moving, fixed = labels(), labels()
+    # maps that reach outside the grid (zero padding: background) and land on and between voxel centres
+    maps = identity_map(shape, dtype=torch.float64).expand(2, *(-1,) * (len(shape) + 1)).clone()
+    maps = (maps + 0.15 * torch.randn(maps.shape, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    reference = soft_dice_loss(sample_at(label_fractions(moving, values, dtype=torch.float64), maps,
+                                         padding="zeros"), label_fractions(fixed, values, dtype=torch.float64))
+    reference_gradient, = torch.autograd.grad(reference, maps)
+    fast = soft_dice_loss_of_warped_labels(label_indices(moving, values), label_indices(fixed, values), maps,
+                                           values.numel())
+    fast_gradient, = torch.autograd.grad(fast, maps)
+    assert 0.3 < float(reference) < 1
+    assert float(fast) == pytest.approx(float(reference), rel=1e-12)
+    assert torch.allclose(fast_gradient, reference_gradient, rtol=1e-9, atol=1e-12)
+    # a perfect match scores 0 through the fast path too
+    assert float(soft_dice_loss_of_warped_labels(label_indices(fixed, values), label_indices(fixed, values),
+                                                 identity_map(shape, dtype=torch.float64).expand(2, -1, *shape),
+                                                 values.numel())) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_keep_freed_memory_applies_to_its_own_process_only_and_can_be_switched_off():

@@ -17,8 +17,8 @@ def keep_freed_memory() -> bool:
     (``benchmarks/bench_register.py --sizes 175 --allocator system|keep``): the uniGradICON forward pass at 175³
     took 10.6 s instead of 16.3 s and ``register()`` 22.9 s instead of 37.2 s, at a peak resident size of 3.3 GB
     instead of 2.2 GB (freed memory is not given back until the process ends). Only for command-line processes
-    that run registrations one at a time and exit (``cli.REUSE_FREED_MEMORY_COMMANDS``); training, the library,
-    the app and the Slicer module never call it. ``ICONREG_SYSTEM_MALLOC=1`` (or a
+    that run registrations or training steps one at a time and exit (``cli.REUSE_FREED_MEMORY_COMMANDS``); the
+    library, the app and the Slicer module never call it. ``ICONREG_SYSTEM_MALLOC=1`` (or a
     non-glibc system) leaves the allocator alone.
     """
     if os.environ.get("ICONREG_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):

@@ -1,11 +1,21 @@
-"""Reference registrations measured in the same run as the networks: identity and multi-resolution demons."""
+"""Reference registrations measured in the same run as the networks: identity, multi-resolution demons and, when
+their packages are installed (``pip install -e '.[baselines]'``), ANTs SyN (antspyx) and elastix (itk-elastix).
+
+Every baseline returns a transform from fixed to moving physical points (LPS mm), the networks' convention; the
+deformable ones return a ``DisplacementFieldTransform`` on the fixed image's grid, so that folds are counted on it.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+import tempfile
 import time
 
 import numpy as np
 import SimpleITK as sitk
+
+from ..errors import UserError
 
 
 def identity_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -53,7 +63,120 @@ def demons(fixed: sitk.Image, moving: sitk.Image, *, levels: tuple[int, ...] = (
     return sitk.DisplacementFieldTransform(field)
 
 
-BASELINES = {"identity": identity_transform, "demons": demons}
+#: baseline name → (module it imports, package that provides it) for the baselines outside the core dependencies
+OPTIONAL_PACKAGES = {"ants-syn": ("ants", "antspyx"), "elastix": ("itk", "itk-elastix")}
+
+
+def _optional_package(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"This baseline needs the package '{package}': pip install -e '.[baselines]' "
+                        f"(or pip install {package}).") from None
+
+
+def check_installed(names) -> None:
+    """Raise a ``UserError`` naming the install command if a baseline in ``names`` lacks its package."""
+    for name in names:
+        if name in OPTIONAL_PACKAGES:
+            _optional_package(*OPTIONAL_PACKAGES[name])
+
+
+def _field_on_fixed_grid(transform: sitk.Transform, fixed: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """``transform`` (fixed → moving points) sampled at the fixed image's voxel centres as a displacement field."""
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
+                                              fixed.GetSpacing(), fixed.GetDirection())
+    return sitk.DisplacementFieldTransform(field)
+
+
+def _to_ants(image: sitk.Image, ants):
+    """A float32 ANTsImage with ``image``'s geometry (ANTs arrays are in ITK index order x, y, z)."""
+    array = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32)).transpose(2, 1, 0)
+    return ants.from_numpy(np.ascontiguousarray(array), origin=list(image.GetOrigin()),
+                           spacing=list(image.GetSpacing()),
+                           direction=np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3))
+
+
+def ants_syn(fixed: sitk.Image, moving: sitk.Image, *, transform_type: str = "SyN",
+             iterations: tuple[int, ...] = (40, 20, 0), seed: int = 1) -> sitk.Transform:
+    """ANTs SyN (Avants et al. 2008) through antspyx with its default recipe (``ants.registration(fixed, moving,
+    "SyN")``: an affine stage, then SyN with Mattes mutual information at shrink factors 4, 2, 1 and ``iterations``
+    per level; antspyx's defaults are (40, 20, 0)), a fixed random seed for reproducible sampling.
+
+    ANTs' forward transforms (warp, then affine in its list) are composed as ``ants.apply_transforms`` composes
+    them (:func:`ants_transform`) and sampled on the fixed grid: a ``DisplacementFieldTransform`` from fixed to
+    moving points.
+    """
+    ants = _optional_package(*OPTIONAL_PACKAGES["ants-syn"])
+    with tempfile.TemporaryDirectory(prefix="iconreg-ants-") as folder:
+        result = ants.registration(_to_ants(fixed, ants), _to_ants(moving, ants), type_of_transform=transform_type,
+                                   reg_iterations=tuple(iterations), random_seed=seed,
+                                   outprefix=os.path.join(folder, "syn_"), verbose=False)
+        return _field_on_fixed_grid(ants_transform(result["fwdtransforms"]), fixed)
+
+
+def ants_transform(paths: "list[str]") -> sitk.Transform:
+    """The transform that ``ants.apply_transforms(fixed, moving, paths)`` resamples with (fixed → moving points):
+    ANTs' transform list (``.nii.gz`` displacement fields, ``.mat`` affine files), composed in the order that
+    reproduces ANTs' own resampling (a SimpleITK ``CompositeTransform`` of the reversed list)."""
+    transforms = []
+    for path in paths:
+        if str(path).endswith((".nii", ".nii.gz")):
+            transforms.append(sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64)))
+        else:
+            transforms.append(sitk.ReadTransform(str(path)))
+    return sitk.CompositeTransform(transforms[::-1])
+
+
+def to_itk_image(image: sitk.Image, itk):
+    """A float32 ITK Python image with ``image``'s voxels and geometry (for itk-elastix)."""
+    converted = itk.image_from_array(np.ascontiguousarray(sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32))))
+    converted.SetOrigin(image.GetOrigin())
+    converted.SetSpacing(image.GetSpacing())
+    converted.SetDirection(itk.matrix_from_array(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)))
+    return converted
+
+
+def elastix_parameters(itk, resolutions: int = 4, grid_spacing_mm: float = 10.0, iterations: int = 256):
+    """elastix's default affine and B-spline parameter maps with ``resolutions`` levels, a final control-point
+    spacing of ``grid_spacing_mm`` and ``iterations`` per level."""
+    parameters = itk.ParameterObject.New()
+    for kind in ("affine", "bspline"):
+        parameter_map = parameters.GetDefaultParameterMap(kind, resolutions, grid_spacing_mm)
+        parameter_map["MaximumNumberOfIterations"] = [str(iterations)]
+        parameters.AddParameterMap(parameter_map)
+    return parameters
+
+
+def elastix_transform(result_parameters, moving_itk, itk) -> sitk.DisplacementFieldTransform:
+    """elastix's result transform (fixed → moving points) as transformix samples it: a displacement field on the
+    grid the result parameters name (the fixed image's)."""
+    field = itk.transformix_deformation_field(moving_itk, result_parameters)
+    displacement = sitk.GetImageFromArray(itk.array_from_image(field).astype(np.float64), isVector=True)
+    displacement.SetOrigin(tuple(float(v) for v in field.GetOrigin()))
+    displacement.SetSpacing(tuple(float(v) for v in field.GetSpacing()))
+    displacement.SetDirection(tuple(float(v) for v in itk.array_from_matrix(field.GetDirection()).ravel()))
+    return sitk.DisplacementFieldTransform(displacement)
+
+
+def elastix_bspline(fixed: sitk.Image, moving: sitk.Image, *, resolutions: int = 4,
+                    grid_spacing_mm: float = 10.0, iterations: int = 256) -> sitk.Transform:
+    """elastix (Klein et al. 2010) through itk-elastix: its default affine map, then its default B-spline map
+    (Mattes mutual information, adaptive stochastic gradient descent) with ``resolutions`` levels, a final control
+    point spacing of ``grid_spacing_mm`` and ``iterations`` per level (:func:`elastix_parameters`).
+
+    The B-spline transform, composed with the affine one, is sampled by transformix
+    (:func:`elastix_transform`): a ``DisplacementFieldTransform`` on the fixed grid from fixed to moving points.
+    """
+    itk = _optional_package(*OPTIONAL_PACKAGES["elastix"])
+    moving_itk = to_itk_image(moving, itk)
+    _, result_parameters = itk.elastix_registration_method(
+        to_itk_image(fixed, itk), moving_itk, parameter_object=elastix_parameters(itk, resolutions, grid_spacing_mm,
+                                                                                  iterations), log_to_console=False)
+    return _field_on_fixed_grid(elastix_transform(result_parameters, moving_itk, itk), fixed)
+
+
+BASELINES = {"identity": identity_transform, "demons": demons, "ants-syn": ants_syn, "elastix": elastix_bspline}
 
 
 def timed(function, *args, **kwargs):

@@ -24,7 +24,7 @@ from ..io.atomic import atomic_path
 from ..io.images import read_image
 from ..io.results import write_json
 from ..progress import ProgressCallback, report
-from .baselines import BASELINES, timed
+from .baselines import BASELINES, check_installed, timed
 from .metrics import dice_per_label, hd95_per_label, label_values, mean_std
 
 if TYPE_CHECKING:
@@ -145,6 +145,7 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise UserError(f"Unknown baseline(s) {', '.join(sorted(unknown))}: use {', '.join(BASELINES)}.")
+    check_installed(baselines)  # before the first registration, not after the network's
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     rows = []
     for index, pair in enumerate(pairs):

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.coordinates import identity_map, jacobian_determinant, voxel_scale, sample_at
-from ..core.losses import make_similarity, label_fractions, soft_dice_loss
+from ..core.losses import (label_fractions, label_indices, make_similarity, soft_dice_loss,
+                           soft_dice_loss_of_warped_labels)
 from ..core.objective import both_directions, symmetric_objective
 from ..device import choose_device, device_description
 from ..errors import UserError
@@ -64,7 +65,7 @@ class TrainingConfig:
     # linear interpolation) against the fixed labels, both directions. Inference stays image-only.
     label_loss: Optional[str] = None
     label_weight: float = 1.0
-    label_downsample: int = 2  # the label loss is evaluated on blocks of this many voxels per axis
+    label_downsample: int = 1  # the label loss is evaluated on blocks of this many voxels per axis (1: full resolution)
     time_limit: Optional[float] = None  # seconds: stop (checkpoint and validation written) once exceeded
 
 
@@ -159,15 +160,20 @@ def coarse_coordinates(maps: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def label_loss(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tensor, values: torch.Tensor,
-               factor: int = 2) -> torch.Tensor:
+               factor: int = 1) -> torch.Tensor:
     """Soft Dice loss of the moving labels warped linearly onto the fixed labels, both directions.
 
     ``maps`` ``[Φ_AB; Φ_BA]`` ``[2b, d, *S]`` on the grid of the label maps ``[b, 1, *S]``; ``values`` the label
-    values (one channel each). Evaluated on the grid of ``factor``-blocks, with label fractions per block (on a
-    CPU 56 one-hot channels at full resolution cost more than the rest of a training step; at ``factor`` 2 the
-    loss costs about an eighth of that).
+    values (one channel each). ``factor`` 1: at full resolution, one-hot labels, computed without one-hot maps
+    (:func:`~ICONRegistrationLib.core.losses.soft_dice_loss_of_warped_labels`: forward and backward in 1.0 s for 56
+    labels at 80×96×80, batch 2, both directions, on 2 cores, against 6.2 s for the 56-channel sampling it equals). ``factor`` > 1: on the
+    grid of ``factor``-blocks, with label fractions per block (a coarser loss, kept for comparison).
     """
     both = torch.cat([labels_A, labels_B])
+    if factor == 1:
+        moving = label_indices(both, values)
+        fixed = torch.cat([moving[labels_A.shape[0]:], moving[:labels_A.shape[0]]])
+        return soft_dice_loss_of_warped_labels(moving, fixed, maps, values.numel())
     moving = label_fractions(both, values, factor, dtype=maps.dtype)
     fixed = torch.cat([moving[labels_A.shape[0]:], moving[:labels_A.shape[0]]])
     return soft_dice_loss(sample_at(moving, coarse_coordinates(maps, factor), padding="zeros"), fixed)
