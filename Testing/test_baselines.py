@@ -56,8 +56,9 @@ def test_ants_transform_resamples_exactly_as_ants_apply_transforms():
     assert np.abs(ours - theirs).max() < 1e-3 * scale  # composed in the order listed: up to 60 % of the range off
 
 
-def test_elastix_transform_resamples_exactly_as_transformix():
+def test_elastix_transform_resamples_exactly_as_transformix(tmp_path, monkeypatch):
     itk = pytest.importorskip("itk", reason="itk-elastix is not installed (pip install -e '.[baselines]')")
+    monkeypatch.chdir(tmp_path)  # transformix writes into the working folder unless told otherwise
     fixed, moving, _, _ = _pair()
     moving_itk = baselines.to_itk_image(moving, itk)
     _, result = itk.elastix_registration_method(baselines.to_itk_image(fixed, itk), moving_itk,
@@ -67,15 +68,17 @@ def test_elastix_transform_resamples_exactly_as_transformix():
     for index in range(result.GetNumberOfParameterMaps()):  # transformix's own resampling, linear like ours
         result.SetParameter(index, "ResampleInterpolator", "FinalLinearInterpolator")
         result.SetParameter(index, "DefaultPixelValue", "0")
-    theirs = itk.array_from_image(itk.transformix_filter(moving_itk, result))
+    assert list(tmp_path.iterdir()) == []  # nothing left in the working folder
+    theirs = itk.array_from_image(itk.transformix_filter(moving_itk, result, output_directory=str(tmp_path)))
     ours = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
     assert np.abs(ours - theirs).max() < 1e-4 * float(np.abs(theirs).max())
 
 
 @pytest.mark.parametrize("name, module, options", [("ants-syn", "ants", {}),
                                                    ("elastix", "itk", {"resolutions": 2, "iterations": 64})])
-def test_classical_baselines_register_an_affine_pair_without_folds(name, module, options):
+def test_classical_baselines_register_an_affine_pair_without_folds(name, module, options, tmp_path, monkeypatch):
     pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[baselines]')")
+    monkeypatch.chdir(tmp_path)
     fixed, moving, fixed_labels, moving_labels = _pair()
     transform = baselines.BASELINES[name](fixed, moving, **options)
     assert isinstance(transform, sitk.DisplacementFieldTransform)
@@ -86,6 +89,7 @@ def test_classical_baselines_register_an_affine_pair_without_folds(name, module,
     assert before < 0.75 and after > 0.85, (before, after)
     determinant = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
     assert (determinant > 0).all()
+    assert list(tmp_path.iterdir()) == []  # no files left behind in the working folder
 
 
 def test_a_missing_baseline_package_is_a_user_error_with_the_install_command_before_any_registration(monkeypatch):

@@ -150,8 +150,9 @@ def elastix_parameters(itk, resolutions: int = 4, grid_spacing_mm: float = 10.0,
 
 def elastix_transform(result_parameters, moving_itk, itk) -> sitk.DisplacementFieldTransform:
     """elastix's result transform (fixed → moving points) as transformix samples it: a displacement field on the
-    grid the result parameters name (the fixed image's)."""
-    field = itk.transformix_deformation_field(moving_itk, result_parameters)
+    grid the result parameters name (the fixed image's). Transformix's files go to a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="iconreg-transformix-") as folder:  # it writes deformationField.nii
+        field = itk.transformix_deformation_field(moving_itk, result_parameters, output_directory=folder)
     displacement = sitk.GetImageFromArray(itk.array_from_image(field).astype(np.float64), isVector=True)
     displacement.SetOrigin(tuple(float(v) for v in field.GetOrigin()))
     displacement.SetSpacing(tuple(float(v) for v in field.GetSpacing()))
