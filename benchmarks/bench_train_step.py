@@ -8,7 +8,7 @@ and the parameter gradients are compared on the same inputs and the same penalty
 (configuration, method) pair runs in a fresh subprocess so that its peak resident memory can be reported.
 
     python benchmarks/bench_train_step.py                       # the three standard rows
-    python benchmarks/bench_train_step.py --configs small-65 --repeats 2 [--device cuda]
+    python benchmarks/bench_train_step.py --configs small-65 --repeats 2 [--device cuda] [--allocator system]
 
 Without icon_registration (``pip install icon_registration==1.1.9 --no-deps`` beside the pinned torch, plus
 ``itk tqdm matplotlib``) the reference columns say so and the project's own numbers are still printed.
@@ -185,6 +185,9 @@ def time_method(config: Config, method: str, repeats: int, device) -> dict:
 
 
 def _child(args) -> int:
+    if args.allocator == "keep":  # before torch allocates anything; the same setting for both implementations
+        from ICONRegistrationLib.allocator import keep_freed_memory
+        keep_freed_memory()
     import torch
     from ICONRegistrationLib.device import choose_device
     device = choose_device(args.device)
@@ -198,7 +201,7 @@ def _child(args) -> int:
 
 def _run_child(args, config_key: str, method: str):
     command = [sys.executable, __file__, "--child-config", config_key, "--child-method", method,
-               "--repeats", str(args.repeats), "--device", args.device]
+               "--repeats", str(args.repeats), "--device", args.device, "--allocator", args.allocator]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         tail = completed.stderr.strip().splitlines()[-1:] or ["failed"]
@@ -212,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write every number here")
+    parser.add_argument("--allocator", choices=["keep", "system"], default="keep",
+                        help="keep (default): glibc keeps freed memory for reuse, as `iconreg train` sets it; "
+                             "system: glibc's defaults. Both implementations run with the same setting")
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
     parser.add_argument("--child-method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -227,7 +233,8 @@ def main(argv=None) -> int:
         have_reference = False
     device = choose_device(args.device)
     print(f"{device_description(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"best of {args.repeats} steps after one warm-up, each method in its own process")
+          f"best of {args.repeats} steps after one warm-up, each method in its own process, allocator: "
+          f"{'keep freed memory' if args.allocator == 'keep' else 'system'} (both implementations)")
     if not have_reference:
         print("icon_registration is not installed: reference columns are empty "
               "(pip install icon_registration==1.1.9 --no-deps; pip install itk tqdm matplotlib)")
