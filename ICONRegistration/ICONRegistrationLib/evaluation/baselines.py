@@ -101,7 +101,8 @@ def ants_syn(fixed: sitk.Image, moving: sitk.Image, *, transform_type: str = "Sy
              iterations: tuple[int, ...] = (40, 20, 0), seed: int = 1) -> sitk.Transform:
     """ANTs SyN (Avants et al. 2008) through antspyx with its default recipe (``ants.registration(fixed, moving,
     "SyN")``: an affine stage, then SyN with Mattes mutual information at shrink factors 4, 2, 1 and ``iterations``
-    per level; antspyx's defaults are (40, 20, 0)), a fixed random seed for reproducible sampling.
+    per level; antspyx's defaults are (40, 20, 0)) and a fixed random seed for its metric sampling (on several
+    threads ANTs still differs slightly from run to run).
 
     ANTs' forward transforms (warp, then affine in its list) are composed as ``ants.apply_transforms`` composes
     them (:func:`ants_transform`) and sampled on the fixed grid: a ``DisplacementFieldTransform`` from fixed to
