@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -348,6 +349,8 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
     table = (out / "validation.md").read_text().splitlines()
     assert table[0].startswith("| step | validation Dice") and table[-1].startswith("| 2 |")
     assert (out / "curves.png").is_file() and json.loads((out / "summary.json").read_text())["steps"] == 2
+    best = torch.load(out / "gradicon-hippocampus-best.pt", weights_only=True)  # the best validation's network
+    assert set(best) == set(weights) and all(v.dtype == torch.float16 for v in best.values() if v.is_floating_point())
     # running again continues from the checkpoint (no --init), up to the new total
     done = subprocess.run(command, env={**env, "STEPS": "3"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -385,6 +388,32 @@ def test_a_fresh_run_starts_its_logs_anew_and_a_resume_keeps_the_label_loss_sett
     with pytest.raises(UserError, match="label loss"):
         train(small_spec(), synthetic_set(), tmp_path, TrainingConfig(steps=3, batch_size=2, label_loss="dice"),
               device="cpu")
+
+
+def test_best_pt_keeps_the_network_of_the_best_validation_across_resumption(tmp_path, monkeypatch):
+    from ICONRegistrationLib.training import trainer
+    # validation Dice at steps 1, 2 | resumed: 3, 4 | a fresh run: 1 (step 2 is the best of the first run)
+    scripted = iter([0.5, 0.7, 0.6, 0.65, 0.4])
+    monkeypatch.setattr(trainer, "validate", lambda net, data, device: {
+        "val_folds_percent": 0.0, "val_ic_error_voxels": 0.1, "val_dice": next(scripted)})
+    data = synthetic_set()
+    config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=1, validate_every=1)
+    summary = train(small_spec(), data, tmp_path, config, validation_set=data, device="cpu")
+    assert summary["best"] == {"step": 2, "val_dice": 0.7, "path": str(tmp_path / "best.pt")}
+    at_step_2 = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    summary = train(small_spec(), data, tmp_path, dataclasses.replace(config, steps=4), validation_set=data,
+                    device="cpu")  # resumed: steps 3 and 4 validate worse
+    assert summary["best"]["step"] == 2
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["step"] == 2 and best["val_dice"] == pytest.approx(0.7)
+    assert all(torch.equal(best["model"][k], at_step_2[k]) for k in at_step_2)
+    assert not all(torch.equal(v, at_step_2[k]) for k, v in
+                   torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"].items())
+    initialise(build_network(small_spec()), tmp_path / "best.pt")  # --init reads it like a checkpoint
+    # a fresh run (no resume) does not keep the old run's best
+    train(small_spec(), data, tmp_path, dataclasses.replace(config, steps=1), validation_set=data, device="cpu",
+          resume=False)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 1
 
 
 def test_hd95_per_label_on_cropped_boxes_equals_the_whole_image():

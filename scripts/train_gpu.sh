@@ -9,7 +9,9 @@
 #   iconreg train --spec Resources/Models/gradicon-brain-lpba40.json --data ../shared/data/lpba40 \
 #       --val-fraction 0.1667 --out prepared/gradicon-brain-lpba40 --steps 0 --save-prepared
 # OUT (default runs/MODEL-gpu) receives checkpoint.pt (resumable: run the script again to continue),
-# MODEL.pt (float16 weights, the shipped format), validation.md, validation_log.csv, train_log.csv and curves.png.
+# MODEL.pt (float16 weights of the last step, the shipped format), best.pt and MODEL-best.pt (the network at the
+# best validation Dice of the run; float16 in the second), validation.md, validation_log.csv, train_log.csv and
+# curves.png.
 #
 # Environment overrides: DEVICE (cuda), TIME_LIMIT (seconds of training, 480), STEPS (the stage's total steps),
 # STAGE, LEARNING_RATE, BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
@@ -76,4 +78,9 @@ ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARE
 [ "$LABEL_WEIGHT" = 0 ] || ARGS+=(--label-loss dice --label-weight "$LABEL_WEIGHT")
 [[ "$DEVICE" == cuda* ]] && ARGS+=(--mixed-precision)
 "$PYTHON" -m ICONRegistrationLib.cli "${ARGS[@]}" | tee "$OUT/summary.json"
-echo "wrote $OUT: $MODEL.pt (float16), validation.md, curves.png; run again to continue from $OUT/checkpoint.pt" >&2
+if [ -f "$OUT/best.pt" ]; then  # the network at the run's best validation Dice, in the shipped format too
+  "$PYTHON" -c 'import sys; from ICONRegistrationLib.training.trainer import export_weights; export_weights(*sys.argv[1:])' \
+    "$OUT/best.pt" "$OUT/$MODEL-best.pt"
+fi
+echo "wrote $OUT: $MODEL.pt (float16, last step), $MODEL-best.pt (float16, best validation Dice), validation.md," \
+  "curves.png; run again to continue from $OUT/checkpoint.pt" >&2

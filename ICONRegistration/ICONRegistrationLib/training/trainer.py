@@ -38,6 +38,9 @@ from ..progress import ProgressCallback, report
 from .data import PreparedSet
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: the network at the best validation Dice of the run so far: {"model": state dict, "step": n, "val_dice": d}
+#: (``--init``, ``--export`` and :func:`export_weights` read it like a checkpoint)
+BEST_NAME = "best.pt"
 LABEL_LOSSES = (None, "dice")
 
 
@@ -344,6 +347,29 @@ def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, de
     raise UserError("Not even a batch of 1 fits in the GPU's memory; use a smaller grid or --device cpu.")
 
 
+def _best_so_far(out_dir: Path) -> tuple[float, Optional[int]]:
+    """Validation Dice and step of the run's ``best.pt`` (−inf and None when there is none)."""
+    path = out_dir / BEST_NAME
+    if not path.exists():
+        return -math.inf, None
+    saved = torch.load(str(path), map_location="cpu", weights_only=True)
+    return float(saved["val_dice"]), int(saved["step"])
+
+
+def _record_validation(out_dir: Path, net, row: dict, best_dice: float) -> float:
+    """Append a validation row to the log; when its Dice beats ``best_dice``, save the network as ``best.pt``.
+    Returns the best Dice so far."""
+    _append_csv(out_dir / "validation_log.csv", {k: (f"{v:.5f}" if isinstance(v, float) else v)
+                                                 for k, v in row.items()})
+    dice = row.get("val_dice")
+    if dice is not None and dice > best_dice:
+        with atomic_path(out_dir / BEST_NAME) as temporary:
+            torch.save({"model": net.state_dict(), "step": int(row["step"]), "val_dice": float(dice)},
+                       str(temporary))
+        return float(dice)
+    return best_dice
+
+
 def _save_checkpoint(path: Path, net, optimizer, step: int, generator: torch.Generator, spec: ModelSpec,
                      config: TrainingConfig) -> None:
     with atomic_path(path) as temporary:
@@ -369,7 +395,9 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     """Train ``spec``'s network (stage ``config.stage``) on ``train_set``; checkpoints and logs go to ``out_dir``.
 
     With ``resume`` and a checkpoint in ``out_dir`` the run continues from it (same next step as without the
-    interruption). Returns the last validation metrics and the paths written.
+    interruption). Returns the last validation metrics and the paths written. With a labelled validation set,
+    ``best.pt`` in ``out_dir`` holds the network at the best validation Dice of the run (kept across resumptions;
+    a fresh run starts without one).
     """
     if len(train_set) < 2:
         raise UserError("Training needs at least two volumes.")
@@ -416,7 +444,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         for log in ("train_log.csv", "validation_log.csv"):  # rows written after the checkpoint are redone
             _truncate_csv(out_dir / log, step)
     else:
-        for log in ("train_log.csv", "validation_log.csv"):  # a fresh run's logs start empty
+        for log in ("train_log.csv", "validation_log.csv", BEST_NAME):  # a fresh run starts empty
             (out_dir / log).unlink(missing_ok=True)
         if init is not None:
             initialise(net, init)
@@ -424,6 +452,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     images = train_set.images
     count = len(train_set)
     last_validation: dict = {}
+    best_dice, _ = _best_so_far(out_dir)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.mixed_precision
                 and torch_device.type == "cuda" else contextlib.nullcontext())
     start_step = step
@@ -463,8 +492,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         if (validation_set is not None and len(validation_set) > 1
                 and (step % config.validate_every == 0 or step == config.steps)):
             last_validation = {"step": step, **validate(net, validation_set, torch_device)}
-            _append_csv(out_dir / "validation_log.csv", {k: (f"{v:.5f}" if isinstance(v, float) else v)
-                                                         for k, v in last_validation.items()})
+            best_dice = _record_validation(out_dir, net, last_validation, best_dice)
             plot_curves(out_dir)
         report(progress, "training", step / config.steps)
         if config.time_limit is not None and time.perf_counter() - start > config.time_limit \
@@ -472,8 +500,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
             if validation_set is not None and len(validation_set) > 1 and last_validation.get("step") != step:
                 last_validation = {"step": step, **validate(net, validation_set, torch_device)}
-                _append_csv(out_dir / "validation_log.csv", {k: (f"{v:.5f}" if isinstance(v, float) else v)
-                                                             for k, v in last_validation.items()})
+                best_dice = _record_validation(out_dir, net, last_validation, best_dice)
             break
     seconds = time.perf_counter() - start
     plot_curves(out_dir)
@@ -482,4 +509,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                "seconds": round(seconds, 1),
                "seconds_per_step": round(seconds / max(step - start_step, 1), 3) if step > start_step else None,
                "validation": last_validation, "checkpoint": str(checkpoint_path)}
+    best_dice, best_step = _best_so_far(out_dir)
+    if best_step is not None:
+        summary["best"] = {"step": best_step, "val_dice": round(best_dice, 5), "path": str(out_dir / BEST_NAME)}
     return summary
