@@ -280,3 +280,27 @@ def test_instance_optimisation_on_the_fixed_image_grid(tiny_model_files):
     with pytest.raises(UserError, match="io_grid"):
         register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri", io_iterations=1,
                  io_grid="image")
+
+
+def test_progress_in_a_log_file_shows_every_tenth_and_every_minute(monkeypatch):
+    import io
+
+    from ICONRegistrationLib import cli
+
+    clock = iter(range(0, 10_000, 5))  # each call 5 s later
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    stream = io.StringIO()  # not a terminal: plain lines
+    bar = cli.ProgressBar(stream)
+    for k in range(1, 21):  # an evaluation of 20 registrations, 5 s each
+        bar("evaluation", k / 20)
+    bar("training", 0.0)
+    for k in range(1, 4):  # three slow steps of 3000, 5 s each: nothing new to say for a minute
+        bar("training", k / 3000)
+    for k in range(4, 20):
+        bar("training", k / 3000)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    evaluation = [line for line in lines if line.startswith("evaluation")]
+    assert evaluation == [f"evaluation: {p}%" for p in (5, 15, 25, 35, 45, 55, 65, 75, 85, 95, 100)]
+    training = [line for line in lines if line.startswith("training")]
+    assert training[0] == "training: 0%" and len(training) == 2  # and one line after 60 s of steps

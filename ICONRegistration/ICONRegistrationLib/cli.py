@@ -30,14 +30,19 @@ REUSE_FREED_MEMORY_COMMANDS = ("register", "demo", "warp", "jacobian", "invert",
 
 
 class ProgressBar:
-    """A progress callback drawing one bar per stage on stderr (plain lines when stderr is not a terminal)."""
+    """A progress callback drawing one bar per stage on stderr. When stderr is not a terminal (a log file) it
+    writes plain lines instead: at the start and end of each stage, every ``line_step`` of progress, and at least
+    every ``line_seconds`` while a stage advances, so that a long training or evaluation shows in its log."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
+    def __init__(self, stream=sys.stderr, width: int = 30, line_step: float = 0.1, line_seconds: float = 60.0):
         self.stream = stream
         self.width = width
+        self.line_step = line_step
+        self.line_seconds = line_seconds
         self.stage: Optional[str] = None
         self.interactive = hasattr(stream, "isatty") and stream.isatty()
         self.last_draw = 0.0
+        self.last_fraction = 0.0
 
     def __call__(self, stage: str, fraction: float) -> None:
         now = time.monotonic()
@@ -51,9 +56,11 @@ class ProgressBar:
                 self.stream.write(f"\r{stage:<24} [{'#' * filled}{'-' * (self.width - filled)}] {100 * fraction:5.1f}%")
                 self.stream.flush()
                 self.last_draw = now
-        elif new_stage or fraction >= 1.0:
+        elif (new_stage or fraction >= 1.0 or fraction - self.last_fraction >= self.line_step - 1e-9
+              or (fraction > self.last_fraction and now - self.last_draw >= self.line_seconds)):
             self.stream.write(f"{stage}: {100 * fraction:.0f}%\n")
             self.stream.flush()
+            self.last_draw, self.last_fraction = now, fraction
 
     def close(self) -> None:
         if self.interactive and self.stage is not None:
