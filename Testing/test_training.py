@@ -390,6 +390,17 @@ def test_a_fresh_run_starts_its_logs_anew_and_a_resume_keeps_the_label_loss_sett
               device="cpu")
 
 
+def test_a_resumed_run_uses_the_learning_rate_it_is_given(tmp_path):
+    # Adam's state dict carries the saved learning rate: resuming with another rate used to keep the old one
+    config = TrainingConfig(steps=1, batch_size=2, checkpoint_every=1, validate_every=100, learning_rate=1e-3)
+    train(small_spec(), synthetic_set(), tmp_path, config, device="cpu")
+    train(small_spec(), synthetic_set(), tmp_path, dataclasses.replace(config, steps=2, learning_rate=1e-5),
+          device="cpu")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2
+    assert [group["lr"] for group in saved["optimizer"]["param_groups"]] == [1e-5]
+
+
 def test_best_pt_keeps_the_network_of_the_best_validation_across_resumption(tmp_path, monkeypatch):
     from ICONRegistrationLib.training import trainer
     # validation Dice at steps 1, 2 | resumed: 3, 4 | a fresh run: 1 (step 2 is the best of the first run)

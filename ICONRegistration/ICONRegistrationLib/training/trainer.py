@@ -434,6 +434,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
         optimizer.load_state_dict(saved["optimizer"])
+        for group in optimizer.param_groups:  # the state dict restores the saved rate; this command's rate applies
+            group["lr"] = config.learning_rate
         generator.set_state(saved["generator"])
         step = int(saved["step"])
         before = saved.get("config", {}).get("label_loss")
