@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--io-mode", choices=["fields", "weights"], default="fields")
     evl.add_argument("--io-grid", choices=["network", "fixed"], default="network", help=IO_GRID_HELP)
     evl.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
-    evl.add_argument("--baselines", default="identity,demons", help="comma-separated: identity, demons, ants-syn, elastix (the last two need "
+    evl.add_argument("--baselines", default="identity,demons",
+                     help="comma-separated: identity, demons, ants-syn, elastix (the last two need "
                           "pip install -e '.[baselines]')")
     evl.add_argument("--modality", default="auto", choices=["ct", "mri", "auto"])
     evl.add_argument("--device", default="auto")

@@ -83,7 +83,14 @@ def check_installed(names) -> None:
 
 
 def _field_on_fixed_grid(transform: sitk.Transform, fixed: sitk.Image) -> sitk.DisplacementFieldTransform:
-    """``transform`` (fixed → moving points) sampled at the fixed image's voxel centres as a displacement field."""
+    """``transform`` (fixed → moving points) sampled at the fixed image's voxel centres as a displacement field
+    (returned as it is when it already is one on exactly that grid, as transformix's field is)."""
+    if isinstance(transform, sitk.DisplacementFieldTransform):
+        own = transform.GetDisplacementField()
+        if (own.GetSize() == fixed.GetSize() and np.allclose(own.GetOrigin(), fixed.GetOrigin())
+                and np.allclose(own.GetSpacing(), fixed.GetSpacing())
+                and np.allclose(own.GetDirection(), fixed.GetDirection())):
+            return transform
     field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
                                               fixed.GetSpacing(), fixed.GetDirection())
     return sitk.DisplacementFieldTransform(field)
