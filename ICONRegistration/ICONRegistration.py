@@ -99,7 +99,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for combo, items in ((self.ui.fixedModalityComboBox, MODALITIES), (self.ui.movingModalityComboBox, MODALITIES),
                              (self.ui.deviceComboBox, DEVICES), (self.ui.outputModeComboBox, OUTPUT_MODES),
-                             (self.ui.fieldGridComboBox, FIELD_GRIDS)):
+                             (self.ui.fieldGridComboBox, FIELD_GRIDS), (self.ui.ioGridComboBox, mrml_logic.IO_GRID_CHOICES)):
             for value, label in items:
                 combo.addItem(label, value)
         self.ui.directionComboBox.addItem("Moving → fixed", "moving_to_fixed")
@@ -119,7 +119,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fixedVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onFixedVolumeChanged)
         self.ui.movingVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMovingVolumeChanged)
         for combo in (self.ui.modelComboBox, self.ui.fixedModalityComboBox, self.ui.movingModalityComboBox,
-                      self.ui.deviceComboBox, self.ui.outputModeComboBox, self.ui.fieldGridComboBox):
+                      self.ui.deviceComboBox, self.ui.outputModeComboBox, self.ui.fieldGridComboBox,
+                      self.ui.ioGridComboBox):
             combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.ioIterationsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.createInverseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
@@ -189,9 +190,11 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                  (self.ui.movingModalityComboBox, settings.movingModality),
                                  (self.ui.deviceComboBox, settings.device),
                                  (self.ui.outputModeComboBox, settings.outputMode),
-                                 (self.ui.fieldGridComboBox, settings.fieldGrid)):
+                                 (self.ui.fieldGridComboBox, settings.fieldGrid),
+                                 (self.ui.ioGridComboBox, settings.ioGrid)):
                 combo.setCurrentIndex(max(combo.findData(value), 0))
             self.ui.ioIterationsSpinBox.value = settings.ioIterations
+            self.ui.ioGridComboBox.enabled = settings.ioIterations > 0 and settings.ioMode == "fields"
             self.ui.createInverseCheckBox.checked = settings.createInverse
             self.ui.exactInverseCheckBox.checked = settings.exactInverse
             self.ui.exactInverseCheckBox.enabled = settings.createInverse
@@ -229,7 +232,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model=self.ui.modelComboBox.currentData or previous.model, weightsFile=previous.weightsFile,
             fixedModality=self.ui.fixedModalityComboBox.currentData,
             movingModality=self.ui.movingModalityComboBox.currentData,
-            ioIterations=int(self.ui.ioIterationsSpinBox.value), device=self.ui.deviceComboBox.currentData,
+            ioIterations=int(self.ui.ioIterationsSpinBox.value), ioMode=previous.ioMode,
+            ioGrid=self.ui.ioGridComboBox.currentData, device=self.ui.deviceComboBox.currentData,
             fieldGrid=self.ui.fieldGridComboBox.currentData, outputMode=self.ui.outputModeComboBox.currentData,
             createInverse=bool(self.ui.createInverseCheckBox.checked),
             exactInverse=bool(self.ui.exactInverseCheckBox.checked), overlay=overlay)

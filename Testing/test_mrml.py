@@ -429,7 +429,7 @@ def test_parameter_node_survives_saving_and_reopening_the_scene(scene, tmp_path)
     fixed_node = volume_node(scene, make_image(blob_volume((8, 9, 10))), "fixed")
     settings = RegistrationSettings(model="gradicon-brain", fixedModality="ct", ioIterations=25, device="cpu",
                                     outputMode="warped", createInverse=False, overlay="ic", fieldGrid="fixed",
-                                    exactInverse=True)
+                                    exactInverse=True, ioMode="weights", ioGrid="fixed")
     logic.setSettings(settings)
     logic.getParameterNode().SetNodeReferenceID("fixedVolume", fixed_node.GetID())
     assert logic.getParameterNode() is logic.getParameterNode()  # a singleton
@@ -461,6 +461,30 @@ def test_register_with_a_model_file_runs_the_real_network(scene, tiny_model_file
     assert outputs.result.metrics.weights_sha256
     assert metrics_from_table(outputs.metrics_table)["Weights sha256"] == outputs.result.metrics.weights_sha256
     assert logic.getParameterNode().GetNodeReference("outputTransform") is outputs.transform
+
+
+def test_instance_optimisation_grid_reaches_the_engine(scene, tiny_model_files):
+    """``ioGrid="fixed"`` compares the images on a grid finer than the network's; a bad value is a user error."""
+    fixed = make_image(blob_volume((72, 78, 75), seed=1), spacing=(0.6, 0.5, 0.55))  # finer than the 66³ network grid
+    moving = make_image(blob_volume((72, 78, 75), seed=2), spacing=(0.6, 0.5, 0.55))
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    spec_path, _ = tiny_model_files
+    shapes = {}
+    for grid in ("network", "fixed"):
+        outputs = logic.register(fixed_node, moving_node, str(spec_path), fixedModality="mri", movingModality="mri",
+                                 ioIterations=2, ioGrid=grid, outputMode="warped")
+        shapes[grid] = outputs.result.metrics.io_similarity_shape
+        assert metrics_from_table(outputs.metrics_table)["Instance-optimisation image grid"] == \
+            " × ".join(str(n) for n in shapes[grid])
+    network_shape = list(outputs.result.metrics.network_shape)
+    assert shapes["network"] == network_shape
+    assert all(f > n for f, n in zip(shapes["fixed"], network_shape)), shapes
+    nodes_before = scene.GetNumberOfNodes()
+    with pytest.raises(UserError, match="io_grid"):
+        logic.register(fixed_node, moving_node, str(spec_path), fixedModality="mri", movingModality="mri",
+                       ioIterations=2, ioGrid="finest", outputMode="warped")
+    assert scene.GetNumberOfNodes() == nodes_before
 
 
 def test_user_mistakes_raise_user_errors(scene):

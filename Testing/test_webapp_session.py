@@ -252,6 +252,9 @@ def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_p
         assert set(titles) == set(model_names())
         assert titles[sample["model"]].endswith("(bundled)") and state.model == sample["model"]
         assert all(title.endswith(("(bundled)", "(downloaded)", "(not downloaded)")) for title in titles.values())
+        assert [item["value"] for item in state.io_grids] == ["network", "fixed"] and state.io_grid == "network"
+        state.io_grid, state.io_iterations = "fixed", "20"
+        assert app.settings().ioGrid == "fixed" and app.settings().ioIterations == 20
         state.fixed_file, state.moving_file = "../etc/passwd", "x.nii.gz"
         app.load_data_files()
         assert "leaves the data folder" in state.message

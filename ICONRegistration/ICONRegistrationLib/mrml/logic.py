@@ -47,6 +47,10 @@ OVERLAYS = ("folds", "ic", "none")
 INVERSE_ROLE = "ICONRegistration.inverseTransform"
 
 
+#: (value, label) of ``RegistrationSettings.ioGrid``, for the module's form and the browser page
+IO_GRID_CHOICES = (("network", "Network grid (fast)"), ("fixed", "Fixed image's resolution (more accurate)"))
+
+
 @dataclasses.dataclass
 class RegistrationSettings:
     """Every form setting; stored as parameters of the module's parameter node (so saved scenes keep them).
@@ -56,7 +60,9 @@ class RegistrationSettings:
     or ``"warped"`` (a new resampled volume). ``exactInverse`` makes the inverse transform the numerical inverse of
     the forward one (fixed-point inversion to 0.01 voxel) rather than the network's reverse prediction.
     ``overlay`` is the QA map shown over the images. ``ioMode`` is the instance optimisation's mode: ``"fields"``
-    (the two displacement fields, fast) or ``"weights"`` (the network's weights).
+    (the two displacement fields, fast) or ``"weights"`` (the network's weights). ``ioGrid`` is where the field
+    mode compares the images: ``"network"`` (the network grid) or ``"fixed"`` (as fine as the fixed image, at most
+    twice the network grid per axis; more accurate, several times the cost per step).
     """
 
     model: str = DEFAULT_MODEL
@@ -65,6 +71,7 @@ class RegistrationSettings:
     movingModality: str = "auto"
     ioIterations: int = 0
     ioMode: str = "fields"
+    ioGrid: str = "network"
     device: str = "auto"
     fieldGrid: str = "network"
     outputMode: str = "transform"
@@ -216,7 +223,8 @@ class ICONRegistrationLogic:
         return register(inputs.fixed, inputs.moving, loaded_model if loaded_model is not None else settings.model,
                         fixed_modality=settings.fixedModality, moving_modality=settings.movingModality,
                         fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
-                        io_iterations=int(settings.ioIterations), io_mode=settings.ioMode, device=settings.device,
+                        io_iterations=int(settings.ioIterations), io_mode=settings.ioMode, io_grid=settings.ioGrid,
+                        device=settings.device,
                         progress=progress,
                         weights=settings.weightsFile or None, field_grid=settings.fieldGrid,
                         exact_inverse=bool(settings.exactInverse and settings.createInverse),
@@ -225,7 +233,7 @@ class ICONRegistrationLogic:
     def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,
                  fixedModality: Optional[str] = None, movingModality: Optional[str] = None,
                  fixedMaskNode=None, movingMaskNode=None, ioIterations: Optional[int] = None,
-                 ioMode: Optional[str] = None, device: Optional[str] = None,
+                 ioMode: Optional[str] = None, ioGrid: Optional[str] = None, device: Optional[str] = None,
                  progress: Optional[ProgressCallback] = None,
                  weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
                  outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
@@ -243,7 +251,7 @@ class ICONRegistrationLogic:
             loaded_model, model = model, model.spec.name
         settings = dataclasses.replace(settings or RegistrationSettings(), **{k: v for k, v in {
             "fixedModality": fixedModality, "movingModality": movingModality,
-            "ioIterations": ioIterations, "ioMode": ioMode, "device": device, "weightsFile": weightsFile,
+            "ioIterations": ioIterations, "ioMode": ioMode, "ioGrid": ioGrid, "device": device, "weightsFile": weightsFile,
             "fieldGrid": fieldGrid,
             "model": str(model) if model is not None else None,
             "outputMode": outputMode, "createInverse": createInverse,

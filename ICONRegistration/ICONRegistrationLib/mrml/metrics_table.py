@@ -27,6 +27,7 @@ METRIC_ROWS = (  # (attribute path of RegistrationMetrics, label, unit)
     ("model", "Model", ""),
     ("weights_sha256", "Weights sha256", ""),
     ("io_iterations", "Instance-optimisation steps", ""),
+    ("io_similarity_shape", "Instance-optimisation image grid", "voxels"),
     ("inverse.method", "Inverse transform", ""),
     ("inverse.max_error_mm", "Inverse round-trip error maximum", "mm"),
     ("inverse.iterations", "Inverse fixed-point iterations", ""),
@@ -46,6 +47,8 @@ def format_metric(value) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return " × ".join(format_metric(item) for item in value)
     return str(value)
 
 

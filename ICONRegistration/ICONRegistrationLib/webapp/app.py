@@ -22,7 +22,7 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # no X
 
 from ..errors import Cancelled, UserError  # noqa: E402
 from ..io.atomic import file_suffix  # noqa: E402
-from ..mrml.logic import ICONRegistrationLogic, RegistrationSettings, gpu_names  # noqa: E402
+from ..mrml.logic import IO_GRID_CHOICES, ICONRegistrationLogic, RegistrationSettings, gpu_names  # noqa: E402
 from .files import DEFAULT_MAX_UPLOAD_MB, list_data_files, resolve_data_file, save_upload  # noqa: E402
 from .session import DOWNLOADS, RegistrationSession, run_engine  # noqa: E402
 
@@ -87,6 +87,8 @@ class RegistrationApp:
         state.modalities = list(MODALITY_CHOICES)
         state.fixed_modality = state.moving_modality = "auto"
         state.io_iterations = 0
+        state.io_grids = [{"title": title, "value": value} for value, title in IO_GRID_CHOICES]
+        state.io_grid = "network"
         state.devices = ["auto", "cpu"] + (["cuda"] if gpu_names() else [])
         state.device = "auto"
         state.overlays = [{"title": title, "value": value} for title, value in OVERLAY_CHOICES]
@@ -222,7 +224,7 @@ class RegistrationApp:
             raise UserError(f"Instance-optimisation iterations must be between 0 and 1000, got {iterations}.")
         return RegistrationSettings(model=state.model, fixedModality=state.fixed_modality,
                                     movingModality=state.moving_modality, ioIterations=iterations,
-                                    device=state.device, overlay=state.overlay)
+                                    ioGrid=state.io_grid, device=state.device, overlay=state.overlay)
 
     def register(self) -> None:
         """Start a registration as a task and return at once: the page's messages (Cancel among them) are
@@ -368,6 +370,9 @@ class RegistrationApp:
                     v.VTextField(label="Instance-optimisation iterations", v_model=("io_iterations",),
                                  type="number", min=0, max=1000, density="compact", hide_details=True,
                                  id="io-iterations", classes="my-1")
+                    v.VSelect(label="Instance optimisation compares images on", v_model=("io_grid",),
+                              items=("io_grids",), density="compact", hide_details=True, id="io-grid",
+                              classes="my-1", disabled=("!(io_iterations > 0)",))
                     v.VSelect(label="Device", v_model=("device",), items=("devices",), density="compact",
                               hide_details=True, id="device", classes="my-1")
                     with v.VRow(dense=True, classes="my-2"):
