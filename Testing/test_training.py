@@ -188,6 +188,10 @@ def test_evaluate_gives_the_dice_and_hd95_computed_by_hand(tmp_path):
     model_rows = [r for r in report["pairs"] if r["method"] == "model"]
     assert [r["dice_mean"] for r in model_rows] == pytest.approx([0.8, 0.6], abs=1e-6)
     assert all(r["jacobian_nonpositive_percent"] == 0 for r in model_rows)
+    # every registration says how busy the machine was while it was timed (a share of its CPU, or unknown)
+    assert all(r["other_load_share"] is None or 0 <= r["other_load_share"] <= 1 for r in report["pairs"])
+    assert report["busy_rows"] == [f"{r['pair']} {r['method']}" for r in report["pairs"]
+                                   if (r["other_load_share"] or 0) > 0.05]
     assert "| identity | 2 | 0.700 ± 0.100 |" in (tmp_path / "out" / "evaluation.md").read_text()
 
 

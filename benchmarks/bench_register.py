@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from ICONRegistrationLib.core.coordinates import identity_map  # noqa: E402
 from ICONRegistrationLib.allocator import keep_freed_memory  # noqa: E402
 from ICONRegistrationLib.device import choose_device, device_description  # noqa: E402
+from ICONRegistrationLib.evaluation.machine_load import BUSY_SHARE, LoadMeter  # noqa: E402
 from ICONRegistrationLib.models.spec import ModelSpec  # noqa: E402
 from ICONRegistrationLib.models.weights import load_model  # noqa: E402
 from ICONRegistrationLib.models.zoo import zoo_spec  # noqa: E402
@@ -160,27 +161,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _machine_busy_seconds() -> float | None:
-    """CPU seconds all processes on the machine have used since boot (Linux ``/proc/stat``), else ``None``."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] != "cpu":
-        return None
-    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    busy = values[0] + values[1] + values[2] + values[5] + values[6] + values[7]
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process (all threads) so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
@@ -321,14 +304,8 @@ def run_child(size: int, args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_PARENT), env.get("PYTHONPATH")]))
     print(f"[bench] size {size}³ …", file=sys.stderr, flush=True)
-    busy_before, own_before, start = _machine_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
-    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    wall = time.perf_counter() - start
-    busy_after, own_after = _machine_busy_seconds(), _children_cpu_seconds()
-    other = None
-    if busy_before is not None and busy_after is not None:
-        # CPU time other processes used while this size ran: they slow CPU timings down.
-        other = max(0.0, (busy_after - busy_before) - (own_after - own_before))
+    with LoadMeter() as meter:  # CPU time other processes used while this size ran: it slows CPU timings down
+        process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     found = None
     for line in process.stdout.splitlines():
         if line.startswith(RESULT_MARK):
@@ -338,9 +315,9 @@ def run_child(size: int, args: argparse.Namespace) -> dict:
     if found is None:
         return {"size": size, "error": f"child exited with status {process.returncode} and no result "
                                        "(out of memory? see the messages above)"}
-    if other is not None:
-        found["other_processes_cpu_s"] = round(other, 2)
-        found["other_processes_share"] = round(other / (wall * (os.cpu_count() or 1)), 3)
+    if meter.sample.other_share is not None:
+        found["other_processes_cpu_s"] = round(meter.sample.other_cpu_s, 2)
+        found["other_processes_share"] = round(meter.sample.other_share, 3)
     return found
 
 
@@ -432,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Forward = net(A, B) and the map Φ_AB on the identity grid, batch 1, no_grad, after one warm-up. "
           f"register() reuses the loaded network (as a cached model is), so 'load' is ~0. Peak memory: {memory_kind}.")
     busy = [f"{r['size']}³: {100 * r['other_processes_share']:.0f}%" for r in results
-            if (r.get("other_processes_share") or 0) > 0.05]
+            if (r.get("other_processes_share") or 0) > BUSY_SHARE]
     if busy:
         print(f"Warning: other processes used a share of the machine's CPU capacity while sizes ran "
               f"({', '.join(busy)}); timings may be inflated — rerun on an idle machine.")

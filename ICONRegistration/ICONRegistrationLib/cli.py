@@ -296,7 +296,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import evaluate, markdown_table, read_pairs, write_evaluation
+    from .evaluation.evaluate import busy_warning, evaluate, markdown_table, read_pairs, write_evaluation
     from .io import check_output_folder, result_folder
 
     out = check_output_folder(args.out)
@@ -318,6 +318,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     with result_folder(out) as staging:
         write_evaluation(report_data, staging)
     print(markdown_table(report_data), end="")
+    if busy_warning(report_data):
+        print(busy_warning(report_data), file=sys.stderr)
     print(f"wrote {out / 'evaluation.json'} and {out / 'evaluation.md'}")
     return EXIT_OK
 

@@ -25,6 +25,7 @@ from ..io.images import read_image
 from ..io.results import write_json
 from ..progress import ProgressCallback, report
 from .baselines import BASELINES, check_installed, timed
+from .machine_load import BUSY_SHARE, LoadMeter
 from .metrics import dice_per_label, hd95_per_label, label_values, mean_std
 
 if TYPE_CHECKING:
@@ -154,18 +155,43 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
         moving_label = read_image(pair.moving_label, "moving label")
         runs = [("model", 0)] + ([("model+io", io_iterations)] if io_iterations else [])
         for method, iterations in runs:
-            result = register(fixed, moving, loaded, fixed_modality=modality, moving_modality=modality,
-                              io_iterations=iterations, io_mode=io_mode, io_grid=io_grid,
-                              io_learning_rate=io_learning_rate)
+            with LoadMeter() as meter:
+                result = register(fixed, moving, loaded, fixed_modality=modality, moving_modality=modality,
+                                  io_iterations=iterations, io_mode=io_mode, io_grid=io_grid,
+                                  io_learning_rate=io_learning_rate)
             rows.append(_score(method, result.forward_transform(), pair, fixed, fixed_label, moving_label,
-                               result.metrics.total_seconds, result.metrics))
+                               result.metrics.total_seconds, result.metrics) | _load_fields(meter))
         for name in baselines:
-            transform, seconds = timed(BASELINES[name], fixed, moving)
-            rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds))
+            with LoadMeter() as meter:
+                transform, seconds = timed(BASELINES[name], fixed, moving)
+            rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds) | _load_fields(meter))
         report(progress, "evaluation", (index + 1) / len(pairs))
     return {"model": loaded.spec.name, "weights_sha256": loaded.weights_sha256, "io_iterations": io_iterations,
             "io_mode": io_mode if io_iterations else None, "io_grid": io_grid if io_iterations else None,
-            "io_learning_rate": io_learning_rate if io_iterations else None, "pairs": rows, "summary": summarize_methods(rows)}
+            "io_learning_rate": io_learning_rate if io_iterations else None, "pairs": rows,
+            "summary": summarize_methods(rows), "busy_rows": busy_rows(rows)}
+
+
+def _load_fields(meter: LoadMeter) -> dict:
+    """The row's ``other_load_share``: the share of the machine's CPU capacity other processes used while the
+    registration ran (``None`` where it cannot be measured)."""
+    return {"other_load_share": meter.sample.other_share}
+
+
+def busy_rows(rows: Sequence[dict]) -> list[str]:
+    """``"pair method"`` of the rows timed while other processes used more than
+    :data:`~ICONRegistrationLib.evaluation.machine_load.BUSY_SHARE` of the machine (their seconds are inflated)."""
+    return [f"{r['pair']} {r['method']}" for r in rows if (r.get("other_load_share") or 0.0) > BUSY_SHARE]
+
+
+def busy_warning(report_data: dict) -> str:
+    """A sentence for reports whose seconds were (partly) measured on a busy machine, else ``""``."""
+    busy = report_data.get("busy_rows") or []
+    if not busy:
+        return ""
+    return (f"Warning: {len(busy)} of {len(report_data['pairs'])} registrations were timed while other processes "
+            f"used more than {BUSY_SHARE:.0%} of the machine's CPU (first: {', '.join(busy[:3])}); their seconds "
+            "are inflated (Dice, HD95, folds and IC error are not affected). Rerun on an idle machine for timings.")
 
 
 SUMMARY_METRICS = ("dice_mean", "hd95_mm", "jacobian_nonpositive_percent", "ic_error_mean_mm", "ic_error_p95_mm",
@@ -224,6 +250,7 @@ def write_evaluation(report_data: dict, out_dir: str | Path) -> tuple[Path, Path
     json_path = write_json(clean(report_data), out_dir / "evaluation.json")
     markdown_path = out_dir / "evaluation.md"
     with atomic_path(markdown_path) as temporary:
+        warning = busy_warning(report_data)
         temporary.write_text(f"Model `{report_data['model']}`, {len(report_data['pairs'])} rows\n\n"
-                             + markdown_table(report_data))
+                             + markdown_table(report_data) + (f"\n{warning}\n" if warning else ""))
     return json_path, markdown_path
