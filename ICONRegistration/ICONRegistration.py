@@ -99,7 +99,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for combo, items in ((self.ui.fixedModalityComboBox, MODALITIES), (self.ui.movingModalityComboBox, MODALITIES),
                              (self.ui.deviceComboBox, DEVICES), (self.ui.outputModeComboBox, OUTPUT_MODES),
-                             (self.ui.fieldGridComboBox, FIELD_GRIDS), (self.ui.ioGridComboBox, mrml_logic.IO_GRID_CHOICES)):
+                             (self.ui.fieldGridComboBox, FIELD_GRIDS),
+                             (self.ui.ioGridComboBox, mrml_logic.IO_GRID_CHOICES)):
             for value, label in items:
                 combo.addItem(label, value)
         self.ui.directionComboBox.addItem("Moving → fixed", "moving_to_fixed")

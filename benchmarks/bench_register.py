@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from ICONRegistrationLib.core.coordinates import identity_map  # noqa: E402
 from ICONRegistrationLib.allocator import keep_freed_memory  # noqa: E402
 from ICONRegistrationLib.device import choose_device, device_description  # noqa: E402
-from ICONRegistrationLib.evaluation.machine_load import BUSY_SHARE, LoadMeter  # noqa: E402
+from ICONRegistrationLib.evaluation.machine_load import BUSY_SHARE, LoadMeter, own_cpu_seconds  # noqa: E402
 from ICONRegistrationLib.models.spec import ModelSpec  # noqa: E402
 from ICONRegistrationLib.models.weights import load_model  # noqa: E402
 from ICONRegistrationLib.models.zoo import zoo_spec  # noqa: E402
@@ -161,12 +161,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process (all threads) so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def describe(device: torch.device) -> str:
     text = device_description(device)
     if device.type == "cpu":
@@ -246,10 +240,10 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     result["forward_warmup_s"] = time.perf_counter() - start
     times, cpu = [], []
     for _ in range(repeats):
-        cpu_start, start = _cpu_seconds(), time.perf_counter()
+        cpu_start, start = own_cpu_seconds(children=False), time.perf_counter()
         forward()
         times.append(time.perf_counter() - start)
-        cpu.append(_cpu_seconds() - cpu_start)
+        cpu.append(own_cpu_seconds(children=False) - cpu_start)
     best_forward = int(np.argmin(times))
     result["forward_s"] = times[best_forward]
     result["forward_cpu_s"] = cpu[best_forward]
@@ -272,10 +266,11 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
         gc.collect()
     runs = []
     for _ in range(repeats):
-        cpu_start, start = _cpu_seconds(), time.perf_counter()
+        cpu_start, start = own_cpu_seconds(children=False), time.perf_counter()
         outcome = run_register()
         wall = time.perf_counter() - start
-        runs.append({"wall_s": wall, "cpu_s": _cpu_seconds() - cpu_start, "seconds": dict(outcome.metrics.seconds),
+        runs.append({"wall_s": wall, "cpu_s": own_cpu_seconds(children=False) - cpu_start,
+                     "seconds": dict(outcome.metrics.seconds),
                      "folds": outcome.metrics.folds, "reported_device": outcome.metrics.device})
         del outcome
         gc.collect()

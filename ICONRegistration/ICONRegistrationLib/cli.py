@@ -318,8 +318,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     with result_folder(out) as staging:
         write_evaluation(report_data, staging)
     print(markdown_table(report_data), end="")
-    if busy_warning(report_data):
-        print(busy_warning(report_data), file=sys.stderr)
+    warning = busy_warning(report_data)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"wrote {out / 'evaluation.json'} and {out / 'evaluation.md'}")
     return EXIT_OK
 

@@ -164,7 +164,8 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
         for name in baselines:
             with LoadMeter() as meter:
                 transform, seconds = timed(BASELINES[name], fixed, moving)
-            rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds) | _load_fields(meter))
+            rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds)
+                        | _load_fields(meter))
         report(progress, "evaluation", (index + 1) / len(pairs))
     return {"model": loaded.spec.name, "weights_sha256": loaded.weights_sha256, "io_iterations": io_iterations,
             "io_mode": io_mode if io_iterations else None, "io_grid": io_grid if io_iterations else None,

@@ -251,7 +251,8 @@ class ICONRegistrationLogic:
             loaded_model, model = model, model.spec.name
         settings = dataclasses.replace(settings or RegistrationSettings(), **{k: v for k, v in {
             "fixedModality": fixedModality, "movingModality": movingModality,
-            "ioIterations": ioIterations, "ioMode": ioMode, "ioGrid": ioGrid, "device": device, "weightsFile": weightsFile,
+            "ioIterations": ioIterations, "ioMode": ioMode, "ioGrid": ioGrid, "device": device,
+            "weightsFile": weightsFile,
             "fieldGrid": fieldGrid,
             "model": str(model) if model is not None else None,
             "outputMode": outputMode, "createInverse": createInverse,
