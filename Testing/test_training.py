@@ -450,3 +450,52 @@ def test_hd95_per_label_on_cropped_boxes_equals_the_whole_image():
     assert np.isnan(whole[3]) and np.isnan(cropped[3])
     for label in (1, 2):
         assert cropped[label] == pytest.approx(whole[label], abs=1e-5)
+
+
+def test_elastic_displacements_have_the_requested_size_in_voxels_and_do_not_fold():
+    from ICONRegistrationLib.core.coordinates import jacobian_determinant
+    from ICONRegistrationLib.training.trainer import augment, random_elastic_displacements
+    shape = (24, 32, 40)
+    field = random_elastic_displacements(64, shape, 2.0, 8, torch.Generator().manual_seed(3))
+    assert field.shape == (64, *shape, 3)
+    sizes = torch.tensor([float(size) for size in reversed(shape)])
+    voxels = field * sizes / 2  # normalised units → voxels of each axis
+    std = float(voxels.std())
+    # 2 voxels at the control points; trilinear weights shrink the variance by (2/3)³ on average in between
+    assert 0.9 < std < 1.3, std
+    assert abs(float(voxels.mean())) < 0.1
+    # the warped image of the last tensor axis' voxel index moves by the field's first component, in voxels
+    ramp = torch.arange(shape[2], dtype=torch.float32).expand(1, 1, *shape).repeat(2, 1, 1, 1, 1)
+    config = TrainingConfig(flip_axes=(), affine_strength=0.0, elastic_voxels=2.0, elastic_spacing=8)
+    warped_A, _, _ = augment(ramp[:1], ramp[1:], config, torch.Generator().manual_seed(4))
+    expected = random_elastic_displacements(2, shape, 2.0, 8, torch.Generator().manual_seed(4))[0, ..., 0] \
+        * shape[2] / 2
+    inner = (slice(4, -4),) * 3
+    assert torch.allclose(warped_A[0, 0][inner] - ramp[0, 0][inner], expected[inner], atol=1e-3)
+    # 1 voxel every 8 voxels (the strength used for training is this ratio or less): smooth, no folds
+    gentle = random_elastic_displacements(16, shape, 1.0, 8, torch.Generator().manual_seed(5)) * sizes / 2
+    identity = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    maps = identity + gentle.flip(-1).permute(0, 4, 1, 2, 3)
+    assert float((jacobian_determinant(maps, [1.0, 1.0, 1.0]) <= 0).float().mean()) == 0.0
+
+
+def test_gamma_augmentation_keeps_the_order_of_intensities_and_their_range():
+    from ICONRegistrationLib.training.trainer import augment
+    data = synthetic_set()
+    A, B = data.images[:2].float(), data.images[2:].float()
+    config = TrainingConfig(flip_axes=(), affine_strength=0.0, intensity_gamma=0.7)
+    out_A, out_B, _ = augment(A, B, config, torch.Generator().manual_seed(2))
+    assert float(out_A.min()) >= 0 and float(out_A.max()) <= 1
+    assert not torch.allclose(out_A, A.clamp(0, 1))
+    for before, after in ((A, out_A), (B, out_B)):
+        for i in range(before.shape[0]):
+            order = torch.argsort(before[i].flatten(), stable=True)
+            assert bool((after[i].flatten()[order].diff() >= -1e-6).all())  # a monotone map of each image
+    # labels warped with elastic displacements still follow their images
+    labels = (data.labels[:2].float(), data.labels[2:].float())
+    elastic = TrainingConfig(flip_axes=(0,), affine_strength=0.05, elastic_voxels=1.5, elastic_spacing=6)
+    with_labels = augment(A, B, elastic, torch.Generator().manual_seed(7), labels)
+    without = augment(A, B, elastic, torch.Generator().manual_seed(7))
+    assert torch.equal(with_labels[0], without[0])
+    agreement = (with_labels[2][0] == (with_labels[0] > 0.3).float() + (with_labels[0] > 0.6).float()).float()
+    assert float(agreement.mean()) > 0.93

@@ -273,7 +273,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainingConfig(steps=args.steps, stage=args.stage, batch_size=2 if args.batch_size == "auto"
                             else _positive_int(args.batch_size, "--batch-size"),
                             learning_rate=args.learning_rate, penalty=args.penalty, similarity=args.similarity,
-                            lmbda=args.lmbda, affine_strength=args.affine, validate_every=args.validate_every,
+                            lmbda=args.lmbda, affine_strength=args.affine, elastic_voxels=args.elastic,
+                            intensity_gamma=args.gamma, validate_every=args.validate_every,
                             checkpoint_every=args.checkpoint_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
                             label_loss=args.label_loss, label_weight=args.label_weight,
@@ -473,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "resolution, at a cost independent of the number of labels)")
     trn.add_argument("--lambda", dest="lmbda", type=float, help="regularisation weight (default: the spec's)")
     trn.add_argument("--affine", type=float, default=0.05, help="random affine augmentation strength")
+    trn.add_argument("--elastic", type=float, default=0.0,
+                     help="random smooth displacement added to each affine warp: standard deviation in network-grid "
+                          "voxels at control points 16 voxels apart (default 0: none)")
+    trn.add_argument("--gamma", type=float, default=0.0,
+                     help="random intensity gamma per image, log γ ~ U(−g, g) (default 0: none)")
     trn.add_argument("--flip-axes", default="0,1,2", help="tensor axes to flip at random ('' for none)")
     trn.add_argument("--validate-every", type=int, default=100)
     trn.add_argument("--checkpoint-every", type=int, default=100)

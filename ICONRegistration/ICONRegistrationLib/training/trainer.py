@@ -4,7 +4,8 @@ Loss: LNCC(A∘Φ_AB, B) + LNCC(B∘Φ_BA, A) + λ‖∇(Φ_AB∘Φ_BA) − I‖
 penalty and SSD are options), Adam. Stage 1 trains the multi-resolution network without the final
 full-resolution step; stage 2 adds that step (``spec.last_step``) and trains everything, starting from stage 1.
 Augmentation: the same random axis flips for both images of a pair, then an independent small random affine
-warp of each image.
+warp of each image, optionally with a random smooth (elastic) displacement added to it and a random intensity
+gamma per image.
 
 Every random draw comes from one ``torch.Generator`` whose state is saved in the checkpoint, so a resumed run
 takes exactly the step an uninterrupted run would have taken.
@@ -57,6 +58,12 @@ class TrainingConfig:
     lmbda: Optional[float] = None  # default: the spec's
     flip_axes: tuple[int, ...] = (0, 1, 2)  # tensor axes that may be flipped (same flip for both images)
     affine_strength: float = 0.05  # max relative deformation of the random affine warps
+    # random smooth displacement added to each image's affine warp: standard deviation of each component at the
+    # control points, in voxels of the network grid (0: none), control points every elastic_spacing voxels
+    elastic_voxels: float = 0.0
+    elastic_spacing: int = 16
+    # random intensity gamma per image, I ↦ I^γ with log γ ~ U(−g, g) on the [0, 1] network input (0: none)
+    intensity_gamma: float = 0.0
     validate_every: int = 100
     checkpoint_every: int = 100
     seed: int = 0
@@ -106,13 +113,33 @@ def random_affine_grids(batch: int, shape, strength: float, generator: torch.Gen
     return F.affine_grid(theta, [batch, 1, *shape], align_corners=False)
 
 
+def random_elastic_displacements(batch: int, shape, voxels: float, spacing: int,
+                                 generator: torch.Generator) -> torch.Tensor:
+    """Random smooth displacements ``[batch, *shape, 3]`` in ``F.grid_sample``'s normalised units
+    (``align_corners=False``, component ``k`` along the grid's ``k``-th coordinate, i.e. tensor axis ``−1 − k``).
+
+    Each component is Gaussian with standard deviation ``voxels`` (voxels of ``shape``) at control points every
+    ``spacing`` voxels, interpolated trilinearly in between (the field's overall standard deviation is about
+    0.54 × ``voxels``): a smooth field whose Jacobian stays near the identity when ``voxels`` is small against
+    ``spacing``.
+    """
+    controls = [max(2, math.ceil(size / spacing) + 1) for size in shape]
+    noise = torch.randn(batch, 3, *controls, generator=generator) * voxels
+    field = F.interpolate(noise, size=tuple(shape), mode="trilinear", align_corners=True)
+    per_voxel = torch.tensor([2.0 / size for size in reversed(shape)]).view(1, 3, 1, 1, 1)
+    return (field * per_voxel).permute(0, 2, 3, 4, 1)
+
+
 def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConfig,
             generator: torch.Generator, labels: Optional[tuple[torch.Tensor, torch.Tensor]] = None
             ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
-    """Same random flips for A and B (pairs stay anatomically consistent), independent random affine warps.
+    """Same random flips for A and B (pairs stay anatomically consistent), independent random affine warps, each
+    optionally with a random smooth displacement (``config.elastic_voxels``), then an independent random
+    intensity gamma per image (``config.intensity_gamma``).
 
-    ``labels`` ``(labels_A, labels_B)`` ``[b, 1, *S]`` (float) get exactly the flips and warps of their images
-    (nearest neighbour); the random draws are the same with or without them. Returns ``(A, B, labels)``.
+    ``images_A``, ``images_B`` ``[b, 1, *S]`` in [0, 1]; ``labels`` ``(labels_A, labels_B)`` ``[b, 1, *S]``
+    (float) get exactly the flips and warps of their images (nearest neighbour); the random draws are the same with
+    or without them. Returns ``(A, B, labels)``.
     """
     for axis in config.flip_axes:
         flip = torch.rand(images_A.shape[0], generator=generator) < 0.5
@@ -122,17 +149,28 @@ def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConf
             images_B = torch.where(where, images_B.flip(axis + 2), images_B)
             if labels is not None:
                 labels = tuple(torch.where(where, part.flip(axis + 2), part) for part in labels)
-    if config.affine_strength > 0:
-        shape = images_A.shape[2:]
-        grids = random_affine_grids(2 * images_A.shape[0], shape, config.affine_strength, generator)
+    batch = images_A.shape[0]
+    shape = images_A.shape[2:]
+    if config.affine_strength > 0 or config.elastic_voxels > 0:
+        grids = (random_affine_grids(2 * batch, shape, config.affine_strength, generator)
+                 if config.affine_strength > 0 else
+                 F.affine_grid(torch.eye(3, 4).expand(2 * batch, 3, 4), [2 * batch, 1, *shape], align_corners=False))
+        if config.elastic_voxels > 0:
+            grids = grids + random_elastic_displacements(2 * batch, shape, config.elastic_voxels,
+                                                         config.elastic_spacing, generator)
         grids = grids.to(images_A.device, images_A.dtype)
         both = F.grid_sample(torch.cat([images_A, images_B]), grids, mode="bilinear", padding_mode="zeros",
                              align_corners=False)
-        images_A, images_B = both.split(images_A.shape[0])
+        images_A, images_B = both.split(batch)
         if labels is not None:
             warped = F.grid_sample(torch.cat(labels), grids, mode="nearest", padding_mode="zeros",
                                    align_corners=False)
-            labels = tuple(warped.split(images_A.shape[0]))
+            labels = tuple(warped.split(batch))
+    if config.intensity_gamma > 0:
+        log_gamma = (torch.rand(2 * batch, generator=generator) * 2 - 1) * config.intensity_gamma
+        gamma = log_gamma.exp().view(-1, 1, 1, 1, 1).to(images_A.device, images_A.dtype)
+        both = torch.cat([images_A, images_B]).clamp(0, 1) ** gamma
+        images_A, images_B = both.split(batch)
     return images_A, images_B, labels
 
 
