@@ -181,6 +181,36 @@ def test_unet_channels_last_convolutions_give_the_same_output(monkeypatch):
     assert torch.allclose(fast, plain, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(33, 33, 33), (18, 24, 18), (17, 20, 23)])
+def test_small_convolutions_padded_onto_onednn_give_the_same_output_and_gradients(monkeypatch, shape):
+    """Batch-1 inputs below PyTorch's oneDNN size test are zero-padded along the first axis and cropped."""
+    from ICONRegistrationLib.core.networks import _convolve
+    torch.manual_seed(0)
+    net = UNet2(5, [[2, 16, 32, 32, 64, 64], [16, 32, 32, 32, 64]]).train()
+    torch.nn.init.normal_(net.lastConv.weight, std=0.05)
+    a, b = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+
+    def output_and_gradient():
+        net.zero_grad(set_to_none=True)
+        out = net(a, b)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    depths = []  # the depth of every input the last convolution sees
+    net.lastConv.register_forward_pre_hook(lambda module, inputs: depths.append(inputs[0].shape[2]))
+    fast, fast_grad = output_and_gradient()
+    assert max(depths) > shape[0], "the last convolution never took the padded path"
+    monkeypatch.setattr(networks, "_NATIVE_CONV_MAX_SIZE", 0)  # every convolution as PyTorch chooses
+    plain, plain_grad = output_and_gradient()
+    assert fast.shape == plain.shape == (1, 3, *shape) and fast.is_contiguous()
+    assert torch.allclose(fast, plain, atol=1e-6, rtol=1e-5)
+    assert float((fast_grad - plain_grad).norm() / plain_grad.norm()) < 1e-5
+    # a strided convolution keeps exactly the output planes of the unpadded input
+    conv = torch.nn.Conv3d(16, 32, 3, padding=1, stride=2)
+    x = torch.rand(1, 16, 33, 33, 31)
+    assert torch.allclose(_convolve(conv, x, max_growth=1.25), conv(x), atol=1e-5)
+
+
 def test_objective_is_icon_registrations_gradicon_loss():
     """icon_registration 1.1.9's GradientICON, transcribed: LNCC both ways (border padding) + λ·penalty of
     Φ_AB∘Φ_BA at identity + N(0, 1/W²) noise (the same noise for every batch element)."""
