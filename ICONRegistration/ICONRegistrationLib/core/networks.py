@@ -64,6 +64,20 @@ def _convolve(conv: nn.Module, x: torch.Tensor, max_growth: float) -> torch.Tens
     return conv(padded)[:, :, :out_depth]
 
 
+def _concatenate_channels_last(*parts: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(parts, dim=1)``, written in channels-last memory order when 3-D (the order of the last
+    convolution's input)."""
+    if parts[0].dim() != 5:
+        return torch.cat(parts, dim=1)
+    shape = (parts[0].shape[0], sum(part.shape[1] for part in parts), *parts[0].shape[2:])
+    out = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device, memory_format=torch.channels_last_3d)
+    start = 0
+    for part in parts:
+        out[:, start:start + part.shape[1]] = part
+        start += part.shape[1]
+    return out
+
+
 class UNet2(nn.Module):
     """The residual U-Net of GradICON / uniGradICON.
 
@@ -110,14 +124,18 @@ class UNet2(nn.Module):
             y = _convolve(self.downConvs[depth], F.leaky_relu(x), max_growth=1.25)
             x = y + _match_channels(self._avg_pool(x, 2, ceil_mode=True), y.shape[1])
         for depth in reversed(range(self.num_layers)):
-            y = self.upConvs[depth](_channels_last(F.leaky_relu(x))).contiguous()
-            x = y + F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2,
-                                  mode=self._interpolate_mode, align_corners=False)
+            y = self.upConvs[depth](_channels_last(F.leaky_relu(x)))
+            coarse = _match_channels(x, y.shape[1])
+            if depth > 0:
+                y = y.contiguous()
+            else:  # the last level stays channels-last up to the last convolution: two full-size copies fewer
+                coarse = _channels_last(coarse)
+            x = y + F.interpolate(coarse, scale_factor=2, mode=self._interpolate_mode, align_corners=False)
             x = self.batchNorms[depth](x)
             skip = skips[depth]
             x = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in skip.shape[2:])]
-            x = torch.cat([x, skip], dim=1)
-        return _convolve(self.lastConv, _channels_last(x), max_growth=4.0).contiguous() / 10
+            x = torch.cat([x, skip], dim=1) if depth > 0 else _concatenate_channels_last(x, skip)
+        return _convolve(self.lastConv, x, max_growth=4.0).contiguous() / 10
 
 
 def tallUNet2(dimension: int = 3, input_channels: int = 1) -> UNet2:  # noqa: N802 (icon_registration's name)
