@@ -612,3 +612,17 @@ def test_result_folder_without_an_atomic_exchange_puts_the_old_set_back(tmp_path
         (staging / "metrics.json").write_text("new")
     assert _snapshot(out) == {"metrics.json": b"new"}
     _no_staging_left(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_require_finite_finds_every_non_finite_value_and_accepts_sums_that_overflow(kind):
+    from ICONRegistrationLib.errors import UserError
+    from ICONRegistrationLib.pipeline.images import require_finite
+    make = (lambda a: torch.tensor(a, dtype=torch.float32)) if kind == "torch" else \
+        (lambda a: np.asarray(a, dtype=np.float32))
+    require_finite(make([[1.0, -2.0], [3.0, 4.0]]), "test stage", "nothing")
+    require_finite(make([3e38, 3e38, -1.0]), "test stage", "nothing")  # finite values whose sum overflows
+    require_finite(make([]), "test stage", "nothing")
+    for bad in ([1.0, float("nan"), 2.0], [float("inf"), 1.0], [float("inf"), float("-inf")], [3e38, 3e38, float("nan")]):
+        with pytest.raises(UserError, match=r"test stage produced (1|2) NaN or infinite values out of"):
+            require_finite(make(bad), "test stage", "nothing")
