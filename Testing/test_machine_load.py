@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ICONRegistrationLib.evaluation import machine_load
-from ICONRegistrationLib.evaluation.evaluate import busy_rows, busy_warning
+from ICONRegistrationLib.evaluation.evaluate import EvaluationReport, EvaluationRow, busy_rows, busy_warning
 from ICONRegistrationLib.evaluation.machine_load import BUSY_SHARE, LoadMeter
 
 SPIN = "import time\nend = time.perf_counter() + {seconds}\nwhile time.perf_counter() < end: pass\n"
@@ -52,10 +52,17 @@ def test_without_a_machine_counter_the_load_is_unknown_not_zero(monkeypatch):
 
 
 def test_evaluation_reports_name_the_registrations_timed_on_a_busy_machine():
-    rows = [{"pair": "S2→S1", "method": "model", "other_load_share": 0.4},
-            {"pair": "S2→S1", "method": "demons", "other_load_share": 0.01},
-            {"pair": "S1→S2", "method": "model", "other_load_share": None}]
+    def row(pair, method, share):
+        return EvaluationRow(pair=pair, method=method, dice_mean=0.7, hd95_mm=2.0, seconds=1.0, dice={"1": 0.7},
+                             jacobian_nonpositive_percent=0.0, other_load_share=share)
+
+    def report(rows):
+        return EvaluationReport(model="m", weights_sha256=None, io_iterations=0, io_mode=None, io_grid=None,
+                                io_learning_rate=None, rows=rows)
+
+    rows = [row("S2→S1", "model", 0.4), row("S2→S1", "demons", 0.01), row("S1→S2", "model", None)]
     assert busy_rows(rows) == ["S2→S1 model"]
-    warning = busy_warning({"pairs": rows, "busy_rows": busy_rows(rows)})
+    warning = busy_warning(report(rows))
     assert "1 of 3 registrations" in warning and "S2→S1 model" in warning
-    assert busy_warning({"pairs": rows[1:], "busy_rows": busy_rows(rows[1:])}) == ""
+    assert busy_warning(report(rows[1:])) == ""
+    assert report(rows).to_dict()["busy_rows"] == ["S2→S1 model"]

@@ -311,15 +311,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           file=sys.stderr)
     bar = ProgressBar()
     try:
-        report_data = evaluate(pairs, args.model, io_iterations=args.io_iterations, io_mode=args.io_mode,
-                               io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, baselines=baselines,
-                               device=args.device, modality=args.modality, progress=bar)
+        evaluation = evaluate(pairs, args.model, io_iterations=args.io_iterations, io_mode=args.io_mode,
+                              io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, baselines=baselines,
+                              device=args.device, modality=args.modality, progress=bar)
     finally:
         bar.close()
     with result_folder(out) as staging:
-        write_evaluation(report_data, staging)
-    print(markdown_table(report_data), end="")
-    warning = busy_warning(report_data)
+        write_evaluation(evaluation, staging)
+    print(markdown_table(evaluation), end="")
+    warning = busy_warning(evaluation)
     if warning:
         print(warning, file=sys.stderr)
     print(f"wrote {out / 'evaluation.json'} and {out / 'evaluation.md'}")

@@ -109,36 +109,117 @@ def _jacobian_folds_percent(transform: sitk.Transform, fixed: sitk.Image) -> flo
     return 100.0 * float((determinant <= 0).mean())
 
 
+@dataclasses.dataclass
+class EvaluationRow:
+    """One registration of one pair by one method. Dice is the mean over the labels of the fixed label map (and
+    per label, keyed by the label value as a string); HD95 in mm, the mean over labels; the folds are % voxels
+    with det J ≤ 0; the IC error (mm) exists for networks only (NaN otherwise); ``seconds`` the registration's
+    wall time; ``other_load_share`` the share of the machine's CPU that other processes used meanwhile (``None``
+    where unknown)."""
+
+    pair: str
+    method: str
+    dice_mean: float
+    hd95_mm: float
+    seconds: float
+    dice: dict[str, float]
+    jacobian_nonpositive_percent: float
+    ic_error_mean_mm: float = math.nan
+    ic_error_p95_mm: float = math.nan
+    other_load_share: Optional[float] = None
+
+    @property
+    def busy(self) -> bool:
+        """Timed while other processes used more than :data:`BUSY_SHARE` of the machine."""
+        return (self.other_load_share or 0.0) > BUSY_SHARE
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def _score(method: str, transform: sitk.Transform, pair: LabelledPair, fixed: sitk.Image, fixed_label: sitk.Image,
-           moving_label: sitk.Image, seconds: float, metrics: "Optional[RegistrationMetrics]" = None) -> dict:
+           moving_label: sitk.Image, seconds: float, meter: LoadMeter,
+           metrics: "Optional[RegistrationMetrics]" = None) -> EvaluationRow:
     warped = sitk.Resample(moving_label, fixed_label, transform, sitk.sitkNearestNeighbor, 0.0,
                            moving_label.GetPixelID())
     labels = label_values(fixed_label, moving_label)
     dices = dice_per_label(warped, fixed_label, labels)
     distances = hd95_per_label(warped, fixed_label, labels)
-    row = {"pair": pair.name, "method": method, "dice_mean": mean_std(dices.values())[0],
-           "hd95_mm": mean_std(distances.values())[0], "seconds": seconds,
-           "dice": {str(k): v for k, v in dices.items()}}
+    row = EvaluationRow(pair=pair.name, method=method, dice_mean=mean_std(dices.values())[0],
+                        hd95_mm=mean_std(distances.values())[0], seconds=seconds,
+                        dice={str(k): v for k, v in dices.items()}, jacobian_nonpositive_percent=0.0,
+                        other_load_share=meter.sample.other_share)
     if metrics is not None:  # the network's own QA maps
-        row.update({"jacobian_nonpositive_percent": metrics.folds_percent,
-                    "ic_error_mean_mm": metrics.ic_error_mean_mm, "ic_error_p95_mm": metrics.ic_error_p95_mm})
+        row.jacobian_nonpositive_percent = metrics.folds_percent
+        row.ic_error_mean_mm, row.ic_error_p95_mm = metrics.ic_error_mean_mm, metrics.ic_error_p95_mm
     else:
-        row.update({"jacobian_nonpositive_percent": _jacobian_folds_percent(transform, fixed),
-                    "ic_error_mean_mm": math.nan, "ic_error_p95_mm": math.nan})
+        row.jacobian_nonpositive_percent = _jacobian_folds_percent(transform, fixed)
     return row
+
+
+SUMMARY_METRICS = ("dice_mean", "hd95_mm", "jacobian_nonpositive_percent", "ic_error_mean_mm", "ic_error_p95_mm",
+                   "seconds")
+
+
+@dataclasses.dataclass
+class MethodSummary:
+    """Mean and standard deviation over one method's rows of each of :data:`SUMMARY_METRICS` (NaNs ignored),
+    and the mean Dice of each label."""
+
+    pairs: int
+    dice_mean: tuple[float, float]
+    hd95_mm: tuple[float, float]
+    jacobian_nonpositive_percent: tuple[float, float]
+    ic_error_mean_mm: tuple[float, float]
+    ic_error_p95_mm: tuple[float, float]
+    seconds: tuple[float, float]
+    dice_per_label: dict[str, float]
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+@dataclasses.dataclass
+class EvaluationReport:
+    """What :func:`evaluate` measured: the model and its instance-optimisation settings, every row, and the
+    summary per method in the order methods first appear. ``to_dict`` is ``evaluation.json``."""
+
+    model: str
+    weights_sha256: Optional[str]
+    io_iterations: int
+    io_mode: Optional[str]
+    io_grid: Optional[str]
+    io_learning_rate: Optional[float]
+    rows: list[EvaluationRow]
+
+    @property
+    def summary(self) -> dict[str, MethodSummary]:
+        return summarize_methods(self.rows)
+
+    @property
+    def busy_rows(self) -> list[str]:
+        return busy_rows(self.rows)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "weights_sha256": self.weights_sha256, "io_iterations": self.io_iterations,
+                "io_mode": self.io_mode, "io_grid": self.io_grid, "io_learning_rate": self.io_learning_rate,
+                "pairs": [row.to_dict() for row in self.rows],
+                "summary": {method: values.to_dict() for method, values in self.summary.items()},
+                "busy_rows": self.busy_rows}
 
 
 def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterations: int = 0,
              io_mode: str = "fields", io_grid: str = "network", io_learning_rate: Optional[float] = None,
              baselines: Sequence[str] = ("identity", "demons"), device: str = "auto",
              modality: str = "auto",
-             progress: Optional[ProgressCallback] = None) -> dict:
+             progress: Optional[ProgressCallback] = None) -> EvaluationReport:
     """Evaluate ``model`` (zoo name, spec path or ``LoadedModel``) and ``baselines`` on ``pairs``.
 
     With ``io_iterations`` the model is also run with instance optimisation (``io_mode``, ``io_grid``,
     ``io_learning_rate``, see
     :func:`~ICONRegistrationLib.pipeline.registration.register`), as the method ``model+io``.
-    Returns ``{"pairs": [row…], "summary": {method: {metric: [mean, std]}}, "labels": …}``.
+    Returns an :class:`EvaluationReport` (its ``to_dict()`` is ``evaluation.json``).
     """
     from ..models.weights import LoadedModel, load_model
     from ..pipeline.registration import register
@@ -160,56 +241,44 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
                                   io_iterations=iterations, io_mode=io_mode, io_grid=io_grid,
                                   io_learning_rate=io_learning_rate)
             rows.append(_score(method, result.forward_transform(), pair, fixed, fixed_label, moving_label,
-                               result.metrics.total_seconds, result.metrics) | _load_fields(meter))
+                               result.metrics.total_seconds, meter, result.metrics))
         for name in baselines:
             with LoadMeter() as meter:
                 transform, seconds = timed(BASELINES[name], fixed, moving)
-            rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds)
-                        | _load_fields(meter))
+            rows.append(_score(name, transform, pair, fixed, fixed_label, moving_label, seconds, meter))
         report(progress, "evaluation", (index + 1) / len(pairs))
-    return {"model": loaded.spec.name, "weights_sha256": loaded.weights_sha256, "io_iterations": io_iterations,
-            "io_mode": io_mode if io_iterations else None, "io_grid": io_grid if io_iterations else None,
-            "io_learning_rate": io_learning_rate if io_iterations else None, "pairs": rows,
-            "summary": summarize_methods(rows), "busy_rows": busy_rows(rows)}
+    return EvaluationReport(model=loaded.spec.name, weights_sha256=loaded.weights_sha256,
+                            io_iterations=io_iterations, io_mode=io_mode if io_iterations else None,
+                            io_grid=io_grid if io_iterations else None,
+                            io_learning_rate=io_learning_rate if io_iterations else None, rows=rows)
 
 
-def _load_fields(meter: LoadMeter) -> dict:
-    """The row's ``other_load_share``: the share of the machine's CPU capacity other processes used while the
-    registration ran (``None`` where it cannot be measured)."""
-    return {"other_load_share": meter.sample.other_share}
-
-
-def busy_rows(rows: Sequence[dict]) -> list[str]:
+def busy_rows(rows: Sequence[EvaluationRow]) -> list[str]:
     """``"pair method"`` of the rows timed while other processes used more than
     :data:`~ICONRegistrationLib.evaluation.machine_load.BUSY_SHARE` of the machine (their seconds are inflated)."""
-    return [f"{r['pair']} {r['method']}" for r in rows if (r.get("other_load_share") or 0.0) > BUSY_SHARE]
+    return [f"{row.pair} {row.method}" for row in rows if row.busy]
 
 
-def busy_warning(report_data: dict) -> str:
+def busy_warning(evaluation: EvaluationReport) -> str:
     """A sentence for reports whose seconds were (partly) measured on a busy machine, else ``""``."""
-    busy = report_data.get("busy_rows") or []
+    busy = evaluation.busy_rows
     if not busy:
         return ""
-    return (f"Warning: {len(busy)} of {len(report_data['pairs'])} registrations were timed while other processes "
+    return (f"Warning: {len(busy)} of {len(evaluation.rows)} registrations were timed while other processes "
             f"used more than {BUSY_SHARE:.0%} of the machine's CPU (first: {', '.join(busy[:3])}); their seconds "
             "are inflated (Dice, HD95, folds and IC error are not affected). Rerun on an idle machine for timings.")
 
 
-SUMMARY_METRICS = ("dice_mean", "hd95_mm", "jacobian_nonpositive_percent", "ic_error_mean_mm", "ic_error_p95_mm",
-                   "seconds")
-
-
-def summarize_methods(rows: Sequence[dict]) -> dict:
-    """``{method: {metric: [mean, std], "pairs": n}}`` in the order methods first appear."""
-    summary: dict = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        selected = [r for r in rows if r["method"] == method]
-        summary[method] = {"pairs": len(selected)}
-        for metric in SUMMARY_METRICS:
-            summary[method][metric] = list(mean_std(r[metric] for r in selected))
-        labels = sorted({k for r in selected for k in r["dice"]}, key=int)
-        summary[method]["dice_per_label"] = {k: mean_std(r["dice"].get(k, math.nan) for r in selected)[0]
-                                             for k in labels}
+def summarize_methods(rows: Sequence[EvaluationRow]) -> dict[str, MethodSummary]:
+    """``{method: MethodSummary}`` in the order methods first appear."""
+    summary: dict[str, MethodSummary] = {}
+    for method in dict.fromkeys(row.method for row in rows):
+        selected = [row for row in rows if row.method == method]
+        statistics = {metric: tuple(mean_std(getattr(row, metric) for row in selected)) for metric in SUMMARY_METRICS}
+        labels = sorted({k for row in selected for k in row.dice}, key=int)
+        summary[method] = MethodSummary(
+            pairs=len(selected), **statistics,
+            dice_per_label={k: mean_std(row.dice.get(k, math.nan) for row in selected)[0] for k in labels})
     return summary
 
 
@@ -219,20 +288,20 @@ def _cell(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown_table(report_data: dict) -> str:
+def markdown_table(evaluation: EvaluationReport) -> str:
     """The summary as a markdown table (mean ± std over pairs)."""
     header = ("| method | pairs | Dice | HD95 (mm) | % det J ≤ 0 | IC error mean (mm) | IC error 95th (mm) | seconds |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [header]
-    for method, values in report_data["summary"].items():
-        lines.append(f"| {method} | {values['pairs']} | {_cell(*values['dice_mean'], 3)} | "
-                     f"{_cell(*values['hd95_mm'], 2)} | {_cell(*values['jacobian_nonpositive_percent'], 4)} | "
-                     f"{_cell(*values['ic_error_mean_mm'], 4)} | {_cell(*values['ic_error_p95_mm'], 4)} | "
-                     f"{_cell(*values['seconds'], 2)} |")
+    for method, values in evaluation.summary.items():
+        lines.append(f"| {method} | {values.pairs} | {_cell(*values.dice_mean, 3)} | "
+                     f"{_cell(*values.hd95_mm, 2)} | {_cell(*values.jacobian_nonpositive_percent, 4)} | "
+                     f"{_cell(*values.ic_error_mean_mm, 4)} | {_cell(*values.ic_error_p95_mm, 4)} | "
+                     f"{_cell(*values.seconds, 2)} |")
     return "\n".join(lines) + "\n"
 
 
-def write_evaluation(report_data: dict, out_dir: str | Path) -> tuple[Path, Path]:
+def write_evaluation(evaluation: EvaluationReport, out_dir: str | Path) -> tuple[Path, Path]:
     """``evaluation.json`` and ``evaluation.md`` in ``out_dir`` (each written atomically; the command line writes
     them into a :func:`~ICONRegistrationLib.io.atomic.result_folder`)."""
     out_dir = Path(out_dir)
@@ -248,10 +317,10 @@ def write_evaluation(report_data: dict, out_dir: str | Path) -> tuple[Path, Path
             return value.item()
         return value
 
-    json_path = write_json(clean(report_data), out_dir / "evaluation.json")
+    json_path = write_json(clean(evaluation.to_dict()), out_dir / "evaluation.json")
     markdown_path = out_dir / "evaluation.md"
     with atomic_path(markdown_path) as temporary:
-        warning = busy_warning(report_data)
-        temporary.write_text(f"Model `{report_data['model']}`, {len(report_data['pairs'])} rows\n\n"
-                             + markdown_table(report_data) + (f"\n{warning}\n" if warning else ""))
+        warning = busy_warning(evaluation)
+        temporary.write_text(f"Model `{evaluation.model}`, {len(evaluation.rows)} rows\n\n"
+                             + markdown_table(evaluation) + (f"\n{warning}\n" if warning else ""))
     return json_path, markdown_path
