@@ -30,7 +30,9 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
     oneDNN runs the transposed convolutions and the wide-to-3 last convolution 2–3× faster on a CPU when the
     input is channels-last (same numbers); the rest of the UNet (pooling, interpolation, batch norm,
-    concatenation) is faster in the default order, so only those inputs are converted.
+    concatenation) is faster in the default order, so only those inputs are converted, except on the last
+    (full-resolution) level, which stays channels-last from its transposed convolution to the last convolution:
+    converting its largest tensors back and forth cost more than the layout saves there.
     """
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
