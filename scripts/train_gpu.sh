@@ -15,7 +15,8 @@
 #
 # Environment overrides: DEVICE (cuda), TIME_LIMIT (seconds of training, 480), STEPS (the stage's total steps),
 # STAGE, LEARNING_RATE, BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
-# checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), PYTHON (python3).
+# checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), ELASTIC and GAMMA (augmentation, `iconreg train
+# --elastic/--gamma`; 0 for none), PYTHON (python3). The defaults are the recipe of each shipped model.
 # It installs what is missing: the package is used from this checkout (PYTHONPATH), SimpleITK from .whl/ if
 # present (offline machines) or from the package index; PyTorch is never replaced (a GPU machine's own build is
 # kept; only if none is importable is one installed).
@@ -34,12 +35,12 @@ case "$MODEL" in
     SPEC=Resources/Models/gradicon-brain-lpba40.json
     DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-brain-lpba40.pt
     STAGE=${STAGE:-1}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-2e-4}; FLIP_AXES=2
-    LABEL_WEIGHT=${LABEL_WEIGHT:-1} ;;
+    LABEL_WEIGHT=${LABEL_WEIGHT:-3}; ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3} ;;
   gradicon-hippocampus)
     SPEC=gradicon-hippocampus
     DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-hippocampus.pt
     STAGE=${STAGE:-2}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-1e-4}; FLIP_AXES=0,1,2
-    LABEL_WEIGHT=${LABEL_WEIGHT:-1} ;;
+    LABEL_WEIGHT=${LABEL_WEIGHT:-5}; ELASTIC=${ELASTIC:-0}; GAMMA=${GAMMA:-0} ;;
   *)
     echo "unknown model '$MODEL': use gradicon-brain-lpba40 or gradicon-hippocampus" >&2; exit 2 ;;
 esac
@@ -73,7 +74,7 @@ mkdir -p "$OUT"
 ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARED/validation_prepared.npz"
       --out "$OUT" --stage "$STAGE" --steps "$STEPS" --learning-rate "$LEARNING_RATE" --batch-size "$BATCH"
       --flip-axes "$FLIP_AXES" --time-limit "$TIME_LIMIT" --device "$DEVICE" --checkpoint-every 100
-      --validate-every 250 --export "$OUT/$MODEL.pt")
+      --validate-every 250 --export "$OUT/$MODEL.pt" --elastic "$ELASTIC" --gamma "$GAMMA")
 [ -f "$OUT/checkpoint.pt" ] || ARGS+=(--init "$INIT")
 [ "$LABEL_WEIGHT" = 0 ] || ARGS+=(--label-loss dice --label-weight "$LABEL_WEIGHT")
 [[ "$DEVICE" == cuda* ]] && ARGS+=(--mixed-precision)
