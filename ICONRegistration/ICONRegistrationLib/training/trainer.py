@@ -107,9 +107,11 @@ def initialise(net: torch.nn.Module, source: str | Path) -> str:
 
 
 def random_affine_grids(batch: int, shape, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """``F.affine_grid`` sampling grids of ``batch`` random affine maps I + U(−s, s) with shifts U(−s, s)."""
+    """``F.affine_grid`` sampling grids of ``batch`` random affine maps I + U(−s, s) with shifts U(−s, s); for
+    ``s = 0`` the identity's grids, without drawing from ``generator``."""
     theta = torch.eye(3, 4).repeat(batch, 1, 1)
-    theta += (torch.rand(batch, 3, 4, generator=generator) * 2 - 1) * strength
+    if strength > 0:
+        theta += (torch.rand(batch, 3, 4, generator=generator) * 2 - 1) * strength
     return F.affine_grid(theta, [batch, 1, *shape], align_corners=False)
 
 
@@ -152,9 +154,7 @@ def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConf
     batch = images_A.shape[0]
     shape = images_A.shape[2:]
     if config.affine_strength > 0 or config.elastic_voxels > 0:
-        grids = (random_affine_grids(2 * batch, shape, config.affine_strength, generator)
-                 if config.affine_strength > 0 else
-                 F.affine_grid(torch.eye(3, 4).expand(2 * batch, 3, 4), [2 * batch, 1, *shape], align_corners=False))
+        grids = random_affine_grids(2 * batch, shape, config.affine_strength, generator)
         if config.elastic_voxels > 0:
             grids = grids + random_elastic_displacements(2 * batch, shape, config.elastic_voxels,
                                                          config.elastic_spacing, generator)
