@@ -182,6 +182,35 @@ def test_unet_channels_last_convolutions_give_the_same_output(monkeypatch):
     assert torch.allclose(fast, plain, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch, shape", [(1, (33, 35, 33)), (2, (18, 20, 22))])
+def test_last_level_batch_norm_gets_a_channels_last_gradient_and_the_same_gradients(monkeypatch, batch, shape):
+    """The last level's batch norm (channels-last input) must get its gradient channels-last: with the crop's
+    default-order gradient PyTorch's CPU batch-norm backward runs 8× slower. Same parameter gradients either way."""
+    torch.manual_seed(0)
+    net = UNet2(5, [[2, 8, 16, 16, 16, 16], [8, 16, 16, 16, 16]]).train()
+    torch.nn.init.normal_(net.lastConv.weight, std=0.05)
+    a, b = torch.rand(batch, 1, *shape), torch.rand(batch, 1, *shape)
+    seen = []
+
+    def watch_gradient(module, inputs, output):  # the gradient the batch norm's backward receives
+        output.register_hook(lambda grad: seen.append(grad.is_contiguous(memory_format=torch.channels_last_3d)))
+
+    net.batchNorms[0].register_forward_hook(watch_gradient)
+
+    def gradients():
+        net.zero_grad(set_to_none=True)
+        out = net(a, b)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    fast = gradients()
+    assert seen == [True]
+    monkeypatch.setattr(networks._ChannelsLastGradient, "apply", lambda x: x)
+    plain = gradients()
+    assert seen == [True, False], "the test no longer sees the default-order gradient it guards against"
+    assert float((fast - plain).norm() / plain.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("shape", [(33, 33, 33), (18, 24, 18), (17, 20, 23)])
 def test_small_convolutions_padded_onto_onednn_give_the_same_output_and_gradients(monkeypatch, shape):
     """Batch-1 inputs below PyTorch's oneDNN size test are zero-padded along the first axis and cropped."""
@@ -263,7 +292,7 @@ def test_label_dice_without_one_hot_maps_equals_the_sampled_one_hot_maps(shape):
     fast = soft_dice_loss_of_warped_labels(label_indices(moving, values), label_indices(fixed, values), maps,
                                            values.numel())
     fast_gradient, = torch.autograd.grad(fast, maps)
-    assert 0.3 < float(reference) < 1
+    assert 0.3 < float(reference.detach()) < 1
     assert float(fast) == pytest.approx(float(reference), rel=1e-12)
     assert torch.allclose(fast_gradient, reference_gradient, rtol=1e-9, atol=1e-12)
     # a perfect match scores 0 through the fast path too

@@ -66,6 +66,24 @@ def _convolve(conv: nn.Module, x: torch.Tensor, max_growth: float) -> torch.Tens
     return conv(padded)[:, :, :out_depth]
 
 
+class _ChannelsLastGradient(torch.autograd.Function):
+    """The identity; the gradient that comes back is made channels-last.
+
+    Between the last level's batch norm (channels-last input) and the crop and concatenation after it: their
+    backward hands back a gradient in the default memory order, and PyTorch's CPU batch-norm backward on a
+    channels-last input with such a gradient takes a path 8× slower (111 against 14 ms for 16 channels at 66³,
+    one thread) than with a channels-last one; the copy costs a few milliseconds.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last_3d)
+
+
 def _concatenate_channels_last(*parts: torch.Tensor) -> torch.Tensor:
     """``torch.cat(parts, dim=1)``, written in channels-last memory order when 3-D (the order of the last
     convolution's input)."""
@@ -134,6 +152,8 @@ class UNet2(nn.Module):
                 coarse = _channels_last(coarse)
             x = y + F.interpolate(coarse, scale_factor=2, mode=self._interpolate_mode, align_corners=False)
             x = self.batchNorms[depth](x)
+            if depth == 0 and x.dim() == 5 and x.requires_grad:
+                x = _ChannelsLastGradient.apply(x)
             skip = skips[depth]
             x = x[(slice(None), slice(None)) + tuple(slice(0, n) for n in skip.shape[2:])]
             x = torch.cat([x, skip], dim=1) if depth > 0 else _concatenate_channels_last(x, skip)
