@@ -67,6 +67,8 @@ def _convolve(conv: nn.Module, x: torch.Tensor, max_growth: float) -> torch.Tens
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """``channels_last_3d`` for a 5-D tensor laid out channels-last (and not also plainly contiguous, as a
+    one-channel or one-voxel tensor is), else ``contiguous_format``."""
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
         return torch.channels_last_3d
     return torch.contiguous_format
@@ -140,9 +142,9 @@ class _CropAndConcatenateChannelsLast(torch.autograd.Function):
     gradient handed back in that input's own memory order.
 
     The last level's ``x`` (batch norm output) is channels-last. Through PyTorch's own crop and concatenation its
-    gradient came back in the default order (the crop's backward fills a default-order tensor from a strided
-    channels-last slice, a slow transposing copy), and PyTorch's CPU batch-norm backward on a channels-last input
-    with a default-order gradient takes a path 8× slower (111 against 14 ms for 16 channels at 66³, one thread).
+    gradient came back in the default order, through a slow transposing copy (the crop's backward fills a
+    default-order tensor from a strided channels-last slice), and the batch norm's backward then ran on mixed
+    orders (PyTorch's own kernel 8× slower: 111 against 14 ms for 16 channels at 66³, one thread).
     Here the backward copies the gradient's channel range in the same order: one plain copy per input.
     """
 
