@@ -35,7 +35,7 @@ case "$MODEL" in
     SPEC=Resources/Models/gradicon-brain-lpba40.json
     DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-brain-lpba40.pt
     STAGE=${STAGE:-1}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-2e-4}; FLIP_AXES=2
-    LABEL_WEIGHT=${LABEL_WEIGHT:-3}; ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3} ;;
+    LABEL_WEIGHT=${LABEL_WEIGHT:-5}; ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3} ;;
   gradicon-hippocampus)
     SPEC=gradicon-hippocampus
     DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-hippocampus.pt
