@@ -16,7 +16,8 @@
 # Environment overrides: DEVICE (cuda), TIME_LIMIT (seconds of training, 480), STEPS (the stage's total steps),
 # STAGE, LEARNING_RATE, BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
 # checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), ELASTIC and GAMMA (augmentation, `iconreg train
-# --elastic/--gamma`; 0 for none), PYTHON (python3). The defaults are the recipe of each shipped model.
+# --elastic/--gamma`; 0 for none), PYTHON (python3). The label weight and augmentation defaults are each
+# shipped model's last recipe; the learning rates are the GPU runs' own (a larger batch than on the CPU).
 # It installs what is missing: the package is used from this checkout (PYTHONPATH), SimpleITK from .whl/ if
 # present (offline machines) or from the package index; PyTorch is never replaced (a GPU machine's own build is
 # kept; only if none is importable is one installed).
