@@ -431,6 +431,49 @@ def test_best_pt_keeps_the_network_of_the_best_validation_across_resumption(tmp_
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 1
 
 
+
+def test_keep_every_saves_snapshots_that_average_into_a_loadable_mean(tmp_path):
+    from ICONRegistrationLib.errors import UserError
+    from ICONRegistrationLib.training.averaging import average_state_dicts, average_weights, snapshot_path
+    config = TrainingConfig(steps=4, batch_size=2, checkpoint_every=4, validate_every=100, keep_every=2,
+                            learning_rate=1e-2)
+    train(small_spec(), synthetic_set(), tmp_path / "run", config, device="cpu")
+    snapshots = sorted((tmp_path / "run" / "snapshots").glob("step_*.pt"))
+    assert snapshots == [snapshot_path(tmp_path / "run", 2), snapshot_path(tmp_path / "run", 4)]
+    at_2, at_4 = (torch.load(p, weights_only=True) for p in snapshots)
+    assert (at_2["step"], at_4["step"]) == (2, 4)
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(at_4["model"][k], final[k]) for k in final)
+    moved = [k for k, v in at_2["model"].items() if v.is_floating_point() and not torch.equal(v, final[k])]
+    assert moved  # the two snapshots differ, so the mean below is a test of the arithmetic
+    # the mean, element by element; integer buffers (batch-norm counters) take the larger value
+    code = main(["average-weights", str(snapshots[0]), str(snapshots[1]), "--out", str(tmp_path / "mean.pt")])
+    assert code == 0
+    mean = torch.load(tmp_path / "mean.pt", weights_only=True)
+    for key, value in final.items():
+        if value.is_floating_point():
+            assert mean[key].dtype == torch.float16
+            expected = (at_2["model"][key].double() + value.double()) / 2
+            assert torch.allclose(mean[key].double(), expected, rtol=1e-3, atol=1e-4), key
+        else:
+            assert torch.equal(mean[key], torch.maximum(at_2["model"][key], value)), key
+    net = build_network(small_spec())
+    initialise(net, tmp_path / "mean.pt")  # loads strictly into the architecture
+    # a fresh run in the same folder drops the old run's snapshots (they must never be averaged with the new)
+    train(small_spec(), synthetic_set(), tmp_path / "run", dataclasses.replace(config, steps=1), device="cpu",
+          resume=False)
+    assert not list((tmp_path / "run" / "snapshots").glob("step_*.pt"))
+    # different networks, or a single file, are user errors
+    other = {k: v for k, v in final.items() if k != next(iter(final))}
+    with pytest.raises(UserError, match="not the same network"):
+        average_state_dicts([final, other], ["a.pt", "b.pt"])
+    with pytest.raises(UserError, match="at least two"):
+        average_weights([tmp_path / "mean.pt"], tmp_path / "one.pt")
+    with pytest.raises(UserError, match="keep-every"):
+        train(small_spec(), synthetic_set(), tmp_path / "bad", dataclasses.replace(config, keep_every=-1),
+              device="cpu")
+
+
 def test_hd95_per_label_on_cropped_boxes_equals_the_whole_image():
     from ICONRegistrationLib.evaluation.metrics import hd95, hd95_per_label
     a = np.zeros((40, 50, 45), np.uint8)

@@ -275,7 +275,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             learning_rate=args.learning_rate, penalty=args.penalty, similarity=args.similarity,
                             lmbda=args.lmbda, affine_strength=args.affine, elastic_voxels=args.elastic,
                             intensity_gamma=args.gamma, validate_every=args.validate_every,
-                            checkpoint_every=args.checkpoint_every, seed=args.seed,
+                            checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
                             label_loss=args.label_loss, label_weight=args.label_weight,
                             label_downsample=args.label_downsample,
@@ -293,6 +293,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.export:
         summary["exported"] = str(export_weights(out / "checkpoint.pt", args.export))
     print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def _cmd_average_weights(args: argparse.Namespace) -> int:
+    from .io import check_output_file
+    from .models import sha256_of
+    from .training.averaging import average_weights
+
+    check_output_file(args.out, "--out")
+    for source in args.sources:
+        if not Path(source).is_file():
+            raise UserError(f"No such weights file: '{source}'.")
+    out = average_weights(args.sources, args.out)
+    print(f"wrote the mean of {len(args.sources)} weight files to {out} (sha256 {sha256_of(out)})")
     return EXIT_OK
 
 
@@ -482,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--flip-axes", default="0,1,2", help="tensor axes to flip at random ('' for none)")
     trn.add_argument("--validate-every", type=int, default=100)
     trn.add_argument("--checkpoint-every", type=int, default=100)
+    trn.add_argument("--keep-every", type=int, default=0,
+                     help="also keep the network every this many steps as OUT/snapshots/step_NNNNNN.pt, to average "
+                          "with 'iconreg average-weights' (default 0: keep none)")
     trn.add_argument("--seed", type=int, default=0)
     trn.add_argument("--device", default="auto")
     trn.add_argument("--mixed-precision", action="store_true", help="bfloat16 autocast on a GPU")
@@ -489,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also save the resampled data as compact .pt files (to copy to a GPU machine)")
     trn.add_argument("--export", help="write the final weights here as float16 (the shipped format)")
     trn.set_defaults(func=_cmd_train)
+
+    avg = commands.add_parser("average-weights",
+                              help="the mean of snapshots of one training run (weight averaging), as float16 weights")
+    avg.add_argument("sources", nargs="+", help="checkpoints or weights files of one run (at least two)")
+    avg.add_argument("--out", required=True, help="weights file to write (the shipped float16 format)")
+    avg.set_defaults(func=_cmd_average_weights)
 
     evl = commands.add_parser("evaluate", help="Dice, HD95, folds, IC error and time on labelled pairs, "
                                                "with identity and demons baselines")

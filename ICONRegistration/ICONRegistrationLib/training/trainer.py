@@ -36,6 +36,7 @@ from ..models.build import build_network
 from ..models.spec import ModelSpec
 from ..models.weights import load_state_dict_strict, read_state_dict
 from ..progress import ProgressCallback, report
+from .averaging import SNAPSHOT_FOLDER, snapshot_path
 from .data import PreparedSet
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -66,6 +67,7 @@ class TrainingConfig:
     intensity_gamma: float = 0.0
     validate_every: int = 100
     checkpoint_every: int = 100
+    keep_every: int = 0  # also keep the network every this many steps in snapshots/ (for weight averaging; 0: no)
     seed: int = 0
     mixed_precision: bool = False  # bfloat16 autocast on CUDA only
     # GradICON/ICON penalty on a random 1/8 of the jittered grid points: the full penalty's expectation at a
@@ -408,6 +410,14 @@ def _record_validation(out_dir: Path, net, row: dict, best_dice: float) -> float
     return best_dice
 
 
+def _save_snapshot(out_dir: Path, net, step: int) -> None:
+    """The network at ``step`` (weights only) in the run's snapshot folder, for :mod:`.averaging`."""
+    path = snapshot_path(out_dir, step)
+    path.parent.mkdir(exist_ok=True)
+    with atomic_path(path) as temporary:
+        torch.save({"model": net.state_dict(), "step": step}, str(temporary))
+
+
 def _save_checkpoint(path: Path, net, optimizer, step: int, generator: torch.Generator, spec: ModelSpec,
                      config: TrainingConfig) -> None:
     with atomic_path(path) as temporary:
@@ -448,6 +458,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"The label weight must be a positive number, got {config.label_weight}.")
     if config.time_limit is not None and not (math.isfinite(config.time_limit) and config.time_limit >= 0):
         raise UserError(f"The time limit must be a number of seconds ≥ 0, got {config.time_limit}.")
+    if config.keep_every < 0:
+        raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
     values = label_values(train_set) if config.label_loss else None
     factor = config.label_downsample
     if values is not None and (factor < 1 or any(size % factor or size // factor < 2 for size in train_set.shape)):
@@ -486,6 +498,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     else:
         for log in ("train_log.csv", "validation_log.csv", BEST_NAME):  # a fresh run starts empty
             (out_dir / log).unlink(missing_ok=True)
+        for snapshot in (out_dir / SNAPSHOT_FOLDER).glob("step_*.pt"):  # another run's: never to be averaged in
+            snapshot.unlink()
         if init is not None:
             initialise(net, init)
     net.train()
@@ -529,6 +543,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             "seconds": f"{time.perf_counter() - step_start:.3f}"})
         if step % config.checkpoint_every == 0 or step == config.steps:
             _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
+        if config.keep_every and step % config.keep_every == 0:
+            _save_snapshot(out_dir, net, step)
         if (validation_set is not None and len(validation_set) > 1
                 and (step % config.validate_every == 0 or step == config.steps)):
             last_validation = {"step": step, **validate(net, validation_set, torch_device)}
