@@ -355,12 +355,20 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
     assert (out / "curves.png").is_file() and json.loads((out / "summary.json").read_text())["steps"] == 2
     best = torch.load(out / "gradicon-hippocampus-best.pt", weights_only=True)  # the best validation's network
     assert set(best) == set(weights) and all(v.dtype == torch.float16 for v in best.values() if v.is_floating_point())
-    # running again continues from the checkpoint (no --init), up to the new total
-    done = subprocess.run(command, env={**env, "STEPS": "3"}, capture_output=True, text=True, timeout=600)
+    assert not (out / "gradicon-hippocampus-averaged.pt").exists()  # no snapshot every 250 steps in 2 steps
+    # running again continues from the checkpoint (no --init), up to the new total; with a snapshot every step,
+    # the last two are averaged and the mean is validated on the validation pairs
+    done = subprocess.run(command, env={**env, "STEPS": "4", "KEEP_EVERY": "1", "AVERAGE": "2"},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    averaged = json.loads((out / "averaged.json").read_text())
+    assert [Path(p).name for p in averaged["sources"]] == ["step_000003.pt", "step_000004.pt"]
+    assert 0.0 <= averaged["validation"]["val_dice"] <= 1.0 and averaged["validation"]["val_folds_percent"] < 1
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in
+                         torch.load(out / "gradicon-hippocampus-averaged.pt", weights_only=True).items()})
     with (out / "train_log.csv").open() as handle:
-        assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3]
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4]
 
 
 def test_time_limit_stops_with_a_checkpoint_and_a_validation_row(tmp_path):

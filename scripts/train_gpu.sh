@@ -11,12 +11,14 @@
 # OUT (default runs/MODEL-gpu) receives checkpoint.pt (resumable: run the script again to continue),
 # MODEL.pt (float16 weights of the last step, the shipped format), best.pt and MODEL-best.pt (the network at the
 # best validation Dice of the run; float16 in the second), validation.md, validation_log.csv, train_log.csv and
-# curves.png.
+# curves.png; with snapshots every KEEP_EVERY steps (OUT/snapshots/), MODEL-averaged.pt (float16, the mean of the
+# last AVERAGE snapshots: weight averaging, `iconreg average-weights`) and averaged.json (its validation on the
+# same pairs as validation.md; ship it only if it beats the best).
 #
 # Environment overrides: DEVICE (cuda), TIME_LIMIT (seconds of training, 480), STEPS (the stage's total steps),
 # STAGE, LEARNING_RATE, BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
 # checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), ELASTIC and GAMMA (augmentation, `iconreg train
-# --elastic/--gamma`; 0 for none), PYTHON (python3). The label weight and augmentation defaults are each
+# --elastic/--gamma`; 0 for none), KEEP_EVERY (250) and AVERAGE (4), PYTHON (python3). The label weight and augmentation defaults are each
 # shipped model's last recipe; the learning rates are the GPU runs' own (a larger batch than on the CPU).
 # It installs what is missing: the package is used from this checkout (PYTHONPATH), SimpleITK from .whl/ if
 # present (offline machines) or from the package index; PyTorch is never replaced (a GPU machine's own build is
@@ -30,6 +32,8 @@ PREPARED=${PREPARED:-prepared/$MODEL}
 DEVICE=${DEVICE:-cuda}
 TIME_LIMIT=${TIME_LIMIT:-480}
 BATCH=${BATCH:-auto}
+KEEP_EVERY=${KEEP_EVERY:-250}
+AVERAGE=${AVERAGE:-4}
 
 case "$MODEL" in
   gradicon-brain-lpba40)
@@ -75,7 +79,7 @@ mkdir -p "$OUT"
 ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARED/validation_prepared.npz"
       --out "$OUT" --stage "$STAGE" --steps "$STEPS" --learning-rate "$LEARNING_RATE" --batch-size "$BATCH"
       --flip-axes "$FLIP_AXES" --time-limit "$TIME_LIMIT" --device "$DEVICE" --checkpoint-every 100
-      --validate-every 250 --export "$OUT/$MODEL.pt" --elastic "$ELASTIC" --gamma "$GAMMA")
+      --validate-every 250 --keep-every "$KEEP_EVERY" --export "$OUT/$MODEL.pt" --elastic "$ELASTIC" --gamma "$GAMMA")
 [ -f "$OUT/checkpoint.pt" ] || ARGS+=(--init "$INIT")
 [ "$LABEL_WEIGHT" = 0 ] || ARGS+=(--label-loss dice --label-weight "$LABEL_WEIGHT")
 [[ "$DEVICE" == cuda* ]] && ARGS+=(--mixed-precision)
@@ -84,5 +88,12 @@ if [ -f "$OUT/best.pt" ]; then  # the network at the run's best validation Dice,
   "$PYTHON" -c 'import sys; from ICONRegistrationLib.training.trainer import export_weights; export_weights(*sys.argv[1:])' \
     "$OUT/best.pt" "$OUT/$MODEL-best.pt"
 fi
+mapfile -t SNAPSHOTS < <(ls "$OUT"/snapshots/step_*.pt 2>/dev/null | tail -n "$AVERAGE")
+if [ "${#SNAPSHOTS[@]}" -ge 2 ]; then  # weight averaging of the last snapshots, validated like the run
+  "$PYTHON" -m ICONRegistrationLib.cli average-weights "${SNAPSHOTS[@]}" --out "$OUT/$MODEL-averaged.pt" \
+    --spec "$SPEC" --val "$PREPARED/validation_prepared.npz" --stage "$STAGE" --device "$DEVICE" \
+    | tee "$OUT/averaged.json"
+fi
 echo "wrote $OUT: $MODEL.pt (float16, last step), $MODEL-best.pt (float16, best validation Dice), validation.md," \
-  "curves.png; run again to continue from $OUT/checkpoint.pt" >&2
+  "curves.png (and $MODEL-averaged.pt with averaged.json when snapshots were kept); run again to continue from" \
+  "$OUT/checkpoint.pt" >&2

@@ -305,8 +305,23 @@ def _cmd_average_weights(args: argparse.Namespace) -> int:
     for source in args.sources:
         if not Path(source).is_file():
             raise UserError(f"No such weights file: '{source}'.")
+    if (args.spec is None) != (args.val is None):
+        raise UserError("Validating the mean needs both --spec and --val (or neither).")
     out = average_weights(args.sources, args.out)
-    print(f"wrote the mean of {len(args.sources)} weight files to {out} (sha256 {sha256_of(out)})")
+    print(f"wrote the mean of {len(args.sources)} weight files to {out} (sha256 {sha256_of(out)})", file=sys.stderr)
+    summary = {"sources": [str(source) for source in args.sources], "out": str(out), "sha256": sha256_of(out)}
+    if args.spec is not None:
+        from .device import choose_device
+        from .models.build import build_network
+        from .models.zoo import resolve_spec
+        from .training.data import PreparedSet
+        from .training.trainer import initialise, stage_spec, validate
+
+        device = choose_device(args.device)
+        net = build_network(stage_spec(resolve_spec(args.spec), args.stage)).to(device)
+        initialise(net, out)
+        summary["validation"] = validate(net.to(device), PreparedSet.load(args.val), device)
+    print(json.dumps(summary, indent=2))
     return EXIT_OK
 
 
@@ -511,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="the mean of snapshots of one training run (weight averaging), as float16 weights")
     avg.add_argument("sources", nargs="+", help="checkpoints or weights files of one run (at least two)")
     avg.add_argument("--out", required=True, help="weights file to write (the shipped float16 format)")
+    avg.add_argument("--spec", help="with --val: validate the mean as 'iconreg train' does (model spec or zoo name)")
+    avg.add_argument("--val", help="prepared validation set (.npz, from 'iconreg train --save-prepared')")
+    avg.add_argument("--stage", type=int, default=2, choices=[1, 2], help="the training stage of the snapshots")
+    avg.add_argument("--device", default="auto")
     avg.set_defaults(func=_cmd_average_weights)
 
     evl = commands.add_parser("evaluate", help="Dice, HD95, folds, IC error and time on labelled pairs, "
