@@ -196,6 +196,21 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None, *, downl
     return download_weights(spec, progress)
 
 
+def write_state_dict(state: dict[str, "torch.Tensor"], out: str | Path, half: bool = True) -> Path:
+    """Write ``state`` to ``out`` atomically as a plain state dict, floating-point tensors as float16 by default
+    (the shipped format, which :func:`read_state_dict` reads back as float32)."""
+    import torch
+
+    from ..io.atomic import atomic_path
+
+    if half:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    out = Path(out)
+    with atomic_path(out) as temporary:
+        torch.save(state, str(temporary))
+    return out
+
+
 def read_state_dict(path: "str | Path | io.BytesIO", name: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint (a path, or bytes already read, named ``name`` in messages), safely
     (``weights_only=True``), as float32 on the CPU.

@@ -18,8 +18,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
-from ..io.atomic import atomic_path
-from ..models.weights import read_state_dict
+from ..models.weights import read_state_dict, write_state_dict
 
 #: ``iconreg train --keep-every N`` saves the network every N steps here (inside ``--out``), as
 #: ``step_000300.pt`` = {"model": state dict, "step": 300}
@@ -69,10 +68,4 @@ def average_weights(sources: Sequence[str | Path], out: str | Path, half: bool =
     if len(sources) < 2:
         raise UserError(f"Averaging needs at least two weight files, got {len(sources)}.")
     states = [read_state_dict(source) for source in sources]
-    averaged = average_state_dicts(states, [str(source) for source in sources])
-    if half:
-        averaged = {k: (v.half() if v.is_floating_point() else v) for k, v in averaged.items()}
-    out = Path(out)
-    with atomic_path(out) as temporary:
-        torch.save(averaged, str(temporary))
-    return out
+    return write_state_dict(average_state_dicts(states, [str(source) for source in sources]), out, half)

@@ -34,7 +34,7 @@ from ..io.atomic import atomic_path
 from ..overlap import dice_scores
 from ..models.build import build_network
 from ..models.spec import ModelSpec
-from ..models.weights import load_state_dict_strict, read_state_dict
+from ..models.weights import load_state_dict_strict, read_state_dict, write_state_dict
 from ..progress import ProgressCallback, report
 from .averaging import SNAPSHOT_FOLDER, snapshot_path
 from .data import PreparedSet
@@ -428,13 +428,7 @@ def _save_checkpoint(path: Path, net, optimizer, step: int, generator: torch.Gen
 
 def export_weights(checkpoint: str | Path, out: str | Path, half: bool = True) -> Path:
     """The model weights of a checkpoint as a plain state dict (float16 by default, as shipped)."""
-    state = read_state_dict(checkpoint)
-    if half:
-        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
-    out = Path(out)
-    with atomic_path(out) as temporary:
-        torch.save(state, str(temporary))
-    return out
+    return write_state_dict(read_state_dict(checkpoint), out, half)
 
 
 def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: TrainingConfig, *,
