@@ -439,7 +439,6 @@ def test_best_pt_keeps_the_network_of_the_best_validation_across_resumption(tmp_
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 1
 
 
-
 def test_keep_every_saves_snapshots_that_average_into_a_loadable_mean(tmp_path):
     from ICONRegistrationLib.errors import UserError
     from ICONRegistrationLib.training.averaging import average_state_dicts, average_weights, snapshot_path

@@ -308,8 +308,8 @@ def _cmd_average_weights(args: argparse.Namespace) -> int:
     if (args.spec is None) != (args.val is None):
         raise UserError("Validating the mean needs both --spec and --val (or neither).")
     out = average_weights(args.sources, args.out)
-    print(f"wrote the mean of {len(args.sources)} weight files to {out} (sha256 {sha256_of(out)})", file=sys.stderr)
     summary = {"sources": [str(source) for source in args.sources], "out": str(out), "sha256": sha256_of(out)}
+    print(f"wrote the mean of {len(args.sources)} weight files to {out} (sha256 {summary['sha256']})", file=sys.stderr)
     if args.spec is not None:
         from .device import choose_device
         from .models.build import build_network
@@ -320,7 +320,7 @@ def _cmd_average_weights(args: argparse.Namespace) -> int:
         device = choose_device(args.device)
         net = build_network(stage_spec(resolve_spec(args.spec), args.stage)).to(device)
         initialise(net, out)
-        summary["validation"] = validate(net.to(device), PreparedSet.load(args.val), device)
+        summary["validation"] = validate(net, PreparedSet.load(args.val), device)
     print(json.dumps(summary, indent=2))
     return EXIT_OK
 
