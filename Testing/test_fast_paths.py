@@ -361,3 +361,44 @@ def test_keep_freed_memory_applies_to_its_own_process_only_and_can_be_switched_o
     env["ICONREG_SYSTEM_MALLOC"] = "1"
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert off.stdout.strip() == "False"
+
+
+def test_side_by_side_keeps_order_and_raises_the_first_error_with_any_thread_count(monkeypatch):
+    from ICONRegistrationLib.concurrency import side_by_side
+    from ICONRegistrationLib.errors import UserError
+
+    def fail(message):
+        raise UserError(message)
+
+    for threads in (1, 2, 4):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert side_by_side(lambda: 1, lambda: "two", lambda: [3]) == [1, "two", [3]]
+        with pytest.raises(UserError, match="first"):
+            side_by_side(lambda: 1, lambda: fail("first"), lambda: fail("second"))
+
+
+def test_quality_summary_and_normalisation_side_by_side_equal_the_one_thread_numbers(monkeypatch):
+    import dataclasses
+
+    import numpy as np
+
+    from ICONRegistrationLib.pipeline.preprocessing import normalize_intensities
+    from ICONRegistrationLib.pipeline.qa import summarize_quality
+
+    rng = np.random.default_rng(3)
+    jacobian = rng.normal(1.0, 0.4, size=(20, 21, 22)).astype(np.float32)
+    ic_error = rng.gamma(2.0, 0.3, size=(20, 21, 22)).astype(np.float32)
+    image = rng.gamma(3.0, 50.0, size=(20, 21, 22)).astype(np.float32)
+    results = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        results[threads] = dataclasses.asdict(summarize_quality(jacobian, ic_error))
+    assert results[1] == results[2]
+    summary = results[2]
+    assert summary["folds"] == int((jacobian <= 0).sum()) > 0
+    assert summary["jacobian_p5"] == pytest.approx(float(np.percentile(jacobian, 5)))
+    assert summary["ic_error_p95_mm"] == pytest.approx(float(np.percentile(ic_error, 95)))
+    normalised = normalize_intensities(image, "mri", {"mri_percentile": 99})
+    high = np.percentile(image, 99)
+    assert normalised.dtype == np.float32 and normalised.min() == 0.0 and normalised.max() == 1.0
+    assert float((image >= high).mean()) == pytest.approx(float((normalised == 1.0).mean()), abs=1e-4)

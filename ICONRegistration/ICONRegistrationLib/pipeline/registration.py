@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..core.coordinates import identity_map, map_to_displacement, sample_at
 from ..core.inversion import InversionWarning
 from ..core.losses import make_similarity
+from ..concurrency import side_by_side
 from ..core.objective import both_directions
 from ..device import device_description
 from ..errors import UserError
@@ -117,7 +118,7 @@ def _memory_errors_as_user_errors(device: torch.device) -> Iterator[None]:
 def _field_image(displacement_mm: torch.Tensor, grid: Grid) -> sitk.Image:
     """``[1, 3 (x, y, z), D, H, W]`` displacement → sitk vector float64 image on ``grid`` (one copy)."""
     array = np.empty((*grid.shape, 3), dtype=np.float64)
-    array[...] = displacement_mm[0].detach().cpu().permute(1, 2, 3, 0).numpy()
+    torch.from_numpy(array).copy_(displacement_mm[0].detach().permute(1, 2, 3, 0))  # all threads, not NumPy's one
     return grid.apply_to(sitk.GetImageFromArray(array, isVector=True))
 
 
@@ -202,6 +203,7 @@ def _warp_moving(moving: np.ndarray, displacement: torch.Tensor, grid_B: Grid, g
     # in unit coordinates, |u − ½| ≤ ½ + ½ / (N − 1) along every axis.
     half_width = torch.as_tensor([0.5 + 0.5 / max(n - 1, 1) for n in moving_grid.shape], device=device)
     out = np.empty(fixed_grid.shape, dtype=np.float32)
+    out_tensor = torch.from_numpy(out)  # the same memory: copies into it use every thread
     rows = max(1, _SLAB_VOXELS // (fixed_grid.shape[1] * fixed_grid.shape[2]))
     for start in range(0, fixed_grid.shape[0], rows):
         slab = slice(start, min(start + rows, fixed_grid.shape[0]))
@@ -209,7 +211,7 @@ def _warp_moving(moving: np.ndarray, displacement: torch.Tensor, grid_B: Grid, g
         unit = apply_affine(*to_moving, where + _resize_slab(displacement, fixed_grid.shape, slab))
         values = sample_at(moving_tensor, unit, padding="border")[0, 0]
         inside = ((unit - 0.5).abs_() <= half_width.view(1, 3, 1, 1, 1)).all(dim=1)[0]
-        out[slab] = values.masked_fill_(~inside, 0.0).cpu().numpy()
+        out_tensor[slab] = values.masked_fill_(~inside, 0.0)
     return out
 
 
@@ -371,10 +373,13 @@ def _prepare(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, loaded: Loa
 def _images_on_grids(inputs: _Inputs, grid_A: Grid, grid_B: Grid, loaded: LoadedModel) -> _NetworkPair:
     """Both normalised images (and masks) resampled onto ``grid_A`` (over moving) and ``grid_B`` (over fixed)."""
     rules, device = loaded.spec.preprocessing, loaded.device
-    image_B = grid_B.to_network(normalize_intensities(inputs.fixed_voxels, inputs.fixed_modality, rules,
-                                                      inputs.fixed_mask, "fixed"), device)
-    image_A = grid_A.to_network(normalize_intensities(inputs.moving_voxels, inputs.moving_modality, rules,
-                                                      inputs.moving_mask, "moving"), device)
+    normalized_B, normalized_A = side_by_side(  # NumPy on one core each: both images at once
+        lambda: normalize_intensities(inputs.fixed_voxels, inputs.fixed_modality, rules, inputs.fixed_mask, "fixed"),
+        lambda: normalize_intensities(inputs.moving_voxels, inputs.moving_modality, rules, inputs.moving_mask,
+                                      "moving"))
+    image_B = grid_B.to_network(normalized_B, device)
+    image_A = grid_A.to_network(normalized_A, device)
+    del normalized_A, normalized_B
     mask_B = grid_B.to_network(inputs.fixed_mask, device) if inputs.fixed_mask is not None else None
     mask_A = grid_A.to_network(inputs.moving_mask, device) if inputs.moving_mask is not None else None
     for role, tensor in (("fixed", image_B), ("moving", image_A)):
