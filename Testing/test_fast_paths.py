@@ -377,7 +377,7 @@ def test_side_by_side_keeps_order_and_raises_the_first_error_with_any_thread_cou
             side_by_side(lambda: 1, lambda: fail("first"), lambda: fail("second"))
 
 
-def test_quality_summary_and_normalisation_side_by_side_equal_the_one_thread_numbers(monkeypatch):
+def test_quality_summary_in_threads_equals_one_thread_and_normalisation_clips_at_the_percentile(monkeypatch):
     import dataclasses
 
     import numpy as np
