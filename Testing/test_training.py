@@ -83,6 +83,35 @@ def test_resume_takes_the_same_next_steps_as_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_more_final_steps_start_from_a_trained_network_and_register_exactly_like_it(tmp_path):
+    """``options.final_steps`` adds full-resolution steps; initialised from the smaller network's weights, the
+    new steps are the identity, so Φ_AB is unchanged (to float rounding) until they are trained."""
+    from conftest import random_state
+    from ICONRegistrationLib.core.coordinates import identity_map
+    from ICONRegistrationLib.errors import UserError
+    spec = small_spec()
+    state = random_state(spec, seed=3, output_scale=0.05)
+    bigger = ModelSpec.from_dict(dict(SMALL, name="small-fs3", options={"final_steps": 3}))
+    net, big = build_network(spec), build_network(bigger)
+    net.load_state_dict(state)
+    torch.save(state, tmp_path / "w.pt")
+    assert initialise(big, tmp_path / "w.pt") == "the inner network (the outer 2 steps start at the identity)"
+    assert len([k for k in big.state_dict() if k.endswith("lastConv.weight")]) == \
+        len([k for k in state if k.endswith("lastConv.weight")]) + 2
+    torch.manual_seed(0)
+    A, B = torch.rand(2, 1, 1, *spec.input_shape)
+    grid = identity_map(spec.input_shape)
+    with torch.no_grad():
+        expected, got = net(A, B)(grid), big(A, B)(grid)
+    assert (expected - grid).abs().max() > 1e-3  # the source network moves the images
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert "final_steps" not in stage_spec(bigger, 1).options  # stage 1 trains the pyramid alone
+    with pytest.raises(UserError, match="final_steps"):
+        ModelSpec.from_dict(dict(SMALL, name="bad", last_step=False, options={"final_steps": 2}))
+    with pytest.raises(UserError, match="final_steps"):
+        ModelSpec.from_dict(dict(SMALL, name="bad", options={"final_steps": 0}))
+
+
 def test_stage_one_weights_start_stage_two_and_export_loads_strictly(tmp_path):
     spec = small_spec()
     config = TrainingConfig(steps=2, stage=1, batch_size=2, checkpoint_every=2, validate_every=100)
@@ -90,7 +119,7 @@ def test_stage_one_weights_start_stage_two_and_export_loads_strictly(tmp_path):
     stage1 = torch.load(tmp_path / "stage1" / "checkpoint.pt", weights_only=True)
     assert stage1["spec"]["last_step"] is False
     net = build_network(stage_spec(spec, 2))
-    assert initialise(net, tmp_path / "stage1" / "checkpoint.pt").startswith("the multi-resolution part")
+    assert initialise(net, tmp_path / "stage1" / "checkpoint.pt").startswith("the inner network")
     assert torch.equal(net.netPhi.state_dict()[next(iter(stage1["model"]))], next(iter(stage1["model"].values())))
     # stage 2 from stage 1, exported as float16 and loaded as a model
     config2 = TrainingConfig(steps=2, stage=2, batch_size=2, checkpoint_every=2, validate_every=100)

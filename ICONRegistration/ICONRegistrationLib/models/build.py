@@ -18,7 +18,7 @@ def build_network(spec: ModelSpec) -> RegistrationModule:
     For ``architecture == "gradicon"`` with ``levels = L`` and ``last_step``::
 
         Ψ1 at 1/2^(L-1) → TwoStep(Down(…), Ψ2) → … → TwoStep(Down(…), ΨL) at full resolution
-        → TwoStep(…, ΨL+1) if last_step
+        → TwoStep(…, ΨL+1) if last_step → TwoStep(…, ΨL+2) … (``options["final_steps"]`` of them, default 1)
 
     which for L = 3 is icon_registration's TwoStep(TwoStep(Down(TwoStep(Down(Ψ1), Ψ2)), Ψ3), Ψ4): the
     ``state_dict()`` keys equal those of an official uniGradICON ``regis_net``.
@@ -47,5 +47,6 @@ def build_network(spec: ModelSpec) -> RegistrationModule:
     for _ in range(spec.levels - 1):
         net = TwoStepRegistration(DownsampleRegistration(net, dimension=3), step())
     if spec.last_step:
-        net = TwoStepRegistration(net, step())
+        for _ in range(int(options.get("final_steps", 1))):
+            net = TwoStepRegistration(net, step())
     return net.eval()

@@ -38,7 +38,8 @@ class ModelSpec:
     * ``last_step``: add Ψ4 at full resolution after the pyramid (gradicon only).
     * ``options``: architecture-specific settings — constricon: ``affine_steps`` (2), ``svf_steps`` (2),
       ``affine_channels``, ``integration_steps`` (7); sitreg: ``max_gradient`` (0.9),
-      ``inversion_tolerance`` (voxels, 1e-3); any: ``penalty`` (the training regulariser).
+      ``inversion_tolerance`` (voxels, 1e-3); gradicon: ``final_steps`` (1: how many full-resolution steps
+      ``last_step`` adds, each refining the composed map so far); any: ``penalty`` (the training regulariser).
     * ``input_shape``: the network grid ``[D, H, W]`` (tensor axis order) both images are resampled to.
     * ``similarity`` / ``lambda``: the training and instance-optimisation objective.
     * ``preprocessing``: intensity rules, see :mod:`ICONRegistrationLib.pipeline.preprocessing`.
@@ -231,9 +232,12 @@ def _validate(spec: ModelSpec) -> None:
         _fail(name, "weights.file", "a file name without folders", weights["file"])
     if not isinstance(spec.options, dict):
         _fail(name, "options", "an object", spec.options)
-    for key, smallest in (("affine_steps", 0), ("svf_steps", 0), ("integration_steps", 1)):
+    for key, smallest in (("affine_steps", 0), ("svf_steps", 0), ("integration_steps", 1), ("final_steps", 1)):
         if key in spec.options and (_whole(spec.options[key]) is None or spec.options[key] < smallest):
             _fail(name, f"options.{key}", f"a whole number ≥ {smallest}", spec.options[key])
+    if "final_steps" in spec.options and not (spec.architecture == "gradicon" and spec.last_step):
+        _fail(name, "options.final_steps", "absent unless the architecture is gradicon with last_step true",
+              spec.options["final_steps"])
     for key in ("max_gradient", "inversion_tolerance"):
         if key in spec.options and (_number(spec.options[key]) is None or spec.options[key] <= 0):
             _fail(name, f"options.{key}", "a positive number", spec.options[key])

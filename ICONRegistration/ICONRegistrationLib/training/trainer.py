@@ -89,21 +89,27 @@ def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
     if stage not in (1, 2):
         raise UserError("stage must be 1 (multi-resolution network) or 2 (adds the final full-resolution step).")
     if stage == 1 and spec.last_step and spec.architecture == "gradicon":
-        return dataclasses.replace(spec, last_step=False)
+        options = {k: v for k, v in spec.options.items() if k != "final_steps"}
+        return dataclasses.replace(spec, last_step=False, options=options)
     return spec
 
 
 def initialise(net: torch.nn.Module, source: str | Path) -> str:
-    """Load ``source`` (a checkpoint or weights file) into ``net``; a stage-1 state goes into a stage-2 network's
-    inner part. Returns what was loaded, for the log."""
+    """Load ``source`` (a checkpoint or weights file) into ``net``, or into the innermost part of ``net`` that it
+    fits: a stage-1 state goes into a stage-2 network's multi-resolution part, and a network's state into one
+    that adds further final steps (``options["final_steps"]``) around it. Every new final step starts at the
+    identity (its UNet's last convolution is zero), so the result equals the source network until trained.
+    Returns what was loaded, for the log."""
     state = read_state_dict(source)
-    if set(state) == set(net.state_dict()):
-        load_state_dict_strict(net, state, source=f"initial weights '{source}'")
-        return "all weights"
-    inner = getattr(net, "netPhi", None)
-    if inner is not None and set(state) == set(inner.state_dict()):
-        load_state_dict_strict(inner, state, source=f"initial weights '{source}'")
-        return "the multi-resolution part (stage 1 weights)"
+    inner, depth = net, 0
+    while inner is not None:
+        if set(state) == set(inner.state_dict()):
+            load_state_dict_strict(inner, state, source=f"initial weights '{source}'")
+            if depth == 0:
+                return "all weights"
+            outer = "the outer step starts" if depth == 1 else f"the outer {depth} steps start"
+            return f"the inner network ({outer} at the identity)"
+        inner, depth = getattr(inner, "netPhi", None), depth + 1
     load_state_dict_strict(net, state, source=f"initial weights '{source}'")  # raises with the differences
     return "all weights"
 
