@@ -82,7 +82,7 @@ class TrainingConfig:
 
 
 def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
-    """Stage 1: the multi-resolution network without the final step; stage 2: the spec as given.
+    """Stage 1: the multi-resolution network without the final step(s); stage 2: the spec as given.
 
     Only GradICON networks are trained in stages; ConstrICON and SITReg networks train whole in either stage.
     """
