@@ -126,6 +126,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.ioIterationsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.createInverseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.exactInverseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.testTimeFlipsCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.loadModelFileButton.connect("clicked(bool)", self.onLoadModelFile)
         self.ui.registerButton.connect("clicked(bool)", self.onRegister)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -199,6 +200,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.createInverseCheckBox.checked = settings.createInverse
             self.ui.exactInverseCheckBox.checked = settings.exactInverse
             self.ui.exactInverseCheckBox.enabled = settings.createInverse
+            self.ui.testTimeFlipsCheckBox.checked = settings.testTimeFlips
             {"folds": self.ui.showFoldsRadioButton, "ic": self.ui.showICRadioButton,
              "none": self.ui.showNoneRadioButton}.get(settings.overlay, self.ui.showFoldsRadioButton).checked = True
             ready = bool(node("fixedVolume") and node("movingVolume"))
@@ -237,7 +239,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ioGrid=self.ui.ioGridComboBox.currentData, device=self.ui.deviceComboBox.currentData,
             fieldGrid=self.ui.fieldGridComboBox.currentData, outputMode=self.ui.outputModeComboBox.currentData,
             createInverse=bool(self.ui.createInverseCheckBox.checked),
-            exactInverse=bool(self.ui.exactInverseCheckBox.checked), overlay=overlay)
+            exactInverse=bool(self.ui.exactInverseCheckBox.checked),
+            testTimeFlips=bool(self.ui.testTimeFlipsCheckBox.checked), overlay=overlay)
 
     # ----- form helpers -----------------------------------------------------------------------------
     def populateModels(self):

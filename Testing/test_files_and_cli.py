@@ -77,6 +77,7 @@ def test_cli_register_writes_every_output_and_the_transform_reproduces_warped(tm
                             "metrics.json", "report.png"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "tiny" and metrics["device"] == "cpu"
+    assert metrics["flips"] == []  # the tiny model lists no test-time flips
     assert metrics["inverse"]["folds"] >= 0 and metrics["inverse"]["jacobian_min"] > 0
     assert len(metrics["weights_sha256"]) == 64
     for key in ("folds", "folds_percent", "jacobian_min", "ic_error_mean_mm", "ic_error_p95_mm", "ic_error_max_mm"):
@@ -174,6 +175,13 @@ def test_other_user_errors_exit_3_and_usage_errors_exit_2(tmp_path, tiny_model_f
     with pytest.raises(SystemExit) as usage:
         main(["register", "--fixed", str(fixed_path)])
     assert usage.value.code == 2
+    for flips in ("3", "0,0", "x"):
+        with pytest.raises(SystemExit) as usage:
+            main(common + ["--model", str(spec_file), "--flips", flips])
+        assert usage.value.code == 2
+    assert main(common + ["--model", str(spec_file), "--weights", str(weights), "--flips", "2", "--io-iterations",
+                          "1", "--io-mode", "weights"]) == 3
+    assert "flips" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -196,3 +196,67 @@ def test_box_resampled_displacement_is_the_same_physical_transform_on_a_finer_gr
     assert torch.allclose(fine_map, expected, atol=1e-9)
     # the network grid's own shape is returned unchanged
     assert box_resample_displacement(displacement, (12, 16, 14)) is displacement
+
+
+# ----- test-time flips: the averaged prediction is exactly equivariant to the flips it averages over -------------
+
+def _mirrored_field(field: sitk.Image, axis: int) -> np.ndarray:
+    """The displacement field of the mirrored registration: voxels reversed along tensor ``axis`` and the
+    displacement component along that axis negated (axis-aligned images, mirrored about their box centre)."""
+    values = np.flip(sitk.GetArrayFromImage(field), axis=axis).copy()  # [z, y, x, (x, y, z)]
+    values[..., 2 - axis] *= -1
+    return values
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_flip_averaged_prediction_is_equivariant_to_the_flip_and_a_single_one_is_not(tmp_path, axis):
+    from conftest import random_state
+
+    spec = tiny_spec(shape=(66, 66, 66), test_time_flips=[axis])
+    weights = tmp_path / "tiny.pt"
+    torch.save(random_state(spec, seed=3, output_scale=0.02), weights)
+    fixed_voxels = blob_volume((66, 66, 66))
+    moving_voxels = blob_volume((66, 66, 66), centre=(30, 36, 35), seed=1)
+
+    def forward(fixed_array, moving_array, flips):
+        return register(make_image(fixed_array), make_image(moving_array), spec, weights=weights,
+                        fixed_modality="mri", moving_modality="mri", flips=flips)
+
+    averaged = forward(fixed_voxels, moving_voxels, None)  # None: the model's test_time_flips
+    assert averaged.metrics.flips == [axis]
+    mirrored = forward(np.flip(fixed_voxels, axis).copy(), np.flip(moving_voxels, axis).copy(), None)
+    expected = sitk.GetArrayFromImage(averaged.forward_field)
+    assert np.abs(expected).max() > 0.5  # the network moves the image by more than half a millimetre
+    assert np.abs(_mirrored_field(mirrored.forward_field, axis) - expected).max() < 1e-3
+    inverse = sitk.GetArrayFromImage(averaged.inverse_field)
+    assert np.abs(_mirrored_field(mirrored.inverse_field, axis) - inverse).max() < 1e-3
+
+    single = forward(fixed_voxels, moving_voxels, [])
+    single_mirrored = forward(np.flip(fixed_voxels, axis).copy(), np.flip(moving_voxels, axis).copy(), [])
+    assert single.metrics.flips == []
+    single_values = sitk.GetArrayFromImage(single.forward_field)
+    assert np.abs(_mirrored_field(single_mirrored.forward_field, axis) - single_values).max() > 0.05
+    # the average is the mean of the single prediction and the mirrored one mapped back
+    mean = 0.5 * (single_values + _mirrored_field(single_mirrored.forward_field, axis))
+    assert np.abs(mean - expected).max() < 1e-3
+
+
+def test_flips_are_checked():
+    from ICONRegistrationLib.errors import UserError
+
+    fixed = make_image(blob_volume((20, 22, 24)))
+    for flips in ([3], [1, 1], [True], "2", [2.0]):
+        with pytest.raises(UserError, match="flips"):
+            register(fixed, fixed, tiny_spec(), fixed_modality="mri", moving_modality="mri", random_weights=True,
+                     flips=flips)
+    with pytest.raises(UserError, match="weights"):
+        register(fixed, fixed, tiny_spec(), fixed_modality="mri", moving_modality="mri", random_weights=True,
+                 flips=[2], io_iterations=1, io_mode="weights")
+    for value in ([3], [0, 0], "2", [None]):
+        with pytest.raises(UserError, match="test_time_flips"):
+            tiny_spec(test_time_flips=value)
+    assert tiny_spec(test_time_flips=[2, 0]).test_time_flips == [0, 2]
+    # the weight mode of instance optimisation replaces the prediction: the model's flips do not apply to it
+    result = register(fixed, fixed, tiny_spec(test_time_flips=[2]), fixed_modality="mri", moving_modality="mri",
+                      random_weights=True, io_iterations=1, io_mode="weights")
+    assert result.metrics.flips == []

@@ -6,11 +6,13 @@ the truth in Slicer's RAS terms, not against another copy of our own code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core==5.11.0.6)")
 import vtk  # noqa: E402
@@ -406,6 +408,7 @@ def test_qa_volumes_metrics_table_and_display(scene):
     assert metrics["Folded voxels (det J ≤ 0)"] == str(outputs.result.metrics.folds) == "0"
     assert float(metrics["IC error mean"]) == pytest.approx(outputs.result.metrics.ic_error_mean_mm, rel=1e-3)
     assert metrics["Model"] == "tiny"
+    assert metrics["Prediction averaged over flips of network axes"] == "—"  # the model lists no test-time flips
     assert json.loads(outputs.transform.GetAttribute("ICONRegistration.metrics"))["folds"] == 0
     # slice views: none in a bare scene, then three
     assert logic.showResults(outputs) == 0
@@ -485,6 +488,33 @@ def test_instance_optimisation_grid_reaches_the_engine(scene, tiny_model_files):
         logic.register(fixed_node, moving_node, str(spec_path), fixedModality="mri", movingModality="mri",
                        ioIterations=2, ioGrid="finest", outputMode="warped")
     assert scene.GetNumberOfNodes() == nodes_before
+
+
+def test_test_time_flips_setting_reaches_the_engine_and_the_parameter_node(scene, tmp_path):
+    """On by default: the model's ``test_time_flips`` are used (the metrics table says which); off: one
+    prediction. The setting survives the parameter node."""
+    from conftest import random_state, tiny_spec
+
+    spec = tiny_spec(shape=(66, 66, 66), test_time_flips=[2])
+    spec.to_file(tmp_path / "tiny.json")
+    torch.save(random_state(spec, output_scale=1e-3), tmp_path / "tiny.pt")
+    fixed = make_image(blob_volume((40, 44, 42), seed=1))
+    moving = make_image(blob_volume((40, 44, 42), seed=2))
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    averaged = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
+                              movingModality="mri", outputMode="warped")
+    assert averaged.result.metrics.flips == [2]
+    assert metrics_from_table(averaged.metrics_table)["Prediction averaged over flips of network axes"] == "2"
+    single = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
+                            movingModality="mri", outputMode="warped", testTimeFlips=False)
+    assert single.result.metrics.flips == []
+    difference = np.abs(sitk.GetArrayFromImage(averaged.result.forward_field)
+                        - sitk.GetArrayFromImage(single.result.forward_field)).max()
+    assert difference > 1e-4  # the average is not the single prediction
+    node = logic.getParameterNode()
+    logic.setSettings(dataclasses.replace(logic.settings(node), testTimeFlips=False), node)
+    assert logic.settings(node).testTimeFlips is False
 
 
 def test_user_mistakes_raise_user_errors(scene):

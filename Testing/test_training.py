@@ -222,6 +222,15 @@ def test_evaluate_gives_the_dice_and_hd95_computed_by_hand(tmp_path):
     assert report["busy_rows"] == [f"{r['pair']} {r['method']}" for r in report["pairs"]
                                    if (r["other_load_share"] or 0) > 0.05]
     assert "| identity | 2 | 0.700 ± 0.100 |" in (tmp_path / "out" / "evaluation.md").read_text()
+    assert all(r["flips"] == [] for r in model_rows) and identity[0]["flips"] is None
+    # averaged over all eight flips, the identity network is still the identity (each flip is mapped back)
+    code = main(["evaluate", "--data", str(tmp_path / "pairs.csv"), "--model", str(tmp_path / "small.json"),
+                 "--baselines", "", "--flips", "0,1,2", "--out", str(tmp_path / "flipped"), "--device", "cpu"])
+    assert code == 0
+    flipped = json.loads((tmp_path / "flipped" / "evaluation.json").read_text())["pairs"]
+    assert [r["dice_mean"] for r in flipped] == pytest.approx([0.8, 0.6], abs=1e-6)
+    assert all(r["flips"] == [0, 1, 2] for r in flipped)
+    assert "averaged over flips of network axes [0, 1, 2]" in (tmp_path / "flipped" / "evaluation.md").read_text()
 
 
 def test_demons_baseline_recovers_a_shift():

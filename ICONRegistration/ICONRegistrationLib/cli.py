@@ -92,7 +92,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
                           io_iterations=args.io_iterations, io_similarity=args.io_similarity, io_mode=args.io_mode,
                           io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, device=args.device,
                           progress=bar, weights=args.weights, field_grid=args.field_grid,
-                          inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse)
+                          inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse, flips=args.flips)
         with result_folder(out) as staging:
             written = write_result(result, staging, fixed=fixed, moving=moving, report=not args.no_report)
     finally:
@@ -234,6 +234,24 @@ def _positive_int(text: str, option: str) -> int:
     return value
 
 
+FLIPS_HELP = ("average the network's prediction over flips of both images: 'model' (default: the axes the "
+              "model lists in test_time_flips), 'none' (one prediction) or network-grid axes such as '2' or '0,1,2' "
+              "(2^k passes)")
+
+
+def _flips(text: str) -> "list[int] | None":
+    """``--flips``: ``model`` → None (the model decides), ``none`` → [], ``0,2`` → [0, 2]."""
+    if text == "model":
+        return None
+    if text == "none":
+        return []
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p in ("0", "1", "2") for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'model', 'none' or distinct axes 0, 1, 2 "
+                                         "separated by commas")
+    return sorted(int(p) for p in parts)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.zoo import resolve_spec
     from .datasets import list_volumes, split_validation
@@ -342,7 +360,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         evaluation = evaluate(pairs, args.model, io_iterations=args.io_iterations, io_mode=args.io_mode,
                               io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, baselines=baselines,
-                              device=args.device, modality=args.modality, progress=bar)
+                              device=args.device, modality=args.modality, flips=args.flips, progress=bar)
     finally:
         bar.close()
     with result_folder(out) as staging:
@@ -424,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="similarity for instance optimisation (default: the model's)")
     reg.add_argument("--io-grid", choices=["network", "fixed"], default="network", help=IO_GRID_HELP)
     reg.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
+    reg.add_argument("--flips", type=_flips, default=None, metavar="model|none|AXES", help=FLIPS_HELP)
     reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     reg.add_argument("--fixed-mask", help="fixed mask (non-zero = inside)")
     reg.add_argument("--moving-mask", help="moving mask (non-zero = inside)")
@@ -547,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--io-mode", choices=["fields", "weights"], default="fields")
     evl.add_argument("--io-grid", choices=["network", "fixed"], default="network", help=IO_GRID_HELP)
     evl.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
+    evl.add_argument("--flips", type=_flips, default=None, metavar="model|none|AXES", help=FLIPS_HELP)
     evl.add_argument("--baselines", default="identity,demons",
                      help="comma-separated: identity, demons, ants-syn, elastix (the last two need "
                           "pip install -e '.[baselines]')")

@@ -115,7 +115,8 @@ class EvaluationRow:
     per label, keyed by the label value as a string); HD95 in mm, the mean over labels; the folds are % voxels
     with det J ≤ 0; the IC error (mm) exists for networks only (NaN otherwise); ``seconds`` the registration's
     wall time; ``other_load_share`` the share of the machine's CPU that other processes used meanwhile (``None``
-    where unknown)."""
+    where unknown); ``flips`` the network-grid axes a network's prediction was averaged over (``None`` for the
+    classical baselines)."""
 
     pair: str
     method: str
@@ -127,6 +128,7 @@ class EvaluationRow:
     ic_error_mean_mm: float = math.nan
     ic_error_p95_mm: float = math.nan
     other_load_share: Optional[float] = None
+    flips: Optional[list[int]] = None
 
     @property
     def busy(self) -> bool:
@@ -152,6 +154,7 @@ def _score(method: str, transform: sitk.Transform, pair: LabelledPair, fixed: si
     if metrics is not None:  # the network's own QA maps
         row.jacobian_nonpositive_percent = metrics.folds_percent
         row.ic_error_mean_mm, row.ic_error_p95_mm = metrics.ic_error_mean_mm, metrics.ic_error_p95_mm
+        row.flips = list(metrics.flips)
     else:
         row.jacobian_nonpositive_percent = _jacobian_folds_percent(transform, fixed)
     return row
@@ -212,13 +215,14 @@ class EvaluationReport:
 def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterations: int = 0,
              io_mode: str = "fields", io_grid: str = "network", io_learning_rate: Optional[float] = None,
              baselines: Sequence[str] = ("identity", "demons"), device: str = "auto",
-             modality: str = "auto",
+             modality: str = "auto", flips: Optional[Sequence[int]] = None,
              progress: Optional[ProgressCallback] = None) -> EvaluationReport:
     """Evaluate ``model`` (zoo name, spec path or ``LoadedModel``) and ``baselines`` on ``pairs``.
 
     With ``io_iterations`` the model is also run with instance optimisation (``io_mode``, ``io_grid``,
     ``io_learning_rate``, see
-    :func:`~ICONRegistrationLib.pipeline.registration.register`), as the method ``model+io``.
+    :func:`~ICONRegistrationLib.pipeline.registration.register`), as the method ``model+io``. ``flips`` (the
+    model's ``test_time_flips`` when ``None``) applies to both model methods; each row records the flips used.
     Returns an :class:`EvaluationReport` (its ``to_dict()`` is ``evaluation.json``).
     """
     from ..models.weights import LoadedModel, load_model
@@ -239,7 +243,7 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
             with LoadMeter() as meter:
                 result = register(fixed, moving, loaded, fixed_modality=modality, moving_modality=modality,
                                   io_iterations=iterations, io_mode=io_mode, io_grid=io_grid,
-                                  io_learning_rate=io_learning_rate)
+                                  io_learning_rate=io_learning_rate, flips=flips)
             rows.append(_score(method, result.forward_transform(), pair, fixed, fixed_label, moving_label,
                                result.metrics.total_seconds, meter, result.metrics))
         for name in baselines:
@@ -321,6 +325,9 @@ def write_evaluation(evaluation: EvaluationReport, out_dir: str | Path) -> tuple
     markdown_path = out_dir / "evaluation.md"
     with atomic_path(markdown_path) as temporary:
         warning = busy_warning(evaluation)
-        temporary.write_text(f"Model `{evaluation.model}`, {len(evaluation.rows)} rows\n\n"
+        flips = sorted({tuple(row.flips) for row in evaluation.rows if row.flips is not None})
+        averaged = "; predictions averaged over flips of network axes " + " / ".join(
+            str(list(f)) for f in flips) if any(flips) else ""
+        temporary.write_text(f"Model `{evaluation.model}`, {len(evaluation.rows)} rows{averaged}\n\n"
                              + markdown_table(evaluation) + (f"\n{warning}\n" if warning else ""))
     return json_path, markdown_path

@@ -44,6 +44,10 @@ class ModelSpec:
     * ``similarity`` / ``lambda``: the training and instance-optimisation objective.
     * ``preprocessing``: intensity rules, see :mod:`ICONRegistrationLib.pipeline.preprocessing`.
     * ``weights``: ``{"url", "sha256", "file"}``; ``sha256`` may be ``null`` when unknown.
+    * ``test_time_flips``: network-grid tensor axes (0 = D, 1 = H, 2 = W) whose flips ``register()`` averages over
+      by default (the mean displacement over every combination of flips of both images, ``2^k`` network passes
+      per direction); list only axes the model was trained to flip (``iconreg train --flip-axes``). Default
+      ``[]``: one prediction.
     """
 
     name: str
@@ -58,6 +62,7 @@ class ModelSpec:
     preprocessing: dict = dataclasses.field(default_factory=lambda: {"ct_window": [-1000, 1000], "mri_percentile": 99})
     weights: dict = dataclasses.field(default_factory=dict)
     options: dict = dataclasses.field(default_factory=dict)
+    test_time_flips: list = dataclasses.field(default_factory=list)
     description: str = ""
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -243,3 +248,8 @@ def _validate(spec: ModelSpec) -> None:
             _fail(name, f"options.{key}", "a positive number", spec.options[key])
     if "penalty" in spec.options and spec.options["penalty"] not in ("gradicon", "icon", "bending", "diffusion"):
         _fail(name, "options.penalty", "gradicon, icon, bending or diffusion", spec.options["penalty"])
+    flips = spec.test_time_flips
+    if (not isinstance(flips, list) or any(_whole(a) not in (0, 1, 2) for a in flips)
+            or len({_whole(a) for a in flips}) != len(flips)):
+        _fail(name, "test_time_flips", "a list of distinct tensor axes 0, 1, 2", flips)
+    spec.test_time_flips = sorted(_whole(a) for a in flips)

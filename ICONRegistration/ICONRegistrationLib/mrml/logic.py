@@ -62,7 +62,8 @@ class RegistrationSettings:
     ``overlay`` is the QA map shown over the images. ``ioMode`` is the instance optimisation's mode: ``"fields"``
     (the two displacement fields, fast) or ``"weights"`` (the network's weights). ``ioGrid`` is where the field
     mode compares the images: ``"network"`` (the network grid) or ``"fixed"`` (as fine as the fixed image, at most
-    twice the network grid per axis; more accurate, several times the cost per step).
+    twice the network grid per axis; more accurate, several times the cost per step). ``testTimeFlips`` averages
+    the network's prediction over the flips the model lists (its spec's ``test_time_flips``; off: one prediction).
     """
 
     model: str = DEFAULT_MODEL
@@ -72,6 +73,7 @@ class RegistrationSettings:
     ioIterations: int = 0
     ioMode: str = "fields"
     ioGrid: str = "network"
+    testTimeFlips: bool = True
     device: str = "auto"
     fieldGrid: str = "network"
     outputMode: str = "transform"
@@ -228,7 +230,7 @@ class ICONRegistrationLogic:
                         progress=progress,
                         weights=settings.weightsFile or None, field_grid=settings.fieldGrid,
                         exact_inverse=bool(settings.exactInverse and settings.createInverse),
-                        random_weights=random_weights)
+                        flips=None if settings.testTimeFlips else [], random_weights=random_weights)
 
     def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,
                  fixedModality: Optional[str] = None, movingModality: Optional[str] = None,
@@ -237,7 +239,8 @@ class ICONRegistrationLogic:
                  progress: Optional[ProgressCallback] = None,
                  weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
                  outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
-                 exactInverse: Optional[bool] = None, settings: Optional[RegistrationSettings] = None,
+                 exactInverse: Optional[bool] = None, testTimeFlips: Optional[bool] = None,
+                 settings: Optional[RegistrationSettings] = None,
                  random_weights: bool = False) -> RegistrationOutputs:
         """Register ``movingVolumeNode`` to ``fixedVolumeNode`` and create the output nodes.
 
@@ -256,7 +259,7 @@ class ICONRegistrationLogic:
             "fieldGrid": fieldGrid,
             "model": str(model) if model is not None else None,
             "outputMode": outputMode, "createInverse": createInverse,
-            "exactInverse": exactInverse}.items() if v is not None})
+            "exactInverse": exactInverse, "testTimeFlips": testTimeFlips}.items() if v is not None})
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, fixedMaskNode, movingMaskNode)
         result = self.runRegistration(inputs, settings, progress, random_weights=random_weights,
                                       loaded_model=loaded_model)

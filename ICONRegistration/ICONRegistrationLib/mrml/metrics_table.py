@@ -26,6 +26,7 @@ METRIC_ROWS = (  # (attribute path of RegistrationMetrics, label, unit)
     ("device", "Device", ""),
     ("model", "Model", ""),
     ("weights_sha256", "Weights sha256", ""),
+    ("flips", "Prediction averaged over flips of network axes", ""),
     ("io_iterations", "Instance-optimisation steps", ""),
     ("io_similarity_shape", "Instance-optimisation image grid", "voxels"),
     ("inverse.method", "Inverse transform", ""),
@@ -43,7 +44,7 @@ def _lookup(metrics: "RegistrationMetrics", path: str):
 
 
 def format_metric(value) -> str:
-    if value is None:
+    if value is None or (isinstance(value, (list, tuple)) and not value):
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -52,7 +52,8 @@ class QualitySummary:
 @dataclasses.dataclass
 class RegistrationMetrics(QualitySummary):
     """:class:`QualitySummary` plus what produced the result: model, sha256 of the weight bytes loaded, device,
-    network grid, field grid, modalities, instance optimisation (iterations, mode, objective per step), the inverse
+    network grid, field grid, modalities, instance optimisation (iterations, mode, objective per step), the flips
+    the prediction was averaged over, the inverse
     (:class:`InverseReport`) and seconds per stage (``load``, ``preprocessing``, ``network``, ``qa``, ``export``,
     ``total``)."""
 
@@ -68,6 +69,7 @@ class RegistrationMetrics(QualitySummary):
     io_mode: Optional[str] = None
     io_similarity_shape: Optional[list[int]] = None  # the field mode's similarity grid (io_grid), [D, H, W]
     io_objective: list[float] = dataclasses.field(default_factory=list)
+    flips: list[int] = dataclasses.field(default_factory=list)  # network-grid axes the prediction was averaged over
     inverse: InverseReport = dataclasses.field(default_factory=lambda: InverseReport("network"))
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 

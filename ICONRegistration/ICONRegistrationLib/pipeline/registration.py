@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -89,9 +90,30 @@ class _StageTimer:
 
 
 def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
-                             progress: Optional[ProgressCallback]) -> torch.Tensor:
-    """``[Φ_AB; Φ_BA]`` on the identity grid. One batch on a GPU (parallel work); on a CPU, where a batch of two
-    costs as much as two passes, one direction after the other to halve the peak memory."""
+                             progress: Optional[ProgressCallback], flips: Sequence[int] = ()) -> torch.Tensor:
+    """``[Φ_AB; Φ_BA]`` on the identity grid: one prediction, or with ``flips`` (tensor axes of the network grid)
+    the mean over every combination of those flips of both images (``2^k`` predictions, each flipped back:
+    the result is then exactly equivariant to those flips). Averaging maps averages displacements."""
+    subsets = [axes for k in range(len(flips) + 1) for axes in itertools.combinations(sorted(flips), k)]
+    total = None
+    for index, axes in enumerate(subsets):
+        dims = [axis + 2 for axis in axes]
+        flipped_A, flipped_B = (image_A.flip(dims), image_B.flip(dims)) if dims else (image_A, image_B)
+        part = _predict_once(net, flipped_A, flipped_B, progress, index / len(subsets), len(subsets))
+        if dims:  # back to the unflipped grid: reverse the axes and mirror their coordinates (x ↦ 1 − x)
+            part = part.flip(dims)
+            for axis in axes:
+                part[:, axis] = 1.0 - part[:, axis]
+        total = part if total is None else total.add_(part)
+        if len(subsets) > 1:
+            report(progress, "network", (index + 1) / len(subsets))
+    return total / len(subsets) if len(subsets) > 1 else total
+
+
+def _predict_once(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
+                  progress: Optional[ProgressCallback], start: float, parts: int) -> torch.Tensor:
+    """``[Φ_AB; Φ_BA]`` of one network prediction. One batch on a GPU (parallel work); on a CPU, where a batch
+    of two costs as much as two passes, one direction after the other to halve the peak memory."""
     grid = identity_map(image_A.shape[2:], device=image_A.device)
     with torch.no_grad():
         if hasattr(net, "forward_and_inverse"):  # inverse consistent by construction: both from one pass
@@ -99,7 +121,7 @@ def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_
         if image_A.device.type != "cpu":
             return net(torch.cat([image_A, image_B]), torch.cat([image_B, image_A]))(grid)
         forward = net(image_A, image_B)(grid)
-        report(progress, "network", 0.5)
+        report(progress, "network", start + 0.5 / parts)
         return torch.cat([forward, net(image_B, image_A)(grid)])
 
 
@@ -220,7 +242,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
              device: str = "auto", progress: Optional[ProgressCallback] = None, weights: "str | Path | None" = None,
              field_grid: str = "network", io_learning_rate: Optional[float] = None, inverse_qa: bool = False,
              exact_inverse: bool = False, random_weights: bool = False, io_mode: str = "fields",
-             io_grid: str = "network") -> RegistrationResult:
+             io_grid: str = "network", flips: Optional[Sequence[int]] = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a pretrained inverse-consistent network.
 
     Args:
@@ -256,6 +278,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             inverse consistency. ``metrics["inverse"]`` reports iterations and the round-trip error; a folding
             forward field is inverted approximately and reported (``invertible: false``).
         random_weights: skip loading weights (architecture tests and benchmarks only).
+        flips: tensor axes of the network grid (0, 1, 2) to average the prediction over: the network runs on
+            every combination of these flips of both images (``2^k`` times the network's time) and the flipped
+            predictions, mapped back, are averaged; instance optimisation starts from that mean. ``None``
+            (default): the model's ``test_time_flips`` (``[]`` = one prediction), or none with
+            ``io_mode="weights"``, which optimises the network itself; ``[]``: one prediction. Use only axes the
+            model was trained to flip.
 
     Raises:
         UserError: for inputs or settings a user can fix; nothing is written in that case.
@@ -269,6 +297,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         raise UserError(f"field_grid must be one of {', '.join(FIELD_GRIDS)}, not '{field_grid}'.")
     if io_grid not in IO_GRIDS:
         raise UserError(f"io_grid must be one of {', '.join(IO_GRIDS)}, not '{io_grid}'.")
+    flips = _check_flips(flips, io_iterations, io_mode)
     if io_similarity is not None:
         try:
             make_similarity(io_similarity)
@@ -283,6 +312,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         else:
             loaded = load_model(model, weights, device=device, progress=progress, random_weights=random_weights)
     timer.device = loaded.device
+    if flips is None:
+        flips = [] if io_iterations and io_mode == "weights" else list(loaded.spec.test_time_flips)
     with timer("preprocessing"):
         pair = _prepare(inputs, fixed, moving, loaded)
         similarity_pair = (_similarity_pair(inputs, fixed, moving, pair, loaded)
@@ -290,7 +321,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     report(progress, "preprocessing", 1.0)
     with timer("network"), _memory_errors_as_user_errors(loaded.device):
         maps, history = _predict_and_optimise(pair, loaded, int(io_iterations), io_mode, io_similarity,
-                                              io_learning_rate, progress, similarity_pair)
+                                              io_learning_rate, progress, similarity_pair, flips)
         io_similarity_shape = (list(similarity_pair.grid_B.shape)
                                if io_iterations and io_mode == "fields" else None)
         del similarity_pair
@@ -318,9 +349,23 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         device=device_description(loaded.device), network_shape=list(pair.grid_B.shape), field_grid=field_grid,
         fixed_modality=inputs.fixed_modality, moving_modality=inputs.moving_modality,
         io_iterations=int(io_iterations), io_mode=io_mode if io_iterations else None, io_objective=history,
-        io_similarity_shape=io_similarity_shape,
+        io_similarity_shape=io_similarity_shape, flips=list(flips),
         inverse=inverse_report, seconds={k: round(v, 4) for k, v in timer.seconds.items()})
     return RegistrationResult(forward_field, inverse_field, warped, jacobian_image, ic_image, metrics)
+
+
+def _check_flips(flips: Optional[Sequence[int]], io_iterations: int, io_mode: str) -> Optional[list[int]]:
+    """``flips`` as a sorted list of distinct axes 0–2 (``None`` stays ``None``: the model decides)."""
+    if flips is None:
+        return None
+    axes = list(flips) if isinstance(flips, (list, tuple)) else None
+    if axes is None or any(isinstance(a, bool) or not isinstance(a, int) or a not in (0, 1, 2) for a in axes) \
+            or len(set(axes)) != len(axes):
+        raise UserError(f"flips must be a list of distinct tensor axes 0, 1, 2 of the network grid, not {flips!r}.")
+    if axes and io_iterations and io_mode == "weights":
+        raise UserError("flips average the network's predictions; instance optimisation in the 'weights' mode "
+                        "replaces them by the fine-tuned network's, so use flips=[] or io_mode='fields'.")
+    return sorted(axes)
 
 
 # ----- the stages of register(); each checks its output --------------------------------------------------------
@@ -411,11 +456,12 @@ def _similarity_pair(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, pai
 
 def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations: int, io_mode: str,
                           io_similarity: Optional[str], io_learning_rate: Optional[float],
-                          progress: Optional[ProgressCallback], similarity_pair: Optional[_NetworkPair] = None
-                          ) -> tuple[torch.Tensor, list[float]]:
-    """Stages 2–3 (predict, optimise): ``[Φ_AB; Φ_BA]`` on the fixed network grid and the instance-optimisation
-    objective per step; the field mode compares the images of ``similarity_pair`` (default ``pair``: the network
-    grids). Checked: finite maps (the message blames the weights, or the optimisation's divergence)."""
+                          progress: Optional[ProgressCallback], similarity_pair: Optional[_NetworkPair] = None,
+                          flips: Sequence[int] = ()) -> tuple[torch.Tensor, list[float]]:
+    """Stages 2–3 (predict, optimise): ``[Φ_AB; Φ_BA]`` on the fixed network grid (averaged over ``flips``) and
+    the instance-optimisation objective per step; the field mode compares the images of ``similarity_pair``
+    (default ``pair``: the network grids). Checked: finite maps (the message blames the weights, or the
+    optimisation's divergence)."""
     spec, device = loaded.spec, loaded.device
     history: list[float] = []
     if io_iterations and io_mode == "weights":
@@ -428,7 +474,7 @@ def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations
             maps = transform(identity_map(pair.grid_B.shape, device=device))  # [Φ_AB; Φ_BA]
     else:
         report(progress, "network", 0.0)
-        maps = _predict_both_directions(loaded.net, pair.image_A, pair.image_B, progress)
+        maps = _predict_both_directions(loaded.net, pair.image_A, pair.image_B, progress, flips)
         if not io_iterations:
             require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model "
                            "(reinstall them), or the inputs are not images this model was trained for")
