@@ -179,6 +179,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
             indent = " " * (width + 1)
             if spec.extra.get("use"):
                 print(f"{indent}for: {spec.extra['use']}")
+            if spec.test_time_flips:
+                print(f"{indent}inference: the prediction averaged over flips of network axes "
+                      f"{', '.join(map(str, spec.test_time_flips))} ('--flips none': one prediction)")
             validation = spec.extra.get("validation")
             if validation:
                 print(f"{indent}validation: {validation_summary(validation)}")
