@@ -325,9 +325,9 @@ def write_evaluation(evaluation: EvaluationReport, out_dir: str | Path) -> tuple
     markdown_path = out_dir / "evaluation.md"
     with atomic_path(markdown_path) as temporary:
         warning = busy_warning(evaluation)
-        flips = sorted({tuple(row.flips) for row in evaluation.rows if row.flips is not None})
+        flips = sorted({tuple(row.flips) for row in evaluation.rows if row.flips})
         averaged = "; predictions averaged over flips of network axes " + " / ".join(
-            str(list(f)) for f in flips) if any(flips) else ""
+            str(list(f)) for f in flips) if flips else ""
         temporary.write_text(f"Model `{evaluation.model}`, {len(evaluation.rows)} rows{averaged}\n\n"
                              + markdown_table(evaluation) + (f"\n{warning}\n" if warning else ""))
     return json_path, markdown_path
