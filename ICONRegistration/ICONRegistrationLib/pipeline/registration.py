@@ -107,7 +107,7 @@ def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_
         total = part if total is None else total.add_(part)
         if len(subsets) > 1:
             report(progress, "network", (index + 1) / len(subsets))
-    return total / len(subsets) if len(subsets) > 1 else total
+    return total.div_(len(subsets)) if len(subsets) > 1 else total
 
 
 def _predict_once(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
