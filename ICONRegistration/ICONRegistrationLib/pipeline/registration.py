@@ -95,11 +95,12 @@ def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_
     the mean over every combination of those flips of both images (``2^k`` predictions, each flipped back:
     the result is then exactly equivariant to those flips). Averaging maps averages displacements."""
     subsets = [axes for k in range(len(flips) + 1) for axes in itertools.combinations(sorted(flips), k)]
+    grid = identity_map(image_A.shape[2:], device=image_A.device)  # once: every prediction is on this grid
     total = None
     for index, axes in enumerate(subsets):
         dims = [axis + 2 for axis in axes]
         flipped_A, flipped_B = (image_A.flip(dims), image_B.flip(dims)) if dims else (image_A, image_B)
-        part = _predict_once(net, flipped_A, flipped_B, progress, index / len(subsets), len(subsets))
+        part = _predict_once(net, flipped_A, flipped_B, grid, progress, index / len(subsets), len(subsets))
         if dims:  # back to the unflipped grid: reverse the axes and mirror their coordinates (x ↦ 1 − x)
             part = part.flip(dims)
             for axis in axes:
@@ -110,11 +111,11 @@ def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_
     return total.div_(len(subsets)) if len(subsets) > 1 else total
 
 
-def _predict_once(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
+def _predict_once(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, grid: torch.Tensor,
                   progress: Optional[ProgressCallback], start: float, parts: int) -> torch.Tensor:
-    """``[Φ_AB; Φ_BA]`` of one network prediction. One batch on a GPU (parallel work); on a CPU, where a batch
-    of two costs as much as two passes, one direction after the other to halve the peak memory."""
-    grid = identity_map(image_A.shape[2:], device=image_A.device)
+    """``[Φ_AB; Φ_BA]`` of one network prediction on ``grid`` (the identity map). One batch on a GPU (parallel
+    work); on a CPU, where a batch of two costs as much as two passes, one direction after the other to halve the
+    peak memory."""
     with torch.no_grad():
         if hasattr(net, "forward_and_inverse"):  # inverse consistent by construction: both from one pass
             return both_directions(net, image_A, image_B)(grid)
