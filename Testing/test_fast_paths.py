@@ -402,3 +402,78 @@ def test_quality_summary_in_threads_equals_one_thread_and_normalisation_clips_at
     high = np.percentile(image, 99)
     assert normalised.dtype == np.float32 and normalised.min() == 0.0 and normalised.max() == 1.0
     assert float((image >= high).mean()) == pytest.approx(float((normalised == 1.0).mean()), abs=1e-4)
+
+
+def _percentile_cases():
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    n = (1 << 18) + 12345  # above the size where the banded selection is used
+    yield "uniform float32", rng.random(n, dtype=np.float32) * 1000
+    yield "normal float64", rng.normal(size=n)
+    yield "many ties", np.round(rng.exponential(size=n) * 3).astype(np.float32)
+    yield "mostly background", np.where(rng.random(n) < 0.7, 0, rng.random(n) * 500).astype(np.float32)
+    yield "sorted (the strided sample sees a ramp)", np.sort(rng.random(n).astype(np.float32))
+    yield "one value", np.full(n, 7.0, dtype=np.float32)
+    yield "3-D volume", rng.gamma(2.0, 100.0, size=(70, 64, 60)).astype(np.float32)
+    yield "small", rng.random(1000, dtype=np.float32)
+    with_nan = rng.random(n, dtype=np.float32)
+    with_nan[123] = np.nan
+    yield "a NaN", with_nan
+
+
+@pytest.mark.parametrize("case", list(range(9)))
+def test_banded_percentile_is_numpys_bit_for_bit(case):
+    import numpy as np
+
+    from ICONRegistrationLib.pipeline.percentile import percentile
+
+    name, values = list(_percentile_cases())[case]
+    for q in (0.0, 0.5, 1, 5, 37.3, 50, 95, 99, 99.5, 100):
+        expected = float(np.percentile(values, q))
+        got = percentile(values, q)
+        assert got == expected or (math.isnan(got) and math.isnan(expected)), (name, q, got, expected)
+
+
+def test_banded_percentile_selects_from_the_band_without_numpys_percentile(monkeypatch):
+    """On a large array the fast path answers alone (a fallback to np.percentile would raise here)."""
+    import numpy as np
+
+    from ICONRegistrationLib.pipeline import percentile as module
+
+    values = np.random.default_rng(5).gamma(2.0, 100.0, size=(64, 64, 80)).astype(np.float32)
+    expected = {q: float(np.percentile(values, q)) for q in (1, 50, 99)}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fell back to np.percentile")
+
+    monkeypatch.setattr(module.np, "percentile", refuse)
+    assert {q: module.percentile(values, q) for q in (1, 50, 99)} == expected
+
+
+def test_normalisation_is_the_float64_numpy_formula_bit_for_bit_and_guessing_a_modality_needs_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from ICONRegistrationLib.pipeline.preprocessing import normalize_intensities
+
+    rng = np.random.default_rng(8)
+    for image in (rng.gamma(3.0, 50.0, size=(70, 64, 60)).astype(np.float32),
+                  (rng.normal(size=(40, 30, 20)) * 3e37).astype(np.float32)):  # a range beyond float32
+        for modality, rules in (("mri", {"mri_percentile": 99}), ("ct", {"ct_window": [-100.0, 300.0]})):
+            low, high = ((float(image.min()), float(np.percentile(image, 99))) if modality == "mri"
+                         else (-100.0, 300.0))
+            expected = ((np.clip(image, low, high).astype(np.float64) - low) / (high - low)).astype(np.float32)
+            got = normalize_intensities(image, modality, rules)
+            assert got.dtype == np.float32 and np.array_equal(got, expected), modality
+    package = Path(__file__).resolve().parents[1] / "ICONRegistration"
+    code = (f"import sys; sys.path.insert(0, {str(package)!r})\n"
+            "import numpy as np\n"
+            "from ICONRegistrationLib.pipeline.preprocessing import guess_modality\n"
+            "assert guess_modality(np.full((70, 70, 70), -1000.0, dtype=np.float32)) == 'ct'\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]

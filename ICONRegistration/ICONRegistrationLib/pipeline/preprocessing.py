@@ -15,13 +15,14 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UserError
+from .percentile import percentile
 
 MODALITIES = ("ct", "mri")
 
 
 def guess_modality(array: np.ndarray) -> str:
     """``"ct"`` when intensities look like Hounsfield units (air well below −200), else ``"mri"``."""
-    return "ct" if float(np.percentile(array, 1)) < -200 and float(array.min()) >= -3100 else "mri"
+    return "ct" if percentile(array, 1) < -200 and float(array.min()) >= -3100 else "mri"
 
 
 def check_modality(modality: Optional[str], array: np.ndarray, role: str) -> str:
@@ -49,11 +50,16 @@ def normalize_intensities(array: np.ndarray, modality: str, rules: dict, mask: O
             low, high = (float(v) for v in rules.get("ct_window", (-1000.0, 1000.0)))
         else:
             low = float(array.min())
-            high = float(np.percentile(array, float(rules.get("mri_percentile", 99))))
+            high = percentile(array, float(rules.get("mri_percentile", 99)))
             if high <= low:  # mostly-background images: fall back to the full range
                 high = float(array.max())
-        # float64: the range of a float32 image can exceed float32 (±3e38 voxels), its normalised values cannot
-        result = (np.clip(array, low, high).astype(np.float64) - low) / (high - low)
+        # float64: the range of a float32 image can exceed float32 (±3e38 voxels), its normalised values cannot.
+        # NumPy's (clip(array) − low) / (high − low) in float64, bit for bit, in torch's threads. torch is imported
+        # here, not above: guess_modality serves the Slicer form, which must not load torch.
+        import torch
+
+        values = torch.from_numpy(np.ascontiguousarray(array)).clamp(low, high)
+        result = values.to(torch.float64).sub_(low).div_(high - low).to(torch.float32).numpy()
     result = result.astype(np.float32, copy=False)
     if mask is not None:
         result = result * mask

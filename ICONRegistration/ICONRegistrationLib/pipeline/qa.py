@@ -8,6 +8,7 @@ import torch
 from ..concurrency import side_by_side
 from ..core.coordinates import displacement_jacobian_determinant
 from .metrics import QualitySummary
+from .percentile import percentile
 
 
 def physical_jacobian(displacement_mm: torch.Tensor, index_matrix: np.ndarray) -> torch.Tensor:
@@ -22,7 +23,7 @@ def summarize_quality(jacobian: np.ndarray, ic_error_mm: np.ndarray) -> QualityS
     ic_error_mm = ic_error_mm.ravel()
     folds = int((jacobian <= 0).sum())
     percentiles, ic_p95 = side_by_side(lambda: np.percentile(jacobian, [1, 5, 50, 95, 99]),  # one core each
-                                       lambda: np.percentile(ic_error_mm, 95))
+                                       lambda: percentile(ic_error_mm, 95))
     return QualitySummary(
         folds=folds, folds_percent=100.0 * folds / max(jacobian.size, 1), jacobian_min=float(jacobian.min()),
         jacobian_p1=float(percentiles[0]), jacobian_p5=float(percentiles[1]), jacobian_median=float(percentiles[2]),

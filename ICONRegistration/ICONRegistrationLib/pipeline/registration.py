@@ -140,7 +140,10 @@ def _memory_errors_as_user_errors(device: torch.device) -> Iterator[None]:
 def _field_image(displacement_mm: torch.Tensor, grid: Grid) -> sitk.Image:
     """``[1, 3 (x, y, z), D, H, W]`` displacement → sitk vector float64 image on ``grid`` (one copy)."""
     array = np.empty((*grid.shape, 3), dtype=np.float64)
-    torch.from_numpy(array).copy_(displacement_mm[0].detach().cpu().permute(1, 2, 3, 0))  # all threads, not one
+    vectors = displacement_mm[0].detach().permute(1, 2, 3, 0)
+    if vectors.device.type != "cpu":  # reorder and widen on the device, then one contiguous copy to the host
+        vectors = torch.empty(array.shape, dtype=torch.float64, device=vectors.device).copy_(vectors)
+    torch.from_numpy(array).copy_(vectors)  # on a CPU: all threads, not one
     return grid.apply_to(sitk.GetImageFromArray(array, isVector=True))
 
 
