@@ -28,14 +28,13 @@ def image_array(image: sitk.Image, role: str) -> np.ndarray:
                         "it needs at least 2 voxels along every axis.")
     if "complex" in image.GetPixelIDTypeAsString():
         raise UserError(f"The {role} image has complex voxels; use its magnitude.")
-    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=True)
-    finite = np.isfinite(array)
-    if not finite.all():
-        raise UserError(f"The {role} image contains {int((~finite).sum())} NaN or infinite voxels; "
+    array = sitk.GetArrayViewFromImage(image).astype(np.float32, copy=True)  # one copy, from the image's memory
+    low, high = float(array.min()), float(array.max())  # NaN if any voxel is NaN, ±inf if any is infinite
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise UserError(f"The {role} image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels; "
                         "replace them (e.g. with 0) before registering.")
-    if float(array.max()) == float(array.min()):
-        raise UserError(f"The {role} image is constant (every voxel is {float(array.min()):g}); "
-                        "there is nothing to register.")
+    if high == low:
+        raise UserError(f"The {role} image is constant (every voxel is {low:g}); there is nothing to register.")
     return array
 
 
