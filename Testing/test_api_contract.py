@@ -39,6 +39,18 @@ def test_out_of_memory_becomes_a_user_error_with_advice():
         register(fixed, fixed, model, fixed_modality="mri", moving_modality="mri")
 
 
+def test_out_of_memory_after_the_network_becomes_a_user_error_naming_the_stage(monkeypatch):
+    from ICONRegistrationLib.pipeline import registration as module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(module, "_warp_moving", out_of_memory)
+    fixed = make_image(blob_volume((20, 22, 24)))
+    with pytest.raises(UserError, match="Out of memory on cpu in the export stage"):
+        register(fixed, fixed, tiny_spec(), fixed_modality="mri", moving_modality="mri", random_weights=True)
+
+
 def test_inputs_are_not_modified():
     fixed = make_image(blob_volume((30, 32, 28), seed=1), spacing=(1.2, 0.8, 1.5), origin=(1.0, 2.0, 3.0),
                        direction=rotation(2, 15))

@@ -420,19 +420,28 @@ def _percentile_cases():
     with_nan = rng.random(n, dtype=np.float32)
     with_nan[123] = np.nan
     yield "a NaN", with_nan
+    signed_zeros = rng.normal(size=n).astype(np.float32)
+    signed_zeros[rng.random(n) < 0.4] = 0.0
+    signed_zeros[rng.random(n) < 0.2] = -0.0
+    yield "±0.0 among the values", signed_zeros
+    yield "±inf among the values", np.concatenate([rng.random(n, dtype=np.float32), [np.inf, -np.inf]])
 
 
-@pytest.mark.parametrize("case", list(range(9)))
+@pytest.mark.parametrize("case", list(range(11)))
 def test_banded_percentile_is_numpys_bit_for_bit(case):
+    """The same bits as np.percentile, but for the sign of a zero (partitioning may pick either zero)."""
     import numpy as np
 
     from ICONRegistrationLib.pipeline.percentile import percentile
 
     name, values = list(_percentile_cases())[case]
-    for q in (0.0, 0.5, 1, 5, 37.3, 50, 95, 99, 99.5, 100):
+    for q in (0.0, 0.5, 1, 5, 30.5, 37.3, 50, 95, 99, 99.5, 100, np.float64(12.345), np.float32(87.5)):
         expected = float(np.percentile(values, q))
         got = percentile(values, q)
-        assert got == expected or (math.isnan(got) and math.isnan(expected)), (name, q, got, expected)
+        if expected == 0.0:
+            assert got == 0.0, (name, q, got, expected)
+        else:
+            assert np.float64(got).tobytes() == np.float64(expected).tobytes(), (name, q, got, expected)
 
 
 def test_banded_percentile_selects_from_the_band_without_numpys_percentile(monkeypatch):
@@ -469,6 +478,13 @@ def test_normalisation_is_the_float64_numpy_formula_bit_for_bit_and_guessing_a_m
             expected = ((np.clip(image, low, high).astype(np.float64) - low) / (high - low)).astype(np.float32)
             got = normalize_intensities(image, modality, rules)
             assert got.dtype == np.float32 and np.array_equal(got, expected), modality
+    # other voxel types keep NumPy's arithmetic too (integers are clipped against float bounds in float64)
+    base = rng.gamma(3.0, 50.0, size=(30, 20, 10))
+    for image in (base.astype(np.int16), base.astype(np.uint16), base, base.astype(">f4"), base.astype(np.uint8)):
+        low, high = float(image.min()), float(np.percentile(image, 99))
+        expected = ((np.clip(image, low, high).astype(np.float64) - low) / (high - low)).astype(np.float32)
+        got = normalize_intensities(image, "mri", {"mri_percentile": 99})
+        assert got.dtype == np.float32 and np.array_equal(got, expected), image.dtype
     package = Path(__file__).resolve().parents[1] / "ICONRegistration"
     code = (f"import sys; sys.path.insert(0, {str(package)!r})\n"
             "import numpy as np\n"
@@ -477,3 +493,18 @@ def test_normalisation_is_the_float64_numpy_formula_bit_for_bit_and_guessing_a_m
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_field_image_from_the_gpu_equals_the_cpu_one():
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ICONRegistrationLib.pipeline.grid import Grid
+    from ICONRegistrationLib.pipeline.registration import _field_image
+
+    grid = Grid.of_image(sitk.Image([12, 10, 8], sitk.sitkFloat32))
+    field = torch.randn(1, 3, 8, 10, 12, generator=torch.Generator().manual_seed(0))
+    on_cpu = sitk.GetArrayFromImage(_field_image(field, grid))
+    on_gpu = sitk.GetArrayFromImage(_field_image(field.cuda(), grid))
+    assert on_gpu.dtype == np.float64 and np.array_equal(on_cpu, on_gpu)

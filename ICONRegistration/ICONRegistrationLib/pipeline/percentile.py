@@ -1,5 +1,5 @@
-"""``percentile(values, q)``: NumPy's ``np.percentile(values, q)`` (linear method), bit for bit, several times faster
-on large volumes.
+"""``percentile(values, q)``: NumPy's ``np.percentile(values, q)`` (linear method), the same value (bit for bit but for
+the sign of a zero), several times faster on large volumes.
 
 ``np.percentile`` partitions the whole array (every voxel moved, one core) and also finds its minimum and maximum.
 For one ``q`` only a narrow band of values matters: a strided sample of about 2^16 values brackets the wanted
@@ -20,13 +20,15 @@ _SMALL = 1 << 18  # below this many values np.percentile is already fast
 
 
 def percentile(values: np.ndarray, q: float) -> float:
-    """``float(np.percentile(values, q))`` for an array of any shape and ``0 ≤ q ≤ 100`` (the banded selection for
-    float32 and float64 arrays of at least 2^18 values; NumPy itself otherwise)."""
+    """``float(np.percentile(values, q))`` for an array of any shape and ``0 ≤ q ≤ 100`` (a number; its NumPy type,
+    if any, is kept as NumPy's own call would keep it). The banded selection serves float32 arrays of 2^18 to 2^24
+    values and float64 arrays of at least 2^18; NumPy itself answers otherwise."""
     flat = np.asarray(values).reshape(-1)
-    q = float(q)
-    if flat.size < _SMALL or flat.dtype not in (np.float32, np.float64) or not 0.0 <= q <= 100.0:
-        return float(np.percentile(flat, q))
     count = flat.size
+    # NumPy does the index arithmetic below in float32 for float32 arrays: beyond 2^24 values it is inexact
+    inexact_index = flat.dtype == np.float32 and count > (1 << 24)
+    if count < _SMALL or flat.dtype not in (np.float32, np.float64) or inexact_index or not 0.0 <= float(q) <= 100.0:
+        return float(np.percentile(flat, q))
     # NumPy's own arithmetic (numpy/lib/_function_base_impl.py, method "linear"): q / 100 in the array's dtype,
     # virtual index (n − 1)·q, neighbours floor and floor + 1, weight = the fractional part, in that dtype too.
     quantile = np.true_divide(q, flat.dtype.type(100))
@@ -46,6 +48,8 @@ def percentile(values: np.ndarray, q: float) -> float:
     result = np.add(a, difference * gamma)
     if gamma >= 0.5:
         result = np.asarray(np.subtract(b, difference * (1 - gamma))).astype(np.asarray(result).dtype)
+    # Partitioning treats −0.0 and 0.0 as equal and may pick either, in NumPy's call and in this one: a zero
+    # result is equal to NumPy's but its sign bit may differ.
     return float(result)
 
 

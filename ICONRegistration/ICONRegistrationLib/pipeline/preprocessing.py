@@ -58,6 +58,10 @@ def normalize_intensities(array: np.ndarray, modality: str, rules: dict, mask: O
         # here, not above: guess_modality serves the Slicer form, which must not load torch.
         import torch
 
+        if array.dtype.kind in "biu":  # NumPy clips integers against float bounds in float64
+            array = array.astype(np.float64)
+        elif not array.dtype.isnative:  # torch reads native byte order only
+            array = array.astype(array.dtype.newbyteorder("="))
         values = torch.from_numpy(np.ascontiguousarray(array)).clamp(low, high)
         result = values.to(torch.float64).sub_(low).div_(high - low).to(torch.float32).numpy()
     result = result.astype(np.float32, copy=False)

@@ -127,22 +127,29 @@ def _predict_once(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Te
 
 
 @contextlib.contextmanager
-def _memory_errors_as_user_errors(device: torch.device) -> Iterator[None]:
+def _memory_errors_as_user_errors(device: torch.device, stage: str = "network") -> Iterator[None]:
+    """Out of memory in a stage of :func:`register` as a :class:`UserError` that says what to change."""
     try:
         yield
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        raise UserError(f"Out of memory on {device.type} while running the network; close other GPU programs, "
-                        "use device 'cpu', or use fewer instance-optimisation iterations.") from None
+        if stage == "network":
+            raise UserError(f"Out of memory on {device.type} while running the network; close other GPU programs, "
+                            "use device 'cpu', or use fewer instance-optimisation iterations.") from None
+        raise UserError(f"Out of memory on {device.type} in the {stage} stage (the images or the field grid are "
+                        "large); close other GPU programs, use field grid 'network', or use device 'cpu'.") from None
 
 
 def _field_image(displacement_mm: torch.Tensor, grid: Grid) -> sitk.Image:
     """``[1, 3 (x, y, z), D, H, W]`` displacement → sitk vector float64 image on ``grid`` (one copy)."""
     array = np.empty((*grid.shape, 3), dtype=np.float64)
     vectors = displacement_mm[0].detach().permute(1, 2, 3, 0)
-    if vectors.device.type != "cpu":  # reorder and widen on the device, then one contiguous copy to the host
-        vectors = torch.empty(array.shape, dtype=torch.float64, device=vectors.device).copy_(vectors)
+    if vectors.device.type == "cuda":  # reorder and widen on the GPU, then one contiguous copy to the host
+        try:
+            vectors = torch.empty(array.shape, dtype=torch.float64, device=vectors.device).copy_(vectors)
+        except torch.OutOfMemoryError:  # no room for the float64 copy: widen on the host instead
+            torch.cuda.empty_cache()
     torch.from_numpy(array).copy_(vectors)  # on a CPU: all threads, not one
     return grid.apply_to(sitk.GetImageFromArray(array, isVector=True))
 
@@ -318,7 +325,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     timer.device = loaded.device
     if flips is None:
         flips = [] if io_iterations and io_mode == "weights" else list(loaded.spec.test_time_flips)
-    with timer("preprocessing"):
+    with timer("preprocessing"), _memory_errors_as_user_errors(loaded.device, "preprocessing"):
         pair = _prepare(inputs, fixed, moving, loaded)
         similarity_pair = (_similarity_pair(inputs, fixed, moving, pair, loaded)
                            if io_iterations and io_mode == "fields" and io_grid == "fixed" else pair)
@@ -335,11 +342,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     del maps
     fixed_field_grid = pair.grid_B if field_grid == "network" else Grid.of_image(fixed)
     moving_field_grid = pair.grid_A if field_grid == "network" else Grid.of_image(moving)
-    with timer("qa"), torch.no_grad():
+    with timer("qa"), torch.no_grad(), _memory_errors_as_user_errors(loaded.device, "quality-map"):
         forward_mm, jacobian, ic_error, quality = _fields_and_qa(displacement_AB, displacement_BA, pair,
                                                                  fixed_field_grid)
     report(progress, "quality maps", 1.0)
-    with timer("export"), torch.no_grad():
+    with timer("export"), torch.no_grad(), _memory_errors_as_user_errors(loaded.device, "export"):
         forward_field, inverse_field, inverse_report = _export_fields(
             forward_mm, displacement_BA, pair, fixed_field_grid, moving_field_grid, exact_inverse, inverse_qa)
         warped, jacobian_image, ic_image = _export_images(inputs, displacement_AB, pair, fixed, moving, jacobian,
