@@ -143,6 +143,12 @@ def _fail(spec_name: str, field: str, expected: str, value: Any) -> None:
     raise UserError(f"Model spec '{spec_name}': field '{field}' must be {expected}, got {value!r}.")
 
 
+def are_flip_axes(axes: list) -> bool:
+    """Whether ``axes`` (ints) are distinct tensor axes 0, 1, 2 of the network grid: the rule for a spec's
+    ``test_time_flips`` and for ``register(flips=…)``."""
+    return all(axis in (0, 1, 2) for axis in axes) and len(set(axes)) == len(axes)
+
+
 def _whole(value: Any) -> Optional[int]:
     """``value`` as an int if it is a whole number (``36`` or ``36.0``; never ``36.7``, ``True`` or ``"36"``)."""
     if isinstance(value, bool):
@@ -249,7 +255,6 @@ def _validate(spec: ModelSpec) -> None:
     if "penalty" in spec.options and spec.options["penalty"] not in ("gradicon", "icon", "bending", "diffusion"):
         _fail(name, "options.penalty", "gradicon, icon, bending or diffusion", spec.options["penalty"])
     flips = spec.test_time_flips
-    if (not isinstance(flips, list) or any(_whole(a) not in (0, 1, 2) for a in flips)
-            or len({_whole(a) for a in flips}) != len(flips)):
+    if not isinstance(flips, list) or not are_flip_axes([_whole(a) for a in flips]):
         _fail(name, "test_time_flips", "a list of distinct tensor axes 0, 1, 2", flips)
     spec.test_time_flips = sorted(_whole(a) for a in flips)

@@ -26,7 +26,7 @@ from ..core.losses import make_similarity
 from ..core.objective import both_directions
 from ..device import device_description
 from ..errors import UserError
-from ..models.spec import ModelSpec
+from ..models.spec import ModelSpec, are_flip_axes
 from ..models.weights import LoadedModel, load_model
 from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback, report
@@ -370,8 +370,7 @@ def _check_flips(flips: Optional[Sequence[int]], io_iterations: int, io_mode: st
     if flips is None:
         return None
     axes = list(flips) if isinstance(flips, (list, tuple)) else None
-    if axes is None or any(isinstance(a, bool) or not isinstance(a, int) or a not in (0, 1, 2) for a in axes) \
-            or len(set(axes)) != len(axes):
+    if axes is None or any(isinstance(a, bool) or not isinstance(a, int) for a in axes) or not are_flip_axes(axes):
         raise UserError(f"flips must be a list of distinct tensor axes 0, 1, 2 of the network grid, not {flips!r}.")
     if axes and io_iterations and io_mode == "weights":
         raise UserError("flips average the network's predictions; instance optimisation in the 'weights' mode "
