@@ -451,6 +451,32 @@ def test_a_resumed_run_uses_the_learning_rate_it_is_given(tmp_path):
     assert [group["lr"] for group in saved["optimizer"]["param_groups"]] == [1e-5]
 
 
+def test_cosine_schedule_warms_up_decays_to_zero_and_a_resumed_run_follows_the_same_rates(tmp_path):
+    from ICONRegistrationLib.errors import UserError
+    from ICONRegistrationLib.training.trainer import learning_rate_at
+    config = TrainingConfig(steps=6, batch_size=2, checkpoint_every=3, validate_every=100, learning_rate=1e-3,
+                            lr_schedule="cosine", warmup_steps=2)
+    rates = [learning_rate_at(config, step) for step in range(7)]
+    assert rates[:2] == pytest.approx([5e-4, 1e-3])  # linear warmup
+    assert rates[2] == pytest.approx(1e-3) and rates[4] == pytest.approx(5e-4)  # half way through the decay
+    assert rates[6] == pytest.approx(0.0, abs=1e-12) and all(a >= b for a, b in zip(rates[1:], rates[2:]))
+    assert learning_rate_at(dataclasses.replace(config, lr_schedule="constant"), 5) == 1e-3
+    data = synthetic_set()
+    train(small_spec(), data, tmp_path / "straight", config, device="cpu")
+    train(small_spec(), data, tmp_path / "resumed", dataclasses.replace(config, steps=3, lr_schedule="constant",
+                                                                        warmup_steps=0), device="cpu")
+    train(small_spec(), data, tmp_path / "resumed", config, device="cpu")  # the schedule follows the step
+
+    def logged(folder):
+        with (tmp_path / folder / "train_log.csv").open() as handle:
+            return [float(r["learning_rate"]) for r in csv.DictReader(handle)]
+
+    assert logged("straight") == pytest.approx(rates[:6], rel=1e-3)
+    assert logged("resumed")[3:] == pytest.approx(rates[3:6], rel=1e-3)
+    with pytest.raises(UserError, match="schedule"):
+        train(small_spec(), data, tmp_path / "bad", dataclasses.replace(config, lr_schedule="step"), device="cpu")
+
+
 def test_best_pt_keeps_the_network_of_the_best_validation_across_resumption(tmp_path, monkeypatch):
     from ICONRegistrationLib.training import trainer
     # validation Dice at steps 1, 2 | resumed: 3, 4 | a fresh run: 1 (step 2 is the best of the first run)

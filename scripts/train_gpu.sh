@@ -16,7 +16,8 @@
 # same pairs as validation.md; ship it only if it beats the best).
 #
 # Environment overrides: DEVICE (cuda), TIME_LIMIT (seconds of training, 480), STEPS (the stage's total steps),
-# STAGE, LEARNING_RATE, BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
+# STAGE, LEARNING_RATE, LR_SCHEDULE (constant or cosine: down to 0 at STEPS; size STEPS to the time limit) and
+# WARMUP_STEPS (0), BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
 # checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), ELASTIC and GAMMA (augmentation, `iconreg train
 # --elastic/--gamma`; 0 for none), KEEP_EVERY (250) and AVERAGE (4), PYTHON (python3). The label weight and augmentation defaults are each
 # shipped model's last recipe; the learning rates are the GPU runs' own (a larger batch than on the CPU).
@@ -33,6 +34,8 @@ DEVICE=${DEVICE:-cuda}
 TIME_LIMIT=${TIME_LIMIT:-480}
 BATCH=${BATCH:-auto}
 KEEP_EVERY=${KEEP_EVERY:-250}
+LR_SCHEDULE=${LR_SCHEDULE:-constant}
+WARMUP_STEPS=${WARMUP_STEPS:-0}
 AVERAGE=${AVERAGE:-4}
 
 case "$MODEL" in
@@ -77,7 +80,8 @@ EOF
 # --- train ---------------------------------------------------------------------------------------------------
 mkdir -p "$OUT"
 ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARED/validation_prepared.npz"
-      --out "$OUT" --stage "$STAGE" --steps "$STEPS" --learning-rate "$LEARNING_RATE" --batch-size "$BATCH"
+      --out "$OUT" --stage "$STAGE" --steps "$STEPS" --learning-rate "$LEARNING_RATE"
+      --lr-schedule "$LR_SCHEDULE" --warmup-steps "$WARMUP_STEPS" --batch-size "$BATCH"
       --flip-axes "$FLIP_AXES" --time-limit "$TIME_LIMIT" --device "$DEVICE" --checkpoint-every 100
       --validate-every 250 --keep-every "$KEEP_EVERY" --export "$OUT/$MODEL.pt" --elastic "$ELASTIC" --gamma "$GAMMA")
 [ -f "$OUT/checkpoint.pt" ] || ARGS+=(--init "$INIT")

@@ -293,7 +293,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 validation_set.save(out / "validation_prepared.npz")
     config = TrainingConfig(steps=args.steps, stage=args.stage, batch_size=2 if args.batch_size == "auto"
                             else _positive_int(args.batch_size, "--batch-size"),
-                            learning_rate=args.learning_rate, penalty=args.penalty, similarity=args.similarity,
+                            learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+                            warmup_steps=args.warmup_steps, penalty=args.penalty, similarity=args.similarity,
                             lmbda=args.lmbda, affine_strength=args.affine, elastic_voxels=args.elastic,
                             intensity_gamma=args.gamma, validate_every=args.validate_every,
                             checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
@@ -509,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--time-limit", type=float,
                      help="stop after this many seconds (checkpoint and validation written; resumable)")
     trn.add_argument("--learning-rate", type=float, default=5e-5)
+    trn.add_argument("--lr-schedule", default="constant",
+                     help="constant, or cosine: from --learning-rate down to 0 at --steps (follows the step, so "
+                          "resuming keeps the curve)")
+    trn.add_argument("--warmup-steps", type=int, default=0,
+                     help="steps of linear warmup of the learning rate from the stage's first step (default 0)")
     trn.add_argument("--penalty", default=None, choices=["gradicon", "icon", "bending", "diffusion"],
                      help="regulariser (default: the architecture's: gradicon, bending for constricon, "
                           "diffusion for sitreg)")

@@ -44,6 +44,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 #: (``--init``, ``--export`` and :func:`export_weights` read it like a checkpoint)
 BEST_NAME = "best.pt"
 LABEL_LOSSES = (None, "dice")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass
@@ -54,6 +55,10 @@ class TrainingConfig:
     stage: int = 2
     batch_size: int = 4
     learning_rate: float = 5e-5
+    # "constant", or "cosine": the rate falls from learning_rate to 0 along half a cosine over the stage's steps
+    # (a function of the step, so a resumed run follows the same curve); both after warmup_steps of linear warmup
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     penalty: Optional[str] = None  # default: the spec's (gradicon, bending or diffusion by architecture)
     similarity: Optional[str] = None  # default: the spec's
     lmbda: Optional[float] = None  # default: the spec's
@@ -79,6 +84,18 @@ class TrainingConfig:
     label_weight: float = 1.0
     label_downsample: int = 1  # the label loss is evaluated on blocks of this many voxels per axis (1: full resolution)
     time_limit: Optional[float] = None  # seconds: stop (checkpoint and validation written) once exceeded
+
+
+def learning_rate_at(config: TrainingConfig, step: int) -> float:
+    """The learning rate of step ``step + 1`` (``step`` steps done) of a stage of ``config.steps`` steps."""
+    rate = config.learning_rate
+    if step < config.warmup_steps:
+        return rate * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "cosine":
+        span = max(config.steps - config.warmup_steps, 1)
+        progress = min(max(step - config.warmup_steps, 0) / span, 1.0)
+        rate *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
 
 
 def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
@@ -458,6 +475,10 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"The label weight must be a positive number, got {config.label_weight}.")
     if config.time_limit is not None and not (math.isfinite(config.time_limit) and config.time_limit >= 0):
         raise UserError(f"The time limit must be a number of seconds ≥ 0, got {config.time_limit}.")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"Unknown learning-rate schedule '{config.lr_schedule}': use one of {', '.join(LR_SCHEDULES)}.")
+    if config.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be a number of steps ≥ 0, got {config.warmup_steps}.")
     if config.keep_every < 0:
         raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
     values = label_values(train_set) if config.label_loss else None
@@ -484,8 +505,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
         optimizer.load_state_dict(saved["optimizer"])
-        for group in optimizer.param_groups:  # the state dict restores the saved rate; this command's rate applies
-            group["lr"] = config.learning_rate
+        # the state dict restores the saved rate; this command's rate (and schedule) applies from the next step
         generator.set_state(saved["generator"])
         step = int(saved["step"])
         before = saved.get("config", {}).get("label_loss")
@@ -521,6 +541,9 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         batch_A, batch_B, labels = augment(batch_A, batch_B, config, generator, labels)
         batch_A, batch_B = batch_A.to(torch_device), batch_B.to(torch_device)
         step_start = time.perf_counter()
+        rate = learning_rate_at(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             terms = symmetric_objective(net, batch_A, batch_B, similarity=similarity, lmbda=lmbda,
@@ -540,7 +563,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             "step": step, "loss": f"{loss.item():.6f}", "similarity": f"{terms.similarity.item():.6f}",
             "penalty": f"{terms.penalty.item():.6f}",
             **({"label_loss": f"{label_term.item():.6f}"} if labels is not None else {}),
-            "seconds": f"{time.perf_counter() - step_start:.3f}"})
+            "seconds": f"{time.perf_counter() - step_start:.3f}", "learning_rate": f"{rate:.4g}"})
         if step % config.checkpoint_every == 0 or step == config.steps:
             _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
         if config.keep_every and step % config.keep_every == 0:
