@@ -396,10 +396,14 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
     assert not (out / "gradicon-hippocampus-averaged.pt").exists()  # no snapshot every 250 steps in 2 steps
     # running again continues from the checkpoint (no --init), up to the new total; with a snapshot every step,
     # the last two are averaged and the mean is validated on the validation pairs
-    done = subprocess.run(command, env={**env, "STEPS": "4", "KEEP_EVERY": "1", "AVERAGE": "2"},
+    done = subprocess.run(command, env={**env, "STEPS": "4", "KEEP_EVERY": "1", "AVERAGE": "2",
+                                        "LR_SCHEDULE": "cosine", "LEARNING_RATE": "1e-4"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    with (out / "train_log.csv").open() as handle:  # the resumed steps follow the cosine over the 4 steps
+        assert [float(r["learning_rate"]) for r in csv.DictReader(handle)][2:] == pytest.approx([5e-5, 1.464e-5],
+                                                                                                rel=1e-3)
     averaged = json.loads((out / "averaged.json").read_text())
     assert [Path(p).name for p in averaged["sources"]] == ["step_000003.pt", "step_000004.pt"]
     assert 0.0 <= averaged["validation"]["val_dice"] <= 1.0 and averaged["validation"]["val_folds_percent"] < 1
