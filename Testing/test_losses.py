@@ -270,3 +270,39 @@ def test_jittered_identity_statistics():
     # Gaussian noise of one voxel of the last axis: standard deviation 1 / shape[-1]
     assert float(noise.std()) == pytest.approx(1 / 14, rel=0.05)
     assert math.isclose(float(noise.mean()), 0.0, abs_tol=3e-3)
+
+
+def test_icon_weight_sees_the_constant_round_trip_offset_that_gradicon_cannot():
+    """Φ_AB a translation by t, Φ_BA the identity: the round trip is off by t everywhere, its gradient is exact.
+    GradICON's penalty is 0; the ICON term (μ × mean squared round-trip error in voxels²) is μ‖t‖²_voxels, and it
+    is the only difference the weight makes to the objective."""
+    from ICONRegistrationLib.core.losses import gradicon_and_round_trip
+    from ICONRegistrationLib.core.objective import symmetric_objective
+
+    shape = (8, 9, 10)
+    t = torch.tensor([0.05, -0.03, 0.02], dtype=torch.float64)
+    voxels = t * torch.tensor([n - 1 for n in shape], dtype=torch.float64)
+
+    class Net(torch.nn.Module):  # transforms of a batch of 2 (a single grid is broadcast, as the networks do)
+        def forward(self, image_A, image_B):
+            move = _translation(t.tolist()) if image_A is images[0] else (lambda x: x)
+            return lambda x: move(x.expand(2, *x.shape[1:]))
+
+    generator = torch.Generator().manual_seed(3)
+    images = (torch.rand(2, 1, *shape, generator=generator, dtype=torch.float64),
+              torch.rand(2, 1, *shape, generator=generator, dtype=torch.float64))
+    plain = symmetric_objective(Net(), *images, similarity=SSD(), generator=torch.Generator().manual_seed(1))
+    weighted = symmetric_objective(Net(), *images, similarity=SSD(), generator=torch.Generator().manual_seed(1),
+                                   icon_weight=0.25)
+    assert float(plain.penalty) < 1e-12 and float(weighted.penalty) < 1e-12
+    expected = float((voxels ** 2).sum())
+    assert float(plain.round_trip) == pytest.approx(expected) and float(weighted.round_trip) == pytest.approx(expected)
+    assert float(weighted.loss - plain.loss) == pytest.approx(0.25 * expected)
+    # the round trip's error comes from the penalty's own evaluations: equal to Φ_AB(Φ_BA(x)) − x
+    samples = jittered_identity(shape, batch=2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    forward, backward = _affine(np.diag([1.1, 0.9, 1.0]), [0.02, 0.0, -0.01]), _translation([0.01, 0.02, 0.0])
+    penalty, error = gradicon_and_round_trip(forward, backward, samples)
+    assert float(penalty) == pytest.approx(float(gradicon_penalty(forward, backward, samples)))
+    assert torch.allclose(error, forward(backward(samples)) - samples)
+    with pytest.raises(ValueError, match="icon_weight"):
+        symmetric_objective(Net(), *images, similarity=SSD(), penalty="diffusion", icon_weight=0.1)

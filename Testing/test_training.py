@@ -617,3 +617,16 @@ def test_gamma_augmentation_keeps_the_order_of_intensities_and_their_range():
     assert torch.equal(with_labels[0], without[0])
     agreement = (with_labels[2][0] == (with_labels[0] > 0.3).float() + (with_labels[0] > 0.6).float()).float()
     assert float(agreement.mean()) > 0.93
+
+
+def test_icon_weight_is_checked_and_a_gradicon_run_logs_its_round_trip_error(tmp_path):
+    from ICONRegistrationLib.errors import UserError
+    data = synthetic_set()
+    config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=2, validate_every=100, icon_weight=0.1)
+    train(small_spec(), data, tmp_path / "run", config, device="cpu")
+    with (tmp_path / "run" / "train_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(0.0 <= float(r["round_trip_voxels"]) < 5.0 for r in rows)
+    for bad in (dataclasses.replace(config, icon_weight=-1.0), dataclasses.replace(config, penalty="diffusion")):
+        with pytest.raises(UserError, match="ICON weight|icon-weight"):
+            train(small_spec(), data, tmp_path / "bad", bad, device="cpu")

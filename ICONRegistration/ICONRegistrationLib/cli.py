@@ -299,6 +299,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             intensity_gamma=args.gamma, validate_every=args.validate_every,
                             checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
+                            icon_weight=args.icon_weight,
                             label_loss=args.label_loss, label_weight=args.label_weight,
                             label_downsample=args.label_downsample,
                             time_limit=args.time_limit,
@@ -510,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--time-limit", type=float,
                      help="stop after this many seconds (checkpoint and validation written; resumable)")
     trn.add_argument("--learning-rate", type=float, default=5e-5)
+    trn.add_argument("--icon-weight", type=float, default=0.0,
+                     help="add this weight × the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² (voxels²) to the "
+                          "GradICON penalty, which does not see a constant offset of the round trip (default 0)")
     trn.add_argument("--lr-schedule", default="constant",
                      help="constant, or cosine: from --learning-rate down to 0 at --steps (follows the step, so "
                           "resuming keeps the curve)")

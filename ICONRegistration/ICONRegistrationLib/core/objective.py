@@ -13,7 +13,7 @@ import torch
 
 from .constricon import velocity_bending_energy
 from .coordinates import identity_map, voxel_scale, sample_at
-from .losses import gradicon_penalty, icon_penalty, jittered_identity
+from .losses import gradicon_and_round_trip, icon_penalty, jittered_identity
 from .registration_modules import Transform
 
 
@@ -26,6 +26,9 @@ class ObjectiveTerms:
     penalty: torch.Tensor
     maps: torch.Tensor
     transform: Transform
+    #: mean squared error of the round trip Φ_AB∘Φ_BA − Id at the penalty's sample points, in voxels² of the grid
+    #: (GradICON penalty only; ``None`` otherwise)
+    round_trip: Optional[torch.Tensor] = None
 
 
 PENALTIES = ("gradicon", "icon", "bending", "diffusion")
@@ -74,7 +77,7 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
                         lmbda: float = 1.5, penalty: str = "gradicon", mask_A: Optional[torch.Tensor] = None,
                         mask_B: Optional[torch.Tensor] = None, padding: str = "zeros",
                         generator: Optional[torch.Generator] = None, penalty_fraction: float = 1.0,
-                        penalty_samples: Optional[torch.Tensor] = None) -> ObjectiveTerms:
+                        penalty_samples: Optional[torch.Tensor] = None, icon_weight: float = 0.0) -> ObjectiveTerms:
     """``sim(A∘Φ_AB, B) + sim(B∘Φ_BA, A) + λ · penalty`` for batches ``image_A``, ``image_B`` ``[b, 1, *S]``.
 
     ``penalty``: ``"gradicon"`` (‖∇(Φ_AB∘Φ_BA) − I‖²_F), ``"icon"`` (‖Φ_AB∘Φ_BA − Id‖²) — on Φ_AB∘Φ_BA only,
@@ -88,9 +91,15 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
     every grid point (``penalty_fraction = 1``, Tian et al.) or a uniformly random subset of that fraction of
     them (same expectation, the cost of the penalty's map evaluations falls in proportion).
     ``penalty_samples`` ``[b, d, …]`` (or ``[1, d, …]`` for all) replaces the random points.
+
+    ``icon_weight`` μ > 0 (GradICON only) adds μ · the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² in
+    voxels² at the same points (``round_trip``, computed from the penalty's own map evaluations at no extra
+    cost): the gradient penalty does not see a constant offset of the round trip, this term does.
     """
     if penalty not in PENALTIES:
         raise ValueError(f"unknown penalty '{penalty}': use one of {', '.join(PENALTIES)}")
+    if icon_weight and penalty != "gradicon":
+        raise ValueError(f"icon_weight adds to the GradICON penalty, not to '{penalty}'")
     batch = image_A.shape[0]
     shape = image_A.shape[2:]
     pair_moving = torch.cat([image_A, image_B], dim=0)
@@ -106,10 +115,19 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
                                         generator=generator, fraction=penalty_fraction)
         else:
             samples = penalty_samples.to(image_A.dtype).expand(batch, *penalty_samples.shape[1:])
-        penalty_function = gradicon_penalty if penalty == "gradicon" else icon_penalty
-        penalty_value = penalty_function(phi_AB, phi_BA, samples)
+        if penalty == "gradicon":
+            penalty_value, error = gradicon_and_round_trip(phi_AB, phi_BA, samples)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(icon_weight)):
+                scale = voxel_scale(shape, dtype=error.dtype, device=error.device)
+                round_trip = ((error * scale) ** 2).sum(dim=1).mean()
+        else:
+            penalty_value, round_trip = icon_penalty(phi_AB, phi_BA, samples), None
     elif penalty == "bending":
-        penalty_value = velocity_bending_energy(net)
+        penalty_value, round_trip = velocity_bending_energy(net), None
     else:
-        penalty_value = diffusion_penalty(maps)
-    return ObjectiveTerms(similarity_value + lmbda * penalty_value, similarity_value, penalty_value, maps, phi)
+        penalty_value, round_trip = diffusion_penalty(maps), None
+    loss = similarity_value + lmbda * penalty_value
+    if icon_weight:
+        loss = loss + icon_weight * round_trip
+    return ObjectiveTerms(loss, similarity_value, penalty_value, maps, phi,
+                          None if round_trip is None else round_trip.detach())

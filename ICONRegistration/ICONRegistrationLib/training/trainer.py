@@ -78,6 +78,9 @@ class TrainingConfig:
     # GradICON/ICON penalty on a random 1/8 of the jittered grid points: the full penalty's expectation at a
     # fraction of its cost (see core.losses.jittered_identity); 1.0 evaluates it at every grid point.
     penalty_fraction: float = 0.125
+    # μ of an ICON term added to the GradICON penalty: μ × mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² in
+    # voxels² at the penalty's points (0: the paper's objective; see core.objective.symmetric_objective)
+    icon_weight: float = 0.0
     # Optional supervision: "dice" adds label_weight × soft Dice loss of the warped moving labels (one-hot,
     # linear interpolation) against the fixed labels, both directions. Inference stays image-only.
     label_loss: Optional[str] = None
@@ -475,6 +478,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"The label weight must be a positive number, got {config.label_weight}.")
     if config.time_limit is not None and not (math.isfinite(config.time_limit) and config.time_limit >= 0):
         raise UserError(f"The time limit must be a number of seconds ≥ 0, got {config.time_limit}.")
+    if not (math.isfinite(config.icon_weight) and config.icon_weight >= 0):
+        raise UserError(f"The ICON weight must be a number ≥ 0, got {config.icon_weight}.")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"Unknown learning-rate schedule '{config.lr_schedule}': use one of {', '.join(LR_SCHEDULES)}.")
     if config.warmup_steps < 0:
@@ -499,6 +504,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                                     if config.similarity else net_spec.similarity))
     lmbda = net_spec.lmbda if config.lmbda is None else config.lmbda
     penalty = config.penalty or net_spec.penalty
+    if config.icon_weight and penalty != "gradicon":
+        raise UserError(f"--icon-weight adds to the GradICON penalty; this run's penalty is '{penalty}'.")
     checkpoint_path = out_dir / CHECKPOINT_NAME
     step = 0
     if resume and checkpoint_path.exists():
@@ -548,7 +555,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         with autocast:
             terms = symmetric_objective(net, batch_A, batch_B, similarity=similarity, lmbda=lmbda,
                                         penalty=penalty, generator=generator,
-                                        penalty_fraction=config.penalty_fraction)
+                                        penalty_fraction=config.penalty_fraction,
+                                        icon_weight=config.icon_weight)
             loss = terms.loss
             if labels is not None:
                 label_term = label_loss(terms.maps.float(), labels[0].to(torch_device), labels[1].to(torch_device),
@@ -563,7 +571,9 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             "step": step, "loss": f"{loss.item():.6f}", "similarity": f"{terms.similarity.item():.6f}",
             "penalty": f"{terms.penalty.item():.6f}",
             **({"label_loss": f"{label_term.item():.6f}"} if labels is not None else {}),
-            "seconds": f"{time.perf_counter() - step_start:.3f}", "learning_rate": f"{rate:.4g}"})
+            "seconds": f"{time.perf_counter() - step_start:.3f}", "learning_rate": f"{rate:.4g}",
+            **({"round_trip_voxels": f"{terms.round_trip.sqrt().item():.4f}"} if terms.round_trip is not None
+               else {})})
         if step % config.checkpoint_every == 0 or step == config.steps:
             _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
         if config.keep_every and step % config.keep_every == 0:
