@@ -298,6 +298,21 @@ def test_icon_weight_sees_the_constant_round_trip_offset_that_gradicon_cannot():
     expected = float((voxels ** 2).sum())
     assert float(plain.round_trip) == pytest.approx(expected) and float(weighted.round_trip) == pytest.approx(expected)
     assert float(weighted.loss - plain.loss) == pytest.approx(0.25 * expected)
+    # and its gradient reaches the transform: d/dt of μ‖t ⊙ (N − 1)‖² is 2μ t (N − 1)²
+    shift = t.clone().requires_grad_(True)
+
+    class Moving(torch.nn.Module):
+        def forward(self, image_A, image_B):
+            move = (lambda x: x + shift.view(1, 3, 1, 1, 1)) if image_A is images[0] else (lambda x: x)
+            return lambda x: move(x.expand(2, *x.shape[1:]))
+
+    gradients = []
+    for weight in (0.0, 0.25):
+        terms = symmetric_objective(Moving(), *images, similarity=SSD(), icon_weight=weight,
+                                    generator=torch.Generator().manual_seed(1))
+        gradients.append(torch.autograd.grad(terms.loss, shift)[0])
+    scale = torch.tensor([n - 1 for n in shape], dtype=torch.float64)
+    assert torch.allclose(gradients[1] - gradients[0], 2 * 0.25 * t * scale ** 2, rtol=1e-6)
     # the round trip's error comes from the penalty's own evaluations: equal to Φ_AB(Φ_BA(x)) − x
     samples = jittered_identity(shape, batch=2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     forward, backward = _affine(np.diag([1.1, 0.9, 1.0]), [0.02, 0.0, -0.01]), _translation([0.01, 0.02, 0.0])

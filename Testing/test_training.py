@@ -627,6 +627,35 @@ def test_icon_weight_is_checked_and_a_gradicon_run_logs_its_round_trip_error(tmp
     with (tmp_path / "run" / "train_log.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and all(0.0 <= float(r["round_trip_voxels"]) < 5.0 for r in rows)
+    for weight, penalty, logged in ((0.0, None, True), (0.0, "diffusion", False)):  # every GradICON run logs it
+        run = tmp_path / f"run-{penalty}"
+        train(small_spec(), data, run, dataclasses.replace(config, icon_weight=weight, penalty=penalty), device="cpu")
+        with (run / "train_log.csv").open() as handle:
+            assert ("round_trip_voxels" in next(csv.reader(handle))) == logged
     for bad in (dataclasses.replace(config, icon_weight=-1.0), dataclasses.replace(config, penalty="diffusion")):
         with pytest.raises(UserError, match="ICON weight|icon-weight"):
             train(small_spec(), data, tmp_path / "bad", bad, device="cpu")
+
+
+def test_resuming_a_run_whose_log_has_fewer_columns_extends_the_header_and_resumes_again(tmp_path):
+    """A log written by an older version (no learning_rate or round_trip_voxels columns): the resumed rows used to be
+    appended under the old header, and the next resumption failed reading them back."""
+    data = synthetic_set()
+    config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=1, validate_every=100)
+    train(small_spec(), data, tmp_path, config, device="cpu")
+    log = tmp_path / "train_log.csv"
+    with log.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    old = ["step", "loss", "similarity", "penalty", "seconds"]
+    with log.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=old, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    train(small_spec(), data, tmp_path, dataclasses.replace(config, steps=3), device="cpu")
+    train(small_spec(), data, tmp_path, dataclasses.replace(config, steps=4), device="cpu")  # reads the log back
+    with log.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames[:5] == old and {"learning_rate", "round_trip_voxels"} <= set(reader.fieldnames)
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and None not in rows[-1]
+    assert rows[0]["learning_rate"] == "" and float(rows[-1]["learning_rate"]) == config.learning_rate

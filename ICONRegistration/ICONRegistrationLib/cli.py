@@ -514,11 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--icon-weight", type=float, default=0.0,
                      help="add this weight × the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² (voxels²) to the "
                           "GradICON penalty, which does not see a constant offset of the round trip (default 0)")
-    trn.add_argument("--lr-schedule", default="constant",
-                     help="constant, or cosine: from --learning-rate down to 0 at --steps (follows the step, so "
-                          "resuming keeps the curve)")
+    trn.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                     help="constant, or cosine: from --learning-rate down to 0 at --steps (a function of the step: "
+                          "resuming with the same --steps, --warmup-steps and rate keeps the curve)")
     trn.add_argument("--warmup-steps", type=int, default=0,
-                     help="steps of linear warmup of the learning rate from the stage's first step (default 0)")
+                     help="steps of linear warmup of the learning rate from the stage's first step, counted from "
+                          "step 0 of the stage, not from a resumption (default 0)")
     trn.add_argument("--penalty", default=None, choices=["gradicon", "icon", "bending", "diffusion"],
                      help="regulariser (default: the architecture's: gradicon, bending for constricon, "
                           "diffusion for sitreg)")

@@ -55,8 +55,9 @@ class TrainingConfig:
     stage: int = 2
     batch_size: int = 4
     learning_rate: float = 5e-5
-    # "constant", or "cosine": the rate falls from learning_rate to 0 along half a cosine over the stage's steps
-    # (a function of the step, so a resumed run follows the same curve); both after warmup_steps of linear warmup
+    # "constant", or "cosine": the rate falls from learning_rate to 0 along half a cosine from step warmup_steps to
+    # step `steps` (a function of the step: a run resumed with the same steps, warmup and rate follows the same
+    # curve); both after warmup_steps of linear warmup from the stage's first step
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     penalty: Optional[str] = None  # default: the spec's (gradicon, bending or diffusion by architecture)
@@ -289,10 +290,24 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
 
 
 def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
+    """Append ``row`` to the log at ``path`` by column name. A row with columns the file's header lacks (a run
+    resumed by a newer version, or with other settings) extends the header once; older rows leave them empty."""
+    fields: list[str] = []
+    if path.exists():
+        with path.open(newline="") as handle:
+            fields = next(csv.reader(handle), [])
+    missing = [key for key in row if key not in fields]
+    if fields and missing:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        fields = fields + missing
+        with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
+        writer = csv.DictWriter(handle, fieldnames=fields or list(row), restval="")
+        if not fields:
             writer.writeheader()
         writer.writerow(row)
 
@@ -307,7 +322,7 @@ def _truncate_csv(path: Path, last_step: int) -> None:
     if fields is None:
         return
     with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -334,7 +349,8 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps = [int(r["step"]) for r in train_rows]
     for key in [k for k in ("loss", "similarity", "penalty", "label_loss") if k in train_rows[0]]:
-        axes[0].plot(steps, [float(r[key]) for r in train_rows], label=key, linewidth=0.8)
+        logged = [(step, float(r[key])) for step, r in zip(steps, train_rows) if r.get(key)]  # empty: not logged
+        axes[0].plot([p[0] for p in logged], [p[1] for p in logged], label=key, linewidth=0.8)
     axes[0].set_xlabel("step")
     axes[0].legend()
     axes[0].set_title("training objective")
