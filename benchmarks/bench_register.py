@@ -10,7 +10,9 @@ images are resampled onto the network grid) and measures
   best of ``--repeats``;
 * end-to-end ``register()`` (both directions, QA maps, export to SimpleITK images) reusing the loaded network, as
   a cached model is reused, and its stage seconds from ``result.metrics.seconds``, best of ``--repeats`` by total;
-* the ratio (register total − load) / forward pass, the target's measure (≤ 2.2 on a CPU);
+* the ratio (register total − load) / forward pass (≤ 2.2 on a CPU), two ways: best register run over best forward
+  pass, and paired — each register run over a forward pass timed just before it, median over the repeats; the
+  target is judged on the paired ratio, whose two sides see the same machine speed (see ``measure_size``);
 * peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measurement); elsewhere the growth
   of the peak resident set size (``ru_maxrss``) over the value after the synthetic images were built. Because
   ``ru_maxrss`` never decreases, every size runs in a fresh subprocess of this script (hidden ``--one-size N``),
@@ -252,7 +254,6 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     result["forward_gflop"] = forward_flops(net, forward) / 1e9
     result["matmul_gflops"] = matmul_throughput(device)
     result["forward_gflops"] = result["forward_gflop"] / result["forward_s"]
-    del net, image_A, image_B, grid
     gc.collect()
 
     # --- end-to-end register() ----------------------------------------------------------------------------------
@@ -266,15 +267,22 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
         gc.collect()
     runs = []
     for _ in range(repeats):
+        # A forward pass timed right before each register() run: the pair sees the same machine speed, which on a
+        # shared CPU drifts by 10–30 % over minutes (see the paired ratio below).
+        start = time.perf_counter()
+        forward()
+        paired_forward = time.perf_counter() - start
+        gc.collect()
         cpu_start, start = own_cpu_seconds(children=False), time.perf_counter()
         outcome = run_register()
         wall = time.perf_counter() - start
         runs.append({"wall_s": wall, "cpu_s": own_cpu_seconds(children=False) - cpu_start,
-                     "seconds": dict(outcome.metrics.seconds),
+                     "seconds": dict(outcome.metrics.seconds), "paired_forward_s": paired_forward,
                      "folds": outcome.metrics.folds, "reported_device": outcome.metrics.device})
         del outcome
         gc.collect()
     result["register_peak_bytes"] = memory.stop()
+    del net, image_A, image_B, grid
     best = min(runs, key=lambda run: run["seconds"]["total"])
     result["register_warmup"] = register_warmup
     result["register_wall_s"] = best["wall_s"]
@@ -285,6 +293,12 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     load = best["seconds"].get("load", 0.0)
     result["ratio_total_forward"] = total / result["forward_s"]
     result["ratio_total_excl_load_forward"] = (total - load) / result["forward_s"]
+    # Paired: each register() run (minus load) over the forward pass timed just before it; the median over the
+    # repeats. Best-of-N of one pass against best-of-N of a run that holds two passes is biased upwards (one lucky
+    # pass sets the denominator; the numerator needs two), so the target is judged on this ratio.
+    paired = [(run["seconds"]["total"] - run["seconds"].get("load", 0.0)) / run["paired_forward_s"] for run in runs]
+    result["paired_ratios"] = paired
+    result["ratio_paired_median"] = float(np.median(paired))
     if device.type != "cuda" and result["register_peak_bytes"] <= result["forward_peak_bytes"]:
         result["register_peak_note"] = "not above the forward pass's peak (ru_maxrss is monotonic)"
     return result
@@ -320,9 +334,17 @@ def _gb(value: int | None) -> str:
     return "–" if value is None else f"{value / 1e9:.2f}"
 
 
+def _paired(r: dict) -> str:
+    if "ratio_paired_median" not in r:
+        return "–"
+    each = ", ".join(f"{x:.2f}" for x in r["paired_ratios"])
+    return f"{r['ratio_paired_median']:.2f} ({each})"
+
+
 def table(results: list[dict]) -> str:
     header = ["size", "device", "allocator", "forward 1-dir (s)", "register total (s)", "load (s)", "preprocessing (s)",
               "network both dirs (s)", "QA (s)", "export (s)", "ratio total/forward", "ratio excl. load",
+              "ratio paired (median)",
               "peak memory forward (GB)", "peak memory register (GB)", "forward GFLOP", "forward GFLOP/s",
               "share of fp32 matmul rate"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -334,7 +356,7 @@ def table(results: list[dict]) -> str:
         row = [f"{r['size']}³", r["device"], r.get("allocator", "system"), f"{r['forward_s']:.2f}", f"{s['total']:.2f}", f"{s.get('load', 0):.2f}",
                f"{s.get('preprocessing', 0):.2f}", f"{s.get('network', 0):.2f}", f"{s.get('qa', 0):.2f}",
                f"{s.get('export', 0):.2f}", f"{r['ratio_total_forward']:.2f}",
-               f"{r['ratio_total_excl_load_forward']:.2f}", _gb(r["forward_peak_bytes"]),
+               f"{r['ratio_total_excl_load_forward']:.2f}", _paired(r), _gb(r["forward_peak_bytes"]),
                _gb(r["register_peak_bytes"]), f"{r['forward_gflop']:.1f}", f"{r['forward_gflops']:.1f}",
                f"{100 * r['forward_gflops'] / r['matmul_gflops']:.0f} % of {r['matmul_gflops']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
@@ -359,10 +381,12 @@ def verdict(results: list[dict]) -> str:
     # The target covers both directions + QA + export (preprocessing included); building the network ('load')
     # is excluded: a real model is loaded once and cached across registrations.
     for r in ok:
-        met = r["ratio_total_excl_load_forward"] <= CPU_RATIO_TARGET
+        met = r["ratio_paired_median"] <= CPU_RATIO_TARGET
         all_met &= met
-        parts.append(f"{r['size']}³: {r['ratio_total_excl_load_forward']:.2f} {'met' if met else 'NOT met'}")
-    return (f"Target (CPU): (register total − load) / one forward pass ≤ {CPU_RATIO_TARGET} — "
+        parts.append(f"{r['size']}³: {r['ratio_paired_median']:.2f} {'met' if met else 'NOT met'}; "
+                     f"best register / best forward {r['ratio_total_excl_load_forward']:.2f}")
+    return (f"Target (CPU): (register total − load) / one forward pass ≤ {CPU_RATIO_TARGET}, median of the "
+            f"paired repeats — "
             f"{'MET' if all_met else 'NOT MET'} ({'; '.join(parts)}).")
 
 
