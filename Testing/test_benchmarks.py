@@ -26,7 +26,10 @@ def test_bench_register_pairs_each_register_run_with_a_forward_pass(tmp_path):
                               "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-2000:]
     (result,) = json.loads(out.read_text())["results"]
-    assert len(result["paired_ratios"]) == 2
+    assert len(result["paired_ratios"]) == len(result["paired_forward_s"]) == 2
+    totals = [total - result["register_seconds"].get("load", 0.0) for total in result["register_all_totals_s"]]
+    assert result["paired_ratios"] == pytest.approx([t / f for t, f in zip(totals, result["paired_forward_s"])],
+                                                    rel=1e-3)
     assert result["ratio_paired_median"] == pytest.approx(float(np.median(result["paired_ratios"])))
     seconds = result["register_seconds"]
     # both directions run: the network stage holds about two forward passes (generous bounds: a shared machine)

@@ -297,6 +297,7 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     # repeats. Best-of-N of one pass against best-of-N of a run that holds two passes is biased upwards (one lucky
     # pass sets the denominator; the numerator needs two), so the target is judged on this ratio.
     paired = [(run["seconds"]["total"] - run["seconds"].get("load", 0.0)) / run["paired_forward_s"] for run in runs]
+    result["paired_forward_s"] = [run["paired_forward_s"] for run in runs]
     result["paired_ratios"] = paired
     result["ratio_paired_median"] = float(np.median(paired))
     if device.type != "cuda" and result["register_peak_bytes"] <= result["forward_peak_bytes"]:
