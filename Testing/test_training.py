@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -223,6 +224,9 @@ def test_evaluate_gives_the_dice_and_hd95_computed_by_hand(tmp_path):
                                    if (r["other_load_share"] or 0) > 0.05]
     assert "| identity | 2 | 0.700 ± 0.100 |" in (tmp_path / "out" / "evaluation.md").read_text()
     assert all(r["flips"] == [] for r in model_rows) and identity[0]["flips"] is None
+    # the identity network's two directions agree everywhere, also inside the labels; baselines have no IC map
+    assert all(0 <= r["ic_error_in_labels_mm"] < 1e-3 for r in model_rows)
+    assert all(r["ic_error_in_labels_mm"] is None for r in identity)  # NaN is written as null, as for ic_error_mean_mm
     # averaged over all eight flips, the identity network is still the identity (each flip is mapped back)
     code = main(["evaluate", "--data", str(tmp_path / "pairs.csv"), "--model", str(tmp_path / "small.json"),
                  "--baselines", "", "--flips", "0,1,2", "--out", str(tmp_path / "flipped"), "--device", "cpu"])
@@ -231,6 +235,20 @@ def test_evaluate_gives_the_dice_and_hd95_computed_by_hand(tmp_path):
     assert [r["dice_mean"] for r in flipped] == pytest.approx([0.8, 0.6], abs=1e-6)
     assert all(r["flips"] == [0, 1, 2] for r in flipped)
     assert "averaged over flips of network axes [0, 1, 2]" in (tmp_path / "flipped" / "evaluation.md").read_text()
+
+
+def test_mean_inside_labels_resamples_the_label_onto_the_values_grid():
+    """The IC map lives on the network grid (here 2 mm, shifted), the label on the image's 1 mm grid: the mean is
+    over the map's voxels whose centres fall inside the label, found in physical space."""
+    from ICONRegistrationLib.evaluation.evaluate import mean_inside_labels
+
+    values = sitk.GetImageFromArray(np.broadcast_to(np.arange(10, dtype=np.float32), (6, 8, 10)).copy())
+    values.SetSpacing((2.0, 2.0, 2.0))
+    values.SetOrigin((1.0, 0.0, 0.0))  # voxel i (along x) is centred at x = 1 + 2i mm and holds the value i
+    label = np.zeros((12, 16, 20), np.uint8)
+    label[:, :, 5:10] = 2  # x = 5 … 9 mm (1 mm voxels at x = 0 … 19): map voxels centred at 5, 7, 9 mm, i = 2, 3, 4
+    assert mean_inside_labels(values, sitk.GetImageFromArray(label)) == pytest.approx(3.0)
+    assert math.isnan(mean_inside_labels(values, sitk.GetImageFromArray(np.zeros_like(label))))
 
 
 def test_demons_baseline_recovers_a_shift():
