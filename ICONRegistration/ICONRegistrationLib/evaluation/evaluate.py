@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..io.images import read_image
 from ..io.results import write_json
+from ..pipeline.resampling import warp
 from ..progress import ProgressCallback, report
 from .baselines import BASELINES, check_installed, timed
 from .machine_load import BUSY_SHARE, LoadMeter
@@ -145,7 +146,7 @@ class EvaluationRow:
 def mean_inside_labels(values: sitk.Image, label: sitk.Image) -> float:
     """Mean of the scalar image ``values`` over its voxels whose centres fall inside ``label > 0`` (the label map
     resampled onto ``values``' grid by nearest neighbour, physical space); NaN when none does."""
-    on_grid = sitk.Resample(label, values, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, label.GetPixelID())
+    on_grid = warp(label, sitk.Transform(), values, interpolator="nearest")
     inside = sitk.GetArrayViewFromImage(on_grid) > 0
     if not inside.any():
         return math.nan
