@@ -588,6 +588,30 @@ def test_hd95_per_label_on_cropped_boxes_equals_the_whole_image():
         assert cropped[label] == pytest.approx(whole[label], abs=1e-5)
 
 
+def test_transform_error_against_a_known_transform_in_mm():
+    from ICONRegistrationLib.evaluation.metrics import transform_error_mm
+    reference = sitk.Image([20, 24, 18], sitk.sitkUInt8)
+    reference.SetSpacing((1.5, 1.0, 2.0))
+    reference.SetOrigin((-4.0, 7.0, 1.0))
+    reference.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))  # an oblique-free but permuted frame
+    mask = sitk.Image(reference)
+    mask[5:15, 6:18, 4:14] = 1
+    truth = sitk.TranslationTransform(3, (3.0, 0.0, -4.0))
+    identity = sitk.Transform(3, sitk.sitkIdentity)
+    assert transform_error_mm(identity, truth, reference, mask) == pytest.approx((5.0, 5.0))
+    assert transform_error_mm(truth, truth, reference, mask) == pytest.approx((0.0, 0.0), abs=1e-9)
+    # a 10 % scaling about the origin: the error is 0.1 × the distance from it, averaged over the masked voxels
+    scaling = sitk.ScaleTransform(3, (1.1, 1.1, 1.1))
+    array = sitk.GetArrayFromImage(mask)
+    points = [np.array(reference.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
+              for k, j, i in np.argwhere(array)]
+    expected = np.mean([0.1 * np.linalg.norm(point) for point in points])
+    assert transform_error_mm(scaling, identity, reference, mask)[0] == pytest.approx(expected, rel=1e-9)
+    assert all(math.isnan(v) for v in transform_error_mm(identity, truth, reference, mask * 0))
+    with pytest.raises(ValueError, match="grid"):
+        transform_error_mm(identity, truth, reference, mask[1:, :, :])
+
+
 def test_elastic_displacements_have_the_requested_size_in_voxels_and_do_not_fold():
     from ICONRegistrationLib.core.coordinates import jacobian_determinant
     from ICONRegistrationLib.training.trainer import augment, random_elastic_displacements

@@ -1,7 +1,9 @@
-"""``iconreg demo``: register the bundled sample pair offline with its model and summarise the result.
+"""``iconreg demo``: register a bundled sample pair offline with its model and summarise the result.
 
-The sample pair lives in ``Resources/SampleData`` of the repository (``$ICONREG_SAMPLE_DATA`` overrides); its
-``sample.json`` names the images, their label maps, the modality and the model that ships for them.
+The sample pairs live in ``Resources/SampleData`` of the repository (``$ICONREG_SAMPLE_DATA`` overrides): the
+default pair's ``sample.json`` in the folder itself, further pairs (other anatomies) in subfolders with their own
+``sample.json``. Each names the images, their label maps, the modality, the anatomy, the model that ships for
+them and, for a synthetic pair, the ground-truth transform (fixed → moving points).
 """
 
 from __future__ import annotations
@@ -27,28 +29,44 @@ def sample_data_dir() -> Path:
     return folder
 
 
-def sample_pair() -> dict:
-    """``sample.json`` with paths made absolute."""
-    folder = sample_data_dir()
-    description = json.loads((folder / "sample.json").read_text())
-    for key in ("fixed", "moving", "fixed_label", "moving_label"):
+_PATH_KEYS = ("fixed", "moving", "fixed_label", "moving_label", "ground_truth_transform")
+
+
+def _read_sample(description_file: Path) -> dict:
+    description = json.loads(description_file.read_text())
+    for key in _PATH_KEYS:
         if description.get(key):
-            description[key] = folder / description[key]
+            description[key] = description_file.parent / description[key]
     return description
 
 
-def _check_anatomy(model: str, sample: dict) -> None:
-    """A model trained for one anatomy (zoo ``anatomy``) is not demonstrated on a sample pair of another."""
+def sample_pairs() -> list[dict]:
+    """Every sample pair, paths made absolute: the default (``sample.json`` in the sample folder) first, then one
+    per subfolder with a ``sample.json``, by folder name."""
+    folder = sample_data_dir()
+    files = [folder / "sample.json"] + sorted(folder.glob("*/sample.json"))
+    return [_read_sample(path) for path in files]
+
+
+def sample_pair(anatomy: Optional[str] = None) -> dict:
+    """The default sample pair, or with ``anatomy`` the first pair showing it (``UserError`` if none does)."""
+    pairs = sample_pairs()
+    if anatomy is None:
+        return pairs[0]
+    for pair in pairs:
+        if pair.get("anatomy") in (None, anatomy):
+            return pair
+    have = ", ".join(sorted({str(pair.get("anatomy")) for pair in pairs}))
+    raise UserError(
+        f"The sample pairs in '{sample_data_dir()}' show the {have}; no {anatomy} pair is there: run "
+        f"'iconreg register' on your own images, or point ICONREG_SAMPLE_DATA at a folder with a sample.json "
+        f"for a {anatomy} pair.")
+
+
+def _model_anatomy(model: str) -> Optional[str]:
     from .models.zoo import resolve_spec
 
-    wanted = resolve_spec(model).extra.get("anatomy")
-    have = sample.get("anatomy")
-    if wanted and have and wanted != have:
-        raise UserError(
-            f"The sample pair in '{sample_data_dir()}' shows the {have}; model '{model}' is for the {wanted}. "
-            f"No {wanted} pair ships with the project (LPBA40 may not be redistributed, and no openly licensed "
-            f"{wanted} pair was available): run 'iconreg register --model {model}' on your own images, or point "
-            f"ICONREG_SAMPLE_DATA at a folder with a sample.json for a {wanted} pair.")
+    return resolve_spec(model).extra.get("anatomy")
 
 
 def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "auto", io_iterations: int = 0,
@@ -61,9 +79,8 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
 
     out = check_output_folder(out)
 
-    sample = sample_pair()
+    sample = sample_pair(_model_anatomy(model) if model else None)
     name = model or sample["model"]
-    _check_anatomy(name, sample)
     from .io.images import read_image
     fixed, moving = read_image(sample["fixed"], "fixed"), read_image(sample["moving"], "moving")
     result = register(fixed, moving, name, fixed_modality=sample.get("modality", "auto"),
@@ -87,6 +104,17 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
                         "dice_per_label_after": {str(k): v for k, v in after.items()}})
         lines.append(f"Dice (labels {', '.join(map(str, labels))}): {summary['dice_before']:.3f} before → "
                      f"{summary['dice_after']:.3f} after.")
+    if sample.get("ground_truth_transform"):
+        from .evaluation.metrics import transform_error_mm
+
+        truth = sitk.ReadTransform(str(sample["ground_truth_transform"]))
+        inside = fixed_label if sample.get("fixed_label") else sitk.Cast(fixed > 0, sitk.sitkUInt8)
+        before_mm = transform_error_mm(sitk.Transform(3, sitk.sitkIdentity), truth, fixed, inside)
+        after_mm = transform_error_mm(result.forward_transform(), truth, fixed, inside)
+        summary.update({"error_to_truth_before_mm": before_mm[0], "error_to_truth_mm": after_mm[0],
+                        "error_to_truth_p95_mm": after_mm[1]})
+        lines.append(f"Distance to the known transform inside the fixed labels: {before_mm[0]:.2f} mm before → "
+                     f"{after_mm[0]:.2f} mm mean ({after_mm[1]:.2f} mm 95th) after.")
     lines.append(f"Folded voxels: {metrics.folds} ({metrics.folds_percent:.4f} %); inverse-consistency "
                  f"error {metrics.ic_error_mean_mm:.4f} mm mean, {metrics.ic_error_p95_mm:.4f} mm 95th.")
     with result_folder(out) as staging:

@@ -81,3 +81,21 @@ def mean_std(values) -> tuple[float, float]:
     if array.size == 0:
         return math.nan, math.nan
     return float(array.mean()), float(array.std())
+
+
+def transform_error_mm(transform: sitk.Transform, truth: sitk.Transform, reference: sitk.Image,
+                       mask: sitk.Image) -> tuple[float, float]:
+    """Mean and 95th percentile (mm) of ‖transform(x) − truth(x)‖ over the voxel centres x of ``reference`` where
+    ``mask`` (on the same grid) is non-zero. Both transforms map fixed to moving physical points (ITK's convention),
+    so this is the registration error against a known answer; ``sitk.Transform()`` for ``transform`` gives the
+    error before registration."""
+    if mask.GetSize() != reference.GetSize():
+        raise ValueError("the mask must be on the reference image's grid")
+    inside = sitk.GetArrayViewFromImage(mask) != 0
+    if not inside.any():
+        return math.nan, math.nan
+    grid = (reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection())
+    fields = [sitk.GetArrayFromImage(sitk.TransformToDisplacementField(t, sitk.sitkVectorFloat64, *grid))
+              for t in (transform, truth)]
+    error = np.linalg.norm(fields[0][inside] - fields[1][inside], axis=-1)
+    return float(error.mean()), float(np.percentile(error, 95))
