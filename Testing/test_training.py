@@ -18,6 +18,8 @@ from ICONRegistrationLib.models import ModelSpec, build_network, load_model
 from ICONRegistrationLib.datasets import list_volumes, split_validation
 from ICONRegistrationLib.training.data import PreparedSet, prepare
 from ICONRegistrationLib.training.trainer import TrainingConfig, export_weights, initialise, stage_spec, train
+from ICONRegistrationLib.core.coordinates import voxel_scale
+from ICONRegistrationLib.errors import UserError
 
 SMALL = {"name": "small", "unet": {"num_layers": 3, "channels": [[2, 8, 8, 8], [8, 8, 8]]}, "levels": 2,
          "last_step": True, "input_shape": [20, 24, 20], "similarity": {"name": "lncc", "sigma": 2},
@@ -586,6 +588,45 @@ def test_hd95_per_label_on_cropped_boxes_equals_the_whole_image():
     assert np.isnan(whole[3]) and np.isnan(cropped[3])
     for label in (1, 2):
         assert cropped[label] == pytest.approx(whole[label], abs=1e-5)
+
+
+def test_self_pairs_replace_that_fraction_of_pairs_and_leave_the_default_draws_unchanged():
+    from ICONRegistrationLib.training.trainer import draw_pairs
+    count, batch = 7, 4000
+    generator = torch.Generator().manual_seed(5)
+    A, B = draw_pairs(count, batch, generator)
+    reference = torch.Generator().manual_seed(5)  # the draws of earlier versions, and nothing more drawn
+    expected_A = torch.randint(count, (batch,), generator=reference)
+    expected_B = (expected_A + torch.randint(1, count, (batch,), generator=reference)) % count
+    assert torch.equal(A, expected_A) and torch.equal(B, expected_B) and not (A == B).any()
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=reference))
+    A, B = draw_pairs(count, batch, torch.Generator().manual_seed(5), 1.0)
+    assert torch.equal(A, B)
+    A, B = draw_pairs(count, batch, torch.Generator().manual_seed(5), 0.25)
+    assert float((A == B).float().mean()) == pytest.approx(0.25, abs=0.03)
+    with pytest.raises(UserError, match="self-pair"):
+        train(small_spec(), synthetic_set(), None, TrainingConfig(steps=1, self_pair_fraction=1.5), device="cpu")
+
+
+class _Shift(torch.nn.Module):
+    """A 'network' that moves every point by a constant number of voxels, whatever the images."""
+
+    def __init__(self, voxels: tuple[float, float, float]):
+        super().__init__()
+        self.voxels = torch.tensor(voxels).view(1, 3, 1, 1, 1)
+
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor):
+        offset = self.voxels / voxel_scale(image_A.shape[2:])
+        return lambda points: points + offset
+
+
+def test_validation_reports_how_far_a_volume_registered_to_itself_moves():
+    from ICONRegistrationLib.training.trainer import validate
+    data = synthetic_set()
+    identity = validate(build_network(small_spec()), data, torch.device("cpu"))  # zero last layers
+    assert identity["val_self_displacement_voxels"] == pytest.approx(0.0, abs=1e-6)
+    shifted = validate(_Shift((1.0, 2.0, 2.0)), data, torch.device("cpu"))
+    assert shifted["val_self_displacement_voxels"] == pytest.approx(3.0, rel=1e-5)
 
 
 def test_transform_error_against_a_known_transform_in_mm():

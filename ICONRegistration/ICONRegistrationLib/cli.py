@@ -299,7 +299,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             intensity_gamma=args.gamma, validate_every=args.validate_every,
                             checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
-                            icon_weight=args.icon_weight,
+                            icon_weight=args.icon_weight, self_pair_fraction=args.self_pairs,
                             label_loss=args.label_loss, label_weight=args.label_weight,
                             label_downsample=args.label_downsample,
                             time_limit=args.time_limit,
@@ -542,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--gamma", type=float, default=0.0,
                      help="random intensity gamma per image, log γ ~ U(−g, g) (default 0: none)")
     trn.add_argument("--flip-axes", default="0,1,2", help="tensor axes to flip at random ('' for none)")
+    trn.add_argument("--self-pairs", type=float, default=0.0,
+                     help="fraction of training pairs that are a volume with itself, each copy augmented "
+                          "independently (teaches the network not to deform identical images; default 0)")
     trn.add_argument("--validate-every", type=int, default=100)
     trn.add_argument("--checkpoint-every", type=int, default=100)
     trn.add_argument("--keep-every", type=int, default=0,

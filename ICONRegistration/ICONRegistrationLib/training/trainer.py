@@ -82,6 +82,10 @@ class TrainingConfig:
     # μ of an ICON term added to the GradICON penalty: μ × mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² in
     # voxels² at the penalty's points (0: the paper's objective; see core.objective.symmetric_objective)
     icon_weight: float = 0.0
+    # fraction of the batch's pairs that are a volume with itself (each copy still augmented independently): the
+    # network then also sees pairs whose answer is the augmentation alone, and learns not to deform identical
+    # images (0: pairs of two different volumes only, the draws of earlier versions)
+    self_pair_fraction: float = 0.0
     # Optional supervision: "dice" adds label_weight × soft Dice loss of the warped moving labels (one-hot,
     # linear interpolation) against the fixed labels, both directions. Inference stays image-only.
     label_loss: Optional[str] = None
@@ -249,15 +253,28 @@ def label_loss(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tenso
     return soft_dice_loss(sample_at(moving, coarse_coordinates(maps, factor), padding="zeros"), fixed)
 
 
+def draw_pairs(count: int, batch: int, generator: torch.Generator, self_pair_fraction: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(A, B)`` ``[batch]`` of the training pairs: two different volumes of ``count``, except that each
+    pair is a volume with itself with probability ``self_pair_fraction`` (no extra draw when it is 0)."""
+    index_A = torch.randint(count, (batch,), generator=generator)
+    index_B = (index_A + torch.randint(1, count, (batch,), generator=generator)) % count
+    if self_pair_fraction > 0:
+        same = torch.rand(batch, generator=generator) < self_pair_fraction
+        index_B = torch.where(same, index_A, index_B)
+    return index_A, index_B
+
+
 @torch.no_grad()
 def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20) -> dict:
     """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels) on pairs
-    (i, i+1) of ``data``, both directions."""
+    (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when volume i is registered
+    to itself, where the right answer is the identity (``val_self_displacement_voxels``)."""
     pairs = [(i, i + 1) for i in range(len(data) - 1)][:max_pairs]
     if not pairs:
         return {}
     net.eval()
-    dices, folds, ic_errors = [], [], []
+    dices, folds, ic_errors, self_displacements = [], [], [], []
     shape = data.shape
     grid = identity_map(shape, device=device)
     scale = voxel_scale(shape, device=device)
@@ -265,6 +282,8 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
         A = data.images[i:i + 1].to(device, torch.float32)
         B = data.images[j:j + 1].to(device, torch.float32)
         maps = both_directions(net, A, B)(grid)  # [Φ_AB; Φ_BA]
+        itself = both_directions(net, A, A)(grid)
+        self_displacements.append(float(((itself - grid) * scale).norm(dim=1).mean()))
         jac = jacobian_determinant(maps)
         folds.append(100.0 * float((jac <= 0).float().mean()))
         back = torch.cat([maps[1:], maps[:1]])
@@ -283,7 +302,8 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
                 if scores:
                     dices.append(sum(scores.values()) / len(scores))
     net.train()
-    result = {"val_folds_percent": sum(folds) / len(folds), "val_ic_error_voxels": sum(ic_errors) / len(ic_errors)}
+    result = {"val_folds_percent": sum(folds) / len(folds), "val_ic_error_voxels": sum(ic_errors) / len(ic_errors),
+              "val_self_displacement_voxels": sum(self_displacements) / len(self_displacements)}
     if dices:
         result["val_dice"] = sum(dices) / len(dices)
     return result
@@ -361,6 +381,11 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
         axes[1].set_title("validation Dice")
         axes[2].plot(vsteps, [float(r["val_ic_error_voxels"]) for r in val_rows], marker="o", label="IC error (vox)")
         axes[2].plot(vsteps, [float(r["val_folds_percent"]) for r in val_rows], marker="s", label="folds %")
+        itself = [(step, float(r["val_self_displacement_voxels"])) for step, r in zip(vsteps, val_rows)
+                  if r.get("val_self_displacement_voxels")]  # absent in logs of earlier versions
+        if itself:
+            axes[2].plot([p[0] for p in itself], [p[1] for p in itself], marker="^",
+                         label="self-registration displacement (vox)")
         axes[2].legend()
         axes[2].set_title("regularity")
         for ax in axes[1:]:
@@ -382,7 +407,8 @@ def write_validation_table(out_dir: Path) -> Optional[Path]:
     if not rows:
         return None
     columns = [("step", "step"), ("val_dice", "validation Dice"), ("val_ic_error_voxels", "IC error (voxels)"),
-               ("val_folds_percent", "% det J ≤ 0")]
+               ("val_folds_percent", "% det J ≤ 0"),
+               ("val_self_displacement_voxels", "displacement registering a volume to itself (voxels)")]
     columns = [(key, title) for key, title in columns if key in rows[0]]
     lines = ["| " + " | ".join(title for _, title in columns) + " |",
              "| " + " | ".join("---" for _ in columns) + " |"]
@@ -494,6 +520,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"The label weight must be a positive number, got {config.label_weight}.")
     if config.time_limit is not None and not (math.isfinite(config.time_limit) and config.time_limit >= 0):
         raise UserError(f"The time limit must be a number of seconds ≥ 0, got {config.time_limit}.")
+    if not 0 <= config.self_pair_fraction <= 1:
+        raise UserError(f"The self-pair fraction must be in [0, 1], got {config.self_pair_fraction}.")
     if not (math.isfinite(config.icon_weight) and config.icon_weight >= 0):
         raise UserError(f"The ICON weight must be a number ≥ 0, got {config.icon_weight}.")
     if config.lr_schedule not in LR_SCHEDULES:
@@ -555,8 +583,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     start_step = step
     start = time.perf_counter()
     while step < config.steps:
-        index_A = torch.randint(count, (config.batch_size,), generator=generator)
-        index_B = (index_A + torch.randint(1, count, (config.batch_size,), generator=generator)) % count
+        index_A, index_B = draw_pairs(count, config.batch_size, generator, config.self_pair_fraction)
         batch_A = images[index_A].float()
         batch_B = images[index_B].float()
         labels = (train_set.labels[index_A].float(), train_set.labels[index_B].float()) if values is not None \
