@@ -197,7 +197,14 @@ def test_register_sample_pair_matches_the_engine(browser, app_url, shots, tmp_pa
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     difference = np.abs(sitk.GetArrayFromImage(warped) - sitk.GetArrayFromImage(engine.warped))
     scale = float(np.abs(sitk.GetArrayFromImage(engine.warped)).max())
-    assert difference.max() < 1e-3 * scale, "resampling with the downloaded transform differs from the engine"
+    # Both follow ITK's rule (a point within half a voxel of the outer voxel centres takes the edge value, else 0);
+    # a point that lands on that boundary to within float32 rounding may fall on either side. Any other voxel
+    # must agree.
+    for index in np.argwhere(difference >= 1e-3 * scale):
+        point = transform.TransformPoint(fixed.TransformIndexToPhysicalPoint([int(i) for i in index[::-1]]))
+        continuous = np.array(moving.TransformPhysicalPointToContinuousIndex(point))
+        edge = np.minimum(np.abs(continuous + 0.5), np.abs(continuous - (np.array(moving.GetSize()) - 0.5)))
+        assert edge.min() < 1e-3, f"resampling with the downloaded transform differs from the engine at {index}"
     for name in ("inverse-h5", "warped-nii-gz", "jacobian-nii-gz", "ic_error-nii-gz", "report-png"):
         with page.expect_download(timeout=WAIT_MS) as download:
             page.click(f"#download-{name}")
