@@ -178,3 +178,27 @@ def test_demo_says_why_when_no_sample_pair_shows_the_models_anatomy(tmp_path, mo
     err = capsys.readouterr().err
     assert "no brain pair" in err and "ICONREG_SAMPLE_DATA" in err and "Traceback" not in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_reports_the_distance_to_a_known_transform_without_labels(tmp_path, monkeypatch, capsys):
+    """A sample pair with a ground-truth transform but no label maps: the distance is taken inside the fixed
+    image's foreground, and no Dice is reported."""
+    from ICONRegistrationLib.demo import sample_data_dir, sample_pair
+    folder = tmp_path / "samples"
+    (folder / "brain").mkdir(parents=True)
+    for path in sample_data_dir().iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+    brain = sample_pair("brain")
+    description = json.loads((sample_data_dir() / "brain" / "sample.json").read_text())
+    for key in ("fixed_label", "moving_label"):
+        description.pop(key)
+    for key in ("fixed", "moving", "ground_truth_transform"):
+        (folder / "brain" / brain[key].name).write_bytes(brain[key].read_bytes())
+    (folder / "brain" / "sample.json").write_text(json.dumps(description))
+    monkeypatch.setenv("ICONREG_SAMPLE_DATA", str(folder))
+    assert main(["demo", "--model", "gradicon-brain-lpba40", "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    assert "where the fixed image is above 0" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert "dice_after" not in summary
+    assert summary["error_to_truth_mm"] < 0.8 * summary["error_to_truth_before_mm"]
