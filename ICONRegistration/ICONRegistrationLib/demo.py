@@ -92,8 +92,8 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
                "ic_error_p95_mm": metrics.ic_error_p95_mm, "seconds": metrics.total_seconds}
     lines = [f"Registered {Path(sample['moving']).name} to {Path(sample['fixed']).name} with {metrics.model} "
              f"on {metrics.device} in {summary['seconds']:.2f} s."]
-    if sample.get("fixed_label") and sample.get("moving_label"):
-        fixed_label = read_image(sample["fixed_label"], "fixed label")
+    fixed_label = read_image(sample["fixed_label"], "fixed label") if sample.get("fixed_label") else None
+    if fixed_label is not None and sample.get("moving_label"):
         moving_label = read_image(sample["moving_label"], "moving label")
         labels = label_values(fixed_label, moving_label)
         before = dice_per_label(sitk.Resample(moving_label, fixed_label, sitk.Transform(),
@@ -108,8 +108,8 @@ def run_demo(out: str | Path, *, model: Optional[str] = None, device: str = "aut
         from .evaluation.metrics import transform_error_mm
 
         truth = sitk.ReadTransform(str(sample["ground_truth_transform"]))
-        if sample.get("fixed_label"):
-            inside, where = read_image(sample["fixed_label"], "fixed label"), "inside the fixed labels"
+        if fixed_label is not None:
+            inside, where = fixed_label, "inside the fixed labels"
         else:
             inside, where = sitk.Cast(fixed > 0, sitk.sitkUInt8), "where the fixed image is above 0"
         before_mm = transform_error_mm(sitk.Transform(3, sitk.sitkIdentity), truth, fixed, inside)
