@@ -321,3 +321,38 @@ def test_icon_weight_sees_the_constant_round_trip_offset_that_gradicon_cannot():
     assert torch.allclose(error, forward(backward(samples)) - samples)
     with pytest.raises(ValueError, match="icon_weight"):
         symmetric_objective(Net(), *images, similarity=SSD(), penalty="diffusion", icon_weight=0.1)
+
+
+def test_icon_point_weights_weigh_the_round_trip_error_where_it_starts():
+    """Φ_AB a scaling, Φ_BA the identity: the round-trip error grows with the distance from the fixed point. With
+    weights 1 + κ on one half of A's grid the ICON term is μ × the weighted mean of the squared error (voxels²) at
+    the penalty's points, computed here directly; ``round_trip`` stays the unweighted mean."""
+    from ICONRegistrationLib.core.objective import symmetric_objective
+
+    shape = (8, 9, 10)
+    scaling = _affine(np.diag([1.1, 0.95, 1.0]), [-0.05, 0.02, 0.0])
+
+    class Net(torch.nn.Module):
+        def forward(self, image_A, image_B):
+            move = scaling if image_A is images[0] else (lambda x: x)
+            return lambda x: move(x.expand(2, *x.shape[1:]))
+
+    generator = torch.Generator().manual_seed(4)
+    images = (torch.rand(2, 1, *shape, generator=generator, dtype=torch.float64),
+              torch.rand(2, 1, *shape, generator=generator, dtype=torch.float64))
+    grid = identity_map(shape, dtype=torch.float64)
+    inside = torch.zeros(2, 1, *shape, dtype=torch.float64)
+    inside[:, :, :4] = 1.0
+    kappa, mu = 3.0, 0.5
+    weights = 1.0 + kappa * inside
+    plain = symmetric_objective(Net(), *images, similarity=SSD(), penalty_samples=grid, icon_weight=mu)
+    weighted = symmetric_objective(Net(), *images, similarity=SSD(), penalty_samples=grid, icon_weight=mu,
+                                   icon_point_weights=weights)
+    scale = torch.tensor([n - 1 for n in shape], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    squared = (((scaling(grid) - grid) * scale) ** 2).sum(dim=1, keepdim=True)  # the round trip is Φ_AB here
+    assert float(plain.round_trip) == pytest.approx(float(squared.mean()))
+    assert float(weighted.round_trip) == pytest.approx(float(squared.mean()))
+    assert float(weighted.loss - plain.loss) == pytest.approx(mu * float(((weights - 1) * squared).mean()), rel=1e-9)
+    assert float(((weights - 1) * squared).mean()) > 0.1  # the half with extra weight has an error to weigh
+    with pytest.raises(ValueError, match="icon_weight"):
+        symmetric_objective(Net(), *images, similarity=SSD(), icon_point_weights=weights)

@@ -629,6 +629,21 @@ def test_validation_reports_how_far_a_volume_registered_to_itself_moves():
     assert shifted["val_self_displacement_voxels"] == pytest.approx(3.0, rel=1e-5)
 
 
+def test_validation_reports_the_ic_error_inside_the_labels():
+    """Both directions shift by 2 voxels along the last axis: the round trip is off by 4 voxels, except within 4
+    voxels of the grid's far end, where the maps are clamped to the border. The labelled blobs lie inside, so
+    there the error is exactly 4 voxels, while the mean over the grid is lower."""
+    from ICONRegistrationLib.training.trainer import validate
+    data = synthetic_set()
+    identity = validate(build_network(small_spec()), data, torch.device("cpu"))
+    assert identity["val_ic_error_in_labels_voxels"] == pytest.approx(0.0, abs=1e-6)
+    shifted = validate(_Shift((0.0, 0.0, 2.0)), data, torch.device("cpu"))
+    assert shifted["val_ic_error_in_labels_voxels"] == pytest.approx(4.0, rel=1e-5)
+    assert shifted["val_ic_error_voxels"] < 3.9
+    unlabelled = PreparedSet(data.images, None, data.names, data.shape)
+    assert "val_ic_error_in_labels_voxels" not in validate(_Shift((0.0, 0.0, 2.0)), unlabelled, torch.device("cpu"))
+
+
 def test_transform_error_against_a_known_transform_in_mm():
     from ICONRegistrationLib.evaluation.metrics import transform_error_mm
     reference = sitk.Image([20, 24, 18], sitk.sitkUInt8)
@@ -718,6 +733,29 @@ def test_icon_weight_is_checked_and_a_gradicon_run_logs_its_round_trip_error(tmp
     for bad in (dataclasses.replace(config, icon_weight=-1.0), dataclasses.replace(config, penalty="diffusion")):
         with pytest.raises(UserError, match="ICON weight|icon-weight"):
             train(small_spec(), data, tmp_path / "bad", bad, device="cpu")
+
+
+def test_icon_label_weight_is_checked_and_changes_training_only_through_the_icon_term(tmp_path):
+    """--icon-label-weight needs --icon-weight and label maps (no label loss). The network starts at the identity,
+    whose round trip is exact, so the first step's loss is the uniform run's; then the runs part."""
+    data = synthetic_set()
+    config = TrainingConfig(steps=3, batch_size=2, checkpoint_every=3, validate_every=100, icon_weight=0.5,
+                            learning_rate=1e-2, seed=2)
+    losses = {}
+    for kappa in (0.0, 5.0):
+        run = tmp_path / f"kappa-{kappa}"
+        train(small_spec(), data, run, dataclasses.replace(config, icon_label_weight=kappa), device="cpu")
+        with (run / "train_log.csv").open() as handle:
+            losses[kappa] = [float(r["loss"]) for r in csv.DictReader(handle)]
+    assert losses[5.0][0] == pytest.approx(losses[0.0][0], rel=1e-6)
+    assert losses[5.0][1:] != pytest.approx(losses[0.0][1:], rel=1e-6)
+    for bad in (dataclasses.replace(config, icon_label_weight=-1.0),
+                dataclasses.replace(config, icon_weight=0.0, icon_label_weight=1.0)):
+        with pytest.raises(UserError, match="icon-label-weight"):
+            train(small_spec(), data, tmp_path / "bad", bad, device="cpu")
+    with pytest.raises(UserError, match="label maps"):
+        train(small_spec(), PreparedSet(data.images, None, data.names, data.shape), tmp_path / "nolabels",
+              dataclasses.replace(config, icon_label_weight=1.0), device="cpu")
 
 
 def test_resuming_a_run_whose_log_has_fewer_columns_extends_the_header_and_resumes_again(tmp_path):

@@ -299,7 +299,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             intensity_gamma=args.gamma, validate_every=args.validate_every,
                             checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
-                            icon_weight=args.icon_weight, self_pair_fraction=args.self_pairs,
+                            icon_weight=args.icon_weight, icon_label_weight=args.icon_label_weight,
+                            self_pair_fraction=args.self_pairs,
                             label_loss=args.label_loss, label_weight=args.label_weight,
                             label_downsample=args.label_downsample,
                             time_limit=args.time_limit,
@@ -514,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--icon-weight", type=float, default=0.0,
                      help="add this weight × the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² (voxels²) to the "
                           "GradICON penalty, which does not see a constant offset of the round trip (default 0)")
+    trn.add_argument("--icon-label-weight", type=float, default=0.0,
+                     help="weigh the --icon-weight term by 1 + this inside the labels of the image where each round "
+                          "trip starts (needs label maps; inverse consistency where a user looks; default 0: uniform)")
     trn.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                      help="constant, or cosine: from --learning-rate down to 0 at --steps (a function of the step: "
                           "resuming with the same --steps, --warmup-steps and rate keeps the curve)")

@@ -77,7 +77,8 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
                         lmbda: float = 1.5, penalty: str = "gradicon", mask_A: Optional[torch.Tensor] = None,
                         mask_B: Optional[torch.Tensor] = None, padding: str = "zeros",
                         generator: Optional[torch.Generator] = None, penalty_fraction: float = 1.0,
-                        penalty_samples: Optional[torch.Tensor] = None, icon_weight: float = 0.0) -> ObjectiveTerms:
+                        penalty_samples: Optional[torch.Tensor] = None, icon_weight: float = 0.0,
+                        icon_point_weights: Optional[torch.Tensor] = None) -> ObjectiveTerms:
     """``sim(A∘Φ_AB, B) + sim(B∘Φ_BA, A) + λ · penalty`` for batches ``image_A``, ``image_B`` ``[b, 1, *S]``.
 
     ``penalty``: ``"gradicon"`` (‖∇(Φ_AB∘Φ_BA) − I‖²_F), ``"icon"`` (‖Φ_AB∘Φ_BA − Id‖²) — on Φ_AB∘Φ_BA only,
@@ -95,11 +96,16 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
     ``icon_weight`` μ > 0 (GradICON only) adds μ · the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² in
     voxels² at the same points (``round_trip``, computed from the penalty's own map evaluations at no extra
     cost): the gradient penalty does not see a constant offset of the round trip, this term does.
+    ``icon_point_weights`` ``[b, 1, *S]`` (≥ 0, on ``image_A``'s grid, where the round trip Φ_AB(Φ_BA(x)) starts)
+    weights that term point by point, sampled linearly at the penalty's points: for example 1 + κ inside ``A``'s
+    labels, to ask for inverse consistency most where a user looks. ``round_trip`` stays the unweighted mean.
     """
     if penalty not in PENALTIES:
         raise ValueError(f"unknown penalty '{penalty}': use one of {', '.join(PENALTIES)}")
     if icon_weight and penalty != "gradicon":
         raise ValueError(f"icon_weight adds to the GradICON penalty, not to '{penalty}'")
+    if icon_point_weights is not None and not icon_weight:
+        raise ValueError("icon_point_weights weight the ICON term: give icon_weight > 0 as well")
     batch = image_A.shape[0]
     shape = image_A.shape[2:]
     pair_moving = torch.cat([image_A, image_B], dim=0)
@@ -119,15 +125,18 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
             penalty_value, error = gradicon_and_round_trip(phi_AB, phi_BA, samples)
             with torch.set_grad_enabled(torch.is_grad_enabled() and bool(icon_weight)):
                 scale = voxel_scale(shape, dtype=error.dtype, device=error.device)
-                round_trip = ((error * scale) ** 2).sum(dim=1).mean()
+                squared = ((error * scale) ** 2).sum(dim=1, keepdim=True)
+                round_trip = squared.mean()
+                weighted = round_trip if icon_point_weights is None else \
+                    (sample_at(icon_point_weights.to(squared.dtype), samples) * squared).mean()
         else:
-            penalty_value, round_trip = icon_penalty(phi_AB, phi_BA, samples), None
+            penalty_value, round_trip, weighted = icon_penalty(phi_AB, phi_BA, samples), None, None
     elif penalty == "bending":
         penalty_value, round_trip = velocity_bending_energy(net), None
     else:
         penalty_value, round_trip = diffusion_penalty(maps), None
     loss = similarity_value + lmbda * penalty_value
     if icon_weight:
-        loss = loss + icon_weight * round_trip
+        loss = loss + icon_weight * weighted
     return ObjectiveTerms(loss, similarity_value, penalty_value, maps, phi,
                           None if round_trip is None else round_trip.detach())

@@ -82,6 +82,9 @@ class TrainingConfig:
     # μ of an ICON term added to the GradICON penalty: μ × mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² in
     # voxels² at the penalty's points (0: the paper's objective; see core.objective.symmetric_objective)
     icon_weight: float = 0.0
+    # κ: the ICON term's weight is 1 + κ at points inside the labels of the image where the round trip starts, 1
+    # elsewhere (0: uniform). Needs icon_weight > 0 and label maps; asks for inverse consistency on the structures.
+    icon_label_weight: float = 0.0
     # fraction of the batch's pairs that are a volume with itself (each copy still augmented independently): the
     # network then also sees pairs whose answer is the augmentation alone, and learns not to deform identical
     # images (0: pairs of two different volumes only, the draws of earlier versions)
@@ -267,14 +270,14 @@ def draw_pairs(count: int, batch: int, generator: torch.Generator, self_pair_fra
 
 @torch.no_grad()
 def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20) -> dict:
-    """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels) on pairs
-    (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when volume i is registered
+    """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels; also inside
+    the fixed image's labels, ``val_ic_error_in_labels_voxels``) on pairs (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when volume i is registered
     to itself, where the right answer is the identity (``val_self_displacement_voxels``)."""
     pairs = [(i, i + 1) for i in range(len(data) - 1)][:max_pairs]
     if not pairs:
         return {}
     net.eval()
-    dices, folds, ic_errors, self_displacements = [], [], [], []
+    dices, folds, ic_errors, ic_in_labels, self_displacements = [], [], [], [], []
     shape = data.shape
     grid = identity_map(shape, device=device)
     scale = voxel_scale(shape, device=device)
@@ -288,10 +291,14 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
         folds.append(100.0 * float((jac <= 0).float().mean()))
         back = torch.cat([maps[1:], maps[:1]])
         round_trip = sample_at(back, maps, padding="border")  # Φ_BA(Φ_AB(x)), Φ_AB(Φ_BA(y))
-        ic_errors.append(float(((round_trip - grid) * scale).norm(dim=1).mean()))
+        ic_error = ((round_trip - grid) * scale).norm(dim=1)  # [2, *S]: on B's grid, then on A's
+        ic_errors.append(float(ic_error.mean()))
         if data.labels is not None:
             labels_A = data.labels[i:i + 1].to(device).float()
             labels_B = data.labels[j:j + 1].to(device).float()
+            inside = torch.cat([labels_B, labels_A])[:, 0] != 0
+            if inside.any():
+                ic_in_labels.append(float(ic_error[inside].mean()))
             warped = sample_at(torch.cat([labels_A, labels_B]), maps, padding="zeros", mode="nearest").round()
             fixed = torch.cat([labels_B, labels_A])
             present = [int(v) for v in torch.unique(fixed) if v != 0]
@@ -306,6 +313,8 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
               "val_self_displacement_voxels": sum(self_displacements) / len(self_displacements)}
     if dices:
         result["val_dice"] = sum(dices) / len(dices)
+    if ic_in_labels:
+        result["val_ic_error_in_labels_voxels"] = sum(ic_in_labels) / len(ic_in_labels)
     return result
 
 
@@ -381,6 +390,10 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
         axes[1].set_title("validation Dice")
         axes[2].plot(vsteps, [float(r["val_ic_error_voxels"]) for r in val_rows], marker="o", label="IC error (vox)")
         axes[2].plot(vsteps, [float(r["val_folds_percent"]) for r in val_rows], marker="s", label="folds %")
+        inside = [(step, float(r["val_ic_error_in_labels_voxels"])) for step, r in zip(vsteps, val_rows)
+                  if r.get("val_ic_error_in_labels_voxels")]  # absent without labels and in earlier logs
+        if inside:
+            axes[2].plot([p[0] for p in inside], [p[1] for p in inside], marker="v", label="IC error in labels (vox)")
         itself = [(step, float(r["val_self_displacement_voxels"])) for step, r in zip(vsteps, val_rows)
                   if r.get("val_self_displacement_voxels")]  # absent in logs of earlier versions
         if itself:
@@ -407,6 +420,7 @@ def write_validation_table(out_dir: Path) -> Optional[Path]:
     if not rows:
         return None
     columns = [("step", "step"), ("val_dice", "validation Dice"), ("val_ic_error_voxels", "IC error (voxels)"),
+               ("val_ic_error_in_labels_voxels", "IC error inside the labels (voxels)"),
                ("val_folds_percent", "% det J ≤ 0"),
                ("val_self_displacement_voxels", "displacement registering a volume to itself (voxels)")]
     columns = [(key, title) for key, title in columns if key in rows[0]]
@@ -524,13 +538,17 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"The self-pair fraction must be in [0, 1], got {config.self_pair_fraction}.")
     if not (math.isfinite(config.icon_weight) and config.icon_weight >= 0):
         raise UserError(f"The ICON weight must be a number ≥ 0, got {config.icon_weight}.")
+    if not (math.isfinite(config.icon_label_weight) and config.icon_label_weight >= 0):
+        raise UserError(f"--icon-label-weight must be a number ≥ 0, got {config.icon_label_weight}.")
+    if config.icon_label_weight and not config.icon_weight:
+        raise UserError("--icon-label-weight weights the ICON term inside the labels: give --icon-weight > 0 too.")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"Unknown learning-rate schedule '{config.lr_schedule}': use one of {', '.join(LR_SCHEDULES)}.")
     if config.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be a number of steps ≥ 0, got {config.warmup_steps}.")
     if config.keep_every < 0:
         raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
-    values = label_values(train_set) if config.label_loss else None
+    values = label_values(train_set) if config.label_loss or config.icon_label_weight else None
     factor = config.label_downsample
     if values is not None and (factor < 1 or any(size % factor or size // factor < 2 for size in train_set.shape)):
         raise UserError(f"The label loss's downsampling factor {factor} must divide the grid "
@@ -599,9 +617,12 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             terms = symmetric_objective(net, batch_A, batch_B, similarity=similarity, lmbda=lmbda,
                                         penalty=penalty, generator=generator,
                                         penalty_fraction=config.penalty_fraction,
-                                        icon_weight=config.icon_weight)
+                                        icon_weight=config.icon_weight,
+                                        icon_point_weights=None if not config.icon_label_weight else
+                                        1.0 + config.icon_label_weight * (labels[0] != 0).to(torch_device,
+                                                                                             batch_A.dtype))
             loss = terms.loss
-            if labels is not None:
+            if config.label_loss:
                 label_term = label_loss(terms.maps.float(), labels[0].to(torch_device), labels[1].to(torch_device),
                                         values.to(torch_device), config.label_downsample)
                 loss = loss + config.label_weight * label_term
@@ -613,7 +634,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         _append_csv(out_dir / "train_log.csv", {
             "step": step, "loss": f"{loss.item():.6f}", "similarity": f"{terms.similarity.item():.6f}",
             "penalty": f"{terms.penalty.item():.6f}",
-            **({"label_loss": f"{label_term.item():.6f}"} if labels is not None else {}),
+            **({"label_loss": f"{label_term.item():.6f}"} if config.label_loss else {}),
             "seconds": f"{time.perf_counter() - step_start:.3f}", "learning_rate": f"{rate:.4g}",
             **({"round_trip_voxels": f"{terms.round_trip.sqrt().item():.4f}"} if terms.round_trip is not None
                else {})})
