@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from ICONRegistrationLib.core.coordinates import identity_map
+from ICONRegistrationLib.core.coordinates import identity_map, sample_at
 from ICONRegistrationLib.core.losses import (LNCC, MINDSSC, SSD, SquaredLNCC, gaussian_blur, gaussian_kernel1d,
                                              gradicon_penalty, icon_penalty, jittered_identity, make_similarity,
                                              masked_mean)
@@ -324,17 +324,19 @@ def test_icon_weight_sees_the_constant_round_trip_offset_that_gradicon_cannot():
 
 
 def test_icon_point_weights_weigh_the_round_trip_error_where_it_starts():
-    """Φ_AB a scaling, Φ_BA the identity: the round-trip error grows with the distance from the fixed point. With
-    weights 1 + κ on one half of A's grid the ICON term is μ × the weighted mean of the squared error (voxels²) at
-    the penalty's points, computed here directly; ``round_trip`` stays the unweighted mean."""
+    """Φ_BA a translation, Φ_AB a scaling: the round trip Φ_AB(Φ_BA(x)) starts at x on A's grid and its error
+    varies with x. With weights 1 + κ on one half of A's grid the ICON term is μ × the weighted mean of the squared
+    error (voxels²) at the penalty's points, computed here directly at x (weights read at Φ_BA(x) differ);
+    ``round_trip`` stays the unweighted mean."""
     from ICONRegistrationLib.core.objective import symmetric_objective
 
     shape = (8, 9, 10)
-    scaling = _affine(np.diag([1.1, 0.95, 1.0]), [-0.05, 0.02, 0.0])
+    scaling = _affine(np.diag([1.4, 0.95, 1.0]), [-0.2, 0.02, 0.0])
+    shift = _translation([0.3, 0.0, 0.0])
 
     class Net(torch.nn.Module):
         def forward(self, image_A, image_B):
-            move = scaling if image_A is images[0] else (lambda x: x)
+            move = scaling if image_A is images[0] else shift
             return lambda x: move(x.expand(2, *x.shape[1:]))
 
     generator = torch.Generator().manual_seed(4)
@@ -342,17 +344,25 @@ def test_icon_point_weights_weigh_the_round_trip_error_where_it_starts():
               torch.rand(2, 1, *shape, generator=generator, dtype=torch.float64))
     grid = identity_map(shape, dtype=torch.float64)
     inside = torch.zeros(2, 1, *shape, dtype=torch.float64)
-    inside[:, :, :4] = 1.0
+    inside[:, :, :3] = 1.0
     kappa, mu = 3.0, 0.5
     weights = 1.0 + kappa * inside
     plain = symmetric_objective(Net(), *images, similarity=SSD(), penalty_samples=grid, icon_weight=mu)
     weighted = symmetric_objective(Net(), *images, similarity=SSD(), penalty_samples=grid, icon_weight=mu,
                                    icon_point_weights=weights)
     scale = torch.tensor([n - 1 for n in shape], dtype=torch.float64).view(1, 3, 1, 1, 1)
-    squared = (((scaling(grid) - grid) * scale) ** 2).sum(dim=1, keepdim=True)  # the round trip is Φ_AB here
+    squared = (((scaling(shift(grid)) - grid) * scale) ** 2).sum(dim=1, keepdim=True)
+    expected = float((weights * squared).mean() / weights.mean())
     assert float(plain.round_trip) == pytest.approx(float(squared.mean()))
     assert float(weighted.round_trip) == pytest.approx(float(squared.mean()))
-    assert float(weighted.loss - plain.loss) == pytest.approx(mu * float(((weights - 1) * squared).mean()), rel=1e-9)
-    assert float(((weights - 1) * squared).mean()) > 0.1  # the half with extra weight has an error to weigh
+    assert float(weighted.loss - plain.loss) == pytest.approx(mu * (expected - float(squared.mean())), rel=1e-9)
+    moved = sample_at(weights, shift(grid))
+    at_the_image = float((moved * squared).mean() / moved.mean())
+    assert abs(at_the_image - expected) > 0.05 * expected  # where the weights are read matters
+    assert abs(expected - float(squared.mean())) > 0.05 * expected  # and the weights change the term
+    # constant weights change nothing: μ alone sets the term's strength
+    constant = symmetric_objective(Net(), *images, similarity=SSD(), penalty_samples=grid, icon_weight=mu,
+                                   icon_point_weights=torch.full_like(weights, 7.0))
+    assert float(constant.loss) == pytest.approx(float(plain.loss), rel=1e-12)
     with pytest.raises(ValueError, match="icon_weight"):
         symmetric_objective(Net(), *images, similarity=SSD(), icon_point_weights=weights)

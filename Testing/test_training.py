@@ -630,18 +630,31 @@ def test_validation_reports_how_far_a_volume_registered_to_itself_moves():
 
 
 def test_validation_reports_the_ic_error_inside_the_labels():
-    """Both directions shift by 2 voxels along the last axis: the round trip is off by 4 voxels, except within 4
-    voxels of the grid's far end, where the maps are clamped to the border. The labelled blobs lie inside, so
-    there the error is exactly 4 voxels, while the mean over the grid is lower."""
+    """Φ_AB shifts by 2 voxels along the last axis, Φ_BA is the identity. The round trip that starts on A's grid
+    (Φ_AB(Φ_BA(y))) is off by 2 voxels everywhere; the one that starts on B's grid is off by 2 voxels except
+    within 2 voxels of the far end, where Φ_AB(x) leaves the grid and Φ_BA is clamped to its border. A's label lies
+    on that far end, B's in the middle: each half of the error must be read inside the labels of its own start
+    grid (swapped, the mean would fall below 2), and the mean over the whole grid is lower."""
     from ICONRegistrationLib.training.trainer import validate
-    data = synthetic_set()
-    identity = validate(build_network(small_spec()), data, torch.device("cpu"))
+
+    class OneWay(torch.nn.Module):  # moves only when the dark volume (A) is the moving image
+        def forward(self, moving: torch.Tensor, fixed: torch.Tensor):
+            offset = torch.tensor([0.0, 0.0, 2.0]).view(1, 3, 1, 1, 1) / voxel_scale(moving.shape[2:])
+            return (lambda points: points + offset) if float(moving.mean()) < 0.5 else (lambda points: points)
+
+    shape = (20, 24, 20)
+    images = torch.cat([torch.full((1, 1, *shape), 0.2), torch.full((1, 1, *shape), 0.7)]).half()
+    labels = torch.zeros(2, 1, *shape, dtype=torch.uint8)
+    labels[0, 0, 8:12, 10:14, 18:] = 1  # A: on the far end of the last axis
+    labels[1, 0, 8:12, 10:14, 8:12] = 1  # B: in the middle
+    data = PreparedSet(images, labels, ["A", "B"], shape)
+    result = validate(OneWay(), data, torch.device("cpu"))
+    assert result["val_ic_error_in_labels_voxels"] == pytest.approx(2.0, rel=1e-5)
+    assert result["val_ic_error_voxels"] < 1.95
+    identity = validate(build_network(small_spec()), synthetic_set(), torch.device("cpu"))  # zero last layers
     assert identity["val_ic_error_in_labels_voxels"] == pytest.approx(0.0, abs=1e-6)
-    shifted = validate(_Shift((0.0, 0.0, 2.0)), data, torch.device("cpu"))
-    assert shifted["val_ic_error_in_labels_voxels"] == pytest.approx(4.0, rel=1e-5)
-    assert shifted["val_ic_error_voxels"] < 3.9
     unlabelled = PreparedSet(data.images, None, data.names, data.shape)
-    assert "val_ic_error_in_labels_voxels" not in validate(_Shift((0.0, 0.0, 2.0)), unlabelled, torch.device("cpu"))
+    assert "val_ic_error_in_labels_voxels" not in validate(OneWay(), unlabelled, torch.device("cpu"))
 
 
 def test_transform_error_against_a_known_transform_in_mm():
@@ -666,6 +679,10 @@ def test_transform_error_against_a_known_transform_in_mm():
     assert all(math.isnan(v) for v in transform_error_mm(identity, truth, reference, mask * 0))
     with pytest.raises(ValueError, match="grid"):
         transform_error_mm(identity, truth, reference, mask[1:, :, :])
+    moved = sitk.Image(mask)
+    moved.SetOrigin((0.0, 0.0, 0.0))  # same size, another place: misaligned, not silently used
+    with pytest.raises(ValueError, match="grid"):
+        transform_error_mm(identity, truth, reference, moved)
 
 
 def test_elastic_displacements_have_the_requested_size_in_voxels_and_do_not_fold():

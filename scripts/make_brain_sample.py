@@ -63,7 +63,7 @@ def _reference_grid(template: sitk.Image) -> sitk.Image:
 
 
 def _random_transform(grid: sitk.Image, rng: np.random.Generator) -> sitk.Transform:
-    """Fixed → moving points: a small affine about the box centre, then a smooth B-spline displacement."""
+    """Fixed → moving points: a smooth B-spline displacement, then a small affine about the box centre."""
     centre = grid.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in grid.GetSize()])
     angles = np.deg2rad(rng.uniform(-3, 3, 3))
     rotation = sitk.Euler3DTransform(centre, *angles.tolist())

@@ -97,7 +97,8 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
     voxels² at the same points (``round_trip``, computed from the penalty's own map evaluations at no extra
     cost): the gradient penalty does not see a constant offset of the round trip, this term does.
     ``icon_point_weights`` ``[b, 1, *S]`` (≥ 0, on ``image_A``'s grid, where the round trip Φ_AB(Φ_BA(x)) starts)
-    weights that term point by point, sampled linearly at the penalty's points: for example 1 + κ inside ``A``'s
+    makes that term a weighted mean, weights sampled linearly at the penalty's points (the batch's weighted mean, so
+    they move the term's weight between points and μ alone sets its strength): for example 1 + κ inside ``A``'s
     labels, to ask for inverse consistency most where a user looks. ``round_trip`` stays the unweighted mean.
     """
     if penalty not in PENALTIES:
@@ -127,8 +128,11 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
                 scale = voxel_scale(shape, dtype=error.dtype, device=error.device)
                 squared = ((error * scale) ** 2).sum(dim=1, keepdim=True)
                 round_trip = squared.mean()
-                weighted = round_trip if icon_point_weights is None else \
-                    (sample_at(icon_point_weights.to(squared.dtype), samples) * squared).mean()
+                if icon_point_weights is None:
+                    weighted = round_trip
+                else:  # a weighted mean: the weights say where, μ alone says how strong
+                    at_samples = sample_at(icon_point_weights.to(squared.dtype), samples)
+                    weighted = (at_samples * squared).mean() / at_samples.mean()
         else:
             penalty_value, round_trip, weighted = icon_penalty(phi_AB, phi_BA, samples), None, None
     elif penalty == "bending":

@@ -89,8 +89,11 @@ def transform_error_mm(transform: sitk.Transform, truth: sitk.Transform, referen
     ``mask`` (on the same grid) is non-zero. Both transforms map fixed to moving physical points (ITK's convention),
     so this is the registration error against a known answer; ``sitk.Transform()`` for ``transform`` gives the
     error before registration."""
-    if mask.GetSize() != reference.GetSize():
-        raise ValueError("the mask must be on the reference image's grid")
+    same_grid = mask.GetSize() == reference.GetSize() and all(
+        np.allclose(getattr(mask, name)(), getattr(reference, name)(), atol=1e-4)
+        for name in ("GetOrigin", "GetSpacing", "GetDirection"))
+    if not same_grid:
+        raise ValueError("the mask must be on the reference image's grid (size, origin, spacing and direction)")
     inside = sitk.GetArrayViewFromImage(mask) != 0
     if not inside.any():
         return math.nan, math.nan

@@ -82,8 +82,9 @@ class TrainingConfig:
     # μ of an ICON term added to the GradICON penalty: μ × mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² in
     # voxels² at the penalty's points (0: the paper's objective; see core.objective.symmetric_objective)
     icon_weight: float = 0.0
-    # κ: the ICON term's weight is 1 + κ at points inside the labels of the image where the round trip starts, 1
-    # elsewhere (0: uniform). Needs icon_weight > 0 and label maps; asks for inverse consistency on the structures.
+    # κ: the ICON term becomes a weighted mean, weight 1 + κ at points inside the labels of the image where the
+    # round trip starts, 1 elsewhere (0: uniform; μ keeps the term's overall strength). Needs icon_weight > 0 and
+    # label maps; asks for inverse consistency on the structures.
     icon_label_weight: float = 0.0
     # fraction of the batch's pairs that are a volume with itself (each copy still augmented independently): the
     # network then also sees pairs whose answer is the augmentation alone, and learns not to deform identical
@@ -210,15 +211,16 @@ def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConf
     return images_A, images_B, labels
 
 
-def label_values(data: PreparedSet) -> torch.Tensor:
-    """The foreground label values of a prepared set (sorted), the channels of the label loss."""
+def label_values(data: PreparedSet, needed_by: str = "A label loss") -> torch.Tensor:
+    """The foreground label values of a prepared set (sorted), the channels of the label loss; ``needed_by``
+    names the option that needs them in the errors."""
     if data.labels is None:
-        raise UserError("A label loss needs label maps for every training volume (a labels/ folder beside "
+        raise UserError(f"{needed_by} needs label maps for every training volume (a labels/ folder beside "
                         "images/, or a 'label' column in the CSV).")
     values = torch.unique(data.labels)
     values = values[values != 0].long()
     if values.numel() == 0:
-        raise UserError("The training label maps hold only background (0); a label loss needs labels.")
+        raise UserError(f"The training label maps hold only background (0); {needed_by} needs labels.")
     return values
 
 
@@ -271,7 +273,8 @@ def draw_pairs(count: int, batch: int, generator: torch.Generator, self_pair_fra
 @torch.no_grad()
 def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20) -> dict:
     """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels; also inside
-    the fixed image's labels, ``val_ic_error_in_labels_voxels``) on pairs (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when volume i is registered
+    the fixed image's labels, ``val_ic_error_in_labels_voxels``: the mean over the labelled voxels of both
+    directions) on pairs (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when volume i is registered
     to itself, where the right answer is the identity (``val_self_displacement_voxels``)."""
     pairs = [(i, i + 1) for i in range(len(data) - 1)][:max_pairs]
     if not pairs:
@@ -548,9 +551,10 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"--warmup-steps must be a number of steps ≥ 0, got {config.warmup_steps}.")
     if config.keep_every < 0:
         raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
-    values = label_values(train_set) if config.label_loss or config.icon_label_weight else None
+    values = label_values(train_set, "--icon-label-weight" if not config.label_loss else "A label loss") \
+        if config.label_loss or config.icon_label_weight else None
     factor = config.label_downsample
-    if values is not None and (factor < 1 or any(size % factor or size // factor < 2 for size in train_set.shape)):
+    if config.label_loss and (factor < 1 or any(size % factor or size // factor < 2 for size in train_set.shape)):
         raise UserError(f"The label loss's downsampling factor {factor} must divide the grid "
                         f"{'×'.join(map(str, train_set.shape))} and leave at least 2 blocks per axis.")
     out_dir = Path(out_dir)
