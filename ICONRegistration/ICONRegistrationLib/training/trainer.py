@@ -273,9 +273,9 @@ def draw_pairs(count: int, batch: int, generator: torch.Generator, self_pair_fra
 @torch.no_grad()
 def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20) -> dict:
     """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels; also inside
-    the fixed image's labels, ``val_ic_error_in_labels_voxels``: the mean over the labelled voxels of both
-    directions) on pairs (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when volume i is registered
-    to itself, where the right answer is the identity (``val_self_displacement_voxels``)."""
+    the fixed image's labels, ``val_ic_error_in_labels_voxels``: per pair the mean over the labelled voxels of both
+    directions) on pairs (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when
+    volume i is registered to itself, where the right answer is the identity (``val_self_displacement_voxels``)."""
     pairs = [(i, i + 1) for i in range(len(data) - 1)][:max_pairs]
     if not pairs:
         return {}
