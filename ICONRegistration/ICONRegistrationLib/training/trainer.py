@@ -551,8 +551,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"--warmup-steps must be a number of steps ≥ 0, got {config.warmup_steps}.")
     if config.keep_every < 0:
         raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
-    values = label_values(train_set, "--icon-label-weight" if not config.label_loss else "A label loss") \
-        if config.label_loss or config.icon_label_weight else None
+    needed_by = "A label loss" if config.label_loss else "--icon-label-weight"
+    values = label_values(train_set, needed_by) if config.label_loss or config.icon_label_weight else None
     factor = config.label_downsample
     if config.label_loss and (factor < 1 or any(size % factor or size // factor < 2 for size in train_set.shape)):
         raise UserError(f"The label loss's downsampling factor {factor} must divide the grid "
