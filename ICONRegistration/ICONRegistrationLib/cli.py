@@ -516,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add this weight × the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² (voxels²) to the "
                           "GradICON penalty, which does not see a constant offset of the round trip (default 0)")
     trn.add_argument("--icon-label-weight", type=float, default=0.0,
-                     help="weigh the --icon-weight term by 1 + this inside the labels of the image where each round "
-                          "trip starts (needs label maps; inverse consistency where a user looks; default 0: uniform)")
+                     help="make the --icon-weight term a weighted mean, weight 1 + this inside the labels of the image "
+                          "where each round trip starts, 1 elsewhere (--icon-weight keeps its strength; needs label "
+                          "maps; inverse consistency where a user looks; default 0: uniform)")
     trn.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                      help="constant, or cosine: from --learning-rate down to 0 at --steps (a function of the step: "
                           "resuming with the same --steps, --warmup-steps and rate keeps the curve)")

@@ -299,11 +299,11 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
         if data.labels is not None:
             labels_A = data.labels[i:i + 1].to(device).float()
             labels_B = data.labels[j:j + 1].to(device).float()
-            inside = torch.cat([labels_B, labels_A])[:, 0] != 0
+            fixed = torch.cat([labels_B, labels_A])  # each direction's fixed labels, on its round trip's grid
+            inside = fixed[:, 0] != 0
             if inside.any():
                 ic_in_labels.append(float(ic_error[inside].mean()))
             warped = sample_at(torch.cat([labels_A, labels_B]), maps, padding="zeros", mode="nearest").round()
-            fixed = torch.cat([labels_B, labels_A])
             present = [int(v) for v in torch.unique(fixed) if v != 0]
             for k in range(2):
                 scores = {label: value for label, value in dice_scores(warped[k].cpu().numpy(),
