@@ -629,6 +629,23 @@ def test_validation_reports_how_far_a_volume_registered_to_itself_moves():
     assert shifted["val_self_displacement_voxels"] == pytest.approx(3.0, rel=1e-5)
 
 
+def test_validation_runs_the_network_three_times_per_pair():
+    """Φ_AB, Φ_BA and one pass for Φ_AA (both directions of a volume with itself are the same pass)."""
+    from ICONRegistrationLib.training.trainer import validate
+
+    class Counted(_Shift):
+        calls = 0
+
+        def forward(self, image_A, image_B):
+            Counted.calls += 1
+            return super().forward(image_A, image_B)
+
+    data = synthetic_set()
+    result = validate(Counted((1.0, 0.0, 0.0)), data, torch.device("cpu"), max_pairs=2)
+    assert Counted.calls == 3 * 2
+    assert result["val_self_displacement_voxels"] == pytest.approx(1.0, rel=1e-5)
+
+
 def test_validation_reports_the_ic_error_inside_the_labels():
     """Φ_AB shifts by 2 voxels along the last axis, Φ_BA is the identity. The round trip that starts on A's grid
     (Φ_AB(Φ_BA(y))) is off by 2 voxels everywhere; the one that starts on B's grid is off by 2 voxels except

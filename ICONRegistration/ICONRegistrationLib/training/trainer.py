@@ -288,7 +288,8 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
         A = data.images[i:i + 1].to(device, torch.float32)
         B = data.images[j:j + 1].to(device, torch.float32)
         maps = both_directions(net, A, B)(grid)  # [Φ_AB; Φ_BA]
-        itself = both_directions(net, A, A)(grid)
+        # Φ_AA: one pass for a network without forward_and_inverse (both directions are the same pass)
+        itself = both_directions(net, A, A)(grid) if hasattr(net, "forward_and_inverse") else net(A, A)(grid)
         self_displacements.append(float(((itself - grid) * scale).norm(dim=1).mean()))
         jac = jacobian_determinant(maps)
         folds.append(100.0 * float((jac <= 0).float().mean()))
