@@ -792,6 +792,33 @@ def test_icon_label_weight_is_checked_and_changes_training_only_through_the_icon
               dataclasses.replace(config, icon_label_weight=1.0), device="cpu")
 
 
+def test_icon_label_weight_reads_the_labels_of_the_image_where_the_round_trip_starts(tmp_path, monkeypatch):
+    """The ICON term's round trip Φ_AB(Φ_BA(x)) starts on A's grid, so the point weights are 1 + κ inside the
+    labels of A (the batch's first image, after augmentation), not of B."""
+    import ICONRegistrationLib.training.trainer as trainer
+    seen = {"labels": [], "weights": []}
+    augment, objective = trainer.augment, trainer.symmetric_objective
+
+    def recording_augment(*args, **kwargs):
+        out = augment(*args, **kwargs)
+        seen["labels"].append(tuple(label.clone() for label in out[2]))
+        return out
+
+    def recording_objective(*args, **kwargs):
+        seen["weights"].append(kwargs["icon_point_weights"].clone())
+        return objective(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "augment", recording_augment)
+    monkeypatch.setattr(trainer, "symmetric_objective", recording_objective)
+    config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=2, validate_every=100, icon_weight=0.5,
+                            icon_label_weight=3.0, seed=4)
+    train(small_spec(), synthetic_set(), tmp_path, config, device="cpu")
+    assert len(seen["weights"]) == 2
+    for (labels_A, labels_B), weights in zip(seen["labels"], seen["weights"]):
+        assert not torch.equal(labels_A != 0, labels_B != 0)  # the check below can tell A from B
+        assert torch.equal(weights, 1.0 + 3.0 * (labels_A != 0).float())
+
+
 def test_resuming_a_run_whose_log_has_fewer_columns_extends_the_header_and_resumes_again(tmp_path):
     """A log written by an older version (no learning_rate or round_trip_voxels columns): the resumed rows used to be
     appended under the old header, and the next resumption failed reading them back."""
