@@ -57,6 +57,68 @@ def test_nifti_field_has_dispvect_intent_and_ras_vectors(tmp_path):
     assert struct.unpack("<8h", header[40:56])[:6] == (5, 11, 10, 9, 1, 3)
 
 
+@pytest.mark.parametrize("name", ["t.h5", "t.mha"])
+def test_warp_refuses_a_transform_with_nan_in_every_format(tmp_path, name, capsys):
+    """A field with a block of NaN, as an .h5 transform file, was applied by `iconreg warp` and `warp()` with
+    exit 0, filling that block with 0; every format, in-memory fields and composites are now refused."""
+    from ICONRegistrationLib.pipeline import warp
+    field = _field()
+    values = sitk.GetArrayFromImage(field)
+    values[2:4, 3:5, 4:6] = np.nan
+    broken = sitk.GetImageFromArray(values, isVector=True)
+    broken.CopyInformation(field)
+    path = tmp_path / name
+    if name == "t.mha":  # the package's own writer refuses NaN fields, so write the file as another tool would
+        sitk.WriteImage(broken, str(path))
+    else:
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Cast(broken, sitk.sitkVectorFloat64)), str(path))
+    image = make_image(blob_volume((9, 10, 11)), spacing=(1.5, 0.7, 2.0))
+    with pytest.raises(UserError, match="24 NaN"):
+        warp(image, path, image)
+    with pytest.raises(UserError, match="NaN"):
+        warp(image, broken, image)
+    composite = sitk.CompositeTransform([sitk.TranslationTransform(3, (1.0, 0.0, 0.0)),
+                                         sitk.DisplacementFieldTransform(sitk.Cast(broken, sitk.sitkVectorFloat64))])
+    with pytest.raises(UserError, match="NaN"):
+        warp(image, composite, image)
+    with pytest.raises(UserError, match="NaN"):
+        warp(image, sitk.TranslationTransform(3, (float("nan"), 0.0, 0.0)), image)
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    assert main(["warp", "--image", str(tmp_path / "image.nrrd"), "--transform", str(path),
+                 "--reference", str(tmp_path / "image.nrrd"), "--out", str(tmp_path / "out.nrrd")]) == 3
+    assert "NaN" in capsys.readouterr().err and not (tmp_path / "out.nrrd").exists()
+
+
+def test_warp_rounds_integer_images_and_warns_for_label_maps_under_interpolation(tmp_path, capsys):
+    """Linear warping of an integer image truncated (9.9 → 9, a −0.5 bias); it now rounds within the type's range.
+    A label-like integer image under linear interpolation gets a warning (interpolation invents labels); the
+    same warp with 'nearest' keeps the labels and warns nothing; a 3-D transform on a 2-D image is a user error."""
+    import warnings
+    from ICONRegistrationLib.pipeline import warp
+    ramp = np.tile(np.arange(48, dtype=np.float64) * 5.0, (4, 5, 1))  # 0, 5, …, 235 along x: 48 values
+    image = sitk.Cast(sitk.GetImageFromArray(ramp), sitk.sitkUInt8)
+    shift = sitk.TranslationTransform(3, (0.19, 0.0, 0.0))  # output(x) = input(x + 0.19): 5 i + 0.95
+    out = sitk.GetArrayFromImage(warp(image, shift, image))
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, :, :-1], ramp[:, :, :-1] + 1)  # truncation gave 5 i
+    labels = sitk.Cast(sitk.GetImageFromArray((ramp >= 100).astype(np.uint8) * 10), sitk.sitkUInt8)
+    with pytest.warns(UserWarning, match="nearest"):
+        warp(labels, shift, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = sitk.GetArrayFromImage(warp(labels, shift, labels, interpolator="nearest"))
+        warp(image, shift, image)  # 48 distinct values: not label-like, no warning
+    assert set(np.unique(kept)) <= {0, 10}
+    sitk.WriteImage(labels, str(tmp_path / "labels.nrrd"))
+    sitk.WriteTransform(shift, str(tmp_path / "shift.tfm"))
+    assert main(["warp", "--image", str(tmp_path / "labels.nrrd"), "--transform", str(tmp_path / "shift.tfm"),
+                 "--reference", str(tmp_path / "labels.nrrd"), "--out", str(tmp_path / "out.nrrd")]) == 0
+    assert "use 'nearest'" in capsys.readouterr().err
+    flat = sitk.GetImageFromArray(np.zeros((8, 9), np.float32))
+    with pytest.raises(UserError, match="2-D"):
+        warp(flat, sitk.TranslationTransform(3), flat)
+
+
 def _write_pair(folder, model_files=None):
     fixed = make_image(blob_volume((36, 40, 38), seed=1), spacing=(1.2, 1.0, 1.1), origin=(3.0, -2.0, 1.0))
     moving = make_image(blob_volume((34, 42, 36), centre=(18, 22, 19), seed=1), spacing=(1.1, 1.0, 1.2))

@@ -108,6 +108,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_warp(args: argparse.Namespace) -> int:
+    import warnings
+
     from .io import check_output_file, read_image, write_image
     from .io.transforms import WRITABLE_IMAGE_SUFFIXES
     from .pipeline import warp
@@ -115,7 +117,12 @@ def _cmd_warp(args: argparse.Namespace) -> int:
     check_output_file(args.out, suffixes=WRITABLE_IMAGE_SUFFIXES)
     image = read_image(args.image, "input")
     reference = read_image(args.reference, "reference")
-    write_image(warp(image, args.transform, reference, interpolator=args.interpolator), args.out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        warped = warp(image, args.transform, reference, interpolator=args.interpolator)
+    for warning in caught:
+        print(f"iconreg: warning: {warning.message}", file=sys.stderr)
+    write_image(warped, args.out)
     print(f"wrote {args.out}")
     return EXIT_OK
 
