@@ -119,6 +119,27 @@ def test_warp_rounds_integer_images_and_warns_for_label_maps_under_interpolation
         warp(flat, sitk.TranslationTransform(3), flat)
 
 
+def test_nifti_outputs_refuse_a_sheared_grid_before_any_work(tmp_path, tiny_model_files, capsys):
+    """NIfTI keeps only a rotation: a fixed image with a sheared direction gave warped/jacobian/ic_error .nii.gz
+    files whose voxels lay up to 7.6 mm from where they belong. The NIfTI writers refuse such grids, and `iconreg
+    register` says so before registering; .nrrd keeps the shear and stays allowed."""
+    from ICONRegistrationLib.io import write_image
+    from ICONRegistrationLib.io.transforms import write_displacement_field
+    sheared = make_image(blob_volume((10, 11, 12)))
+    sheared.SetDirection((1.0, 0.3, 0.0, 0.0, 0.953939, 0.0, 0.0, 0.0, 1.0))
+    for write, name in ((write_image, "image.nii.gz"), (write_displacement_field, "field.nii")):
+        data = sheared if write is write_image else sitk.Compose([sheared * 0.0] * 3)
+        with pytest.raises(UserError, match="not orthogonal"):
+            write(data, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    write_image(sheared, tmp_path / "fixed.nrrd")
+    assert np.allclose(sitk.ReadImage(str(tmp_path / "fixed.nrrd")).GetDirection(), sheared.GetDirection())
+    write_image(make_image(blob_volume((10, 11, 12))), tmp_path / "moving.nrrd")
+    assert main(["register", "--fixed", str(tmp_path / "fixed.nrrd"), "--moving", str(tmp_path / "moving.nrrd"),
+                 "--model", str(tiny_model_files[0]), "--out", str(tmp_path / "out")]) == 3
+    assert "not orthogonal" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def _write_pair(folder, model_files=None):
     fixed = make_image(blob_volume((36, 40, 38), seed=1), spacing=(1.2, 1.0, 1.1), origin=(3.0, -2.0, 1.0))
     moving = make_image(blob_volume((34, 42, 36), centre=(18, 22, 19), seed=1), spacing=(1.1, 1.0, 1.2))

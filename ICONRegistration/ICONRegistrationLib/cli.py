@@ -78,10 +78,12 @@ def _summary(metrics: dict) -> str:
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from .io import check_output_folder, read_image, result_folder, write_result
+    from .io.transforms import check_nifti_geometry
     from .pipeline import register
 
     out = check_output_folder(args.out)
     fixed = read_image(args.fixed, "fixed")
+    check_nifti_geometry(fixed, out / "warped.nii.gz")  # the results' grids have the fixed image's axes
     moving = read_image(args.moving, "moving")
     fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
     moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None

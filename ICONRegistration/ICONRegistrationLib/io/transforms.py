@@ -42,9 +42,24 @@ def _suffix(path: Path) -> str:
     return file_suffix(path).lower()
 
 
+def check_nifti_geometry(image: sitk.Image, path: str | Path) -> None:
+    """Raise :class:`UserError` when ``path`` is a NIfTI file and ``image``'s grid has axes that are not orthonormal
+    (a sheared direction matrix): NIfTI keeps only a rotation, so the voxels would be placed elsewhere (a shear of
+    9° moved a voxel 7.6 mm)."""
+    if _suffix(Path(path)) not in NIFTI_SUFFIXES:
+        return
+    dimension = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
+    if not np.allclose(direction.T @ direction, np.eye(dimension), atol=1e-4):
+        raise UserError(f"'{Path(path).name}': the image's axes are not orthogonal (a sheared direction matrix), "
+                        "which NIfTI cannot store; resample the image onto a grid with orthogonal axes first, or "
+                        "write .nrrd or .mha where the command lets you choose.")
+
+
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Write a scalar image atomically (any format SimpleITK knows)."""
+    """Write a scalar image atomically (any format SimpleITK knows; NIfTI only for grids with orthogonal axes)."""
     path = Path(path)
+    check_nifti_geometry(image, path)
     with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=compress)
     return path
@@ -60,6 +75,7 @@ def write_displacement_field(field: sitk.Image, path: str | Path) -> Path:
     """Write a displacement field (vector image, LPS mm) as a transform or displacement image by suffix."""
     _check_field(field)
     path = Path(path)
+    check_nifti_geometry(field, path)
     suffix = _suffix(path)
     with atomic_path(path) as temporary:
         if suffix in TRANSFORM_SUFFIXES:
