@@ -495,6 +495,22 @@ def test_normalisation_is_the_float64_numpy_formula_bit_for_bit_and_guessing_a_m
     assert completed.returncode == 0, completed.stderr[-2000:]
 
 
+def test_ct_with_padding_outside_the_field_of_view_is_guessed_as_ct():
+    """CT padded with −32768 outside the scanner's field of view was guessed as MRI ('auto', the default), squeezing
+    soft tissue into 0.976–0.982 of the network's input range. Padding below −3100 is left out of the guess."""
+    import numpy as np
+
+    from ICONRegistrationLib.pipeline.preprocessing import guess_modality
+    rng = np.random.default_rng(3)
+    body = np.concatenate([np.full(4000, -1000.0), rng.normal(40.0, 30.0, 20000), rng.normal(700.0, 200.0, 3000)])
+    mri = rng.gamma(3.0, 50.0, size=27000)
+    for padding in (None, -1024.0, -3024.0, -32768.0):
+        ct = body if padding is None else np.concatenate([body, np.full(15000, padding)])
+        assert guess_modality(ct.astype(np.float32)) == "ct", padding
+        assert guess_modality(np.concatenate([mri, np.zeros(15000)]).astype(np.float32)) == "mri"
+    assert guess_modality(np.full(100, -32768.0, dtype=np.float32)) == "mri"  # nothing but padding: no evidence
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_field_image_from_the_gpu_equals_the_cpu_one():
     import numpy as np

@@ -20,9 +20,16 @@ from .percentile import percentile
 MODALITIES = ("ct", "mri")
 
 
+#: values at or below this are a CT scanner's padding outside its field of view (−3024, −32768, …), not tissue
+CT_PADDING_BELOW = -3100.0
+
+
 def guess_modality(array: np.ndarray) -> str:
-    """``"ct"`` when intensities look like Hounsfield units (air well below −200), else ``"mri"``."""
-    return "ct" if percentile(array, 1) < -200 and float(array.min()) >= -3100 else "mri"
+    """``"ct"`` when intensities look like Hounsfield units (air well below −200 at the 1st percentile of the voxels
+    above :data:`CT_PADDING_BELOW`; padding such as −32768 is left out, it used to make CT look like MRI), else
+    ``"mri"``."""
+    tissue = array[array > CT_PADDING_BELOW] if float(array.min()) <= CT_PADDING_BELOW else array
+    return "ct" if tissue.size and percentile(tissue, 1) < -200 else "mri"
 
 
 def check_modality(modality: Optional[str], array: np.ndarray, role: str) -> str:
