@@ -272,6 +272,20 @@ def test_other_user_errors_exit_3_and_usage_errors_exit_2(tmp_path, tiny_model_f
     assert not (tmp_path / "o").exists()
 
 
+def test_instance_optimisation_options_without_iterations_are_reported_not_dropped(tmp_path, tiny_model_files,
+                                                                                  capsys):
+    spec_file, weights = tiny_model_files
+    fixed_path, moving_path = _write_pair(tmp_path)
+    common = ["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--model", str(spec_file),
+              "--weights", str(weights), "--no-report"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--io-similarity", "ssd", "--io-grid", "fixed"]) == 0
+    err = capsys.readouterr().err
+    assert "--io-similarity, --io-grid have no effect without --io-iterations" in err
+    assert main(common + ["--out", str(tmp_path / "b"), "--io-similarity", "ssd", "--io-iterations", "1"]) == 0
+    assert main(common + ["--out", str(tmp_path / "c")]) == 0
+    assert "no effect" not in capsys.readouterr().err
+
+
 def test_cancel_through_progress_callback(tmp_path, tiny_model_files):
     spec_file, weights = tiny_model_files
     fixed = make_image(blob_volume((30, 30, 30), seed=1))

@@ -341,6 +341,13 @@ def test_cli_invert_writes_an_inverse_transform(tmp_path, capsys):
                  "--out", str(tmp_path / "fold_inv.h5")]) == 3
     assert "folds" in capsys.readouterr().err
     assert not (tmp_path / "fold_inv.h5").exists()
+    # No iterations (the initial guess was written as the inverse with exit 0) or a meaningless tolerance: refused.
+    for option, value in (("--max-iterations", "0"), ("--max-iterations", "-5"), ("--tolerance", "-1"),
+                          ("--tolerance", "nan"), ("--tolerance", "inf")):
+        assert main(["invert", "--transform", str(tmp_path / "T.h5"), "--reference", str(tmp_path / "R.nii.gz"),
+                     "--out", str(tmp_path / "bad_inv.h5"), option, value]) == 3, (option, value)
+        assert ("iteration" if "iterations" in option else "tolerance") in capsys.readouterr().err
+        assert not (tmp_path / "bad_inv.h5").exists()
 
 
 def test_register_exact_inverse_on_oblique_grids():

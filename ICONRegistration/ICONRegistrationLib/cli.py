@@ -76,12 +76,27 @@ def _summary(metrics: dict) -> str:
             f"{metrics.total_seconds:.2f} s")
 
 
+def _warn_unused_io_options(args: argparse.Namespace) -> None:
+    """Say so on stderr when instance-optimisation options are given without ``--io-iterations`` (they would
+    otherwise be dropped without a word)."""
+    if args.io_iterations:
+        return
+    unused = [option for option, used in (("--io-mode", args.io_mode != "fields"),
+                                          ("--io-similarity", getattr(args, "io_similarity", None) is not None),
+                                          ("--io-grid", args.io_grid != "network"),
+                                          ("--io-learning-rate", args.io_learning_rate is not None)) if used]
+    if unused:
+        print(f"iconreg: warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without "
+              "--io-iterations N (N > 0): no instance optimisation runs.", file=sys.stderr)
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     from .io import check_output_folder, read_image, result_folder, write_result
     from .io.transforms import check_nifti_geometry
     from .pipeline import register
 
     out = check_output_folder(args.out)
+    _warn_unused_io_options(args)
     fixed = read_image(args.fixed, "fixed")
     check_nifti_geometry(fixed, out / "warped.nii.gz")  # the results' grids have the fixed image's axes
     moving = read_image(args.moving, "moving")
@@ -363,6 +378,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import check_output_folder, result_folder
 
     out = check_output_folder(args.out)
+    _warn_unused_io_options(args)
     pairs = read_pairs(args.data, pairing=args.pairing, last_fraction=args.last_fraction,
                        both_directions=not args.one_direction)
     if args.max_pairs:

@@ -10,6 +10,7 @@ this package do.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import numpy as np
@@ -52,6 +53,11 @@ def invert_field(field: sitk.Image, reference: sitk.Image, *, tolerance: float =
     """
     if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
         raise UserError("Only 3-D displacement fields (three components per voxel) can be inverted.")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise UserError(f"The inversion tolerance must be a number of voxels > 0, got {tolerance}.")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise UserError(f"The inversion needs at least one iteration (max_iterations ≥ 1), got {max_iterations}; "
+                        "with none it would return its initial guess as the inverse.")
     if reference.GetDimension() != 3:
         raise UserError("The reference image for the inverse must be 3-D.")
     require_finite(sitk.GetArrayFromImage(field), "displacement field to invert",

@@ -257,7 +257,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     """Register ``moving`` to ``fixed`` with a pretrained inverse-consistent network.
 
     Args:
-        fixed, moving: 3-D scalar SimpleITK images of any geometry (oblique, flipped, anisotropic, any size).
+        fixed, moving: 3-D scalar SimpleITK images of any geometry (oblique, flipped, anisotropic, any size). Each
+            is resampled over its own box onto the network grid (uniGradICON's convention): the network accounts
+            for an offset between the boxes, so fields of view far more different than in training (a crop padded
+            on one side) are best cropped or padded to similar boxes first.
         model: a zoo name (``iconreg models list``), a spec JSON path, a :class:`ModelSpec`, or a
             :class:`LoadedModel` from :func:`load_model` (reused as is: ``weights`` and ``device`` are ignored).
         fixed_modality, moving_modality: ``"ct"``, ``"mri"`` or ``"auto"`` (guessed from intensities).
