@@ -214,7 +214,7 @@ def test_cli_models_list_info_install(tmp_path, tiny_model_files, capsys):
         load_model("unigradicon", device="cpu", download=False)
 
 
-@pytest.mark.parametrize("bad", ["2d", "4d", "vector", "constant", "nan", "flat"])
+@pytest.mark.parametrize("bad", ["2d", "4d", "vector", "constant", "nan", "flat", "huge"])
 def test_bad_inputs_raise_user_errors_through_api_and_cli(tmp_path, tiny_model_files, capsys, bad):
     spec_file, weights = tiny_model_files
     good = make_image(blob_volume((20, 22, 24)))
@@ -226,12 +226,15 @@ def test_bad_inputs_raise_user_errors_through_api_and_cli(tmp_path, tiny_model_f
         "nan": lambda: make_image(np.where(np.arange(20 * 22 * 24).reshape(20, 22, 24) == 5, np.nan,
                                            blob_volume((20, 22, 24))).astype(np.float32)),
         "flat": lambda: make_image(np.random.rand(1, 20, 20).astype(np.float32)),
+        "huge": lambda: sitk.GetImageFromArray(blob_volume((20, 22, 24)).astype(np.float64) * 1e300),
     }[bad]()
     with pytest.raises(UserError) as error:
         register(good, image, str(spec_file), weights=weights, fixed_modality="mri", moving_modality="mri")
     assert "moving" in str(error.value)
+    assert ("float32 range" in str(error.value)) == (bad == "huge")  # not called NaN or infinite
     # .mha keeps NaN voxels (ITK's NIfTI reader turns them into 0), NRRD keeps 4-D and vector images
-    path = tmp_path / {"4d": "bad.nrrd", "vector": "bad.nrrd", "nan": "bad.mha"}.get(bad, "bad.nii.gz")
+    path = tmp_path / {"4d": "bad.nrrd", "vector": "bad.nrrd", "nan": "bad.mha",
+                       "huge": "bad.mha"}.get(bad, "bad.nii.gz")
     sitk.WriteImage(image, str(path))
     sitk.WriteImage(good, str(tmp_path / "good.nii.gz"))
     out = tmp_path / "out"

@@ -28,10 +28,16 @@ def image_array(image: sitk.Image, role: str) -> np.ndarray:
                         "it needs at least 2 voxels along every axis.")
     if "complex" in image.GetPixelIDTypeAsString():
         raise UserError(f"The {role} image has complex voxels; use its magnitude.")
-    array = sitk.GetArrayViewFromImage(image).astype(np.float32, copy=True)  # one copy, from the image's memory
+    source = sitk.GetArrayViewFromImage(image)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes ±inf here, and is reported below
+        array = source.astype(np.float32, copy=True)  # one copy, from the image's memory
     low, high = float(array.min()), float(array.max())  # NaN if any voxel is NaN, ±inf if any is infinite
     if not (np.isfinite(low) and np.isfinite(high)):
-        raise UserError(f"The {role} image contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels; "
+        bad = ~np.isfinite(array)
+        if np.isfinite(source[bad]).all():
+            raise UserError(f"The {role} image has {int(bad.sum())} voxels beyond the float32 range (±3.4e38), "
+                            "which the networks compute in; rescale the image before registering.")
+        raise UserError(f"The {role} image contains {int(bad.sum())} NaN or infinite voxels; "
                         "replace them (e.g. with 0) before registering.")
     if high == low:
         raise UserError(f"The {role} image is constant (every voxel is {low:g}); there is nothing to register.")
