@@ -165,7 +165,8 @@ def test_cli_register_writes_every_output_and_the_transform_reproduces_warped(tm
     assert len(metrics["weights_sha256"]) == 64
     for key in ("folds", "folds_percent", "jacobian_min", "ic_error_mean_mm", "ic_error_p95_mm", "ic_error_max_mm"):
         assert key in metrics
-    assert "folds" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "folds" in summary and "(fixed mri, moving mri)" in summary  # a wrong 'auto' guess shows at once
     fixed, moving = sitk.ReadImage(str(fixed_path)), sitk.ReadImage(str(moving_path))
     warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
     again = sitk.Resample(moving, fixed, sitk.ReadTransform(str(out / "transform.h5")), sitk.sitkLinear, 0.0,

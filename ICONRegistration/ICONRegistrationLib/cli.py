@@ -70,7 +70,8 @@ class ProgressBar:
 
 
 def _summary(metrics: dict) -> str:
-    return (f"model {metrics.model} on {metrics.device}: folds {metrics.folds} "
+    return (f"model {metrics.model} on {metrics.device} (fixed {metrics.fixed_modality}, moving "
+            f"{metrics.moving_modality}): folds {metrics.folds} "
             f"({metrics.folds_percent:.4f} %), Jacobian min {metrics.jacobian_min:.3f}, "
             f"IC error mean {metrics.ic_error_mean_mm:.4f} mm / 95th {metrics.ic_error_p95_mm:.4f} mm, "
             f"{metrics.total_seconds:.2f} s")
