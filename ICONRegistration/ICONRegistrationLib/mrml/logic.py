@@ -359,9 +359,11 @@ class ICONRegistrationLogic:
         ``transformNode`` is the forward (moving → fixed) node :meth:`register` made. ``direction``:
         ``"moving_to_fixed"`` moves a segmentation drawn on the moving image onto the fixed image;
         ``"fixed_to_moving"`` the reverse, through the inverse transform node (or, without one, Slicer's
-        iterative inverse of the forward transform). Each segment's binary labelmap, in the segmentation's own
-        coordinates, is resampled nearest-neighbour by Slicer onto the reference volume's voxel grid (default:
-        the fixed volume, resp. the moving volume), keeping names, colours and overlaps. The new segmentation
+        iterative inverse of the forward transform). Each segment's binary labelmap is resampled nearest-neighbour
+        by Slicer onto the reference volume's voxel grid (default: the fixed volume, resp. the moving volume),
+        keeping names, colours and overlaps. Parent transforms of the segmentation and of the reference count as
+        the registration saw them (it registered the volumes' world geometry), except the registration's own
+        nodes: a segmentation or volume placed under the result counts where it was before. The new segmentation
         is placed under the reference volume's parent transform, so the two stay overlaid in the views.
         """
         if direction not in DIRECTIONS:
@@ -389,7 +391,8 @@ class ICONRegistrationLogic:
         if not segmentation.ContainsRepresentation(labelmap_name):
             raise UserError(f"Segmentation '{segmentationNode.GetName()}' has no binary labelmap; create one in "
                             "the Segmentations module (Representations: Binary labelmap → Create).")
-        return move_segmentation(self.scene, segmentationNode, reference, to_reference)
+        return move_segmentation(self.scene, segmentationNode, reference, to_reference,
+                                 registration_nodes=(transformNode, inverse))
 
     def exportTransform(self, transformNode, path: "str | Path") -> Path:
         """Write ``transformNode`` with Slicer's transform storage node (``.h5``/``.tfm``: ITK transform files,

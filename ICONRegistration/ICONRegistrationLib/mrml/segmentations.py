@@ -9,11 +9,33 @@ import vtk
 from ..errors import UserError
 
 
-def move_segmentation(scene, segmentationNode, reference, to_reference):
-    """A new segmentation node: each segment's binary labelmap of ``segmentationNode``, in the segmentation's own
-    coordinates, resampled nearest-neighbour through ``to_reference`` (a VTK transform, reference → segmentation
-    world points) onto ``reference``'s voxel grid; placed under the reference volume's parent transform. On any
-    failure the new node is removed."""
+def local_to_world(node, skip=()) -> "vtk.vtkGeneralTransform":
+    """``node``'s local coordinates → world (RAS): its parent transforms, innermost first, leaving out the
+    transform nodes in ``skip`` (a registration's own nodes: a volume placed under its result is, for that
+    registration, where it was before)."""
+    transform = vtk.vtkGeneralTransform()
+    transform.PostMultiply()  # each Concatenate applies after the ones before
+    skipped = {item.GetID() for item in skip if item is not None}
+    parent = node.GetParentTransformNode()
+    while parent is not None:
+        if parent.GetID() not in skipped:
+            transform.Concatenate(parent.GetTransformToParent())
+        parent = parent.GetParentTransformNode()
+    return transform
+
+
+def move_segmentation(scene, segmentationNode, reference, to_reference, registration_nodes=()):
+    """A new segmentation node: each segment's binary labelmap of ``segmentationNode`` resampled nearest-neighbour
+    onto ``reference``'s voxel grid, through the segmentation's parent transforms to world, then ``to_reference``
+    (a VTK transform of world points, source → reference, as the registration saw them), then from world into the
+    reference volume's own coordinates; placed under the reference volume's parent transform, so the two stay
+    overlaid. ``registration_nodes`` (the registration's transform nodes) are left out of both parent chains. On
+    any failure the new node is removed."""
+    through = vtk.vtkGeneralTransform()
+    through.PostMultiply()
+    through.Concatenate(local_to_world(segmentationNode, registration_nodes))
+    through.Concatenate(to_reference)
+    through.Concatenate(local_to_world(reference, registration_nodes).GetInverse())
     segmentation = segmentationNode.GetSegmentation()
     labelmap_name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     reference_geometry = slicer.vtkOrientedImageData()
@@ -33,7 +55,7 @@ def move_segmentation(scene, segmentationNode, reference, to_reference):
             segmentationNode.GetBinaryLabelmapRepresentation(segment_id, labelmap)
             moved = slicer.vtkOrientedImageData()
             if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-                    labelmap, reference_geometry, moved, False, False, to_reference):
+                    labelmap, reference_geometry, moved, False, False, through):
                 raise UserError(f"Slicer could not resample segment '{source.GetName()}'.")
             segment = slicer.vtkSegment()
             segment.SetName(source.GetName())
