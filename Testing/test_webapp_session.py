@@ -181,6 +181,27 @@ def test_a_cancelled_or_failed_registration_leaves_the_scene_as_it_was(session):
     assert _node_ids(session.scene) == before
 
 
+def test_a_result_is_not_attached_to_images_loaded_while_it_ran(session):
+    """prepare → other images loaded → finish used to attach the first pair's warped volume and metrics to the
+    second pair's nodes; the result is now dropped with a message, and its files removed."""
+    from ICONRegistrationLib.mrml.logic import RegistrationSettings
+    from ICONRegistrationLib.webapp.session import run_engine
+
+    session, _ = session
+    sample, fixed, moving = _sample_images()
+    session.set_inputs(fixed, moving, "fixedA", "movingA")
+    settings = RegistrationSettings(model=sample["model"], fixedModality="mri", movingModality="mri")
+    inputs = session.prepare(settings)
+    run = run_engine(inputs, settings, session.work_dir)
+    session.set_inputs(moving, fixed, "fixedB", "movingB")
+    before = _node_ids(session.scene)
+    with pytest.raises(UserError, match="loaded while registering"):
+        session.finish(run, settings)
+    assert _node_ids(session.scene) == before and session.outputs is None and not run.folder.exists()
+    session.register(settings)  # the next registration of the new pair works
+    assert session.outputs is not None
+
+
 def test_overlay_legend_matches_the_colour_tables():
     from ICONRegistrationLib.mrml.display import IC_ERROR_WINDOW_MM, JACOBIAN_WINDOW, overlay_legend
 
@@ -258,5 +279,12 @@ def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_p
         state.fixed_file, state.moving_file = "../etc/passwd", "x.nii.gz"
         app.load_data_files()
         assert "leaves the data folder" in state.message
+        # while a registration runs, no other pair may be loaded (the page disables it; a request may still come)
+        nodes = (app.session.fixed_node, app.session.moving_node)
+        state.busy = True
+        app.load_sample()
+        assert "registration is running" in state.message
+        assert (app.session.fixed_node, app.session.moving_node) == nodes
+        state.busy = False
     finally:
         app.close()

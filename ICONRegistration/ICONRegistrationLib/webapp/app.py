@@ -139,6 +139,8 @@ class RegistrationApp:
 
     # ----- inputs ---------------------------------------------------------------------------------
     def _load_images(self, fixed, moving, fixed_name: str, moving_name: str) -> None:
+        if self.state.busy:  # the page disables loading meanwhile; a request may still arrive (or a script's)
+            raise UserError("A registration is running: wait for it or cancel it before loading other images.")
         self.session.set_inputs(fixed, moving, fixed_name, moving_name)
         self._fit_views()
         with self.state:

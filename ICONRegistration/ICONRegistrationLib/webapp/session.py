@@ -86,6 +86,7 @@ class RegistrationSession:
         self.overlay = "folds"
         self.opacity = 0.5
         self._on_display_change = on_display_change or (lambda: None)
+        self._prepared: Optional[tuple] = None  # the input nodes the running registration was prepared from
 
     # ----- inputs ---------------------------------------------------------------------------------
     def set_inputs(self, fixed: sitk.Image, moving: sitk.Image, fixed_name: str, moving_name: str) -> None:
@@ -122,12 +123,18 @@ class RegistrationSession:
             raise UserError("Load a fixed and a moving image first (sample pair, data folder or upload).")
         settings = _session_settings(settings)
         self.logic.setSettings(settings)
-        return self.logic.prepareInputs(self.fixed_node, self.moving_node)
+        inputs = self.logic.prepareInputs(self.fixed_node, self.moving_node)
+        self._prepared = (self.fixed_node, self.moving_node)
+        return inputs
 
     def finish(self, run: EngineRun, settings: RegistrationSettings) -> RegistrationOutputs:
         """Main thread: the new result's nodes replace the previous result's (inputs untouched)."""
         settings = _session_settings(settings)
+        prepared, self._prepared = self._prepared, None
         try:
+            if prepared != (self.fixed_node, self.moving_node):  # the images were replaced while it ran
+                raise UserError("Other images were loaded while registering; that result was dropped. "
+                                "Register again.")
             outputs = self.logic.createOutputNodes(self.fixed_node, self.moving_node, run.result, settings)
         except BaseException:
             shutil.rmtree(run.folder, ignore_errors=True)
