@@ -337,7 +337,9 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.value = int(round(100 * fraction))
                 continue
             self._finishWorker()
-            if kind == "done":
+            if kind == "done" and self._cancelRequested.is_set():  # cancelled after the engine's last check
+                self.ui.statusLabel.text = "Cancelled; nothing was changed."
+            elif kind == "done":
                 self._showResult(message[1])
             elif kind == "cancelled":
                 self.ui.statusLabel.text = "Cancelled; nothing was changed."
@@ -365,7 +367,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         metrics = result.metrics
         self.ui.statusLabel.text = (
             f"Done in {metrics.total_seconds:.1f} s on {metrics.device}: {metrics.folds} folded voxels "
-            f"({metrics.folds_percent:.3f} %), IC error {metrics.ic_error_mean_mm:.3f} mm mean.")
+            f"({metrics.folds_percent:.3f} %), IC error {metrics.ic_error_mean_mm:.3f} mm mean."
+            + (f" {self._outputs.note}" if self._outputs.note else ""))
         self.ui.resultsCollapsibleButton.collapsed = False
         self.updateGUIFromParameterNode()
 

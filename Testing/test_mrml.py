@@ -297,6 +297,8 @@ def test_segmentations_and_volumes_under_linear_parents_move_as_the_registration
     logic = ICONRegistrationLogic(scene)
     outputs = logic.register(fixed_node, moving_node, model, fixedModality="mri", movingModality="mri")
     result = outputs.result
+    # "transform" output mode cannot place a volume that has a parent under the result: it says so
+    assert outputs.output_volume is not moving_node and "warped copy" in outputs.note
     fixed_centres = _overlap_points(fixed_world, moving_world, seed=7)
     moving_centres = fixed_centres @ AFFINE[0].T + AFFINE[1]
     for direction, world, local, centres, parent, reference_node, reference, through in (
@@ -316,6 +318,23 @@ def test_segmentations_and_volumes_under_linear_parents_move_as_the_registration
         for label in (1, 2, 3):
             assert (expected == label).sum() > 100
             assert dice(got == label, expected == label) >= 0.98, (direction, label)
+
+
+def test_registering_a_volume_left_under_an_earlier_result_says_to_take_it_out(scene):
+    """In the default output mode the moving volume stays under the result. Registering it again used to advise
+    hardening that transform, which registers the warped voxels and loses the original."""
+    fixed, moving = oblique_pair()
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, analytic_model(fixed, moving, *AFFINE),
+                             fixedModality="mri", movingModality="mri")
+    assert moving_node.GetParentTransformNode() is outputs.transform and outputs.note == ""
+    with pytest.raises(UserError, match="earlier registration: take it out") as error:
+        logic.register(fixed_node, moving_node, analytic_model(fixed, moving, *AFFINE))
+    assert "harden that transform" not in str(error.value)
+    moving_node.SetAndObserveTransformNodeID(None)
+    logic.register(fixed_node, moving_node, analytic_model(fixed, moving, *AFFINE), fixedModality="mri",
+                   movingModality="mri")
 
 
 def test_fixed_to_moving_without_an_inverse_node_uses_slicers_inverse(scene):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -111,6 +112,8 @@ class RegistrationOutputs:
     ic_error: Any
     metrics_table: Any
     result: Any
+    #: what the user should know about how the outputs differ from the settings ("" when nothing)
+    note: str = ""
 
     def nodes(self) -> list:
         return [n for n in (self.transform, self.inverse_transform, self.output_volume, self.jacobian,
@@ -321,7 +324,13 @@ class ICONRegistrationLogic:
         except BaseException:
             _remove_nodes_added_since(scene, before)
             raise
-        outputs = RegistrationOutputs(transform, inverse, output_volume, jacobian, ic_error, table, result)
+        note = ""
+        if settings.outputMode == "transform" and not under_transform:
+            note = (f"'{moving_name}' is already under the transform "
+                    f"'{movingVolumeNode.GetParentTransformNode().GetName()}', so a warped copy "
+                    f"'{output_volume.GetName()}' was made instead of placing it under the result.")
+            logging.info(note)
+        outputs = RegistrationOutputs(transform, inverse, output_volume, jacobian, ic_error, table, result, note)
         self._remember(fixedVolumeNode, movingVolumeNode, outputs)
         return outputs
 

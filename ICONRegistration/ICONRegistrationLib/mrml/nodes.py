@@ -44,6 +44,10 @@ def volume_geometry_ras(volume_node) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if parent is None:
         return origin, spacing, directions
     if not parent.IsTransformToWorldLinear():
+        if parent.GetAttribute("ICONRegistration.metrics") is not None:  # an earlier registration's result
+            raise UserError(f"Volume '{volume_node.GetName()}' is under '{parent.GetName()}', the result of an "
+                            "earlier registration: take it out of that transform (Data module) to register its "
+                            "original voxels again (hardening it would register the warped image instead).")
         raise UserError(f"Volume '{volume_node.GetName()}' is under the non-linear transform "
                         f"'{parent.GetName()}'; harden that transform (Transforms module) before registering.")
     to_world = vtk.vtkMatrix4x4()
