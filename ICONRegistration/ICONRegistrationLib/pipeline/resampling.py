@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from ..errors import UserError
 from ..io.transforms import DISPLACEMENT_IMAGE_SUFFIXES, read_displacement_field
+from .images import require_finite
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
@@ -19,7 +20,7 @@ def as_transform(transform: "sitk.Transform | sitk.Image | str | Path") -> sitk.
     holds NaN or ±inf anywhere (a field's vectors, another transform's parameters) is refused: resampling through
     it would silently fill those voxels with the default value."""
     if isinstance(transform, sitk.Transform):
-        _require_finite_transform(transform, "The transform")
+        _require_finite_transform(transform, "transform")
         return transform
     if isinstance(transform, sitk.Image):
         if transform.GetNumberOfComponentsPerPixel() != transform.GetDimension():
@@ -34,7 +35,7 @@ def as_transform(transform: "sitk.Transform | sitk.Image | str | Path") -> sitk.
         read = sitk.ReadTransform(str(path))
     except RuntimeError as error:
         raise UserError(f"Could not read transform '{path}': {str(error).splitlines()[0]}") from None
-    _require_finite_transform(read, f"The transform file '{path}'")
+    _require_finite_transform(read, f"transform file '{path}'")
     return read
 
 
@@ -49,12 +50,7 @@ def _require_finite_transform(transform: sitk.Transform, source: str) -> None:
         values = sitk.GetArrayViewFromImage(field)
     else:
         values = np.asarray(transform.GetParameters() + transform.GetFixedParameters(), dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if values.size == 0 or np.isfinite(values.sum()):
-            return
-    bad = int((~np.isfinite(values)).sum())
-    raise UserError(f"{source} holds {bad} NaN or infinite values: it did not come from a successful "
-                    "registration; register again.")
+    require_finite(values, source, "it did not come from a successful registration; register again")
 
 
 _FEW_VALUES = 32  # an integer image with at most this many distinct values is probably a label map
