@@ -75,7 +75,8 @@ def warp(image: sitk.Image, transform: "sitk.Transform | sitk.Image | str | Path
     if interpolator == "nearest" or not np.issubdtype(dtype, np.integer):
         return sitk.Resample(image, reference, resolved, INTERPOLATORS[interpolator], float(default_value),
                              image.GetPixelID())
-    if len(np.unique(sitk.GetArrayViewFromImage(image))) <= _FEW_VALUES:
+    voxels = sitk.GetArrayViewFromImage(image).reshape(-1)
+    if len(np.unique(voxels[::max(1, voxels.size // 1_000_000)])) <= _FEW_VALUES:  # at most a million looked at
         warnings.warn(f"The image has integer voxels with at most {_FEW_VALUES} distinct values, like a label map; "
                       f"'{interpolator}' interpolation invents values between neighbouring labels: use 'nearest' "
                       "for label maps.", UserWarning, stacklevel=2)
