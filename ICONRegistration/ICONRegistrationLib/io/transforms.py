@@ -44,8 +44,8 @@ def _suffix(path: Path) -> str:
 
 def check_nifti_geometry(image: sitk.Image, path: str | Path) -> None:
     """Raise :class:`UserError` when ``path`` is a NIfTI file and ``image``'s grid has axes that are not orthonormal
-    (a sheared direction matrix): NIfTI keeps only a rotation, so the voxels would be placed elsewhere (a shear of
-    9° moved a voxel 7.6 mm)."""
+    (a sheared direction matrix): NIfTI keeps only a rotation, so the voxels would be placed elsewhere (an axis
+    sheared by 17° put a voxel 7.6 mm away)."""
     if _suffix(Path(path)) not in NIFTI_SUFFIXES:
         return
     dimension = image.GetDimension()
