@@ -29,8 +29,8 @@ def as_transform(transform: "sitk.Transform | sitk.Image | str | Path") -> sitk.
     path = Path(transform)
     if not path.is_file():
         raise UserError(f"Transform file '{path}' does not exist.")
-    if path.name.lower().endswith(DISPLACEMENT_IMAGE_SUFFIXES):
-        return as_transform(read_displacement_field(path))
+    if path.name.lower().endswith(DISPLACEMENT_IMAGE_SUFFIXES):  # the reader has refused NaN and ±inf already
+        return sitk.DisplacementFieldTransform(read_displacement_field(path))
     try:
         read = sitk.ReadTransform(str(path))
     except RuntimeError as error:
@@ -71,11 +71,11 @@ def warp(image: sitk.Image, transform: "sitk.Transform | sitk.Image | str | Path
     resolved = as_transform(transform)
     if resolved.GetDimension() != image.GetDimension():
         raise UserError(f"The transform is {resolved.GetDimension()}-D but the image is {image.GetDimension()}-D.")
-    dtype = sitk.GetArrayViewFromImage(image).dtype
+    voxels = sitk.GetArrayViewFromImage(image).reshape(-1)
+    dtype = voxels.dtype
     if interpolator == "nearest" or not np.issubdtype(dtype, np.integer):
         return sitk.Resample(image, reference, resolved, INTERPOLATORS[interpolator], float(default_value),
                              image.GetPixelID())
-    voxels = sitk.GetArrayViewFromImage(image).reshape(-1)
     if len(np.unique(voxels[::max(1, voxels.size // 1_000_000)])) <= _FEW_VALUES:  # at most a million looked at
         warnings.warn(f"The image has integer voxels with at most {_FEW_VALUES} distinct values, like a label map; "
                       f"'{interpolator}' interpolation invents values between neighbouring labels: use 'nearest' "
