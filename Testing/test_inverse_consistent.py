@@ -425,3 +425,105 @@ def test_sitreg_hippocampus_recipe_is_valid():
     A, B = _pair(tuple(spec.input_shape))
     _, error = _round_trip_voxels(net, A, B)  # fresh weights: the identity, exactly inverse
     assert float(error.max()) <= 1e-5
+
+
+def _gradicon_and_constricon(svf_downsample, affine_steps=1, channels=None):
+    gradicon = _random_network("gradicon", {}, output_scale=0.05, seed=3,
+                               spec=ModelSpec(name="g", architecture="gradicon", unet=SMALL_UNET, levels=2,
+                                              last_step=True, input_shape=list(SHAPE)))
+    unet = SMALL_UNET if channels is None else {"num_layers": 3, "channels": channels}
+    constricon = _random_network("constricon", {}, output_scale=0.05, seed=4,
+                                 spec=ModelSpec(name="c", architecture="constricon", unet=unet,
+                                                input_shape=list(SHAPE),
+                                                options={"affine_steps": affine_steps, "svf_steps": 3,
+                                                         "svf_downsample": svf_downsample}))
+    return gradicon, constricon
+
+
+def test_constricon_from_gradicon_predicts_half_the_antisymmetric_displacement():
+    """A warm start copies each GradICON UNet into the SVF step pooled as often (coarse to fine) with its last
+    convolution halved, so each velocity is (u[A,B] − u[B,A]) / 2; affine steps start at the identity."""
+    from ICONRegistrationLib.core.constricon import SVFStep, _pool
+    from ICONRegistrationLib.models.convert import constricon_from_gradicon, gradicon_steps
+
+    gradicon, constricon = _gradicon_and_constricon([1, 0, 0])
+    constricon_from_gradicon(gradicon, constricon)
+    A, B = _pair()
+    sources = list(gradicon_steps(gradicon))
+    steps = [m for m in constricon.modules() if isinstance(m, SVFStep)]
+    assert [p for p, _ in sources] == [s.downsample for s in steps] == [1, 0, 0]
+    with torch.no_grad():
+        for (pooled, unet), step in zip(sources, steps):
+            u_ab = unet(_pool(A, pooled), _pool(B, pooled))
+            u_ba = unet(_pool(B, pooled), _pool(A, pooled))
+            assert float(u_ab.abs().max()) > 1e-3  # the randomised steps move voxels
+            velocity = step.algebra(A, B)
+            expected = (u_ab - u_ba) / 2
+            if pooled:
+                from ICONRegistrationLib.core.coordinates import resample_displacement
+                expected = resample_displacement(expected, A.shape[2:])
+            torch.testing.assert_close(velocity, expected, rtol=1e-5, atol=1e-6)
+        affine = next(m for m in constricon.modules() if isinstance(m, AffineStep))
+        assert float(affine.net(A, B).abs().max()) == 0.0
+    _, error = _round_trip_voxels(constricon, A, B)  # still inverse consistent by construction
+    assert float(error.mean()) <= 0.03
+
+
+@pytest.mark.parametrize("svf_downsample, channels, message", [
+    ([2, 1, 0], None, "pooled"),
+    ([1, 0, 0], [[2, 8, 16, 32], [8, 16, 16]], "differ"),
+])
+def test_constricon_from_gradicon_refuses_networks_that_do_not_correspond(svf_downsample, channels, message):
+    from ICONRegistrationLib.models.convert import constricon_from_gradicon
+
+    gradicon, constricon = _gradicon_and_constricon(svf_downsample, channels=channels)
+    with pytest.raises(UserError, match=message):
+        constricon_from_gradicon(gradicon, constricon)
+
+
+@pytest.mark.parametrize("architecture, options", [
+    ("constricon", {"svf_steps": 3, "svf_downsample": [1, 0]}),
+    ("constricon", {"svf_steps": 2, "svf_downsample": [1, -1]}),
+    ("constricon", {"svf_steps": 2, "svf_downsample": [1, 0.5]}),
+    ("gradicon", {"svf_downsample": [0]}),
+])
+def test_spec_checks_svf_downsample(architecture, options):
+    with pytest.raises(UserError, match="svf_downsample"):
+        ModelSpec(name="bad", architecture=architecture, unet=SMALL_UNET, input_shape=list(SHAPE), options=options)
+
+
+def test_spec_minimum_size_follows_svf_downsample():
+    spec = ModelSpec(name="c", architecture="constricon", unet=SMALL_UNET, input_shape=list(SHAPE),
+                     options={"svf_steps": 3, "svf_downsample": [2, 0, 0]})
+    assert spec.coarsest_pooling == 2 and spec.minimum_size == 4 * 4 + 1
+
+
+def test_cli_convert_weights_writes_weights_the_constricon_spec_loads(tmp_path, capsys):
+    import json
+
+    from ICONRegistrationLib.cli import main
+    from ICONRegistrationLib.models import load_model, read_state_dict
+    from ICONRegistrationLib.models.weights import write_state_dict
+
+    gradicon, _ = _gradicon_and_constricon([1, 0, 0])
+    write_state_dict(gradicon.state_dict(), tmp_path / "g.pt", half=False)
+    (tmp_path / "g.json").write_text(json.dumps({
+        "name": "g", "architecture": "gradicon", "unet": SMALL_UNET, "levels": 2, "last_step": True,
+        "input_shape": list(SHAPE), "similarity": {"name": "lncc", "sigma": 2}, "lambda": 1.5,
+        "preprocessing": {"mri_percentile": 99}, "weights": {"file": "g.pt", "sha256": None}}))
+    target = {"name": "c", "architecture": "constricon", "unet": SMALL_UNET, "input_shape": list(SHAPE),
+              "similarity": {"name": "lncc", "sigma": 2}, "lambda": 5.0, "preprocessing": {"mri_percentile": 99},
+              "options": {"affine_steps": 0, "svf_steps": 3, "svf_downsample": [1, 0, 0]},
+              "weights": {"file": "c.pt", "sha256": None}}
+    (tmp_path / "c.json").write_text(json.dumps(target))
+    assert main(["convert-weights", "--from", str(tmp_path / "g.json"), "--weights", str(tmp_path / "g.pt"),
+                 "--to", str(tmp_path / "c.json"), "--out", str(tmp_path / "c.pt")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["to"] == "c" and len(summary["sha256"]) == 64
+    state = read_state_dict(tmp_path / "c.pt")
+    torch.testing.assert_close(state["netPsi.netPsi.net.lastConv.weight"],
+                               gradicon.state_dict()["netPsi.net.lastConv.weight"] / 2, rtol=1e-3, atol=1e-4)
+    loaded = load_model(tmp_path / "c.json", tmp_path / "c.pt", device="cpu")  # strict loading
+    assert loaded.spec.architecture == "constricon"
+    assert main(["convert-weights", "--from", str(tmp_path / "c.json"), "--weights", str(tmp_path / "c.pt"),
+                 "--to", str(tmp_path / "c.json"), "--out", str(tmp_path / "x.pt")]) != 0

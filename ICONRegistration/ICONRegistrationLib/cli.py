@@ -374,6 +374,31 @@ def _cmd_average_weights(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from .io import check_output_file
+    from .models import load_model, sha256_of
+    from .models.build import build_network
+    from .models.convert import constricon_from_gradicon
+    from .models.weights import write_state_dict
+    from .models.zoo import resolve_spec
+
+    check_output_file(args.out, "--out")
+    target = resolve_spec(args.to)
+    if target.architecture != "constricon":
+        raise UserError(f"--to must be a ConstrICON spec; '{target.name}' is {target.architecture}.")
+    source = load_model(args.source, args.weights, device="cpu", download=False)
+    if source.spec.architecture != "gradicon":
+        raise UserError(f"--from must be a GradICON model; '{source.spec.name}' is {source.spec.architecture}.")
+    if list(source.spec.input_shape) != list(target.input_shape):
+        print(f"warning: the networks' grids differ ({source.spec.input_shape} against {target.input_shape}); "
+              "the copied steps were trained on the first", file=sys.stderr)
+    net = constricon_from_gradicon(source.net, build_network(target))
+    out = write_state_dict(net.state_dict(), args.out)
+    print(json.dumps({"from": source.spec.name, "from_sha256": source.weights_sha256, "to": target.name,
+                      "out": str(out), "sha256": sha256_of(out)}, indent=2))
+    return EXIT_OK
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import busy_warning, evaluate, markdown_table, read_pairs, write_evaluation
     from .io import check_output_folder, result_folder
@@ -598,6 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
     avg.add_argument("--stage", type=int, default=2, choices=[1, 2], help="the training stage of the snapshots")
     avg.add_argument("--device", default="auto")
     avg.set_defaults(func=_cmd_average_weights)
+
+    cnv = commands.add_parser("convert-weights",
+                              help="start a ConstrICON network from a trained GradICON one (for 'train --init')")
+    cnv.add_argument("--from", dest="source", required=True, help="GradICON zoo name or spec JSON")
+    cnv.add_argument("--weights", help="its weights file (default: the bundled or installed weights)")
+    cnv.add_argument("--to", required=True,
+                     help="ConstrICON spec JSON whose SVF steps are pooled as the GradICON steps (svf_downsample)")
+    cnv.add_argument("--out", required=True, help="weights file to write (float16)")
+    cnv.set_defaults(func=_cmd_convert_weights)
 
     evl = commands.add_parser("evaluate", help="Dice, HD95, folds, IC error and time on labelled pairs, "
                                                "with identity and demons baselines")

@@ -238,14 +238,23 @@ def velocity_bending_energy(net: nn.Module) -> torch.Tensor:
 
 def build_constricon(num_layers: int, channels: Sequence[Sequence[int]], affine_steps: int = 2,
                      svf_steps: int = 2, affine_channels: Sequence[int] = (2, 16, 32, 64, 128),
-                     integration_steps: int = 7) -> InverseConsistentModule:
+                     integration_steps: int = 7,
+                     svf_downsample: Optional[Sequence[int]] = None) -> InverseConsistentModule:
     """``TSC{Ψ1, TSC{Ψ2, … TSC{Ξ1, Ξ2}}}``: ``affine_steps`` affine steps, then ``svf_steps`` SVF steps, the
     i-th SVF step at 1/2^(svf_steps − i) resolution (the last at full resolution). The paper's 3-D network is
     ``affine_steps = svf_steps = 2``.
+
+    ``svf_downsample`` (one whole number ≥ 0 per SVF step, coarse to fine) replaces that schedule: how many
+    times each SVF step's inputs are pooled by 2; ``[1, 0, 0]`` mirrors GradICON's
+    TwoStep(TwoStep(Down(Ψ1), Ψ2), Ψ3).
     """
+    if svf_downsample is None:
+        svf_downsample = [svf_steps - 1 - i for i in range(svf_steps)]
+    if len(svf_downsample) != svf_steps or any(int(d) < 0 for d in svf_downsample):
+        raise ValueError(f"svf_downsample needs {svf_steps} whole numbers ≥ 0, got {list(svf_downsample)}")
     steps: list[LieGroupStep] = [AffineStep(affine_channels) for _ in range(affine_steps)]
-    steps += [SVFStep(num_layers, channels, downsample=svf_steps - 1 - i, integration_steps=integration_steps)
-              for i in range(svf_steps)]
+    steps += [SVFStep(num_layers, channels, downsample=int(d), integration_steps=integration_steps)
+              for d in svf_downsample]
     if not steps:
         raise ValueError("a ConstrICON network needs at least one step")
     net: InverseConsistentModule = steps[-1]

@@ -34,7 +34,8 @@ def build_network(spec: ModelSpec) -> RegistrationModule:
                                affine_steps=int(options.get("affine_steps", 2)),
                                svf_steps=int(options.get("svf_steps", 2)),
                                affine_channels=options.get("affine_channels", (2, 16, 32, 64, 128)),
-                               integration_steps=int(options.get("integration_steps", 7)))
+                               integration_steps=int(options.get("integration_steps", 7)),
+                               svf_downsample=options.get("svf_downsample"))
         return net.eval()
     if spec.architecture == "sitreg":
         return SITRegNetwork(spec.levels, spec.unet["num_layers"], spec.unet["channels"],

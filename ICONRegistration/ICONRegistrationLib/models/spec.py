@@ -37,7 +37,8 @@ class ModelSpec:
     * ``levels``: resolution levels; 3 means Ψ1 at 1/4, Ψ2 at 1/2, Ψ3 at full resolution (gradicon, sitreg).
     * ``last_step``: add Ψ4 at full resolution after the pyramid (gradicon only).
     * ``options``: architecture-specific settings — constricon: ``affine_steps`` (2), ``svf_steps`` (2),
-      ``affine_channels``, ``integration_steps`` (7); sitreg: ``max_gradient`` (0.9),
+      ``affine_channels``, ``integration_steps`` (7), ``svf_downsample`` (per SVF step, coarse to fine, how
+      many times its inputs are pooled by 2; default ``svf_steps − 1 … 0``); sitreg: ``max_gradient`` (0.9),
       ``inversion_tolerance`` (voxels, 1e-3); gradicon: ``final_steps`` (1: how many full-resolution steps
       ``last_step`` adds, each refining the composed map so far); any: ``penalty`` (the training regulariser).
     * ``input_shape``: the network grid ``[D, H, W]`` (tensor axis order) both images are resampled to.
@@ -77,6 +78,8 @@ class ModelSpec:
     def coarsest_pooling(self) -> int:
         """How many times the coarsest UNet's input is pooled by 2."""
         if self.architecture == "constricon":
+            if "svf_downsample" in self.options:
+                return max(self.options["svf_downsample"], default=0)
             return max(int(self.options.get("svf_steps", 2)) - 1, 0)
         return self.levels - 1
 
@@ -246,6 +249,13 @@ def _validate(spec: ModelSpec) -> None:
     for key, smallest in (("affine_steps", 0), ("svf_steps", 0), ("integration_steps", 1), ("final_steps", 1)):
         if key in spec.options and (_whole(spec.options[key]) is None or spec.options[key] < smallest):
             _fail(name, f"options.{key}", f"a whole number ≥ {smallest}", spec.options[key])
+    if "svf_downsample" in spec.options:
+        poolings = spec.options["svf_downsample"]
+        steps = spec.options.get("svf_steps", 2)
+        if (spec.architecture != "constricon" or not isinstance(poolings, list) or len(poolings) != steps
+                or any(_whole(d) is None or d < 0 for d in poolings)):
+            _fail(name, "options.svf_downsample", "a list of svf_steps whole numbers ≥ 0 (constricon only)",
+                  poolings)
     if "final_steps" in spec.options and not (spec.architecture == "gradicon" and spec.last_step):
         _fail(name, "options.final_steps", "absent unless the architecture is gradicon with last_step true",
               spec.options["final_steps"])
