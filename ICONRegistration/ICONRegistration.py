@@ -127,6 +127,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.createInverseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.exactInverseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.testTimeFlipsCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.symmetricCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.loadModelFileButton.connect("clicked(bool)", self.onLoadModelFile)
         self.ui.registerButton.connect("clicked(bool)", self.onRegister)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -201,6 +202,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.exactInverseCheckBox.checked = settings.exactInverse
             self.ui.exactInverseCheckBox.enabled = settings.createInverse
             self.ui.testTimeFlipsCheckBox.checked = settings.testTimeFlips
+            self.ui.symmetricCheckBox.checked = settings.symmetric
             {"folds": self.ui.showFoldsRadioButton, "ic": self.ui.showICRadioButton,
              "none": self.ui.showNoneRadioButton}.get(settings.overlay, self.ui.showFoldsRadioButton).checked = True
             ready = bool(node("fixedVolume") and node("movingVolume"))
@@ -240,7 +242,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             fieldGrid=self.ui.fieldGridComboBox.currentData, outputMode=self.ui.outputModeComboBox.currentData,
             createInverse=bool(self.ui.createInverseCheckBox.checked),
             exactInverse=bool(self.ui.exactInverseCheckBox.checked),
-            testTimeFlips=bool(self.ui.testTimeFlipsCheckBox.checked), overlay=overlay)
+            testTimeFlips=bool(self.ui.testTimeFlipsCheckBox.checked),
+            symmetric=bool(self.ui.symmetricCheckBox.checked), overlay=overlay)
 
     # ----- form helpers -----------------------------------------------------------------------------
     def populateModels(self):

@@ -417,3 +417,11 @@ def test_progress_in_a_log_file_shows_every_tenth_and_every_minute(monkeypatch):
     assert evaluation == [f"evaluation: {p}%" for p in (5, 15, 25, 35, 45, 55, 65, 75, 85, 95, 100)]
     training = [line for line in lines if line.startswith("training")]
     assert training[0] == "training: 0%" and len(training) == 2  # and one line after 60 s of steps
+
+
+def test_register_symmetric_is_recorded_in_the_metrics(tmp_path, tiny_model_files):
+    spec_file, weights = tiny_model_files
+    fixed_path, moving_path = _write_pair(tmp_path)
+    assert main(["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--model", str(spec_file),
+                 "--weights", str(weights), "--no-report", "--symmetric", "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["symmetric"] is True

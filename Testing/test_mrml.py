@@ -610,3 +610,25 @@ def test_guess_modality_and_model_choices_need_no_torch(scene):
     assert ICONRegistrationLogic.guessModality(ct) == "ct"
     choices = dict(ICONRegistrationLogic.modelChoices())
     assert "unigradicon" in choices and choices["unigradicon"] in ("not downloaded", "downloaded", "bundled")
+
+
+def test_symmetric_setting_reaches_the_engine_the_metrics_table_and_the_parameter_node(scene, tmp_path):
+    from conftest import random_state, tiny_spec
+
+    spec = tiny_spec(shape=(66, 66, 66))
+    spec.to_file(tmp_path / "tiny.json")
+    torch.save(random_state(spec, seed=5, output_scale=0.02), tmp_path / "tiny.pt")
+    fixed = make_image(blob_volume((40, 44, 42), seed=1))
+    moving = make_image(blob_volume((40, 44, 42), seed=2))
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    logic = ICONRegistrationLogic(scene)
+    plain = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
+                           movingModality="mri", outputMode="warped")
+    symmetric = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
+                               movingModality="mri", outputMode="warped", symmetric=True)
+    assert not plain.result.metrics.symmetric and symmetric.result.metrics.symmetric
+    assert symmetric.result.metrics.ic_error_mean_mm < 0.3 * plain.result.metrics.ic_error_mean_mm
+    assert metrics_from_table(symmetric.metrics_table)["Directions made consistent (symmetric prediction)"] == "True"
+    node = logic.getParameterNode()
+    logic.setSettings(dataclasses.replace(logic.settings(node), symmetric=True), node)
+    assert logic.settings(node).symmetric is True

@@ -237,6 +237,13 @@ def test_evaluate_gives_the_dice_and_hd95_computed_by_hand(tmp_path):
     assert [r["dice_mean"] for r in flipped] == pytest.approx([0.8, 0.6], abs=1e-6)
     assert all(r["flips"] == [0, 1, 2] for r in flipped)
     assert "averaged over flips of network axes [0, 1, 2]" in (tmp_path / "flipped" / "evaluation.md").read_text()
+    # symmetric: the identity network's directions are already inverse, so nothing changes; rows record it
+    assert main(["evaluate", "--data", str(tmp_path / "pairs.csv"), "--model", str(tmp_path / "small.json"),
+                 "--baselines", "identity", "--symmetric", "--out", str(tmp_path / "symmetric"),
+                 "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "symmetric" / "evaluation.json").read_text())["pairs"]
+    assert [r["dice_mean"] for r in rows if r["method"] == "model"] == pytest.approx([0.8, 0.6], abs=1e-6)
+    assert [r["symmetric"] for r in rows] == [True, None, True, None]
 
 
 def test_mean_inside_labels_resamples_the_label_onto_the_values_grid():

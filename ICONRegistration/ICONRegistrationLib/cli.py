@@ -110,7 +110,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
                           io_iterations=args.io_iterations, io_similarity=args.io_similarity, io_mode=args.io_mode,
                           io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, device=args.device,
                           progress=bar, weights=args.weights, field_grid=args.field_grid,
-                          inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse, flips=args.flips)
+                          inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse, flips=args.flips,
+                          symmetric=args.symmetric)
         with result_folder(out) as staging:
             written = write_result(result, staging, fixed=fixed, moving=moving, report=not args.no_report)
     finally:
@@ -262,6 +263,9 @@ def _positive_int(text: str, option: str) -> int:
     return value
 
 
+SYMMETRIC_HELP = ("make the network's two directions consistent: each the mean of itself and the exact inverse of "
+                  "the other (swapping fixed and moving swaps the result; trades a label-trained model's "
+                  "direction-specific fit for inverse consistency)")
 FLIPS_HELP = ("average the network's prediction over flips of both images: 'model' (default: the axes the "
               "model lists in test_time_flips), 'none' (one prediction) or network-grid axes such as '2' or '0,1,2' "
               "(2^k passes)")
@@ -417,7 +421,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         evaluation = evaluate(pairs, args.model, io_iterations=args.io_iterations, io_mode=args.io_mode,
                               io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, baselines=baselines,
-                              device=args.device, modality=args.modality, flips=args.flips, progress=bar)
+                              device=args.device, modality=args.modality, flips=args.flips,
+                              symmetric=args.symmetric, progress=bar)
     finally:
         bar.close()
     with result_folder(out) as staging:
@@ -500,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--io-grid", choices=["network", "fixed"], default="network", help=IO_GRID_HELP)
     reg.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
     reg.add_argument("--flips", type=_flips, default=None, metavar="model|none|AXES", help=FLIPS_HELP)
+    reg.add_argument("--symmetric", action="store_true", help=SYMMETRIC_HELP)
     reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     reg.add_argument("--fixed-mask", help="fixed mask (non-zero = inside)")
     reg.add_argument("--moving-mask", help="moving mask (non-zero = inside)")
@@ -649,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--io-grid", choices=["network", "fixed"], default="network", help=IO_GRID_HELP)
     evl.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
     evl.add_argument("--flips", type=_flips, default=None, metavar="model|none|AXES", help=FLIPS_HELP)
+    evl.add_argument("--symmetric", action="store_true", help=SYMMETRIC_HELP)
     evl.add_argument("--baselines", default="identity,demons",
                      help="comma-separated: identity, demons, ants-syn, elastix (the last two need "
                           "pip install -e '.[baselines]')")

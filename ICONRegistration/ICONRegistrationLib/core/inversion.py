@@ -215,3 +215,37 @@ def invert_displacement(displacement: torch.Tensor, points: Optional[torch.Tenso
                            f"{report.max_error_voxels:.3g} voxels (tolerance {tolerance:g})")
         warnings.warn("Deformation inversion: " + "; ".join(reasons) + ".", InversionWarning, stacklevel=2)
     return solution, report
+
+
+def symmetrize_displacements(displacement_AB: torch.Tensor, displacement_BA: torch.Tensor, *,
+                             tolerance: float = 0.01, max_iterations: int = 200, margin: float = 2.0
+                             ) -> tuple[torch.Tensor, torch.Tensor, list[InversionReport]]:
+    """Make two predicted directions consistent: ``u_AB' = u_AB + w (inv(u_BA) − u_AB) / 2`` (the mean of u_AB and
+    the inverse of u_BA where ``w = 1``), and ``u_BA'`` likewise.
+
+    ``displacement_AB`` ``[B, 3, *S]`` is Φ_AB − Id (B's grid → A's unit cube) and ``displacement_BA`` Φ_BA − Id,
+    both in the unit-cube map convention on grids of the same shape. The inverse of Φ_BA at a point is known only
+    where its preimage lies inside A's grid (outside it Φ_BA is only border-extended): ``w`` is 1 there and falls
+    linearly to 0 at ``margin`` voxels outside, where Φ_AB is kept as predicted. Swapping the inputs swaps the
+    outputs exactly; where ``w = 1`` the two outputs are inverse to each other up to second order in their
+    difference, and directions that are already inverse come back unchanged to the inversion's ``tolerance``
+    (voxels). The reports say how each inversion went (folds make the inverse undefined there; no warning is
+    raised here: callers report).
+    """
+    if displacement_AB.shape != displacement_BA.shape:
+        raise ValueError(f"both directions need the same shape, got {tuple(displacement_AB.shape)} and "
+                         f"{tuple(displacement_BA.shape)}")
+    grid = identity_map(displacement_AB.shape[2:], dtype=displacement_AB.dtype, device=displacement_AB.device)
+    scale = voxel_scale(displacement_AB.shape[2:], dtype=displacement_AB.dtype, device=displacement_AB.device)
+
+    def symmetric(own: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, InversionReport]:
+        inverse, inversion = invert_displacement(other, tolerance=tolerance, max_iterations=max_iterations,
+                                                 warn=False)
+        preimage = grid + inverse  # in the other grid's unit cube
+        outside = torch.clamp(torch.maximum(-preimage, preimage - 1) * scale, min=0)  # voxels beyond its faces
+        weight = torch.clamp(1 - outside / margin, min=0).prod(dim=1, keepdim=True)
+        return own + weight * (inverse - own) / 2, inversion
+
+    forward, report_BA = symmetric(displacement_AB, displacement_BA)
+    backward, report_AB = symmetric(displacement_BA, displacement_AB)
+    return forward, backward, [report_AB, report_BA]

@@ -65,6 +65,8 @@ class RegistrationSettings:
     mode compares the images: ``"network"`` (the network grid) or ``"fixed"`` (as fine as the fixed image, at most
     twice the network grid per axis; more accurate, several times the cost per step). ``testTimeFlips`` averages
     the network's prediction over the flips the model lists (its spec's ``test_time_flips``; off: one prediction).
+    ``symmetric`` makes the network's two directions consistent (each the mean of itself and the exact inverse of
+    the other; see :func:`~ICONRegistrationLib.pipeline.registration.register`).
     """
 
     model: str = DEFAULT_MODEL
@@ -75,6 +77,7 @@ class RegistrationSettings:
     ioMode: str = "fields"
     ioGrid: str = "network"
     testTimeFlips: bool = True
+    symmetric: bool = False
     device: str = "auto"
     fieldGrid: str = "network"
     outputMode: str = "transform"
@@ -233,7 +236,8 @@ class ICONRegistrationLogic:
                         progress=progress,
                         weights=settings.weightsFile or None, field_grid=settings.fieldGrid,
                         exact_inverse=bool(settings.exactInverse and settings.createInverse),
-                        flips=None if settings.testTimeFlips else [], random_weights=random_weights)
+                        flips=None if settings.testTimeFlips else [], symmetric=bool(settings.symmetric),
+                        random_weights=random_weights)
 
     def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,
                  fixedModality: Optional[str] = None, movingModality: Optional[str] = None,
@@ -243,7 +247,7 @@ class ICONRegistrationLogic:
                  weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
                  outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
                  exactInverse: Optional[bool] = None, testTimeFlips: Optional[bool] = None,
-                 settings: Optional[RegistrationSettings] = None,
+                 symmetric: Optional[bool] = None, settings: Optional[RegistrationSettings] = None,
                  random_weights: bool = False) -> RegistrationOutputs:
         """Register ``movingVolumeNode`` to ``fixedVolumeNode`` and create the output nodes.
 
@@ -262,7 +266,8 @@ class ICONRegistrationLogic:
             "fieldGrid": fieldGrid,
             "model": str(model) if model is not None else None,
             "outputMode": outputMode, "createInverse": createInverse,
-            "exactInverse": exactInverse, "testTimeFlips": testTimeFlips}.items() if v is not None})
+            "exactInverse": exactInverse, "testTimeFlips": testTimeFlips,
+            "symmetric": symmetric}.items() if v is not None})
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, fixedMaskNode, movingMaskNode)
         result = self.runRegistration(inputs, settings, progress, random_weights=random_weights,
                                       loaded_model=loaded_model)

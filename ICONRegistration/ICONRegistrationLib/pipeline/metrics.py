@@ -53,7 +53,7 @@ class QualitySummary:
 class RegistrationMetrics(QualitySummary):
     """:class:`QualitySummary` plus what produced the result: model, sha256 of the weight bytes loaded, device,
     network grid, field grid, modalities, instance optimisation (iterations, mode, objective per step), the flips
-    the prediction was averaged over, the inverse
+    the prediction was averaged over, whether it was symmetrised, the inverse
     (:class:`InverseReport`) and seconds per stage (``load``, ``preprocessing``, ``network``, ``qa``, ``export``,
     ``total``)."""
 
@@ -70,6 +70,7 @@ class RegistrationMetrics(QualitySummary):
     io_similarity_shape: Optional[list[int]] = None  # the field mode's similarity grid (io_grid), [D, H, W]
     io_objective: list[float] = dataclasses.field(default_factory=list)
     flips: list[int] = dataclasses.field(default_factory=list)  # network-grid axes the prediction was averaged over
+    symmetric: bool = False  # the two directions were made consistent (register(symmetric=True))
     inverse: InverseReport = dataclasses.field(default_factory=lambda: InverseReport("network"))
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 

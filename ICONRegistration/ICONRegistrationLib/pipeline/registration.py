@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.coordinates import identity_map, map_to_displacement, sample_at
-from ..core.inversion import InversionWarning
+from ..core.inversion import InversionWarning, symmetrize_displacements
 from ..core.losses import make_similarity
 from ..core.objective import both_directions
 from ..device import device_description
@@ -253,7 +253,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
              device: str = "auto", progress: Optional[ProgressCallback] = None, weights: "str | Path | None" = None,
              field_grid: str = "network", io_learning_rate: Optional[float] = None, inverse_qa: bool = False,
              exact_inverse: bool = False, random_weights: bool = False, io_mode: str = "fields",
-             io_grid: str = "network", flips: Optional[Sequence[int]] = None) -> RegistrationResult:
+             io_grid: str = "network", flips: Optional[Sequence[int]] = None,
+             symmetric: bool = False) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a pretrained inverse-consistent network.
 
     Args:
@@ -298,6 +299,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             (default): the model's ``test_time_flips`` (``[]`` = one prediction), or none with
             ``io_mode="weights"``, which optimises the network itself; ``[]``: one prediction. Use only axes the
             model was trained to flip.
+        symmetric: make the network's two directions consistent before anything else uses them: Φ_AB becomes the
+            mean of Φ_AB and the exact inverse of Φ_BA (fixed-point inversion on the network grid), and Φ_BA
+            likewise, so swapping fixed and moving swaps the result and forward and inverse agree to second order
+            (IC error 0.05–0.1 mm instead of 0.46 mm for ``gradicon-hippocampus``). A network trained with a label
+            loss can fit each direction's labels at the expense of the other's inverse; this gives up that part
+            (Dice 0.835 → 0.812 on 20 hippocampus validation registrations). With instance optimisation, the field
+            mode starts from the symmetric prediction; the weights mode symmetrises its optimised network's.
 
     Raises:
         UserError: for inputs or settings a user can fix; nothing is written in that case.
@@ -312,6 +320,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     if io_grid not in IO_GRIDS:
         raise UserError(f"io_grid must be one of {', '.join(IO_GRIDS)}, not '{io_grid}'.")
     flips = _check_flips(flips, io_iterations, io_mode)
+    if not isinstance(symmetric, bool):
+        raise UserError(f"symmetric must be True or False, not {symmetric!r}.")
     if io_similarity is not None:
         try:
             make_similarity(io_similarity)
@@ -335,7 +345,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     report(progress, "preprocessing", 1.0)
     with timer("network"), _memory_errors_as_user_errors(loaded.device):
         maps, history = _predict_and_optimise(pair, loaded, int(io_iterations), io_mode, io_similarity,
-                                              io_learning_rate, progress, similarity_pair, flips)
+                                              io_learning_rate, progress, similarity_pair, flips, symmetric)
         io_similarity_shape = (list(similarity_pair.grid_B.shape)
                                if io_iterations and io_mode == "fields" else None)
         del similarity_pair
@@ -363,7 +373,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         device=device_description(loaded.device), network_shape=list(pair.grid_B.shape), field_grid=field_grid,
         fixed_modality=inputs.fixed_modality, moving_modality=inputs.moving_modality,
         io_iterations=int(io_iterations), io_mode=io_mode if io_iterations else None, io_objective=history,
-        io_similarity_shape=io_similarity_shape, flips=list(flips),
+        io_similarity_shape=io_similarity_shape, flips=list(flips), symmetric=symmetric,
         inverse=inverse_report, seconds={k: round(v, 4) for k, v in timer.seconds.items()})
     return RegistrationResult(forward_field, inverse_field, warped, jacobian_image, ic_image, metrics)
 
@@ -470,8 +480,9 @@ def _similarity_pair(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, pai
 def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations: int, io_mode: str,
                           io_similarity: Optional[str], io_learning_rate: Optional[float],
                           progress: Optional[ProgressCallback], similarity_pair: Optional[_NetworkPair] = None,
-                          flips: Sequence[int] = ()) -> tuple[torch.Tensor, list[float]]:
-    """Stages 2–3 (predict, optimise): ``[Φ_AB; Φ_BA]`` on the fixed network grid (averaged over ``flips``) and
+                          flips: Sequence[int] = (), symmetric: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """Stages 2–3 (predict, optimise): ``[Φ_AB; Φ_BA]`` on the fixed network grid (averaged over ``flips``,
+    made consistent by :func:`_symmetrize` when ``symmetric``) and
     the instance-optimisation objective per step; the field mode compares the images of ``similarity_pair``
     (default ``pair``: the network grids). Checked: finite maps (the message blames the weights, or the
     optimisation's divergence)."""
@@ -485,9 +496,14 @@ def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations
             mask_A=pair.mask_A, mask_B=pair.mask_B, progress=progress)
         with torch.no_grad():
             maps = transform(identity_map(pair.grid_B.shape, device=device))  # [Φ_AB; Φ_BA]
+            if symmetric:
+                maps = _symmetrize(maps)
     else:
         report(progress, "network", 0.0)
         maps = _predict_both_directions(loaded.net, pair.image_A, pair.image_B, progress, flips)
+        if symmetric:
+            require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model")
+            maps = _symmetrize(maps)
         if not io_iterations:
             require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model "
                            "(reinstall them), or the inputs are not images this model was trained for")
@@ -502,6 +518,22 @@ def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations
                    "it diverged: use fewer iterations or a smaller io_learning_rate, or check the network's own "
                    "prediction without instance optimisation")
     return maps, history
+
+
+def _symmetrize(maps: torch.Tensor) -> torch.Tensor:
+    """``[Φ_AB; Φ_BA]`` → each the mean of itself and the inverse of the other
+    (:func:`~ICONRegistrationLib.core.inversion.symmetrize_displacements`); an inversion that does not converge,
+    or a direction that folds, is warned about (:class:`InversionWarning`): the QA maps then show where."""
+    grid = identity_map(maps.shape[2:], dtype=maps.dtype, device=maps.device)
+    with torch.no_grad():
+        forward, backward, reports = symmetrize_displacements(maps[0:1] - grid, maps[1:2] - grid)
+    for direction, inversion in zip(("Φ_AB", "Φ_BA"), reports):
+        if not inversion.invertible:
+            warnings.warn(f"Symmetric prediction: the network's {direction} "
+                          + (f"folds at {inversion.folds} network-grid points" if inversion.folds else
+                             f"was inverted only to {inversion.max_error_voxels:.3g} voxels")
+                          + "; the symmetric result is approximate there.", InversionWarning, stacklevel=3)
+    return torch.cat([forward, backward]) + grid
 
 
 def _fields_and_qa(displacement_AB: torch.Tensor, displacement_BA: torch.Tensor, pair: _NetworkPair,
