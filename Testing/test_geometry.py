@@ -308,3 +308,24 @@ def test_symmetric_prediction_keeps_directions_that_are_already_inverse():
     assert np.percentile(np.abs(difference), 99) < 0.03 and np.abs(difference).max() < 0.1
     with pytest.raises(UserError, match="symmetric"):
         register(fixed, moving, model, fixed_modality="mri", moving_modality="mri", symmetric="yes")
+
+
+def test_symmetric_prediction_warns_when_an_inversion_stops_short(monkeypatch):
+    """The fixed-point inversion of a direction that stops above its tolerance is reported, not passed over."""
+    import warnings
+
+    from ICONRegistrationLib.core import inversion
+    from ICONRegistrationLib.core.inversion import InversionWarning
+    from ICONRegistrationLib.pipeline import registration
+
+    grid = identity_map((16, 16, 16))
+    consistent = torch.cat([grid, grid])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InversionWarning)
+        torch.testing.assert_close(registration._symmetrize(consistent), consistent)
+    monkeypatch.setattr(registration, "symmetrize_displacements",
+                        lambda *args, **kwargs: inversion.symmetrize_displacements(*args, max_iterations=1))
+    shifted = consistent.clone()
+    shifted[0, 0] += 0.05 * torch.sin(grid[0, 1] * 3.1)
+    with pytest.warns(InversionWarning, match="inverted only to .* after 1 steps"):
+        registration._symmetrize(shifted)

@@ -522,17 +522,19 @@ def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations
 
 def _symmetrize(maps: torch.Tensor) -> torch.Tensor:
     """``[Φ_AB; Φ_BA]`` → each the mean of itself and the inverse of the other
-    (:func:`~ICONRegistrationLib.core.inversion.symmetrize_displacements`); an inversion that does not converge,
-    or a direction that folds, is warned about (:class:`InversionWarning`): the QA maps then show where."""
+    (:func:`~ICONRegistrationLib.core.inversion.symmetrize_displacements`). An inversion that stops short of its
+    tolerance is warned about (:class:`InversionWarning`); a direction that folds at a few points still inverts
+    elsewhere, and the result's own folds and IC error are in the QA maps and metrics."""
     grid = identity_map(maps.shape[2:], dtype=maps.dtype, device=maps.device)
     with torch.no_grad():
         forward, backward, reports = symmetrize_displacements(maps[0:1] - grid, maps[1:2] - grid)
     for direction, inversion in zip(("Φ_AB", "Φ_BA"), reports):
-        if not inversion.invertible:
-            warnings.warn(f"Symmetric prediction: the network's {direction} "
-                          + (f"folds at {inversion.folds} network-grid points" if inversion.folds else
-                             f"was inverted only to {inversion.max_error_voxels:.3g} voxels")
-                          + "; the symmetric result is approximate there.", InversionWarning, stacklevel=3)
+        if not inversion.converged:
+            warnings.warn(f"Symmetric prediction: the network's {direction} was inverted only to "
+                          f"{inversion.max_error_voxels:.3g} network voxels after {inversion.iterations} steps"
+                          + (f" (it folds at {inversion.folds} points)" if inversion.folds else "")
+                          + "; the symmetric result is approximate there (see the IC-error map).",
+                          InversionWarning, stacklevel=3)
     return torch.cat([forward, backward]) + grid
 
 
