@@ -329,3 +329,12 @@ def test_identity_tag_is_cleared_by_in_place_changes():
     grid += 0.1
     assert not is_identity(grid)
     assert torch.allclose(evaluate_map(phi, grid), evaluate_map(phi, grid.clone()), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 2, 9, 8)])
+def test_vector_length_is_the_channel_norm(shape):
+    from ICONRegistrationLib.core.coordinates import vector_length
+
+    field = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(vector_length(field), field.norm(dim=1))
+    assert vector_length(field[:, :1]).equal(field[:, 0].abs())

@@ -119,6 +119,18 @@ def voxel_scale(shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
     return torch.tensor(sizes, dtype=dtype, device=device).view(1, len(sizes), *[1] * len(sizes))
 
 
+def vector_length(field: torch.Tensor) -> torch.Tensor:
+    """Euclidean length over the channel axis: ``[B, C, *S]`` → ``[B, *S]`` (a new tensor).
+
+    Summed channel by channel: ``Tensor.norm(dim=1)`` takes a slow strided path on a CPU (65 ms against 1 ms for
+    3×80×96×80 on one core).
+    """
+    squared = field[:, 0].square()
+    for channel in range(1, field.shape[1]):
+        squared.addcmul_(field[:, channel], field[:, channel])
+    return squared.sqrt_()
+
+
 def resample_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """A unit-cube displacement ``[B, d, *S]`` evaluated on another grid of the same cube (trilinear, border)."""
     if tuple(displacement.shape[2:]) == tuple(shape):

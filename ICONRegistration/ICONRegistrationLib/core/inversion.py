@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .coordinates import identity_map, jacobian_determinant, voxel_scale, sample_at
+from .coordinates import identity_map, jacobian_determinant, sample_at, vector_length, voxel_scale
 
 
 class InversionWarning(UserWarning):
@@ -138,7 +138,7 @@ class _FixedPointInverse(torch.autograd.Function):
             return -sample_at(displacement, points + z, padding="border")
 
         def error(residual: torch.Tensor) -> torch.Tensor:
-            return (residual * scale).norm(dim=1).flatten(1).amax(dim=1)
+            return vector_length(residual * scale).flatten(1).amax(dim=1)
 
         initial = torch.zeros(batch, *points.shape[1:], dtype=displacement.dtype, device=displacement.device)
         with torch.no_grad():

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..core.coordinates import identity_map, map_to_displacement, sample_at
+from ..core.coordinates import identity_map, map_to_displacement, sample_at, vector_length
 from ..core.inversion import InversionWarning, symmetrize_displacements
 from ..core.losses import make_similarity
 from ..core.objective import both_directions
@@ -183,7 +183,7 @@ def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch
         # Φ_back(Φ(x)) − x = moved + back(mapped), in unit coordinates of ``own``
         round_trip = moved + sample_at(back_displacement, mapped, padding="border")
         residual = apply_affine(own.unit_matrix, np.zeros(3), round_trip)
-        ic_error = (residual * residual).sum(dim=1).sqrt()
+        ic_error = vector_length(residual)
     return displacement_mm, jacobian, ic_error
 
 

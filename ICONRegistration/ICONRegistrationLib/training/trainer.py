@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core.coordinates import identity_map, jacobian_determinant, voxel_scale, sample_at
+from ..core.coordinates import identity_map, jacobian_determinant, sample_at, vector_length, voxel_scale
 from ..core.losses import (label_fractions, label_indices, make_similarity, soft_dice_loss,
                            soft_dice_loss_of_warped_labels)
 from ..core.objective import both_directions, symmetric_objective
@@ -290,7 +290,7 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
         maps = both_directions(net, A, B)(grid)  # [Φ_AB; Φ_BA]
         # Φ_AA: one pass for a network without forward_and_inverse (both directions are the same pass)
         itself = both_directions(net, A, A)(grid) if hasattr(net, "forward_and_inverse") else net(A, A)(grid)
-        self_displacements.append(float(((itself - grid) * scale).norm(dim=1).mean()))
+        self_displacements.append(float(vector_length((itself - grid) * scale).mean()))
         jac = jacobian_determinant(maps)
         folds.append(100.0 * float((jac <= 0).float().mean()))
         back = torch.cat([maps[1:], maps[:1]])
