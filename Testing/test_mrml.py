@@ -553,18 +553,23 @@ def test_instance_optimisation_grid_reaches_the_engine(scene, tiny_model_files):
     assert scene.GetNumberOfNodes() == nodes_before
 
 
+def _random_tiny_model_and_pair(scene, tmp_path, seed: int, output_scale: float, **spec_options):
+    """A logic, two blob volumes in ``scene`` and ``tmp_path/tiny.json`` (+ ``tiny.pt``): a 66³ tiny model whose
+    output layers are random (``seed``, ``output_scale``)."""
+    from conftest import random_state, tiny_spec
+
+    spec = tiny_spec(shape=(66, 66, 66), **spec_options)
+    spec.to_file(tmp_path / "tiny.json")
+    torch.save(random_state(spec, seed=seed, output_scale=output_scale), tmp_path / "tiny.pt")
+    fixed = make_image(blob_volume((40, 44, 42), seed=1))
+    moving = make_image(blob_volume((40, 44, 42), seed=2))
+    return ICONRegistrationLogic(scene), volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+
+
 def test_test_time_flips_setting_reaches_the_engine_and_the_parameter_node(scene, tmp_path):
     """On by default: the model's ``test_time_flips`` are used (the metrics table says which); off: one
     prediction. The setting survives the parameter node."""
-    from conftest import random_state, tiny_spec
-
-    spec = tiny_spec(shape=(66, 66, 66), test_time_flips=[2])
-    spec.to_file(tmp_path / "tiny.json")
-    torch.save(random_state(spec, output_scale=1e-3), tmp_path / "tiny.pt")
-    fixed = make_image(blob_volume((40, 44, 42), seed=1))
-    moving = make_image(blob_volume((40, 44, 42), seed=2))
-    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
-    logic = ICONRegistrationLogic(scene)
+    logic, fixed_node, moving_node = _random_tiny_model_and_pair(scene, tmp_path, 0, 1e-3, test_time_flips=[2])
     averaged = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
                               movingModality="mri", outputMode="warped")
     assert averaged.result.metrics.flips == [2]
@@ -613,15 +618,7 @@ def test_guess_modality_and_model_choices_need_no_torch(scene):
 
 
 def test_symmetric_setting_reaches_the_engine_the_metrics_table_and_the_parameter_node(scene, tmp_path):
-    from conftest import random_state, tiny_spec
-
-    spec = tiny_spec(shape=(66, 66, 66))
-    spec.to_file(tmp_path / "tiny.json")
-    torch.save(random_state(spec, seed=5, output_scale=0.02), tmp_path / "tiny.pt")
-    fixed = make_image(blob_volume((40, 44, 42), seed=1))
-    moving = make_image(blob_volume((40, 44, 42), seed=2))
-    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
-    logic = ICONRegistrationLogic(scene)
+    logic, fixed_node, moving_node = _random_tiny_model_and_pair(scene, tmp_path, 5, 0.02)
     plain = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
                            movingModality="mri", outputMode="warped")
     symmetric = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
