@@ -527,3 +527,29 @@ def test_cli_convert_weights_writes_weights_the_constricon_spec_loads(tmp_path, 
     assert loaded.spec.architecture == "constricon"
     assert main(["convert-weights", "--from", str(tmp_path / "c.json"), "--weights", str(tmp_path / "c.pt"),
                  "--to", str(tmp_path / "c.json"), "--out", str(tmp_path / "x.pt")]) != 0
+
+
+def test_anderson_acceleration_solves_a_batch_of_slow_linear_fixed_points_quickly():
+    """x = M x + b with M's spectral radius 0.95 (plain iteration: ~270 steps to 1e-6): Anderson (memory 5) gets
+    every batch element to the tolerance in about a third of the evaluations, with the least-squares history kept
+    incrementally."""
+    from ICONRegistrationLib.core.inversion import anderson_fixed_point
+
+    torch.manual_seed(0)
+    n = 400
+    q, _ = torch.linalg.qr(torch.randn(2, n, n, dtype=torch.float64))
+    eigenvalues = torch.linspace(-0.95, 0.95, n, dtype=torch.float64)
+    matrices = q @ torch.diag_embed(eigenvalues.expand(2, n)) @ q.transpose(1, 2)
+    offsets = torch.randn(2, n, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - matrices, offsets[..., None])[..., 0]
+
+    def function(x):
+        return (matrices @ x[..., None])[..., 0] + offsets
+
+    def error(residual):
+        return residual.abs().amax(dim=1)
+
+    solution, evaluations, worst = anderson_fixed_point(function, torch.zeros(2, n, dtype=torch.float64), error,
+                                                        tolerance=1e-6, max_iterations=200, memory=5)
+    assert worst <= 1e-6 and evaluations < 120  # 96, as with the history recomputed each step
+    assert float((solution - exact).abs().max()) < 1e-4

@@ -73,9 +73,11 @@ def anderson_fixed_point(function: Callable[[torch.Tensor], torch.Tensor], initi
     shape = initial.shape
     best, best_error = x, float("inf")
     previous_x = previous_g = None
-    # Ring buffers of the last ``memory`` differences of residuals (ΔF) and of values (ΔG), columns [B, n, m].
-    delta_residuals = x.new_empty(batch, x.shape[1], max(memory, 1))
+    # Ring buffers of the last ``memory`` differences of residuals (ΔF) and of values (ΔG), rows [B, m, n]: each
+    # difference is one contiguous row (a column layout [B, n, m] made every write and product strided, 4× slower).
+    delta_residuals = x.new_empty(batch, max(memory, 1), x.shape[1])
     delta_values = torch.empty_like(delta_residuals)
+    gram_all = x.new_zeros(batch, max(memory, 1), max(memory, 1))  # ΔF ΔFᵀ, one new row per stored difference
     stored = slot = 0
     evaluations = 0
     for evaluations in range(1, max_iterations + 1):
@@ -92,21 +94,24 @@ def anderson_fixed_point(function: Callable[[torch.Tensor], torch.Tensor], initi
             x = best
             continue
         if previous_x is not None and memory > 0:
-            torch.sub(residual, previous_g - previous_x, out=delta_residuals[:, :, slot])
-            torch.sub(g, previous_g, out=delta_values[:, :, slot])
-            slot = (slot + 1) % memory
+            torch.sub(residual, previous_g - previous_x, out=delta_residuals[:, slot])
+            torch.sub(g, previous_g, out=delta_values[:, slot])
             stored = min(stored + 1, memory)
+            row = (delta_residuals[:, :stored] @ delta_residuals[:, slot, :, None])[..., 0]  # [B, stored]
+            gram_all[:, slot, :stored] = row
+            gram_all[:, :stored, slot] = row
+            slot = (slot + 1) % memory
         previous_x, previous_g = x, g
         if stored == 0:
             x = g
             continue
-        # γ = argmin ‖residual − ΔF γ‖ (ridge-regularised normal equations), x ← g − ΔG γ
-        dF = delta_residuals[:, :, :stored]
-        gram = dF.transpose(1, 2) @ dF
+        # γ = argmin ‖residual − ΔFᵀ γ‖ (ridge-regularised normal equations), x ← g − ΔGᵀ γ
+        dF = delta_residuals[:, :stored]
+        gram = gram_all[:, :stored, :stored]
         ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(torch.finfo(gram.dtype).tiny)
         gram = gram + ridge.view(-1, 1, 1) * torch.eye(stored, dtype=gram.dtype, device=gram.device)
-        gamma = torch.linalg.solve(gram, dF.transpose(1, 2) @ residual[..., None])
-        x = g - (delta_values[:, :, :stored] @ gamma)[..., 0]
+        gamma = torch.linalg.solve(gram, dF @ residual[..., None])
+        x = g - (gamma.transpose(1, 2) @ delta_values[:, :stored])[:, 0]
     return best.view(shape), evaluations, best_error
 
 
@@ -229,8 +234,8 @@ def symmetrize_displacements(displacement_AB: torch.Tensor, displacement_BA: tor
     linearly to 0 at ``margin`` voxels outside, where Φ_AB is kept as predicted. Swapping the inputs swaps the
     outputs exactly; where ``w = 1`` the two outputs are inverse to each other up to second order in their
     difference, and directions that are already inverse come back unchanged to the inversion's ``tolerance``
-    (voxels). The reports say how each inversion went (folds make the inverse undefined there; no warning is
-    raised here: callers report).
+    (voxels). The reports say how each inversion went (folds are not counted; no warning is raised here: callers
+    report).
     """
     if displacement_AB.shape != displacement_BA.shape:
         raise ValueError(f"both directions need the same shape, got {tuple(displacement_AB.shape)} and "
@@ -240,7 +245,7 @@ def symmetrize_displacements(displacement_AB: torch.Tensor, displacement_BA: tor
 
     def symmetric(own: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, InversionReport]:
         inverse, inversion = invert_displacement(other, tolerance=tolerance, max_iterations=max_iterations,
-                                                 warn=False)
+                                                 check_folds=False, warn=False)
         preimage = grid + inverse  # in the other grid's unit cube
         outside = torch.clamp(torch.maximum(-preimage, preimage - 1) * scale, min=0)  # voxels beyond its faces
         weight = torch.clamp(1 - outside / margin, min=0).prod(dim=1, keepdim=True)

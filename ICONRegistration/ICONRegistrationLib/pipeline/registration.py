@@ -531,9 +531,8 @@ def _symmetrize(maps: torch.Tensor) -> torch.Tensor:
     for direction, inversion in zip(("Φ_AB", "Φ_BA"), reports):
         if not inversion.converged:
             warnings.warn(f"Symmetric prediction: the network's {direction} was inverted only to "
-                          f"{inversion.max_error_voxels:.3g} network voxels after {inversion.iterations} steps"
-                          + (f" (it folds at {inversion.folds} points)" if inversion.folds else "")
-                          + "; the symmetric result is approximate there (see the IC-error map).",
+                          f"{inversion.max_error_voxels:.3g} network voxels after {inversion.iterations} steps "
+                          "(it may fold there); the symmetric result is approximate (see the IC-error map).",
                           InversionWarning, stacklevel=3)
     return torch.cat([forward, backward]) + grid
 
