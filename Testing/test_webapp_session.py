@@ -276,6 +276,9 @@ def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_p
         assert [item["value"] for item in state.io_grids] == ["network", "fixed"] and state.io_grid == "network"
         state.io_grid, state.io_iterations = "fixed", "20"
         assert app.settings().ioGrid == "fixed" and app.settings().ioIterations == 20
+        assert app.settings().symmetric is False
+        state.symmetric = True
+        assert app.settings().symmetric is True
         state.fixed_file, state.moving_file = "../etc/passwd", "x.nii.gz"
         app.load_data_files()
         assert "leaves the data folder" in state.message

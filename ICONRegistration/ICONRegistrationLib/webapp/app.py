@@ -89,6 +89,7 @@ class RegistrationApp:
         state.io_iterations = 0
         state.io_grids = [{"title": title, "value": value} for value, title in IO_GRID_CHOICES]
         state.io_grid = "network"
+        state.symmetric = False
         state.devices = ["auto", "cpu"] + (["cuda"] if gpu_names() else [])
         state.device = "auto"
         state.overlays = [{"title": title, "value": value} for title, value in OVERLAY_CHOICES]
@@ -226,7 +227,8 @@ class RegistrationApp:
             raise UserError(f"Instance-optimisation iterations must be between 0 and 1000, got {iterations}.")
         return RegistrationSettings(model=state.model, fixedModality=state.fixed_modality,
                                     movingModality=state.moving_modality, ioIterations=iterations,
-                                    ioGrid=state.io_grid, device=state.device, overlay=state.overlay)
+                                    ioGrid=state.io_grid, symmetric=bool(state.symmetric), device=state.device,
+                                    overlay=state.overlay)
 
     def register(self) -> None:
         """Start a registration as a task and return at once: the page's messages (Cancel among them) are
@@ -375,6 +377,8 @@ class RegistrationApp:
                     v.VSelect(label="Instance optimisation compares images on", v_model=("io_grid",),
                               items=("io_grids",), density="compact", hide_details=True, id="io-grid",
                               classes="my-1", disabled=("!(io_iterations > 0)",))
+                    v.VCheckbox(label="Symmetric prediction (forward and inverse agree)", v_model=("symmetric",),
+                                density="compact", hide_details=True, id="symmetric", classes="my-1")
                     v.VSelect(label="Device", v_model=("device",), items=("devices",), density="compact",
                               hide_details=True, id="device", classes="my-1")
                     with v.VRow(dense=True, classes="my-2"):
