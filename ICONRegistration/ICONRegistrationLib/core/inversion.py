@@ -234,8 +234,8 @@ def symmetrize_displacements(displacement_AB: torch.Tensor, displacement_BA: tor
     linearly to 0 at ``margin`` voxels outside, where Φ_AB is kept as predicted. Swapping the inputs swaps the
     outputs exactly; where ``w = 1`` the two outputs are inverse to each other up to second order in their
     difference, and directions that are already inverse come back unchanged to the inversion's ``tolerance``
-    (voxels). The reports say how each inversion went (folds are not counted; no warning is raised here: callers
-    report).
+    (voxels). The reports say how each inversion went (folds are not counted; no warning is raised here:
+    callers report).
     """
     if displacement_AB.shape != displacement_BA.shape:
         raise ValueError(f"both directions need the same shape, got {tuple(displacement_AB.shape)} and "

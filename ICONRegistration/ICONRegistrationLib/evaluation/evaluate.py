@@ -124,7 +124,8 @@ class EvaluationRow:
     where unknown); ``flips`` the network-grid axes a network's prediction was averaged over (``None`` for the
     classical baselines); ``ic_error_in_labels_mm`` the mean IC error (mm) over the voxels of the IC map that lie
     inside the fixed image's labels (label > 0, nearest neighbour), where a label-aware model's two directions
-    disagree most (NaN for the baselines); ``symmetric`` whether a network's two directions were made consistent (``register(symmetric=True)``)."""
+    disagree most (NaN for the baselines); ``symmetric`` whether a network's two directions were made consistent
+    (``register(symmetric=True)``)."""
 
     pair: str
     method: str

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..core.coordinates import identity_map, map_to_displacement, sample_at, vector_length
+from ..core.coordinates import displacement_to_map, identity_map, map_to_displacement, sample_at, vector_length
 from ..core.inversion import InversionWarning, symmetrize_displacements
 from ..core.losses import make_similarity
 from ..core.objective import both_directions
@@ -304,8 +304,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             likewise, so swapping fixed and moving swaps the result and forward and inverse agree to second order
             (IC error 0.052 mm instead of 0.456 mm for ``gradicon-hippocampus`` on its 82 validation
             registrations). A network trained with a label loss can fit each direction's labels at the expense of
-            the other's inverse; this gives up that part (Dice 0.820 → 0.795 there; demons 0.743). With instance optimisation, the field
-            mode starts from the symmetric prediction; the weights mode symmetrises its optimised network's.
+            the other's inverse; this gives up that part (Dice 0.820 → 0.795 there; demons 0.743). With instance
+            optimisation, the field mode starts from the symmetric prediction; the weights mode symmetrises its
+            optimised network's.
 
     Raises:
         UserError: for inputs or settings a user can fix; nothing is written in that case.
@@ -501,12 +502,12 @@ def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations
     else:
         report(progress, "network", 0.0)
         maps = _predict_both_directions(loaded.net, pair.image_A, pair.image_B, progress, flips)
-        if symmetric:
-            require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model")
-            maps = _symmetrize(maps)
-        if not io_iterations:
+        if symmetric or not io_iterations:  # the network's own output (the QA stage checks what follows)
             require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model "
                            "(reinstall them), or the inputs are not images this model was trained for")
+        if symmetric:
+            maps = _symmetrize(maps)
+        if not io_iterations:
             return maps, history
         similarity = make_similarity(**({"name": io_similarity} if io_similarity else spec.similarity))
         images = similarity_pair or pair
@@ -525,16 +526,15 @@ def _symmetrize(maps: torch.Tensor) -> torch.Tensor:
     (:func:`~ICONRegistrationLib.core.inversion.symmetrize_displacements`). An inversion that stops short of its
     tolerance is warned about (:class:`InversionWarning`); a direction that folds at a few points still inverts
     elsewhere, and the result's own folds and IC error are in the QA maps and metrics."""
-    grid = identity_map(maps.shape[2:], dtype=maps.dtype, device=maps.device)
     with torch.no_grad():
-        forward, backward, reports = symmetrize_displacements(maps[0:1] - grid, maps[1:2] - grid)
+        forward, backward, reports = symmetrize_displacements(*map_to_displacement(maps).split(1))
     for direction, inversion in zip(("Φ_AB", "Φ_BA"), reports):
         if not inversion.converged:
             warnings.warn(f"Symmetric prediction: the network's {direction} was inverted only to "
                           f"{inversion.max_error_voxels:.3g} network voxels after {inversion.iterations} steps "
                           "(it may fold there); the symmetric result is approximate (see the IC-error map).",
                           InversionWarning, stacklevel=3)
-    return torch.cat([forward, backward]) + grid
+    return displacement_to_map(torch.cat([forward, backward]))
 
 
 def _fields_and_qa(displacement_AB: torch.Tensor, displacement_BA: torch.Tensor, pair: _NetworkPair,
