@@ -128,6 +128,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exactInverseCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.testTimeFlipsCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.symmetricCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.refinementsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.loadModelFileButton.connect("clicked(bool)", self.onLoadModelFile)
         self.ui.registerButton.connect("clicked(bool)", self.onRegister)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -203,6 +204,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.exactInverseCheckBox.enabled = settings.createInverse
             self.ui.testTimeFlipsCheckBox.checked = settings.testTimeFlips
             self.ui.symmetricCheckBox.checked = settings.symmetric
+            self.ui.refinementsSpinBox.value = settings.refinements
             {"folds": self.ui.showFoldsRadioButton, "ic": self.ui.showICRadioButton,
              "none": self.ui.showNoneRadioButton}.get(settings.overlay, self.ui.showFoldsRadioButton).checked = True
             ready = bool(node("fixedVolume") and node("movingVolume"))
@@ -243,7 +245,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             createInverse=bool(self.ui.createInverseCheckBox.checked),
             exactInverse=bool(self.ui.exactInverseCheckBox.checked),
             testTimeFlips=bool(self.ui.testTimeFlipsCheckBox.checked),
-            symmetric=bool(self.ui.symmetricCheckBox.checked), overlay=overlay)
+            symmetric=bool(self.ui.symmetricCheckBox.checked), refinements=int(self.ui.refinementsSpinBox.value),
+            overlay=overlay)
 
     # ----- form helpers -----------------------------------------------------------------------------
     def populateModels(self):

@@ -425,3 +425,19 @@ def test_register_symmetric_is_recorded_in_the_metrics(tmp_path, tiny_model_file
     assert main(["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--model", str(spec_file),
                  "--weights", str(weights), "--no-report", "--symmetric", "--out", str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["symmetric"] is True
+
+
+def test_register_refinements_option(tmp_path, tiny_model_files, capsys):
+    spec_file, weights = tiny_model_files
+    fixed_path, moving_path = _write_pair(tmp_path)
+    common = ["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--model", str(spec_file),
+              "--weights", str(weights), "--no-report"]
+    assert main(common + ["--refinements", "1", "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "metrics.json").read_text())["refinements"] == 1
+    assert main(common + ["--refinements", "model", "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["refinements"] == 0
+    for wrong in ("-1", "4", "two"):
+        with pytest.raises(SystemExit):
+            main(common + ["--refinements", wrong, "--out", str(tmp_path / "w")])
+        assert "--refinements" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -329,3 +329,66 @@ def test_symmetric_prediction_warns_when_an_inversion_stops_short(monkeypatch):
     shifted[0, 0] += 0.05 * torch.sin(grid[0, 1] * 3.1)
     with pytest.warns(InversionWarning, match="inverted only to .* after 1 steps"):
         registration._symmetrize(shifted)
+
+
+# ----- test-time refinements: the network refines its own result ------------------------------------------------------
+
+class _HalfCentroidNetwork(torch.nn.Module):
+    """A "network" that recovers half of the shift between the intensity centroids of its inputs: Φ_AB(x) = x + (c_A
+    − c_B) / 2 in the unit cube. Applied once it registers half a translation; each refinement, which sees the
+    moving image warped so far, halves what is left."""
+
+    @staticmethod
+    def centroid(images: torch.Tensor) -> torch.Tensor:  # [b, 1, *S] → [b, 3] in the unit cube
+        grid = identity_map(images.shape[2:], dtype=torch.float64)
+        weights = images.double().clamp(min=0)
+        return (weights * grid).sum(dim=(2, 3, 4)) / weights.sum(dim=(2, 3, 4))
+
+    def forward(self, image_A, image_B):
+        shift = 0.5 * (self.centroid(image_A) - self.centroid(image_B))
+        return lambda coordinates: (coordinates.double() + shift.view(-1, 3, 1, 1, 1)).float()
+
+
+@pytest.mark.parametrize("refinements", [0, 1, 2])
+def test_each_refinement_registers_the_moving_image_warped_so_far_again(refinements):
+    from ICONRegistrationLib.models import LoadedModel
+
+    shape = (66, 66, 66)
+    fixed = make_image(blob_volume(shape))  # 1 mm voxels: the unit cube's 65 mm are the network grid
+    background = blob_volume(shape)
+    moving_voxels = np.zeros_like(background)
+    moving_voxels[2:, :-3, 1:] = background[:-2, 3:, :-1]  # the anatomy moved by (+2, −3, +1) voxels (z, y, x)
+    moving = make_image(moving_voxels)
+    model = LoadedModel(tiny_spec(shape=shape), _HalfCentroidNetwork(), torch.device("cpu"), None, None)
+    result = register(fixed, moving, model, fixed_modality="mri", moving_modality="mri", refinements=refinements)
+    assert result.metrics.refinements == refinements
+    # ITK displacement (x, y, z) mm of fixed → moving points: the true one is (+1, −3, +2); found: (1 − 2^−(refinements + 1)) of it
+    field = sitk.GetArrayFromImage(result.forward_field)[20:46, 20:46, 20:46].reshape(-1, 3).mean(axis=0)
+    expected = np.array([1.0, -3.0, 2.0]) * (1 - 0.5 ** (refinements + 1))
+    assert np.abs(field - expected).max() < 0.1, (field, expected)
+    inverse = sitk.GetArrayFromImage(result.inverse_field)[20:46, 20:46, 20:46].reshape(-1, 3).mean(axis=0)
+    assert np.abs(inverse + expected).max() < 0.1, (inverse, expected)
+
+
+def test_refinements_are_checked_and_default_to_the_model():
+    from ICONRegistrationLib.errors import UserError
+
+    fixed = make_image(blob_volume((20, 22, 24)))
+    for refinements in (-1, 4, True, "1", 0.5):
+        with pytest.raises(UserError, match="refinements"):
+            register(fixed, fixed, tiny_spec(), fixed_modality="mri", moving_modality="mri", random_weights=True,
+                     refinements=refinements)
+    with pytest.raises(UserError, match="weights"):
+        register(fixed, fixed, tiny_spec(), fixed_modality="mri", moving_modality="mri", random_weights=True,
+                 refinements=1, io_iterations=1, io_mode="weights")
+    for value in (-1, 4, 0.5, "1", None):
+        with pytest.raises(UserError, match="test_time_refinements"):
+            tiny_spec(test_time_refinements=value)
+    assert tiny_spec().test_time_refinements == 0
+    result = register(fixed, fixed, tiny_spec(test_time_refinements=1), fixed_modality="mri",
+                      moving_modality="mri", random_weights=True)
+    assert result.metrics.refinements == 1
+    # the weight mode of instance optimisation replaces the prediction: the model's refinements do not apply to it
+    result = register(fixed, fixed, tiny_spec(test_time_refinements=1), fixed_modality="mri",
+                      moving_modality="mri", random_weights=True, io_iterations=1, io_mode="weights")
+    assert result.metrics.refinements == 0

@@ -553,3 +553,25 @@ def test_anderson_acceleration_solves_a_batch_of_slow_linear_fixed_points_quickl
                                                         tolerance=1e-6, max_iterations=200, memory=5)
     assert worst <= 1e-6 and evaluations < 120  # 96, as with the history recomputed each step
     assert float((solution - exact).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("architecture", ["constricon", "sitreg"])
+def test_refinement_of_an_inverse_consistent_network_is_its_forward_map_of_the_warped_image(architecture):
+    """``register(refinements=1)`` for networks that predict both directions in one pass: each refinement is the
+    network's forward map from the warped moving image to the fixed image, composed inside the first map."""
+    from ICONRegistrationLib.core.coordinates import compose, sample_at
+    from ICONRegistrationLib.core.objective import both_directions
+    from ICONRegistrationLib.pipeline.registration import _predict_both_directions
+
+    net = _random_network(architecture, {}, output_scale=0.05).eval()
+    A, B = _pair()
+    grid = identity_map(SHAPE)
+    with torch.no_grad():
+        first = both_directions(net, A, B)(grid)
+        assert (_predict_both_directions(net, A, B, None) - first).abs().max() < 1e-6
+        refined = _predict_both_directions(net, A, B, None, (), refinements=1)
+        step_AB = both_directions(net, sample_at(A, first[:1]), B)(grid)[:1]
+        step_BA = both_directions(net, sample_at(B, first[1:]), A)(grid)[:1]
+    expected = torch.cat([compose(first[:1], step_AB), compose(first[1:], step_BA)])
+    assert (refined - expected).abs().max() < 1e-5
+    assert (refined - first).abs().max() > 1e-3  # the refinement moved the maps

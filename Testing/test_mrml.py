@@ -629,3 +629,19 @@ def test_symmetric_setting_reaches_the_engine_the_metrics_table_and_the_paramete
     node = logic.getParameterNode()
     logic.setSettings(dataclasses.replace(logic.settings(node), symmetric=True), node)
     assert logic.settings(node).symmetric is True
+
+
+def test_refinements_setting_reaches_the_engine_the_metrics_table_and_the_parameter_node(scene, tmp_path):
+    logic, fixed_node, moving_node = _random_tiny_model_and_pair(scene, tmp_path, 5, 0.02)
+    default = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
+                             movingModality="mri", outputMode="warped")
+    twice = logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
+                           movingModality="mri", outputMode="warped", refinements=1)
+    assert default.result.metrics.refinements == 0 and twice.result.metrics.refinements == 1  # the model's: 0
+    assert metrics_from_table(twice.metrics_table)["Recursive refinements of the prediction"] == "1"
+    one, two = (sitk.GetArrayFromImage(r.result.forward_field) for r in (default, twice))
+    assert np.abs(two - one).max() > 1e-3  # the refinement moved the result
+    node = logic.getParameterNode()
+    assert logic.settings(node).refinements == -1  # the model's
+    logic.setSettings(dataclasses.replace(logic.settings(node), refinements=2), node)
+    assert logic.settings(node).refinements == 2

@@ -244,6 +244,13 @@ def test_evaluate_gives_the_dice_and_hd95_computed_by_hand(tmp_path):
     rows = json.loads((tmp_path / "symmetric" / "evaluation.json").read_text())["pairs"]
     assert [r["dice_mean"] for r in rows if r["method"] == "model"] == pytest.approx([0.8, 0.6], abs=1e-6)
     assert [r["symmetric"] for r in rows] == [True, None, True, None]
+    # the identity network refined once: the identity again; rows record the refinements
+    assert main(["evaluate", "--data", str(tmp_path / "pairs.csv"), "--model", str(tmp_path / "small.json"),
+                 "--baselines", "identity", "--refinements", "1", "--out", str(tmp_path / "refined"),
+                 "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "refined" / "evaluation.json").read_text())["pairs"]
+    assert [r["dice_mean"] for r in rows if r["method"] == "model"] == pytest.approx([0.8, 0.6], abs=1e-6)
+    assert [r["refinements"] for r in rows] == [1, None, 1, None]
 
 
 def test_mean_inside_labels_resamples_the_label_onto_the_values_grid():

@@ -279,6 +279,14 @@ def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_p
         assert app.settings().symmetric is False
         state.symmetric = True
         assert app.settings().symmetric is True
+        assert app.settings().refinements == -1
+        assert [c["value"] for c in state.refinement_choices] == [-1, 0, 1, 2, 3]
+        state.refinements = 1
+        assert app.settings().refinements == 1
+        state.refinements = "7"
+        with pytest.raises(UserError, match="Refinements"):
+            app.settings()
+        state.refinements = -1
         state.fixed_file, state.moving_file = "../etc/passwd", "x.nii.gz"
         app.load_data_files()
         assert "leaves the data folder" in state.message

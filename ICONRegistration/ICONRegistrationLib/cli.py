@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from .errors import Cancelled, UserError
+from .models.spec import MAX_REFINEMENTS
 
 EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 130
 #: commands whose process does registrations (or training steps) one at a time and exits: they keep freed memory
@@ -111,7 +112,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
                           io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, device=args.device,
                           progress=bar, weights=args.weights, field_grid=args.field_grid,
                           inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse, flips=args.flips,
-                          symmetric=args.symmetric)
+                          symmetric=args.symmetric, refinements=args.refinements)
         with result_folder(out) as staging:
             written = write_result(result, staging, fixed=fixed, moving=moving, report=not args.no_report)
     finally:
@@ -270,6 +271,23 @@ FLIPS_HELP = ("average the network's prediction over flips of both images: 'mode
               "model lists in test_time_flips), 'none' (one prediction) or network-grid axes such as '2' or '0,1,2' "
               "(2^k passes)")
 
+REFINEMENTS_HELP = ("refine the network's prediction N times: each refinement registers the moving image warped so far "
+                    "to the fixed image again and composes the correction (one more prediction each; 'model', the "
+                    f"default: the model's test_time_refinements; 0 to {MAX_REFINEMENTS})")
+
+
+def _refinements(text: str) -> "int | None":
+    """``--refinements``: ``model`` → ``None`` (the model's ``test_time_refinements``), or 0…MAX_REFINEMENTS."""
+    if text.strip().lower() == "model":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_REFINEMENTS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'model' or a whole number from 0 to {MAX_REFINEMENTS}")
+    return value
+
 
 def _flips(text: str) -> "list[int] | None":
     """``--flips``: ``model`` → None (the model decides), ``none`` → [], ``0,2`` → [0, 2]."""
@@ -422,7 +440,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         evaluation = evaluate(pairs, args.model, io_iterations=args.io_iterations, io_mode=args.io_mode,
                               io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, baselines=baselines,
                               device=args.device, modality=args.modality, flips=args.flips,
-                              symmetric=args.symmetric, progress=bar)
+                              symmetric=args.symmetric, refinements=args.refinements,
+                              progress=bar)
     finally:
         bar.close()
     with result_folder(out) as staging:
@@ -506,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
     reg.add_argument("--flips", type=_flips, default=None, metavar="model|none|AXES", help=FLIPS_HELP)
     reg.add_argument("--symmetric", action="store_true", help=SYMMETRIC_HELP)
+    reg.add_argument("--refinements", type=_refinements, default=None, metavar="model|N", help=REFINEMENTS_HELP)
     reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     reg.add_argument("--fixed-mask", help="fixed mask (non-zero = inside)")
     reg.add_argument("--moving-mask", help="moving mask (non-zero = inside)")
@@ -656,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--io-learning-rate", type=_io_learning_rate, help=IO_LEARNING_RATE_HELP)
     evl.add_argument("--flips", type=_flips, default=None, metavar="model|none|AXES", help=FLIPS_HELP)
     evl.add_argument("--symmetric", action="store_true", help=SYMMETRIC_HELP)
+    evl.add_argument("--refinements", type=_refinements, default=None, metavar="model|N", help=REFINEMENTS_HELP)
     evl.add_argument("--baselines", default="identity,demons",
                      help="comma-separated: identity, demons, ants-syn, elastix (the last two need "
                           "pip install -e '.[baselines]')")

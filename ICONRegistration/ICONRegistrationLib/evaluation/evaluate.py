@@ -125,7 +125,8 @@ class EvaluationRow:
     classical baselines); ``ic_error_in_labels_mm`` the mean IC error (mm) over the voxels of the IC map that lie
     inside the fixed image's labels (label > 0, nearest neighbour), where a label-aware model's two directions
     disagree most (NaN for the baselines); ``symmetric`` whether a network's two directions were made consistent
-    (``register(symmetric=True)``)."""
+    (``register(symmetric=True)``); ``refinements`` how many times a network's prediction was refined
+    recursively (``register(refinements=…)``; ``None`` for the baselines)."""
 
     pair: str
     method: str
@@ -140,6 +141,7 @@ class EvaluationRow:
     flips: Optional[list[int]] = None
     ic_error_in_labels_mm: float = math.nan
     symmetric: Optional[bool] = None
+    refinements: Optional[int] = None
 
     @property
     def busy(self) -> bool:
@@ -177,6 +179,7 @@ def _score(method: str, transform: sitk.Transform, pair: LabelledPair, fixed: si
         row.ic_error_mean_mm, row.ic_error_p95_mm = metrics.ic_error_mean_mm, metrics.ic_error_p95_mm
         row.flips = list(metrics.flips)
         row.symmetric = metrics.symmetric
+        row.refinements = metrics.refinements
     else:
         row.jacobian_nonpositive_percent = _jacobian_folds_percent(transform)
     return row
@@ -239,14 +242,14 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
              io_mode: str = "fields", io_grid: str = "network", io_learning_rate: Optional[float] = None,
              baselines: Sequence[str] = ("identity", "demons"), device: str = "auto",
              modality: str = "auto", flips: Optional[Sequence[int]] = None, symmetric: bool = False,
-             progress: Optional[ProgressCallback] = None) -> EvaluationReport:
+             refinements: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> EvaluationReport:
     """Evaluate ``model`` (zoo name, spec path or ``LoadedModel``) and ``baselines`` on ``pairs``.
 
     With ``io_iterations`` the model is also run with instance optimisation (``io_mode``, ``io_grid``,
     ``io_learning_rate``, see
     :func:`~ICONRegistrationLib.pipeline.registration.register`), as the method ``model+io``. ``flips`` (the
-    model's ``test_time_flips`` when ``None``) and ``symmetric`` apply to both model methods; each row records
-    them.
+    model's ``test_time_flips`` when ``None``), ``symmetric`` and ``refinements`` (the model's
+    ``test_time_refinements`` when ``None``) apply to both model methods; each row records them.
     Returns an :class:`EvaluationReport` (its ``to_dict()`` is ``evaluation.json``).
     """
     from ..models.weights import LoadedModel, load_model
@@ -267,7 +270,8 @@ def evaluate(pairs: Sequence[LabelledPair], model: "str | object", *, io_iterati
             with LoadMeter() as meter:
                 result = register(fixed, moving, loaded, fixed_modality=modality, moving_modality=modality,
                                   io_iterations=iterations, io_mode=io_mode, io_grid=io_grid,
-                                  io_learning_rate=io_learning_rate, flips=flips, symmetric=symmetric)
+                                  io_learning_rate=io_learning_rate, flips=flips, symmetric=symmetric,
+                                  refinements=refinements)
             row = _score(method, result.forward_transform(), pair, fixed, fixed_label, moving_label,
                          result.metrics.total_seconds, meter, result.metrics)
             row.ic_error_in_labels_mm = mean_inside_labels(result.ic_error, fixed_label)

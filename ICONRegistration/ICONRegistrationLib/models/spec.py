@@ -22,6 +22,7 @@ REQUIRED_FIELDS_HELP = {"name": "the model's name", "unet": '{"num_layers": N, "
                         "preprocessing": 'the intensity rules, e.g. {"ct_window": [-1000, 1000], '
                                          '"mri_percentile": 99}'}
 # The training regulariser each architecture's paper uses (``iconreg train --penalty`` overrides it).
+MAX_REFINEMENTS = 3  # recursive test-time refinements (ModelSpec.test_time_refinements, register(refinements=…))
 DEFAULT_PENALTIES = {"gradicon": "gradicon", "constricon": "bending", "sitreg": "diffusion"}
 
 
@@ -49,6 +50,9 @@ class ModelSpec:
       by default (the mean displacement over every combination of flips of both images, ``2^k`` network passes
       per direction); list only axes the model was trained to flip (``iconreg train --flip-axes``). Default
       ``[]``: one prediction.
+    * ``test_time_refinements``: how many times ``register()`` refines the network's prediction by default
+      (0…:data:`MAX_REFINEMENTS`): each refinement registers the moving image warped so far to the fixed image
+      again and composes the correction, ``Φ ← Φ ∘ Ψ[A ∘ Φ, B]`` (one more prediction each). Default 0.
     """
 
     name: str
@@ -64,6 +68,7 @@ class ModelSpec:
     weights: dict = dataclasses.field(default_factory=dict)
     options: dict = dataclasses.field(default_factory=dict)
     test_time_flips: list = dataclasses.field(default_factory=list)
+    test_time_refinements: int = 0
     description: str = ""
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -268,3 +273,8 @@ def _validate(spec: ModelSpec) -> None:
     if not isinstance(flips, list) or not are_flip_axes([_whole(a) for a in flips]):
         _fail(name, "test_time_flips", "a list of distinct tensor axes 0, 1, 2", flips)
     spec.test_time_flips = sorted(_whole(a) for a in flips)
+    refinements = _whole(spec.test_time_refinements)
+    if refinements is None or not 0 <= refinements <= MAX_REFINEMENTS:
+        _fail(name, "test_time_refinements", f"a whole number from 0 to {MAX_REFINEMENTS}",
+              spec.test_time_refinements)
+    spec.test_time_refinements = refinements

@@ -66,7 +66,9 @@ class RegistrationSettings:
     twice the network grid per axis; more accurate, several times the cost per step). ``testTimeFlips`` averages
     the network's prediction over the flips the model lists (its spec's ``test_time_flips``; off: one prediction).
     ``symmetric`` makes the network's two directions consistent (each the mean of itself and the exact inverse of
-    the other; see :func:`~ICONRegistrationLib.pipeline.registration.register`).
+    the other; see :func:`~ICONRegistrationLib.pipeline.registration.register`). ``refinements`` is how many times the
+    network's prediction is refined recursively (each registers the moving image warped so far again and composes
+    the correction); −1 uses the model's ``test_time_refinements``.
     """
 
     model: str = DEFAULT_MODEL
@@ -78,6 +80,7 @@ class RegistrationSettings:
     ioGrid: str = "network"
     testTimeFlips: bool = True
     symmetric: bool = False
+    refinements: int = -1
     device: str = "auto"
     fieldGrid: str = "network"
     outputMode: str = "transform"
@@ -237,6 +240,7 @@ class ICONRegistrationLogic:
                         weights=settings.weightsFile or None, field_grid=settings.fieldGrid,
                         exact_inverse=bool(settings.exactInverse and settings.createInverse),
                         flips=None if settings.testTimeFlips else [], symmetric=bool(settings.symmetric),
+                        refinements=None if settings.refinements < 0 else int(settings.refinements),
                         random_weights=random_weights)
 
     def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,
@@ -247,7 +251,8 @@ class ICONRegistrationLogic:
                  weightsFile: Optional[str] = None, fieldGrid: Optional[str] = None,
                  outputMode: Optional[str] = None, createInverse: Optional[bool] = None,
                  exactInverse: Optional[bool] = None, testTimeFlips: Optional[bool] = None,
-                 symmetric: Optional[bool] = None, settings: Optional[RegistrationSettings] = None,
+                 symmetric: Optional[bool] = None, refinements: Optional[int] = None,
+                 settings: Optional[RegistrationSettings] = None,
                  random_weights: bool = False) -> RegistrationOutputs:
         """Register ``movingVolumeNode`` to ``fixedVolumeNode`` and create the output nodes.
 
@@ -267,7 +272,7 @@ class ICONRegistrationLogic:
             "model": str(model) if model is not None else None,
             "outputMode": outputMode, "createInverse": createInverse,
             "exactInverse": exactInverse, "testTimeFlips": testTimeFlips,
-            "symmetric": symmetric}.items() if v is not None})
+            "symmetric": symmetric, "refinements": refinements}.items() if v is not None})
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, fixedMaskNode, movingMaskNode)
         result = self.runRegistration(inputs, settings, progress, random_weights=random_weights,
                                       loaded_model=loaded_model)

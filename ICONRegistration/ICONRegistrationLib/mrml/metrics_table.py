@@ -28,6 +28,7 @@ METRIC_ROWS = (  # (attribute path of RegistrationMetrics, label, unit)
     ("weights_sha256", "Weights sha256", ""),
     ("flips", "Prediction averaged over flips of network axes", ""),
     ("symmetric", "Directions made consistent (symmetric prediction)", ""),
+    ("refinements", "Recursive refinements of the prediction", ""),
     ("io_iterations", "Instance-optimisation steps", ""),
     ("io_similarity_shape", "Instance-optimisation image grid", "voxels"),
     ("inverse.method", "Inverse transform", ""),

@@ -71,6 +71,7 @@ class RegistrationMetrics(QualitySummary):
     io_objective: list[float] = dataclasses.field(default_factory=list)
     flips: list[int] = dataclasses.field(default_factory=list)  # network-grid axes the prediction was averaged over
     symmetric: bool = False  # the two directions were made consistent (register(symmetric=True))
+    refinements: int = 0  # recursive refinements of the network's prediction (register(refinements=…))
     inverse: InverseReport = dataclasses.field(default_factory=lambda: InverseReport("network"))
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 

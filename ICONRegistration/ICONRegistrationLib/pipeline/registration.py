@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import time
 import warnings
@@ -20,13 +21,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..core.coordinates import displacement_to_map, identity_map, map_to_displacement, sample_at, vector_length
+from ..core.coordinates import (compose, displacement_to_map, identity_map, map_to_displacement, sample_at,
+                                vector_length)
 from ..core.inversion import InversionWarning, symmetrize_displacements
 from ..core.losses import make_similarity
 from ..core.objective import both_directions
 from ..device import device_description
 from ..errors import UserError
-from ..models.spec import ModelSpec, are_flip_axes
+from ..models.spec import MAX_REFINEMENTS, ModelSpec, are_flip_axes
 from ..models.weights import LoadedModel, load_model
 from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback, report
@@ -90,40 +92,70 @@ class _StageTimer:
 
 
 def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
-                             progress: Optional[ProgressCallback], flips: Sequence[int] = ()) -> torch.Tensor:
+                             progress: Optional[ProgressCallback], flips: Sequence[int] = (),
+                             refinements: int = 0) -> torch.Tensor:
     """``[Φ_AB; Φ_BA]`` on the identity grid: one prediction, or with ``flips`` (tensor axes of the network grid)
     the mean over every combination of those flips of both images (``2^k`` predictions, each flipped back:
-    the result is then exactly equivariant to those flips). Averaging maps averages displacements."""
-    subsets = [axes for k in range(len(flips) + 1) for axes in itertools.combinations(sorted(flips), k)]
+    the result is then exactly equivariant to those flips). Averaging maps averages displacements.
+
+    Each of ``refinements`` refines both directions recursively, as the network's own two-step modules do: the
+    moving image warped by the map so far is registered to the fixed image again (with the same flips) and the
+    correction is composed on the inside, ``Φ ← Φ ∘ Ψ[A ∘ Φ, B]``."""
     grid = identity_map(image_A.shape[2:], device=image_A.device)  # once: every prediction is on this grid
-    total = None
-    for index, axes in enumerate(subsets):
-        dims = [axis + 2 for axis in axes]
-        flipped_A, flipped_B = (image_A.flip(dims), image_B.flip(dims)) if dims else (image_A, image_B)
-        part = _predict_once(net, flipped_A, flipped_B, grid, progress, index / len(subsets), len(subsets))
-        if dims:  # back to the unflipped grid: reverse the axes and mirror their coordinates (x ↦ 1 − x)
-            part = part.flip(dims)
-            for axis in axes:
-                part[:, axis] = 1.0 - part[:, axis]
-        total = part if total is None else total.add_(part)
+    subsets = [axes for k in range(len(flips) + 1) for axes in itertools.combinations(sorted(flips), k)]
+    parts = len(subsets) * (refinements + 1)
+    moving, fixed = torch.cat([image_A, image_B]), torch.cat([image_B, image_A])
+    maps = None
+    for step in range(refinements + 1):
+        if maps is None:
+            predict = functools.partial(_predict_once, net, image_A, image_B)  # both directions of one pair
+        else:  # register each warped moving image to its fixed image again, as the two-step modules do
+            predict = functools.partial(_predict_pairs, net, sample_at(moving, maps, padding="border"), fixed)
+        correction = None
+        for index, axes in enumerate(subsets):
+            dims = [axis + 2 for axis in axes]
+            part = predict(grid, dims, progress, (step * len(subsets) + index) / parts, parts)
+            if dims:  # back to the unflipped grid: reverse the axes and mirror their coordinates (x ↦ 1 − x)
+                part = part.flip(dims)
+                for axis in axes:
+                    part[:, axis] = 1.0 - part[:, axis]
+            correction = part if correction is None else correction.add_(part)
+            if parts > 1:
+                report(progress, "network", (step * len(subsets) + index + 1) / parts)
         if len(subsets) > 1:
-            report(progress, "network", (index + 1) / len(subsets))
-    return total.div_(len(subsets)) if len(subsets) > 1 else total
+            correction.div_(len(subsets))
+        maps = correction if maps is None else compose(maps, correction)
+    return maps
 
 
 def _predict_once(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, grid: torch.Tensor,
-                  progress: Optional[ProgressCallback], start: float, parts: int) -> torch.Tensor:
-    """``[Φ_AB; Φ_BA]`` of one network prediction on ``grid`` (the identity map). One batch on a GPU (parallel
-    work); on a CPU, where a batch of two costs as much as two passes, one direction after the other to halve the
-    peak memory."""
+                  dims: Sequence[int], progress: Optional[ProgressCallback], start: float, parts: int
+                  ) -> torch.Tensor:
+    """``[Φ_AB; Φ_BA]`` of one network prediction on ``grid`` (the identity map), both images flipped along tensor
+    ``dims`` first (the maps are returned on the flipped grid). One batch on a GPU (parallel work); on a CPU, where
+    a batch of two costs as much as two passes, one direction after the other to halve the peak memory."""
+    if dims:
+        image_A, image_B = image_A.flip(list(dims)), image_B.flip(list(dims))
     with torch.no_grad():
         if hasattr(net, "forward_and_inverse"):  # inverse consistent by construction: both from one pass
             return both_directions(net, image_A, image_B)(grid)
-        if image_A.device.type != "cpu":
-            return net(torch.cat([image_A, image_B]), torch.cat([image_B, image_A]))(grid)
-        forward = net(image_A, image_B)(grid)
+    return _predict_pairs(net, torch.cat([image_A, image_B]), torch.cat([image_B, image_A]), grid, (), progress,
+                          start, parts)
+
+
+def _predict_pairs(net: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, grid: torch.Tensor,
+                   dims: Sequence[int], progress: Optional[ProgressCallback], start: float, parts: int
+                   ) -> torch.Tensor:
+    """The maps of ``moving[i]`` → ``fixed[i]`` (batches of 2) on ``grid``, both flipped along ``dims`` first: one
+    batch on a GPU, one pair after the other on a CPU (half the peak memory at the same cost)."""
+    if dims:
+        moving, fixed = moving.flip(list(dims)), fixed.flip(list(dims))
+    with torch.no_grad():
+        if moving.device.type != "cpu":
+            return net(moving, fixed)(grid)
+        first = net(moving[:1], fixed[:1])(grid)
         report(progress, "network", start + 0.5 / parts)
-        return torch.cat([forward, net(image_B, image_A)(grid)])
+        return torch.cat([first, net(moving[1:], fixed[1:])(grid)])
 
 
 @contextlib.contextmanager
@@ -254,7 +286,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
              field_grid: str = "network", io_learning_rate: Optional[float] = None, inverse_qa: bool = False,
              exact_inverse: bool = False, random_weights: bool = False, io_mode: str = "fields",
              io_grid: str = "network", flips: Optional[Sequence[int]] = None,
-             symmetric: bool = False) -> RegistrationResult:
+             symmetric: bool = False, refinements: Optional[int] = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a pretrained inverse-consistent network.
 
     Args:
@@ -307,6 +339,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             the other's inverse; this gives up that part (Dice 0.820 → 0.795 there; demons 0.743). With instance
             optimisation, the field mode starts from the symmetric prediction; the weights mode symmetrises its
             optimised network's.
+        refinements: how many times the network refines its own prediction (0…3; ``None``, the default: the model's
+            ``test_time_refinements``, 0 for every zoo model). Each refinement registers the moving image warped so
+            far to the fixed image again, in both directions, and composes the correction inside the map so far
+            (``Φ ← Φ ∘ Ψ[A ∘ Φ, B]``, as the networks' own two-step modules do), with the same flips: one more
+            prediction each. The result is refined before ``symmetric`` and instance optimisation use it. A network
+            that stops short of the full deformation gains Dice (``gradicon-hippocampus``: 0.820 → 0.828 with one
+            refinement), but the two directions are refined separately, so the IC error grows (0.46 → 0.81 mm);
+            with ``symmetric=True`` the consistent Dice rises (0.795 → 0.803, IC error 0.12 mm).
 
     Raises:
         UserError: for inputs or settings a user can fix; nothing is written in that case.
@@ -323,6 +363,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     flips = _check_flips(flips, io_iterations, io_mode)
     if not isinstance(symmetric, bool):
         raise UserError(f"symmetric must be True or False, not {symmetric!r}.")
+    _check_refinements(refinements, io_iterations, io_mode)
     if io_similarity is not None:
         try:
             make_similarity(io_similarity)
@@ -339,6 +380,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     timer.device = loaded.device
     if flips is None:
         flips = [] if io_iterations and io_mode == "weights" else list(loaded.spec.test_time_flips)
+    if refinements is None:
+        refinements = 0 if io_iterations and io_mode == "weights" else loaded.spec.test_time_refinements
     with timer("preprocessing"), _memory_errors_as_user_errors(loaded.device, "preprocessing"):
         pair = _prepare(inputs, fixed, moving, loaded)
         similarity_pair = (_similarity_pair(inputs, fixed, moving, pair, loaded)
@@ -346,7 +389,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     report(progress, "preprocessing", 1.0)
     with timer("network"), _memory_errors_as_user_errors(loaded.device):
         maps, history = _predict_and_optimise(pair, loaded, int(io_iterations), io_mode, io_similarity,
-                                              io_learning_rate, progress, similarity_pair, flips, symmetric)
+                                              io_learning_rate, progress, similarity_pair, flips, symmetric,
+                                              refinements)
         io_similarity_shape = (list(similarity_pair.grid_B.shape)
                                if io_iterations and io_mode == "fields" else None)
         del similarity_pair
@@ -375,7 +419,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         fixed_modality=inputs.fixed_modality, moving_modality=inputs.moving_modality,
         io_iterations=int(io_iterations), io_mode=io_mode if io_iterations else None, io_objective=history,
         io_similarity_shape=io_similarity_shape, flips=list(flips), symmetric=symmetric,
-        inverse=inverse_report, seconds={k: round(v, 4) for k, v in timer.seconds.items()})
+        refinements=refinements, inverse=inverse_report, seconds={k: round(v, 4) for k, v in timer.seconds.items()})
     return RegistrationResult(forward_field, inverse_field, warped, jacobian_image, ic_image, metrics)
 
 
@@ -390,6 +434,20 @@ def _check_flips(flips: Optional[Sequence[int]], io_iterations: int, io_mode: st
         raise UserError("flips average the network's predictions; instance optimisation in the 'weights' mode "
                         "replaces them by the fine-tuned network's, so use flips=[] or io_mode='fields'.")
     return sorted(axes)
+
+
+
+def _check_refinements(refinements: Optional[int], io_iterations: int, io_mode: str) -> None:
+    """``refinements`` is ``None`` (the model decides) or a whole number 0…:data:`MAX_REFINEMENTS`."""
+    if refinements is None:
+        return
+    if (isinstance(refinements, bool) or not isinstance(refinements, int)
+            or not 0 <= refinements <= MAX_REFINEMENTS):
+        raise UserError(f"refinements must be a whole number from 0 to {MAX_REFINEMENTS}, not {refinements!r}.")
+    if refinements and io_iterations and io_mode == "weights":
+        raise UserError("refinements apply the network again to its own result; instance optimisation in the "
+                        "'weights' mode replaces that by the fine-tuned network's, so use refinements=0 or "
+                        "io_mode='fields'.")
 
 
 # ----- the stages of register(); each checks its output --------------------------------------------------------
@@ -481,7 +539,8 @@ def _similarity_pair(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, pai
 def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations: int, io_mode: str,
                           io_similarity: Optional[str], io_learning_rate: Optional[float],
                           progress: Optional[ProgressCallback], similarity_pair: Optional[_NetworkPair] = None,
-                          flips: Sequence[int] = (), symmetric: bool = False) -> tuple[torch.Tensor, list[float]]:
+                          flips: Sequence[int] = (), symmetric: bool = False, refinements: int = 0
+                          ) -> tuple[torch.Tensor, list[float]]:
     """Stages 2–3 (predict, optimise): ``[Φ_AB; Φ_BA]`` on the fixed network grid (averaged over ``flips``,
     made consistent by :func:`_symmetrize` when ``symmetric``) and
     the instance-optimisation objective per step; the field mode compares the images of ``similarity_pair``
@@ -501,7 +560,7 @@ def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations
                 maps = _symmetrize(maps)
     else:
         report(progress, "network", 0.0)
-        maps = _predict_both_directions(loaded.net, pair.image_A, pair.image_B, progress, flips)
+        maps = _predict_both_directions(loaded.net, pair.image_A, pair.image_B, progress, flips, refinements)
         if symmetric or not io_iterations:  # the network's own output (the QA stage checks what follows)
             require_finite(maps, "network", f"the weights of '{spec.name}' are damaged or do not fit the model "
                            "(reinstall them), or the inputs are not images this model was trained for")

@@ -22,6 +22,7 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # no X
 
 from ..errors import Cancelled, UserError  # noqa: E402
 from ..io.atomic import file_suffix  # noqa: E402
+from ..models.spec import MAX_REFINEMENTS  # noqa: E402
 from ..mrml.logic import IO_GRID_CHOICES, ICONRegistrationLogic, RegistrationSettings, gpu_names  # noqa: E402
 from .files import DEFAULT_MAX_UPLOAD_MB, list_data_files, resolve_data_file, save_upload  # noqa: E402
 from .session import DOWNLOADS, RegistrationSession, run_engine  # noqa: E402
@@ -90,6 +91,9 @@ class RegistrationApp:
         state.io_grids = [{"title": title, "value": value} for value, title in IO_GRID_CHOICES]
         state.io_grid = "network"
         state.symmetric = False
+        state.refinement_choices = [{"title": "model default", "value": -1}] + [
+            {"title": str(n), "value": n} for n in range(MAX_REFINEMENTS + 1)]
+        state.refinements = -1
         state.devices = ["auto", "cpu"] + (["cuda"] if gpu_names() else [])
         state.device = "auto"
         state.overlays = [{"title": title, "value": value} for title, value in OVERLAY_CHOICES]
@@ -227,8 +231,19 @@ class RegistrationApp:
             raise UserError(f"Instance-optimisation iterations must be between 0 and 1000, got {iterations}.")
         return RegistrationSettings(model=state.model, fixedModality=state.fixed_modality,
                                     movingModality=state.moving_modality, ioIterations=iterations,
-                                    ioGrid=state.io_grid, symmetric=bool(state.symmetric), device=state.device,
-                                    overlay=state.overlay)
+                                    ioGrid=state.io_grid, symmetric=bool(state.symmetric),
+                                    refinements=self._refinements(state.refinements), device=state.device, overlay=state.overlay)
+
+    @staticmethod
+    def _refinements(value) -> int:
+        """The page's refinements choice: −1 (the model's default) or 0…MAX_REFINEMENTS."""
+        try:
+            refinements = int(-1 if value is None or value == "" else value)
+        except (TypeError, ValueError):
+            refinements = -2
+        if not -1 <= refinements <= MAX_REFINEMENTS:
+            raise UserError(f"Refinements must be the model's default or 0 to {MAX_REFINEMENTS}, got '{value}'.")
+        return refinements
 
     def register(self) -> None:
         """Start a registration as a task and return at once: the page's messages (Cancel among them) are
@@ -379,6 +394,9 @@ class RegistrationApp:
                               classes="my-1", disabled=("!(io_iterations > 0)",))
                     v.VCheckbox(label="Symmetric prediction (forward and inverse agree)", v_model=("symmetric",),
                                 density="compact", hide_details=True, id="symmetric", classes="my-1")
+                    v.VSelect(label="Refinements (the network applied again to its result)",
+                              v_model=("refinements",), items=("refinement_choices",), density="compact",
+                              hide_details=True, id="refinements", classes="my-1")
                     v.VSelect(label="Device", v_model=("device",), items=("devices",), density="compact",
                               hide_details=True, id="device", classes="my-1")
                     with v.VRow(dense=True, classes="my-2"):
