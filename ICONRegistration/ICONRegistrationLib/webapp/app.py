@@ -394,7 +394,7 @@ class RegistrationApp:
                               classes="my-1", disabled=("!(io_iterations > 0)",))
                     v.VCheckbox(label="Symmetric prediction (forward and inverse agree)", v_model=("symmetric",),
                                 density="compact", hide_details=True, id="symmetric", classes="my-1")
-                    v.VSelect(label="Refinements (the network applied again to its result)",
+                    v.VSelect(label="Refinements of the prediction",
                               v_model=("refinements",), items=("refinement_choices",), density="compact",
                               hide_details=True, id="refinements", classes="my-1")
                     v.VSelect(label="Device", v_model=("device",), items=("devices",), density="compact",
