@@ -15,10 +15,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from .errors import Cancelled, UserError
 from .models.spec import MAX_REFINEMENTS
+
+if TYPE_CHECKING:
+    from .pipeline.metrics import RegistrationMetrics
 
 EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 130
 #: commands whose process does registrations (or training steps) one at a time and exits: they keep freed memory
@@ -70,12 +73,25 @@ class ProgressBar:
         self.stage = None
 
 
-def _summary(metrics: dict) -> str:
+def _summary(metrics: "RegistrationMetrics") -> str:
     return (f"model {metrics.model} on {metrics.device} (fixed {metrics.fixed_modality}, moving "
-            f"{metrics.moving_modality}): folds {metrics.folds} "
+            f"{metrics.moving_modality}; {_prediction_mode(metrics)}): folds {metrics.folds} "
             f"({metrics.folds_percent:.4f} %), Jacobian min {metrics.jacobian_min:.3f}, "
             f"IC error mean {metrics.ic_error_mean_mm:.4f} mm / 95th {metrics.ic_error_p95_mm:.4f} mm, "
             f"{metrics.total_seconds:.2f} s")
+
+
+def _prediction_mode(metrics: "RegistrationMetrics") -> str:
+    """How the transform was made, in words: flips averaged, refinements, symmetric, instance optimisation."""
+    parts = [f"averaged over flips of axes {','.join(map(str, metrics.flips))}" if metrics.flips
+             else "one prediction"]
+    if metrics.refinements:
+        parts.append(f"{metrics.refinements} refinement{'s' if metrics.refinements > 1 else ''}")
+    if metrics.symmetric:
+        parts.append("symmetric")
+    if metrics.io_iterations:
+        parts.append(f"{metrics.io_iterations} instance-optimisation steps ({metrics.io_mode})")
+    return ", ".join(parts)
 
 
 def _warn_unused_io_options(args: argparse.Namespace) -> None:
