@@ -75,7 +75,7 @@ class ProgressBar:
 
 def _summary(metrics: "RegistrationMetrics") -> str:
     return (f"model {metrics.model} on {metrics.device} (fixed {metrics.fixed_modality}, moving "
-            f"{metrics.moving_modality}; {_prediction_mode(metrics)}): folds {metrics.folds} "
+            f"{metrics.moving_modality}), {_prediction_mode(metrics)}: folds {metrics.folds} "
             f"({metrics.folds_percent:.4f} %), Jacobian min {metrics.jacobian_min:.3f}, "
             f"IC error mean {metrics.ic_error_mean_mm:.4f} mm / 95th {metrics.ic_error_p95_mm:.4f} mm, "
             f"{metrics.total_seconds:.2f} s")
