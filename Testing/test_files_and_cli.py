@@ -434,7 +434,8 @@ def test_register_refinements_option(tmp_path, tiny_model_files, capsys):
               "--weights", str(weights), "--no-report"]
     assert main(common + ["--refinements", "1", "--symmetric", "--out", str(tmp_path / "p")]) == 0
     assert json.loads((tmp_path / "p" / "metrics.json").read_text())["refinements"] == 1
-    assert "(fixed mri, moving mri), one prediction, 1 refinement, symmetric: folds" in capsys.readouterr().out  # the summary says how
+    # the summary says how the transform was made
+    assert "(fixed mri, moving mri), one prediction, 1 refinement, symmetric: folds" in capsys.readouterr().out
     assert main(common + ["--refinements", "model", "--out", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["refinements"] == 0
     for wrong in ("-1", "4", "two"):

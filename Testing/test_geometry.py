@@ -362,7 +362,8 @@ def test_each_refinement_registers_the_moving_image_warped_so_far_again(refineme
     model = LoadedModel(tiny_spec(shape=shape), _HalfCentroidNetwork(), torch.device("cpu"), None, None)
     result = register(fixed, moving, model, fixed_modality="mri", moving_modality="mri", refinements=refinements)
     assert result.metrics.refinements == refinements
-    # ITK displacement (x, y, z) mm of fixed → moving points: the true one is (+1, −3, +2); found: (1 − 2^−(refinements + 1)) of it
+    # ITK displacement (x, y, z) mm of fixed → moving points: the true one is (+1, −3, +2); each prediction
+    # finds half of what is left, so 1 − 2^−(refinements + 1) of it is found
     field = sitk.GetArrayFromImage(result.forward_field)[20:46, 20:46, 20:46].reshape(-1, 3).mean(axis=0)
     expected = np.array([1.0, -3.0, 2.0]) * (1 - 0.5 ** (refinements + 1))
     assert np.abs(field - expected).max() < 0.1, (field, expected)

@@ -232,7 +232,8 @@ class RegistrationApp:
         return RegistrationSettings(model=state.model, fixedModality=state.fixed_modality,
                                     movingModality=state.moving_modality, ioIterations=iterations,
                                     ioGrid=state.io_grid, symmetric=bool(state.symmetric),
-                                    refinements=self._refinements(state.refinements), device=state.device, overlay=state.overlay)
+                                    refinements=self._refinements(state.refinements), device=state.device,
+                                    overlay=state.overlay)
 
     @staticmethod
     def _refinements(value) -> int:
