@@ -104,13 +104,13 @@ def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_
     grid = identity_map(image_A.shape[2:], device=image_A.device)  # once: every prediction is on this grid
     subsets = [axes for k in range(len(flips) + 1) for axes in itertools.combinations(sorted(flips), k)]
     parts = len(subsets) * (refinements + 1)
-    moving, fixed = torch.cat([image_A, image_B]), torch.cat([image_B, image_A])
     maps = None
     for step in range(refinements + 1):
         if maps is None:
             predict = functools.partial(_predict_once, net, image_A, image_B)  # both directions of one pair
         else:  # register each warped moving image to its fixed image again, as the two-step modules do
-            predict = functools.partial(_predict_pairs, net, sample_at(moving, maps, padding="border"), fixed)
+            warped = sample_at(torch.cat([image_A, image_B]), maps, padding="border")
+            predict = functools.partial(_predict_pairs, net, (warped[:1], warped[1:]), (image_B, image_A))
         correction = None
         for index, axes in enumerate(subsets):
             dims = [axis + 2 for axis in axes]
@@ -132,30 +132,31 @@ def _predict_once(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Te
                   dims: Sequence[int], progress: Optional[ProgressCallback], start: float, parts: int
                   ) -> torch.Tensor:
     """``[Φ_AB; Φ_BA]`` of one network prediction on ``grid`` (the identity map), both images flipped along tensor
-    ``dims`` first (the maps are returned on the flipped grid). One batch on a GPU (parallel work); on a CPU, where
-    a batch of two costs as much as two passes, one direction after the other to halve the peak memory."""
+    ``dims`` first (the maps are returned on the flipped grid): both from one pass for a network that is inverse
+    consistent by construction, else by :func:`_predict_pairs`."""
     if dims:
         image_A, image_B = image_A.flip(list(dims)), image_B.flip(list(dims))
     with torch.no_grad():
         if hasattr(net, "forward_and_inverse"):  # inverse consistent by construction: both from one pass
             return both_directions(net, image_A, image_B)(grid)
-    return _predict_pairs(net, torch.cat([image_A, image_B]), torch.cat([image_B, image_A]), grid, (), progress,
-                          start, parts)
+    return _predict_pairs(net, (image_A, image_B), (image_B, image_A), grid, (), progress, start, parts)
 
 
-def _predict_pairs(net: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, grid: torch.Tensor,
-                   dims: Sequence[int], progress: Optional[ProgressCallback], start: float, parts: int
-                   ) -> torch.Tensor:
-    """The maps of ``moving[i]`` → ``fixed[i]`` (batches of 2) on ``grid``, both flipped along ``dims`` first: one
-    batch on a GPU, one pair after the other on a CPU (half the peak memory at the same cost)."""
+def _predict_pairs(net: torch.nn.Module, moving: Sequence[torch.Tensor], fixed: Sequence[torch.Tensor],
+                   grid: torch.Tensor, dims: Sequence[int], progress: Optional[ProgressCallback], start: float,
+                   parts: int) -> torch.Tensor:
+    """``[Φ_0; Φ_1]``, the maps of ``moving[i]`` → ``fixed[i]`` (two ``[1, 1, *S]`` images each) on ``grid``, all
+    images flipped along tensor ``dims`` first: one batch of two on a GPU, one pair after the other on a CPU
+    (where a batch of two costs as much, with twice the peak memory)."""
     if dims:
-        moving, fixed = moving.flip(list(dims)), fixed.flip(list(dims))
+        moving = [image.flip(list(dims)) for image in moving]
+        fixed = [image.flip(list(dims)) for image in fixed]
     with torch.no_grad():
-        if moving.device.type != "cpu":
-            return net(moving, fixed)(grid)
-        first = net(moving[:1], fixed[:1])(grid)
+        if moving[0].device.type != "cpu":
+            return net(torch.cat(list(moving)), torch.cat(list(fixed)))(grid)
+        first = net(moving[0], fixed[0])(grid)
         report(progress, "network", start + 0.5 / parts)
-        return torch.cat([first, net(moving[1:], fixed[1:])(grid)])
+        return torch.cat([first, net(moving[1], fixed[1])(grid)])
 
 
 @contextlib.contextmanager
