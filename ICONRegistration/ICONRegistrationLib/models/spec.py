@@ -21,8 +21,8 @@ REQUIRED_FIELDS_HELP = {"name": "the model's name", "unet": '{"num_layers": N, "
                         "lambda": "the regularisation weight, e.g. 1.5",
                         "preprocessing": 'the intensity rules, e.g. {"ct_window": [-1000, 1000], '
                                          '"mri_percentile": 99}'}
-# The training regulariser each architecture's paper uses (``iconreg train --penalty`` overrides it).
 MAX_REFINEMENTS = 3  # recursive test-time refinements (ModelSpec.test_time_refinements, register(refinements=…))
+# The training regulariser each architecture's paper uses (``iconreg train --penalty`` overrides it).
 DEFAULT_PENALTIES = {"gradicon": "gradicon", "constricon": "bending", "sitreg": "diffusion"}
 
 

@@ -66,9 +66,9 @@ class RegistrationSettings:
     twice the network grid per axis; more accurate, several times the cost per step). ``testTimeFlips`` averages
     the network's prediction over the flips the model lists (its spec's ``test_time_flips``; off: one prediction).
     ``symmetric`` makes the network's two directions consistent (each the mean of itself and the exact inverse of
-    the other; see :func:`~ICONRegistrationLib.pipeline.registration.register`). ``refinements`` is how many times the
-    network's prediction is refined recursively (each registers the moving image warped so far again and composes
-    the correction); −1 uses the model's ``test_time_refinements``.
+    the other; see :func:`~ICONRegistrationLib.pipeline.registration.register`). ``refinements`` is how many times
+    the network's prediction is refined recursively (each registers the moving image warped so far again and
+    composes the correction); −1 uses the model's ``test_time_refinements``.
     """
 
     model: str = DEFAULT_MODEL
