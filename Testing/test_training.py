@@ -251,6 +251,8 @@ def test_evaluate_gives_the_dice_and_hd95_computed_by_hand(tmp_path):
     rows = json.loads((tmp_path / "refined" / "evaluation.json").read_text())["pairs"]
     assert [r["dice_mean"] for r in rows if r["method"] == "model"] == pytest.approx([0.8, 0.6], abs=1e-6)
     assert [r["refinements"] for r in rows] == [1, None, 1, None]
+    assert "; refinements 1" in (tmp_path / "refined" / "evaluation.md").read_text()
+    assert "; symmetric predictions" in (tmp_path / "symmetric" / "evaluation.md").read_text()
 
 
 def test_mean_inside_labels_resamples_the_label_onto_the_values_grid():
