@@ -323,8 +323,8 @@ def test_symmetric_prediction_warns_when_an_inversion_stops_short(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", InversionWarning)
         torch.testing.assert_close(registration._symmetrize(consistent), consistent)
-    monkeypatch.setattr(registration, "symmetrize_displacements",
-                        lambda *args, **kwargs: inversion.symmetrize_displacements(*args, max_iterations=1))
+    monkeypatch.setattr(registration, "symmetrize_maps",
+                        lambda *args, **kwargs: inversion.symmetrize_maps(*args, max_iterations=1))
     shifted = consistent.clone()
     shifted[0, 0] += 0.05 * torch.sin(grid[0, 1] * 3.1)
     with pytest.warns(InversionWarning, match="inverted only to .* after 1 steps"):

@@ -136,6 +136,62 @@ def test_stage_one_weights_start_stage_two_and_export_loads_strictly(tmp_path):
     assert loaded.weights_sha256 and loaded.spec.name == "small"
 
 
+def test_freeze_inner_trains_only_the_final_step_and_keeps_the_inner_statistics(tmp_path):
+    """Stage 2 with ``freeze_inner``: the stage-1 network's weights and batch-norm running statistics come out
+    bit for bit as they went in, the final step learns (its zero-initialised last convolution moves), a resume
+    must keep the setting, and a network without steps refuses it."""
+    spec = small_spec()
+    stage1 = TrainingConfig(steps=3, stage=1, batch_size=2, checkpoint_every=3, validate_every=100, seed=2)
+    train(spec, synthetic_set(), tmp_path / "stage1", stage1, device="cpu")
+    inner_before = torch.load(tmp_path / "stage1" / "checkpoint.pt", weights_only=True)["model"]
+    config = TrainingConfig(steps=4, stage=2, batch_size=2, learning_rate=1e-3, checkpoint_every=2,
+                            validate_every=2, freeze_inner=True, seed=3)
+    train(spec, synthetic_set(), tmp_path / "stage2", config, init=tmp_path / "stage1" / "checkpoint.pt",
+          validation_set=synthetic_set(3, seed=1), device="cpu")
+    after = torch.load(tmp_path / "stage2" / "checkpoint.pt", weights_only=True)["model"]
+    for name, value in inner_before.items():  # weights, running means/variances and batch counters
+        assert torch.equal(after[f"netPhi.{name}"], value), name
+    assert float(after["netPsi.net.lastConv.weight"].abs().max()) > 0  # the new step moved away from the identity
+    assert any(float(value.abs().max()) > 0 for name, value in after.items()
+               if name.startswith("netPsi.") and name.endswith("running_mean"))  # its statistics update (from 0)
+    with pytest.raises(UserError, match="--freeze-inner"):  # resuming without the setting
+        train(spec, synthetic_set(), tmp_path / "stage2", dataclasses.replace(config, steps=6, freeze_inner=False),
+              device="cpu")
+    with pytest.raises(UserError, match="needs --init"):  # a frozen random network is never what is meant
+        train(spec, synthetic_set(), tmp_path / "fresh", config, device="cpu")
+    with pytest.raises(UserError, match="network built in steps"):
+        train(ModelSpec.from_dict({**SMALL, "levels": 1, "last_step": False}), synthetic_set(), tmp_path / "one",
+              dataclasses.replace(config, stage=1), device="cpu")
+
+
+def test_symmetric_label_loss_is_taken_on_the_symmetric_maps_and_validated_on_them(tmp_path, monkeypatch):
+    """``symmetric_label_loss``: the label loss sees the maps after :func:`symmetrize_maps` (cheap unrolled
+    inversions), validation reports the symmetric prediction's Dice, and without a label loss it is refused."""
+    from ICONRegistrationLib.core import inversion
+    from ICONRegistrationLib.training import trainer
+
+    seen = []
+
+    def recording(maps, **kwargs):
+        seen.append(kwargs)
+        return inversion.symmetrize_maps(maps, **kwargs)
+
+    monkeypatch.setattr(trainer, "symmetrize_maps", recording)
+    config = TrainingConfig(steps=3, stage=2, batch_size=2, learning_rate=1e-3, checkpoint_every=3,
+                            validate_every=3, label_loss="dice", label_weight=1.0, symmetric_label_loss=True, seed=4)
+    train(small_spec(), synthetic_set(), tmp_path / "run", config, validation_set=synthetic_set(3, seed=1),
+          device="cpu")
+    training_calls = [kwargs for kwargs in seen if kwargs.get("unrolled_steps") is not None]
+    assert len(training_calls) == 3 and training_calls[0]["unrolled_steps"] == trainer.SYMMETRIC_TRAINING_STEPS
+    assert len(seen) - len(training_calls) == 2  # validation: accurate inversions, one per pair of 3 volumes
+    with (tmp_path / "run" / "validation_log.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    assert 0.0 < float(row["val_dice_symmetric"]) <= 1.0
+    with pytest.raises(UserError, match="--symmetric-label-loss"):
+        train(small_spec(), synthetic_set(), tmp_path / "no-labels",
+              dataclasses.replace(config, label_loss=None), device="cpu")
+
+
 def test_dataset_listing_split_and_nearest_label_resampling(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
@@ -521,7 +577,7 @@ def test_best_pt_keeps_the_network_of_the_best_validation_across_resumption(tmp_
     from ICONRegistrationLib.training import trainer
     # validation Dice at steps 1, 2 | resumed: 3, 4 | a fresh run: 1 (step 2 is the best of the first run)
     scripted = iter([0.5, 0.7, 0.6, 0.65, 0.4])
-    monkeypatch.setattr(trainer, "validate", lambda net, data, device: {
+    monkeypatch.setattr(trainer, "validate", lambda net, data, device, **settings: {
         "val_folds_percent": 0.0, "val_ic_error_voxels": 0.1, "val_dice": next(scripted)})
     data = synthetic_set()
     config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=1, validate_every=1)

@@ -365,7 +365,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             icon_weight=args.icon_weight, icon_label_weight=args.icon_label_weight,
                             self_pair_fraction=args.self_pairs,
                             label_loss=args.label_loss, label_weight=args.label_weight,
-                            label_downsample=args.label_downsample,
+                            label_downsample=args.label_downsample, freeze_inner=args.freeze_inner,
+                            symmetric_label_loss=args.symmetric_label_loss,
                             time_limit=args.time_limit,
                             flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a != ""))
     if args.batch_size == "auto":
@@ -643,6 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--self-pairs", type=float, default=0.0,
                      help="fraction of training pairs that are a volume with itself, each copy augmented "
                           "independently (teaches the network not to deform identical images; default 0)")
+    trn.add_argument("--symmetric-label-loss", action="store_true",
+                     help="take the label loss on the two directions made consistent, as 'register --symmetric' "
+                          "makes them (each the mean of itself and the inverse of the other); validation then also "
+                          "reports their Dice (val_dice_symmetric)")
+    trn.add_argument("--freeze-inner", action="store_true",
+                     help="train only the final step (stage 2 from stage-1 --init weights, or an added final step): "
+                          "the inner network keeps its weights and batch-norm statistics, and the step needs no "
+                          "backward pass through it")
     trn.add_argument("--validate-every", type=int, default=100)
     trn.add_argument("--checkpoint-every", type=int, default=100)
     trn.add_argument("--keep-every", type=int, default=0,

@@ -21,9 +21,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..core.coordinates import (compose, displacement_to_map, identity_map, map_to_displacement, sample_at,
-                                vector_length)
-from ..core.inversion import InversionWarning, symmetrize_displacements
+from ..core.coordinates import compose, identity_map, map_to_displacement, sample_at, vector_length
+from ..core.inversion import InversionWarning, symmetrize_maps
 from ..core.losses import make_similarity
 from ..core.objective import both_directions
 from ..device import device_description
@@ -587,14 +586,14 @@ def _symmetrize(maps: torch.Tensor) -> torch.Tensor:
     tolerance is warned about (:class:`InversionWarning`); a direction that folds at a few points still inverts
     elsewhere, and the result's own folds and IC error are in the QA maps and metrics."""
     with torch.no_grad():
-        forward, backward, reports = symmetrize_displacements(*map_to_displacement(maps).split(1))
+        symmetric, reports = symmetrize_maps(maps)
     for direction, inversion in zip(("Φ_AB", "Φ_BA"), reports):
         if not inversion.converged:
             warnings.warn(f"Symmetric prediction: the network's {direction} was inverted only to "
                           f"{inversion.max_error_voxels:.3g} network voxels after {inversion.iterations} steps "
                           "(it may fold there); the symmetric result is approximate (see the IC-error map).",
                           InversionWarning, stacklevel=3)
-    return displacement_to_map(torch.cat([forward, backward]))
+    return symmetric
 
 
 def _fields_and_qa(displacement_AB: torch.Tensor, displacement_BA: torch.Tensor, pair: _NetworkPair,

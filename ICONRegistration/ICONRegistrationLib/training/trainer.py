@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from ..core.coordinates import identity_map, jacobian_determinant, sample_at, vector_length, voxel_scale
+from ..core.inversion import symmetrize_maps
 from ..core.losses import (label_fractions, label_indices, make_similarity, soft_dice_loss,
                            soft_dice_loss_of_warped_labels)
 from ..core.objective import both_directions, symmetric_objective
+from ..core.registration_modules import TwoStep
 from ..device import choose_device, device_description
 from ..errors import UserError
 from ..io.atomic import atomic_path
@@ -45,6 +47,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
 LABEL_LOSSES = (None, "dice")
 LR_SCHEDULES = ("constant", "cosine")
+#: plain fixed-point steps of each inversion in a training step's symmetric label loss (unrolled, see
+#: core.inversion.unrolled_inverse): within a few hundredths of a voxel of the accurate inverse, at a twentieth
+#: of its cost
+SYMMETRIC_TRAINING_STEPS = 4
 
 
 @dataclasses.dataclass
@@ -95,6 +101,14 @@ class TrainingConfig:
     label_loss: Optional[str] = None
     label_weight: float = 1.0
     label_downsample: int = 1  # the label loss is evaluated on blocks of this many voxels per axis (1: full resolution)
+    # take the label loss on the maps made consistent as register(symmetric=True) makes them (each direction the mean
+    # of itself and the inverse of the other, differentiable): the network learns to fit the labels in the output a
+    # user who needs consistent transforms gets; validation then also reports that output's Dice
+    symmetric_label_loss: bool = False
+    # train only the outermost step of a TwoStep network (stage 2's new final step, started by --init at the
+    # identity): the inner network keeps its weights and running statistics (evaluation mode, no gradients, so no
+    # backward pass through it), and the outer step learns to correct what the inner one predicts at inference
+    freeze_inner: bool = False
     time_limit: Optional[float] = None  # seconds: stop (checkpoint and validation written) once exceeded
 
 
@@ -121,6 +135,27 @@ def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
         options = {k: v for k, v in spec.options.items() if k != "final_steps"}
         return dataclasses.replace(spec, last_step=False, options=options)
     return spec
+
+
+def trainable_parameters(net: torch.nn.Module, freeze_inner: bool) -> list[torch.nn.Parameter]:
+    """The parameters a run trains: all of them, or with ``freeze_inner`` those of the outermost step of a
+    :class:`~ICONRegistrationLib.core.registration_modules.TwoStep` network (``netPsi``), after switching the
+    gradients of the inner network (``netPhi``) off."""
+    if not freeze_inner:
+        return list(net.parameters())
+    if not isinstance(net, TwoStep):
+        raise UserError("--freeze-inner trains only the outer step of a network built in steps: a GradICON network "
+                        "with its final step (last_step, stage 2).")
+    net.netPhi.requires_grad_(False)
+    return list(net.netPsi.parameters())
+
+
+def set_training_mode(net: torch.nn.Module, freeze_inner: bool) -> None:
+    """``net.train()``, except that a frozen inner network stays in evaluation mode (its batch norms use and keep
+    their running statistics, as at inference)."""
+    net.train()
+    if freeze_inner:
+        net.netPhi.eval()
 
 
 def initialise(net: torch.nn.Module, source: str | Path) -> str:
@@ -271,16 +306,19 @@ def draw_pairs(count: int, batch: int, generator: torch.Generator, self_pair_fra
 
 
 @torch.no_grad()
-def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20) -> dict:
+def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20,
+             symmetric: bool = False) -> dict:
     """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels; also inside
     the fixed image's labels, ``val_ic_error_in_labels_voxels``: per pair the mean over the labelled voxels of both
     directions) on pairs (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when
-    volume i is registered to itself, where the right answer is the identity (``val_self_displacement_voxels``)."""
+    volume i is registered to itself, where the right answer is the identity (``val_self_displacement_voxels``).
+    With ``symmetric`` also the Dice of the maps made consistent (``val_dice_symmetric``, as
+    ``register(symmetric=True)`` predicts)."""
     pairs = [(i, i + 1) for i in range(len(data) - 1)][:max_pairs]
     if not pairs:
         return {}
     net.eval()
-    dices, folds, ic_errors, ic_in_labels, self_displacements = [], [], [], [], []
+    dices, symmetric_dices, folds, ic_errors, ic_in_labels, self_displacements = [], [], [], [], [], []
     shape = data.shape
     grid = identity_map(shape, device=device)
     scale = voxel_scale(shape, device=device)
@@ -304,22 +342,34 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
             inside = fixed[:, 0] != 0
             if inside.any():
                 ic_in_labels.append(float(ic_error[inside].mean()))
-            warped = sample_at(torch.cat([labels_A, labels_B]), maps, padding="zeros", mode="nearest").round()
-            present = [int(v) for v in torch.unique(fixed) if v != 0]
-            for k in range(2):
-                scores = {label: value for label, value in dice_scores(warped[k].cpu().numpy(),
-                                                                       fixed[k].cpu().numpy(), present).items()
-                          if not math.isnan(value)}
-                if scores:
-                    dices.append(sum(scores.values()) / len(scores))
+            dices += _pair_dices(maps, labels_A, labels_B)
+            if symmetric:
+                symmetric_dices += _pair_dices(symmetrize_maps(maps)[0], labels_A, labels_B)
     net.train()
     result = {"val_folds_percent": sum(folds) / len(folds), "val_ic_error_voxels": sum(ic_errors) / len(ic_errors),
               "val_self_displacement_voxels": sum(self_displacements) / len(self_displacements)}
     if dices:
         result["val_dice"] = sum(dices) / len(dices)
+    if symmetric_dices:
+        result["val_dice_symmetric"] = sum(symmetric_dices) / len(symmetric_dices)
     if ic_in_labels:
         result["val_ic_error_in_labels_voxels"] = sum(ic_in_labels) / len(ic_in_labels)
     return result
+
+
+def _pair_dices(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tensor) -> list[float]:
+    """Mean Dice over the fixed image's labels of each direction of ``maps`` ``[Φ_AB; Φ_BA]`` (labels warped
+    nearest-neighbour; a direction whose fixed image has no labels gives none)."""
+    fixed = torch.cat([labels_B, labels_A])
+    warped = sample_at(torch.cat([labels_A, labels_B]), maps, padding="zeros", mode="nearest").round()
+    present = [int(v) for v in torch.unique(fixed) if v != 0]
+    dices = []
+    for k in range(2):
+        scores = {label: value for label, value in dice_scores(warped[k].cpu().numpy(), fixed[k].cpu().numpy(),
+                                                               present).items() if not math.isnan(value)}
+        if scores:
+            dices.append(sum(scores.values()) / len(scores))
+    return dices
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -446,6 +496,8 @@ def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, de
     if torch_device.type != "cuda":
         return 2
     net = build_network(stage_spec(spec, config.stage)).to(torch_device)
+    trainable_parameters(net, config.freeze_inner)  # a frozen inner network needs no backward pass or gradients
+    set_training_mode(net, config.freeze_inner)
     similarity = make_similarity(**spec.similarity)
     values = label_values(data).to(torch_device) if config.label_loss else None
     for position, batch in enumerate(candidates):
@@ -552,6 +604,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"--warmup-steps must be a number of steps ≥ 0, got {config.warmup_steps}.")
     if config.keep_every < 0:
         raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
+    if config.symmetric_label_loss and not config.label_loss:
+        raise UserError("--symmetric-label-loss takes the label loss on the symmetric maps: give --label-loss too.")
     needed_by = "A label loss" if config.label_loss else "--icon-label-weight"
     values = label_values(train_set, needed_by) if config.label_loss or config.icon_label_weight else None
     factor = config.label_downsample
@@ -565,7 +619,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
         torch.manual_seed(config.seed)
         net = build_network(net_spec).to(torch_device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.Adam(trainable_parameters(net, config.freeze_inner), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     similarity = make_similarity(**({"name": config.similarity, "sigma": net_spec.similarity.get("sigma", 5)}
                                     if config.similarity else net_spec.similarity))
@@ -574,9 +628,15 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     if config.icon_weight and penalty != "gradicon":
         raise UserError(f"--icon-weight adds to the GradICON penalty; this run's penalty is '{penalty}'.")
     checkpoint_path = out_dir / CHECKPOINT_NAME
+    if config.freeze_inner and init is None and not (resume and checkpoint_path.exists()):
+        raise UserError("--freeze-inner keeps the inner network as --init gives it: a new run needs --init.")
     step = 0
     if resume and checkpoint_path.exists():
         saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
+        frozen = bool(saved.get("config", {}).get("freeze_inner", False))
+        if frozen != config.freeze_inner:
+            raise UserError(f"The run in '{out_dir}' was trained {'with' if frozen else 'without'} --freeze-inner; "
+                            "resume it with the same setting, or start a new run (another --out, or --restart).")
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
         optimizer.load_state_dict(saved["optimizer"])
         # the state dict restores the saved rate; this command's rate (and schedule) applies from the next step
@@ -596,7 +656,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             snapshot.unlink()
         if init is not None:
             initialise(net, init)
-    net.train()
+    set_training_mode(net, config.freeze_inner)
     images = train_set.images
     count = len(train_set)
     last_validation: dict = {}
@@ -628,7 +688,10 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                                                                                              batch_A.dtype))
             loss = terms.loss
             if config.label_loss:
-                label_term = label_loss(terms.maps.float(), labels[0].to(torch_device), labels[1].to(torch_device),
+                maps = terms.maps.float()
+                if config.symmetric_label_loss:
+                    maps = symmetrize_maps(maps, unrolled_steps=SYMMETRIC_TRAINING_STEPS)[0]
+                label_term = label_loss(maps, labels[0].to(torch_device), labels[1].to(torch_device),
                                         values.to(torch_device), config.label_downsample)
                 loss = loss + config.label_weight * label_term
         if not torch.isfinite(loss.detach()):
@@ -649,7 +712,9 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             _save_snapshot(out_dir, net, step)
         if (validation_set is not None and len(validation_set) > 1
                 and (step % config.validate_every == 0 or step == config.steps)):
-            last_validation = {"step": step, **validate(net, validation_set, torch_device)}
+            last_validation = {"step": step, **validate(net, validation_set, torch_device,
+                                                            symmetric=config.symmetric_label_loss)}
+            set_training_mode(net, config.freeze_inner)
             best_dice = _record_validation(out_dir, net, last_validation, best_dice)
             plot_curves(out_dir)
         report(progress, "training", step / config.steps)
@@ -657,7 +722,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                 and step < config.steps:
             _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
             if validation_set is not None and len(validation_set) > 1 and last_validation.get("step") != step:
-                last_validation = {"step": step, **validate(net, validation_set, torch_device)}
+                last_validation = {"step": step, **validate(net, validation_set, torch_device,
+                                                            symmetric=config.symmetric_label_loss)}
                 best_dice = _record_validation(out_dir, net, last_validation, best_dice)
             break
     seconds = time.perf_counter() - start
