@@ -523,6 +523,25 @@ def test_cli_train_rejects_a_bad_batch_size(tmp_path, batch):
                  "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", batch]) == 3
 
 
+def test_cli_train_passes_freeze_inner_and_symmetric_label_loss(tmp_path, capsys):
+    data = synthetic_set()
+    data.save(tmp_path / "train.npz")
+    (tmp_path / "small.json").write_text(json.dumps(SMALL))
+    common = ["train", "--spec", str(tmp_path / "small.json"), "--data", str(tmp_path / "train.npz"), "--steps", "1",
+              "--batch-size", "2"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--freeze-inner"]) == 3  # no --init: refused
+    assert "needs --init" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "b"), "--symmetric-label-loss"]) == 3  # no label loss: refused
+    assert "--symmetric-label-loss" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "c"), "--stage", "1"]) == 0
+    assert main(common + ["--out", str(tmp_path / "d"), "--freeze-inner", "--init",
+                          str(tmp_path / "c" / "checkpoint.pt"), "--label-loss", "dice", "--symmetric-label-loss"]) == 0
+    saved = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
+    assert saved["config"]["freeze_inner"] and saved["config"]["symmetric_label_loss"]
+    stage_1 = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved["model"][f"netPhi.{name}"], value) for name, value in stage_1.items())
+
+
 def test_a_fresh_run_starts_its_logs_anew_and_a_resume_keeps_the_label_loss_setting(tmp_path):
     from ICONRegistrationLib.errors import UserError
     (tmp_path / "train_log.csv").write_text("step,loss,similarity,penalty,seconds\n1,9,9,9,1\n2,9,9,9,1\n")
