@@ -190,6 +190,10 @@ def test_symmetric_label_loss_is_taken_on_the_symmetric_maps_and_validated_on_th
     with pytest.raises(UserError, match="--symmetric-label-loss"):
         train(small_spec(), synthetic_set(), tmp_path / "no-labels",
               dataclasses.replace(config, label_loss=None), device="cpu")
+    with pytest.raises(UserError, match="trained with --symmetric-label-loss"):  # the objective cannot change
+        train(small_spec(), synthetic_set(), tmp_path / "run", dataclasses.replace(config, steps=5,
+                                                                                    symmetric_label_loss=False),
+              device="cpu")
 
 
 def test_dataset_listing_split_and_nearest_label_resampling(tmp_path):

@@ -511,8 +511,10 @@ def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, de
                 loss = terms.loss
                 if values is not None:
                     labels = data.labels[index].float().to(torch_device)
-                    loss = loss + label_loss(terms.maps.float(), labels, labels.roll(1, 0), values,
-                                             config.label_downsample)
+                    maps = terms.maps.float()
+                    if config.symmetric_label_loss:  # its inversions hold memory too
+                        maps = symmetrize_maps(maps, unrolled_steps=SYMMETRIC_TRAINING_STEPS)[0]
+                    loss = loss + label_loss(maps, labels, labels.roll(1, 0), values, config.label_downsample)
             loss.backward()
             net.zero_grad(set_to_none=True)
             del terms, loss, images
@@ -633,10 +635,11 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     step = 0
     if resume and checkpoint_path.exists():
         saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
-        frozen = bool(saved.get("config", {}).get("freeze_inner", False))
-        if frozen != config.freeze_inner:
-            raise UserError(f"The run in '{out_dir}' was trained {'with' if frozen else 'without'} --freeze-inner; "
-                            "resume it with the same setting, or start a new run (another --out, or --restart).")
+        for setting, option in (("freeze_inner", "--freeze-inner"), ("symmetric_label_loss", "--symmetric-label-loss")):
+            before = bool(saved.get("config", {}).get(setting, False))  # checkpoints from before the option: off
+            if before != getattr(config, setting):
+                raise UserError(f"The run in '{out_dir}' was trained {'with' if before else 'without'} {option}; "
+                                "resume it with the same setting, or start a new run (another --out, or --restart).")
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
         optimizer.load_state_dict(saved["optimizer"])
         # the state dict restores the saved rate; this command's rate (and schedule) applies from the next step
