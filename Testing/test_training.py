@@ -476,7 +476,8 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
     PreparedSet(torch.cat(images[:2]), torch.cat(labels[:2]), ["a", "b"], shape).save(
         prepared / "validation_prepared.npz")
     out = tmp_path / "run"
-    env = {**os.environ, "PREPARED": str(prepared), "DEVICE": "cpu", "STEPS": "2", "PYTHON": sys.executable}
+    env = {**os.environ, "PREPARED": str(prepared), "DEVICE": "cpu", "STEPS": "2", "PYTHON": sys.executable,
+           "TRAIN_ARGS": "--icon-weight 0.5  --symmetric-label-loss"}
     command = ["bash", str(root / "scripts" / "train_gpu.sh"), "gradicon-hippocampus", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -490,6 +491,8 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
     best = torch.load(out / "gradicon-hippocampus-best.pt", weights_only=True)  # the best validation's network
     assert set(best) == set(weights) and all(v.dtype == torch.float16 for v in best.values() if v.is_floating_point())
     assert not (out / "gradicon-hippocampus-averaged.pt").exists()  # no snapshot every 250 steps in 2 steps
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["config"]  # TRAIN_ARGS reached the run
+    assert saved["icon_weight"] == 0.5 and saved["symmetric_label_loss"]
     # running again continues from the checkpoint (no --init), up to the new total; with a snapshot every step,
     # the last two are averaged and the mean is validated on the validation pairs
     done = subprocess.run(command, env={**env, "STEPS": "4", "KEEP_EVERY": "1", "AVERAGE": "2",

@@ -19,8 +19,10 @@
 # STAGE, LEARNING_RATE, LR_SCHEDULE (constant or cosine: down to 0 at STEPS; size STEPS to the time limit) and
 # WARMUP_STEPS (0), BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
 # checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), ELASTIC and GAMMA (augmentation, `iconreg train
-# --elastic/--gamma`; 0 for none), KEEP_EVERY (250) and AVERAGE (4), PYTHON (python3). The label weight and augmentation defaults are each
-# shipped model's last recipe; the learning rates are the GPU runs' own (a larger batch than on the CPU).
+# --elastic/--gamma`; 0 for none), KEEP_EVERY (250) and AVERAGE (4), PYTHON (python3), TRAIN_ARGS (more
+# `iconreg train` options, e.g. "--icon-weight 1 --symmetric-label-loss"; a resumed run must repeat them). The
+# label weight and augmentation defaults are each shipped model's last recipe; the learning rates are the GPU runs'
+# own (a larger batch than on the CPU).
 # It installs what is missing: the package is used from this checkout (PYTHONPATH), SimpleITK from .whl/ if
 # present (offline machines) or from the package index; PyTorch is never replaced (a GPU machine's own build is
 # kept; only if none is importable is one installed).
@@ -87,6 +89,7 @@ ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARE
 [ -f "$OUT/checkpoint.pt" ] || ARGS+=(--init "$INIT")
 [ "$LABEL_WEIGHT" = 0 ] || ARGS+=(--label-loss dice --label-weight "$LABEL_WEIGHT")
 [[ "$DEVICE" == cuda* ]] && ARGS+=(--mixed-precision)
+if [ -n "${TRAIN_ARGS:-}" ]; then read -r -a EXTRA <<< "$TRAIN_ARGS"; ARGS+=("${EXTRA[@]}"); fi
 "$PYTHON" -m ICONRegistrationLib.cli "${ARGS[@]}" | tee "$OUT/summary.json"
 if [ -f "$OUT/best.pt" ]; then  # the network at the run's best validation Dice, in the shipped format too
   "$PYTHON" -c 'import sys; from ICONRegistrationLib.training.trainer import export_weights; export_weights(*sys.argv[1:])' \
