@@ -293,6 +293,17 @@ def label_loss(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tenso
     return soft_dice_loss(sample_at(moving, coarse_coordinates(maps, factor), padding="zeros"), fixed)
 
 
+def training_label_loss(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tensor, values: torch.Tensor,
+                        config: TrainingConfig) -> torch.Tensor:
+    """The label loss of a training step: :func:`label_loss` of ``maps`` ``[Φ_AB; Φ_BA]`` (in float32), on the
+    maps made consistent first when ``config.symmetric_label_loss`` (:func:`symmetrize_maps` with
+    ``SYMMETRIC_TRAINING_STEPS`` unrolled inversion steps), at ``config.label_downsample``."""
+    maps = maps.float()
+    if config.symmetric_label_loss:
+        maps = symmetrize_maps(maps, unrolled_steps=SYMMETRIC_TRAINING_STEPS)[0]
+    return label_loss(maps, labels_A, labels_B, values, config.label_downsample)
+
+
 def draw_pairs(count: int, batch: int, generator: torch.Generator, self_pair_fraction: float = 0.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(A, B)`` ``[batch]`` of the training pairs: two different volumes of ``count``, except that each
@@ -511,10 +522,7 @@ def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, de
                 loss = terms.loss
                 if values is not None:
                     labels = data.labels[index].float().to(torch_device)
-                    maps = terms.maps.float()
-                    if config.symmetric_label_loss:  # its inversions hold memory too
-                        maps = symmetrize_maps(maps, unrolled_steps=SYMMETRIC_TRAINING_STEPS)[0]
-                    loss = loss + label_loss(maps, labels, labels.roll(1, 0), values, config.label_downsample)
+                    loss = loss + training_label_loss(terms.maps, labels, labels.roll(1, 0), values, config)
             loss.backward()
             net.zero_grad(set_to_none=True)
             del terms, loss, images
@@ -691,11 +699,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                                                                                              batch_A.dtype))
             loss = terms.loss
             if config.label_loss:
-                maps = terms.maps.float()
-                if config.symmetric_label_loss:
-                    maps = symmetrize_maps(maps, unrolled_steps=SYMMETRIC_TRAINING_STEPS)[0]
-                label_term = label_loss(maps, labels[0].to(torch_device), labels[1].to(torch_device),
-                                        values.to(torch_device), config.label_downsample)
+                label_term = training_label_loss(terms.maps, labels[0].to(torch_device),
+                                                 labels[1].to(torch_device), values.to(torch_device), config)
                 loss = loss + config.label_weight * label_term
         if not torch.isfinite(loss.detach()):
             raise UserError(f"The loss became {loss.item()} at step {step + 1}; lower the learning rate.")
