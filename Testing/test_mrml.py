@@ -645,3 +645,6 @@ def test_refinements_setting_reaches_the_engine_the_metrics_table_and_the_parame
     assert logic.settings(node).refinements == -1  # the model's
     logic.setSettings(dataclasses.replace(logic.settings(node), refinements=2), node)
     assert logic.settings(node).refinements == 2
+    with pytest.raises(UserError, match="refinements must be"):  # only −1 means the model's: −2 is a mistake
+        logic.register(fixed_node, moving_node, str(tmp_path / "tiny.json"), fixedModality="mri",
+                       movingModality="mri", outputMode="warped", refinements=-2)

@@ -357,13 +357,13 @@ def write_evaluation(evaluation: EvaluationReport, out_dir: str | Path) -> tuple
     with atomic_path(markdown_path) as temporary:
         warning = busy_warning(evaluation)
         flips = sorted({tuple(row.flips) for row in evaluation.rows if row.flips})
-        averaged = "; predictions averaged over flips of network axes " + " / ".join(
+        settings = "; predictions averaged over flips of network axes " + " / ".join(
             str(list(f)) for f in flips) if flips else ""
         refinements = sorted({row.refinements for row in evaluation.rows if row.refinements})
         if refinements:
-            averaged += "; refinements " + " / ".join(map(str, refinements))
+            settings += "; refinements " + " / ".join(map(str, refinements))
         if any(row.symmetric for row in evaluation.rows):
-            averaged += "; symmetric predictions"
-        temporary.write_text(f"Model `{evaluation.model}`, {len(evaluation.rows)} rows{averaged}\n\n"
+            settings += "; symmetric predictions"
+        temporary.write_text(f"Model `{evaluation.model}`, {len(evaluation.rows)} rows{settings}\n\n"
                              + markdown_table(evaluation) + (f"\n{warning}\n" if warning else ""))
     return json_path, markdown_path

@@ -240,7 +240,7 @@ class ICONRegistrationLogic:
                         weights=settings.weightsFile or None, field_grid=settings.fieldGrid,
                         exact_inverse=bool(settings.exactInverse and settings.createInverse),
                         flips=None if settings.testTimeFlips else [], symmetric=bool(settings.symmetric),
-                        refinements=None if settings.refinements < 0 else int(settings.refinements),
+                        refinements=None if settings.refinements == -1 else int(settings.refinements),
                         random_weights=random_weights)
 
     def register(self, fixedVolumeNode, movingVolumeNode, model=None, *,

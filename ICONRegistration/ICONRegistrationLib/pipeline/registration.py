@@ -436,7 +436,6 @@ def _check_flips(flips: Optional[Sequence[int]], io_iterations: int, io_mode: st
     return sorted(axes)
 
 
-
 def _check_refinements(refinements: Optional[int], io_iterations: int, io_mode: str) -> None:
     """``refinements`` is ``None`` (the model decides) or a whole number 0…:data:`MAX_REFINEMENTS`."""
     if refinements is None:
