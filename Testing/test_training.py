@@ -17,7 +17,8 @@ from ICONRegistrationLib.cli import main
 from ICONRegistrationLib.models import ModelSpec, build_network, load_model
 from ICONRegistrationLib.datasets import list_volumes, split_validation
 from ICONRegistrationLib.training.data import PreparedSet, prepare
-from ICONRegistrationLib.training.trainer import TrainingConfig, export_weights, initialise, stage_spec, train
+from ICONRegistrationLib.training.trainer import (TrainingConfig, export_weights, initialise, make_optimizer, stage_spec,
+                                                  train)
 from ICONRegistrationLib.core.coordinates import voxel_scale
 from ICONRegistrationLib.errors import UserError
 
@@ -547,6 +548,43 @@ def test_cli_train_passes_freeze_inner_and_symmetric_label_loss(tmp_path, capsys
     assert saved["config"]["freeze_inner"] and saved["config"]["symmetric_label_loss"]
     stage_1 = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(saved["model"][f"netPhi.{name}"], value) for name, value in stage_1.items())
+
+
+def test_weight_decay_shrinks_only_the_convolution_weights_by_the_decoupled_factor():
+    """AdamW: with a zero gradient the Adam update is 0 and each kernel is multiplied by 1 − rate × decay exactly;
+    biases and batch-norm parameters stay; without decay the optimiser is plain Adam in one group."""
+    net = build_network(small_spec())
+    parameters = list(net.parameters())
+    before = [p.detach().clone() for p in parameters]
+    optimizer = make_optimizer(parameters, TrainingConfig(learning_rate=1e-2, weight_decay=0.5))
+    for p in parameters:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    kernels = 0
+    for p, old in zip(parameters, before):
+        if p.ndim > 1:
+            kernels += 1
+            torch.testing.assert_close(p.detach(), old * (1 - 1e-2 * 0.5), rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(p.detach(), old)
+    assert kernels >= 4 and sum(p.ndim > 1 for p in parameters) == kernels
+    plain = make_optimizer(parameters, TrainingConfig(learning_rate=1e-2))
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 0
+
+
+def test_weight_decay_is_checked_reaches_the_checkpoint_and_a_resume_must_keep_it(tmp_path, capsys):
+    data = synthetic_set()
+    data.save(tmp_path / "train.npz")
+    (tmp_path / "small.json").write_text(json.dumps(SMALL))
+    common = ["train", "--spec", str(tmp_path / "small.json"), "--data", str(tmp_path / "train.npz"), "--steps", "1",
+              "--batch-size", "2", "--out", str(tmp_path / "run")]
+    assert main(common + ["--weight-decay", "-1"]) == 3 and "--weight-decay" in capsys.readouterr().err
+    assert main(common + ["--weight-decay", "0.1"]) == 0
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["config"]["weight_decay"] == 0.1
+    assert [group["weight_decay"] for group in saved["optimizer"]["param_groups"]] == [0.1, 0.0]
+    assert main(common[:6] + ["2"] + common[7:]) == 3  # two steps, resumed without the decay: refused
+    assert "--weight-decay 0.1" in capsys.readouterr().err
 
 
 def test_a_fresh_run_starts_its_logs_anew_and_a_resume_keeps_the_label_loss_setting(tmp_path):

@@ -366,7 +366,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             self_pair_fraction=args.self_pairs,
                             label_loss=args.label_loss, label_weight=args.label_weight,
                             label_downsample=args.label_downsample, freeze_inner=args.freeze_inner,
-                            symmetric_label_loss=args.symmetric_label_loss,
+                            symmetric_label_loss=args.symmetric_label_loss, weight_decay=args.weight_decay,
                             time_limit=args.time_limit,
                             flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a != ""))
     if args.batch_size == "auto":
@@ -652,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train only the final step (stage 2 from stage-1 --init weights, or an added final step): "
                           "the inner network keeps its weights and batch-norm statistics, and the step needs no "
                           "backward pass through it")
+    trn.add_argument("--weight-decay", type=float, default=0.0,
+                     help="decoupled weight decay (AdamW) of the convolution weights: each step multiplies them by "
+                          "1 − learning rate × this (default 0: plain Adam; a resumed run must keep it)")
     trn.add_argument("--validate-every", type=int, default=100)
     trn.add_argument("--checkpoint-every", type=int, default=100)
     trn.add_argument("--keep-every", type=int, default=0,

@@ -109,6 +109,10 @@ class TrainingConfig:
     # identity): the inner network keeps its weights and running statistics (evaluation mode, no gradients, so no
     # backward pass through it), and the outer step learns to correct what the inner one predicts at inference
     freeze_inner: bool = False
+    # decoupled weight decay (AdamW, Loshchilov & Hutter 2019): each step multiplies the convolution and
+    # transposed-convolution weights by 1 − rate × weight_decay (biases and batch-norm parameters are not decayed);
+    # 0: plain Adam, as before the option
+    weight_decay: float = 0.0
     time_limit: Optional[float] = None  # seconds: stop (checkpoint and validation written) once exceeded
 
 
@@ -148,6 +152,16 @@ def trainable_parameters(net: torch.nn.Module, freeze_inner: bool) -> list[torch
                         "with its final step (last_step, stage 2).")
     net.netPhi.requires_grad_(False)
     return list(net.netPsi.parameters())
+
+
+def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Adam:
+    """Adam over ``parameters`` (from :func:`trainable_parameters`), with ``config.weight_decay`` > 0 decoupled
+    weight decay on the parameters with more than one dimension (convolution kernels) in a second group."""
+    if not config.weight_decay:
+        return torch.optim.Adam(parameters, lr=config.learning_rate)
+    groups = [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.Adam(groups, lr=config.learning_rate, decoupled_weight_decay=True)
 
 
 def set_training_mode(net: torch.nn.Module, freeze_inner: bool) -> None:
@@ -606,6 +620,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         raise UserError(f"The ICON weight must be a number ≥ 0, got {config.icon_weight}.")
     if not (math.isfinite(config.icon_label_weight) and config.icon_label_weight >= 0):
         raise UserError(f"--icon-label-weight must be a number ≥ 0, got {config.icon_label_weight}.")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be a number ≥ 0, got {config.weight_decay}.")
     if config.icon_label_weight and not config.icon_weight:
         raise UserError("--icon-label-weight weights the ICON term inside the labels: give --icon-weight > 0 too.")
     if config.lr_schedule not in LR_SCHEDULES:
@@ -629,7 +645,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
         torch.manual_seed(config.seed)
         net = build_network(net_spec).to(torch_device)
-    optimizer = torch.optim.Adam(trainable_parameters(net, config.freeze_inner), lr=config.learning_rate)
+    optimizer = make_optimizer(trainable_parameters(net, config.freeze_inner), config)
     generator = torch.Generator().manual_seed(config.seed)
     similarity = make_similarity(**({"name": config.similarity, "sigma": net_spec.similarity.get("sigma", 5)}
                                     if config.similarity else net_spec.similarity))
@@ -648,6 +664,11 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             if before != getattr(config, setting):
                 raise UserError(f"The run in '{out_dir}' was trained {'with' if before else 'without'} {option}; "
                                 "resume it with the same setting, or start a new run (another --out, or --restart).")
+        before = float(saved.get("config", {}).get("weight_decay", 0.0))
+        if before != config.weight_decay:
+            raise UserError(f"The run in '{out_dir}' was trained with --weight-decay {before:g}, not "
+                            f"{config.weight_decay:g}; resume it with the same setting, or start a new run "
+                            "(another --out, or --restart).")
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
         optimizer.load_state_dict(saved["optimizer"])
         # the state dict restores the saved rate; this command's rate (and schedule) applies from the next step
