@@ -110,6 +110,67 @@ def test_a_complete_gzip_of_a_truncated_nifti_is_refused_too(setup, capsys):
     assert "once decompressed" in err and not setup["out"].exists()
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+@pytest.mark.parametrize("dtype, bad", [(np.float32, np.nan), (np.float64, -np.inf), (np.float32, np.inf)])
+def test_a_nan_or_infinite_voxel_is_refused_in_every_format(setup, capsys, suffix, dtype, bad):
+    """ITK's NIfTI reader turns NaN and ±inf into 0 without a word (NRRD keeps them): the one reader refuses both
+    alike, and counts every bad voxel, wherever chunk boundaries fall."""
+    volume = blob_volume((20, 22, 24), seed=3).astype(dtype)
+    volume[3, 4, 5] = volume[-1, -1, -1] = volume[0, 0, 0] = bad
+    path = setup["tmp"] / f"bad{suffix}"
+    image = sitk.GetImageFromArray(volume)
+    sitk.WriteImage(image, str(path), useCompression=suffix.endswith(".gz"))
+    args = list(setup["args"])
+    args[args.index("--moving") + 1] = str(path)
+    code = main(args)
+    err = capsys.readouterr().err
+    _one_line_user_error(code, err)
+    assert "3 NaN or infinite voxels" in err and not setup["out"].exists()
+
+
+def test_the_nifti_non_finite_count_does_not_depend_on_the_chunk_size(tmp_path, monkeypatch):
+    from ICONRegistrationLib.io import images
+    volume = np.arange(7 * 9 * 11, dtype=np.float64).reshape(7, 9, 11)
+    volume.flat[[0, 1, 100, 692]] = [np.nan, np.inf, -np.inf, np.nan]
+    path = tmp_path / "v.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(path), useCompression=True)
+    for chunk in (3, 5, 8, 333, 1 << 22):  # a voxel split across chunks, and the header's tail in the first read
+        monkeypatch.setattr(images, "_CHUNK", chunk)
+        with pytest.raises(UserError, match="contains 4 NaN"):
+            images.check_nifti(path, "moving")
+    volume.flat[[0, 1, 100, 692]] = 0
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(path), useCompression=True)
+    images.check_nifti(path, "moving")  # finite: accepted
+
+
+def _write_dicom_series(image: sitk.Image, folder: Path, uid: str, prefix: str) -> None:
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        for tag, value in (("0020|000e", uid), ("0020|000d", "1.2.3"), ("0008|0060", "MR"), ("0020|0013", str(k + 1)),
+                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k))))),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0018", f"{uid}.{k + 1}")):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(slice_)
+
+
+def test_a_dicom_folder_with_two_series_is_refused_and_one_series_is_read(tmp_path):
+    """ITK reads the series whose identifier sorts first: a localizer (…100 < …99) would be registered instead of
+    the volume, with normal-looking QA numbers."""
+    from ICONRegistrationLib.io import read_image
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    volume = make_image(blob_volume((20, 22, 12), seed=3))
+    _write_dicom_series(volume, folder, "1.2.3.4.99", "volume")
+    assert read_image(folder).GetSize() == volume.GetSize()  # one series: read as before
+    _write_dicom_series(make_image(blob_volume((4, 10, 10), seed=4)), folder, "1.2.3.4.100", "localizer")
+    with pytest.raises(UserError, match=r"holds 2 DICOM series: 1\.2\.3\.4\.100 \(4 files\); 1\.2\.3\.4\.99"):
+        read_image(folder, "moving")
+
+
 def test_nan_weights_stop_at_the_network_stage(setup, capsys):
     state = torch.load(setup["weights"], weights_only=True)
     state = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in state.items()}

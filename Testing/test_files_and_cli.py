@@ -109,6 +109,12 @@ def test_warp_rounds_integer_images_and_warns_for_label_maps_under_interpolation
         kept = sitk.GetArrayFromImage(warp(labels, shift, labels, interpolator="nearest"))
         warp(image, shift, image)  # 48 distinct values: not label-like, no warning
     assert set(np.unique(kept)) <= {0, 10}
+    float_labels = sitk.Cast(labels, sitk.sitkFloat32)  # a label map saved as float: warned about too
+    with pytest.warns(UserWarning, match="whole-number voxels"):
+        warp(float_labels, shift, float_labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warp(sitk.Cast(labels, sitk.sitkFloat32) * 0.5 + 0.25, shift, labels)  # fractional values: an image
     sitk.WriteImage(labels, str(tmp_path / "labels.nrrd"))
     sitk.WriteTransform(shift, str(tmp_path / "shift.tfm"))
     assert main(["warp", "--image", str(tmp_path / "labels.nrrd"), "--transform", str(tmp_path / "shift.tfm"),

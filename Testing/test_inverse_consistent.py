@@ -342,6 +342,36 @@ def test_invert_field_on_another_grid_and_round_trip_in_itk():
     assert max(errors) <= 0.03  # tolerance + trilinear interpolation of a σ = 9 mm bulge, mm
 
 
+def test_invert_field_reports_the_round_trip_the_other_way_as_itk_reads_it():
+    """``forward_first_*``: ‖Φ⁻¹(Φ(x)) − x‖ at the field's voxels whose image lies in the inverse's box, with the
+    sampled inverse read trilinearly, exactly as ITK's transforms give it; on a coarse inverse grid it shows the
+    interpolation error that the solver's own residual (at the inverse's voxels) cannot see."""
+    from ICONRegistrationLib.pipeline.inverse import invert_field
+
+    field, _ = _oblique_field()
+    coarse = make_image(np.zeros((9, 10, 8), np.float32), spacing=(3.5, 3.3, 3.9), origin=(-6.0, 8.0, 22.0),
+                        direction=rotation(2, 25) @ rotation(1, -10))
+    inverse = invert_field(field, coarse, dtype=torch.float64)
+    forward_transform = sitk.DisplacementFieldTransform(sitk.Image(field))
+    inverse_transform = sitk.DisplacementFieldTransform(sitk.Image(inverse.field))
+    errors = []
+    for index in np.ndindex(*field.GetSize()):
+        x = np.array(field.TransformIndexToPhysicalPoint(tuple(int(i) for i in index)))
+        y = forward_transform.TransformPoint(tuple(x))
+        position = coarse.TransformPhysicalPointToContinuousIndex(y)
+        if all(-1e-6 <= c <= n - 1 + 1e-6 for c, n in zip(position, coarse.GetSize())):
+            errors.append(np.linalg.norm(np.array(inverse_transform.TransformPoint(y)) - x))
+    assert len(errors) > 1000
+    assert inverse.forward_first_max_error_mm == pytest.approx(max(errors), rel=1e-3, abs=1e-5)
+    assert inverse.forward_first_mean_error_mm == pytest.approx(float(np.mean(errors)), rel=1e-3, abs=1e-5)
+    assert inverse.max_error_mm <= 0.01 * 4  # the solver's residual at the coarse voxels: within tolerance ...
+    assert inverse.forward_first_max_error_mm > 5 * inverse.max_error_mm  # ... the other way, interpolation shows
+    report = inverse.to_dict()
+    assert report["forward_first_max_error_mm"] == inverse.forward_first_max_error_mm
+    far = make_image(np.zeros((5, 5, 5), np.float32), origin=(500.0, 500.0, 500.0))  # no Φ(x) in its box
+    assert invert_field(field, far).forward_first_max_error_mm is None
+
+
 def test_invert_field_refuses_a_folding_field():
     from ICONRegistrationLib.pipeline.inverse import invert_field
 

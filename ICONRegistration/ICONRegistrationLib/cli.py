@@ -136,8 +136,11 @@ def _cmd_register(args: argparse.Namespace) -> int:
     print(_summary(result.metrics))
     inverse = result.metrics.inverse
     if inverse.method == "exact":
+        other_way = ("" if inverse.forward_first_max_error_mm is None else
+                     f"; forward then inverse at the forward field's voxels: max {inverse.forward_first_max_error_mm:.3f}"
+                     f" mm, mean {inverse.forward_first_mean_error_mm:.3f} mm")
         print(f"exact inverse: {inverse.iterations} iterations, round-trip error max "
-              f"{inverse.max_error_mm:.4f} mm ({inverse.max_error_voxels:.4f} voxels)"
+              f"{inverse.max_error_mm:.4f} mm ({inverse.max_error_voxels:.4f} voxels){other_way}"
               f"{'' if inverse.invertible else ' — NOT invertible everywhere (folds or no convergence)'}")
     print(f"wrote {', '.join(p.name for p in written.values())} to {out}")
     return EXIT_OK

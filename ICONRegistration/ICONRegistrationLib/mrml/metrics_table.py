@@ -33,6 +33,7 @@ METRIC_ROWS = (  # (attribute path of RegistrationMetrics, label, unit)
     ("io_similarity_shape", "Instance-optimisation image grid", "voxels"),
     ("inverse.method", "Inverse transform", ""),
     ("inverse.max_error_mm", "Inverse round-trip error maximum", "mm"),
+    ("inverse.forward_first_max_error_mm", "Inverse round-trip error maximum, forward transform first", "mm"),
     ("inverse.iterations", "Inverse fixed-point iterations", ""),
 )
 

@@ -11,14 +11,18 @@ from typing import Any, Optional
 @dataclasses.dataclass
 class InverseReport:
     """How ``inverse_field`` was made. ``method``: ``"network"`` (the network's Φ_BA) or ``"exact"`` (numerical
-    inverse of the forward field: iterations, round-trip error in voxels and mm, tolerance, whether it converged
-    and whether the forward field is invertible everywhere). With ``inverse_qa``: folds, % and the minimum of the
+    inverse of the forward field: iterations, round-trip error Φ(Φ⁻¹(y)) − y at the inverse's voxels in voxels and
+    mm, the other way round Φ⁻¹(Φ(x)) − x at the forward field's voxels in mm (maximum and mean; see
+    :class:`~ICONRegistrationLib.pipeline.inverse.FieldInverse`), tolerance, whether it converged and whether the
+    forward field is invertible everywhere). With ``inverse_qa``: folds, % and the minimum of the
     inverse field's Jacobian determinant."""
 
     method: str
     iterations: Optional[int] = None
     max_error_voxels: Optional[float] = None
     max_error_mm: Optional[float] = None
+    forward_first_max_error_mm: Optional[float] = None
+    forward_first_mean_error_mm: Optional[float] = None
     tolerance_voxels: Optional[float] = None
     converged: Optional[bool] = None
     invertible: Optional[bool] = None

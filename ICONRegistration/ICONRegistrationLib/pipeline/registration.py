@@ -228,6 +228,8 @@ def _exact_inverse(forward_field: sitk.Image, grid: Grid) -> tuple[sitk.Image, I
     solved = exact.report
     return exact.field, InverseReport("exact", iterations=solved.iterations,
                                       max_error_voxels=solved.max_error_voxels, max_error_mm=exact.max_error_mm,
+                                      forward_first_max_error_mm=exact.forward_first_max_error_mm,
+                                      forward_first_mean_error_mm=exact.forward_first_mean_error_mm,
                                       tolerance_voxels=solved.tolerance_voxels, converged=solved.converged,
                                       invertible=solved.invertible)
 

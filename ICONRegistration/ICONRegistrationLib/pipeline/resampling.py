@@ -60,8 +60,8 @@ def warp(image: sitk.Image, transform: "sitk.Transform | sitk.Image | str | Path
          interpolator: str = "linear", default_value: float = 0.0) -> sitk.Image:
     """Resample ``image`` onto ``reference``'s grid through ``transform`` (fixed → moving points).
 
-    Use ``interpolator="nearest"`` for label maps (an integer image with few distinct values warped with another
-    interpolator raises a warning: interpolation invents labels between neighbouring ones). The output keeps the
+    Use ``interpolator="nearest"`` for label maps (an image of whole numbers, integer or float, with few distinct
+    values warped with another interpolator raises a warning: interpolation invents labels between neighbouring ones). The output keeps the
     input's pixel type; integer voxels are rounded to the nearest value in the type's range, not truncated.
     """
     if interpolator not in INTERPOLATORS:
@@ -73,13 +73,16 @@ def warp(image: sitk.Image, transform: "sitk.Transform | sitk.Image | str | Path
         raise UserError(f"The transform is {resolved.GetDimension()}-D but the image is {image.GetDimension()}-D.")
     voxels = sitk.GetArrayViewFromImage(image).reshape(-1)
     dtype = voxels.dtype
+    if interpolator != "nearest":
+        sample = voxels[::max(1, voxels.size // 1_000_000)]  # at most a million looked at
+        whole = np.issubdtype(dtype, np.integer) or bool(np.all(sample == np.rint(sample)))  # float label maps too
+        if whole and len(np.unique(sample)) <= _FEW_VALUES:
+            warnings.warn(f"The image has whole-number voxels with at most {_FEW_VALUES} distinct values, like a "
+                          f"label map; '{interpolator}' interpolation invents values between neighbouring labels: "
+                          "use 'nearest' for label maps.", UserWarning, stacklevel=2)
     if interpolator == "nearest" or not np.issubdtype(dtype, np.integer):
         return sitk.Resample(image, reference, resolved, INTERPOLATORS[interpolator], float(default_value),
                              image.GetPixelID())
-    if len(np.unique(voxels[::max(1, voxels.size // 1_000_000)])) <= _FEW_VALUES:  # at most a million looked at
-        warnings.warn(f"The image has integer voxels with at most {_FEW_VALUES} distinct values, like a label map; "
-                      f"'{interpolator}' interpolation invents values between neighbouring labels: use 'nearest' "
-                      "for label maps.", UserWarning, stacklevel=2)
     vector = image.GetNumberOfComponentsPerPixel() > 1
     resampled = sitk.Resample(image, reference, resolved, INTERPOLATORS[interpolator], float(default_value),
                               sitk.sitkVectorFloat64 if vector else sitk.sitkFloat64)
