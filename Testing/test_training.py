@@ -492,8 +492,11 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
     best = torch.load(out / "gradicon-hippocampus-best.pt", weights_only=True)  # the best validation's network
     assert set(best) == set(weights) and all(v.dtype == torch.float16 for v in best.values() if v.is_floating_point())
     assert not (out / "gradicon-hippocampus-averaged.pt").exists()  # no snapshot every 250 steps in 2 steps
-    saved = torch.load(out / "checkpoint.pt", weights_only=True)["config"]  # TRAIN_ARGS reached the run
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["config"]  # TRAIN_ARGS reached the run (and won)
     assert saved["icon_weight"] == 0.5 and saved["symmetric_label_loss"]
+    # the rest is the shipped model's last recipe (Resources/Models/gradicon-hippocampus.md)
+    assert (saved["label_loss"], saved["label_weight"], saved["elastic_voxels"], saved["intensity_gamma"],
+            saved["self_pair_fraction"]) == ("dice", 20.0, 2.0, 0.3, 0.0)
     # running again continues from the checkpoint (no --init), up to the new total; with a snapshot every step,
     # the last two are averaged and the mean is validated on the validation pairs
     done = subprocess.run(command, env={**env, "STEPS": "4", "KEEP_EVERY": "1", "AVERAGE": "2",

@@ -18,11 +18,12 @@
 # Environment overrides: DEVICE (cuda), TIME_LIMIT (seconds of training, 480), STEPS (the stage's total steps),
 # STAGE, LEARNING_RATE, LR_SCHEDULE (constant or cosine: down to 0 at STEPS; size STEPS to the time limit) and
 # WARMUP_STEPS (0), BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
-# checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), ELASTIC and GAMMA (augmentation, `iconreg train
+# checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), ICON_WEIGHT (`--icon-weight`, the ICON term
+# beside the GradICON penalty), SELF_PAIRS (`--self-pairs`), ELASTIC and GAMMA (augmentation, `iconreg train
 # --elastic/--gamma`; 0 for none), KEEP_EVERY (250) and AVERAGE (4), PYTHON (python3), TRAIN_ARGS (more
-# `iconreg train` options, e.g. "--icon-weight 1 --symmetric-label-loss"; a resumed run must repeat them). The
-# label weight and augmentation defaults are each shipped model's last recipe; the learning rates are the GPU runs'
-# own (a larger batch than on the CPU).
+# `iconreg train` options, e.g. "--symmetric-label-loss"; later options win; a resumed run must repeat them). The
+# label weight, ICON term, self-pair and augmentation defaults are each shipped model's last recipe (the model
+# cards' ledgers); the learning rates are the GPU runs' own (a larger batch than on the CPU).
 # It installs what is missing: the package is used from this checkout (PYTHONPATH), SimpleITK from .whl/ if
 # present (offline machines) or from the package index; PyTorch is never replaced (a GPU machine's own build is
 # kept; only if none is importable is one installed).
@@ -45,12 +46,14 @@ case "$MODEL" in
     SPEC=Resources/Models/gradicon-brain-lpba40.json
     DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-brain-lpba40.pt
     STAGE=${STAGE:-1}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-2e-4}; FLIP_AXES=2
-    LABEL_WEIGHT=${LABEL_WEIGHT:-5}; ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3} ;;
+    LABEL_WEIGHT=${LABEL_WEIGHT:-20}; ICON_WEIGHT=${ICON_WEIGHT:-0.1}; SELF_PAIRS=${SELF_PAIRS:-0.25}
+    ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3} ;;
   gradicon-hippocampus)
     SPEC=gradicon-hippocampus
     DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-hippocampus.pt
     STAGE=${STAGE:-2}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-1e-4}; FLIP_AXES=0,1,2
-    LABEL_WEIGHT=${LABEL_WEIGHT:-5}; ELASTIC=${ELASTIC:-0}; GAMMA=${GAMMA:-0} ;;
+    LABEL_WEIGHT=${LABEL_WEIGHT:-20}; ICON_WEIGHT=${ICON_WEIGHT:-1}; SELF_PAIRS=${SELF_PAIRS:-0}
+    ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3} ;;
   *)
     echo "unknown model '$MODEL': use gradicon-brain-lpba40 or gradicon-hippocampus" >&2; exit 2 ;;
 esac
@@ -85,7 +88,8 @@ ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARE
       --out "$OUT" --stage "$STAGE" --steps "$STEPS" --learning-rate "$LEARNING_RATE"
       --lr-schedule "$LR_SCHEDULE" --warmup-steps "$WARMUP_STEPS" --batch-size "$BATCH"
       --flip-axes "$FLIP_AXES" --time-limit "$TIME_LIMIT" --device "$DEVICE" --checkpoint-every 100
-      --validate-every 250 --keep-every "$KEEP_EVERY" --export "$OUT/$MODEL.pt" --elastic "$ELASTIC" --gamma "$GAMMA")
+      --validate-every 250 --keep-every "$KEEP_EVERY" --export "$OUT/$MODEL.pt" --elastic "$ELASTIC" --gamma "$GAMMA"
+      --icon-weight "$ICON_WEIGHT" --self-pairs "$SELF_PAIRS")
 [ -f "$OUT/checkpoint.pt" ] || ARGS+=(--init "$INIT")
 [ "$LABEL_WEIGHT" = 0 ] || ARGS+=(--label-loss dice --label-weight "$LABEL_WEIGHT")
 [[ "$DEVICE" == cuda* ]] && ARGS+=(--mixed-precision)
