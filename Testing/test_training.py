@@ -330,6 +330,28 @@ def test_mean_inside_labels_resamples_the_label_onto_the_values_grid():
     assert math.isnan(mean_inside_labels(values, sitk.GetImageFromArray(np.zeros_like(label))))
 
 
+def test_demons_baseline_leaves_identical_images_alone_and_starts_from_the_box_alignment():
+    """Identical images: no displacement at all (sitk.Shrink's half-voxel mislabelling of its samples made demons
+    find a 0.57 mm shift). Two copies of one volume on boxes 30 mm apart, the second scaled by 1.2: the networks'
+    box-to-box start maps one onto the other exactly, so demons (which starts there) has nothing left to do."""
+    from ICONRegistrationLib.evaluation.baselines import box_alignment, demons
+
+    volume = blob_volume((24, 28, 20), seed=5)
+    image = make_image(volume, spacing=(1.0, 1.2, 0.9))
+    field = sitk.TransformToDisplacementField(demons(image, image), sitk.sitkVectorFloat64, image.GetSize(),
+                                              image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    assert float(np.abs(sitk.GetArrayFromImage(field)).max()) < 1e-6
+    moved = make_image(volume, spacing=(1.2, 1.44, 1.08), origin=(30.0, -10.0, 5.0))
+    start = box_alignment(image, moved)
+    for index in [(0, 0, 0), (19, 27, 23), (5, 9, 11)]:  # voxel centres map to voxel centres
+        mapped = start.TransformPoint(image.TransformIndexToPhysicalPoint(index))
+        assert moved.TransformPhysicalPointToContinuousIndex(mapped) == pytest.approx(index, abs=1e-9)
+    transform = demons(image, moved)
+    warped = sitk.Resample(moved, image, transform, sitk.sitkLinear, 0.0)
+    inner = (slice(2, -2),) * 3
+    assert np.abs(sitk.GetArrayFromImage(warped) - volume)[inner].max() < 1e-3 * np.abs(volume).max()
+
+
 def test_demons_baseline_recovers_a_shift():
     from ICONRegistrationLib.evaluation.baselines import demons
     from ICONRegistrationLib.evaluation.metrics import dice_per_label
@@ -727,6 +749,12 @@ def test_hd95_per_label_on_cropped_boxes_equals_the_whole_image():
     assert np.isnan(whole[3]) and np.isnan(cropped[3])
     for label in (1, 2):
         assert cropped[label] == pytest.approx(whole[label], abs=1e-5)
+    # a label that the warping lost scores the fixed box's diagonal, not NaN (which the mean would skip: a method
+    # that wiped out a structure got a better HD95 than one that kept it 1 voxel off)
+    lost = sitk.GetImageFromArray(np.where(a == 2, 0, a).astype(np.uint8))
+    lost.CopyInformation(images[0])
+    diagonal = float(np.linalg.norm(np.array([45, 50, 40]) * np.array([0.9, 1.1, 1.3])))
+    assert hd95_per_label(lost, images[1], [1, 2]) == pytest.approx({1: cropped[1], 2: diagonal})
 
 
 def test_self_pairs_replace_that_fraction_of_pairs_and_leave_the_default_draws_unchanged():

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..pipeline.grid import Grid
 
 
 def identity_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
@@ -31,22 +32,55 @@ def _normalized(image: sitk.Image) -> sitk.Image:
     return scaled
 
 
+def box_alignment(fixed: sitk.Image, moving: sitk.Image) -> sitk.AffineTransform:
+    """The affine map from fixed to moving points that takes the fixed image's box onto the moving image's, axes
+    matched as the networks match them (:meth:`~ICONRegistrationLib.pipeline.grid.Grid.over_image`): the
+    alignment every network starts from. The identity for two images on one grid (LPBA40's volumes)."""
+    grid_B = Grid.over_image(fixed, (2, 2, 2))
+    grid_A = Grid.over_image(moving, (2, 2, 2), align_to=grid_B)
+    matrix = grid_A.unit_matrix @ np.linalg.inv(grid_B.unit_matrix)  # mm offsets in the fixed box → in the moving box
+    translation = np.array(grid_A.origin) - matrix @ np.array(grid_B.origin)
+    return sitk.AffineTransform(tuple(matrix.ravel()), tuple(translation))
+
+
+def _coarse_grid(image: sitk.Image, shrink: int) -> sitk.Image:
+    """An empty image on ``image``'s grid coarsened ``shrink`` times along each axis: each coarse voxel centred on
+    its block of fine voxels. (``sitk.Shrink`` keeps one voxel of each block but labels it with the block's centre,
+    half a fine voxel away for even factors: demons then found a shift of that size between identical images.)"""
+    spacing = np.array(image.GetSpacing()) * shrink
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    origin = np.array(image.GetOrigin()) + direction @ (0.5 * (shrink - 1) * np.array(image.GetSpacing()))
+    reference = sitk.Image([max(1, -(-n // shrink)) for n in image.GetSize()], sitk.sitkFloat32)
+    reference.SetSpacing(tuple(spacing))
+    reference.SetOrigin(tuple(origin))
+    reference.SetDirection(image.GetDirection())
+    return reference
+
+
 def demons(fixed: sitk.Image, moving: sitk.Image, *, levels: tuple[int, ...] = (4, 2, 1),
            iterations: tuple[int, ...] = (60, 40, 20), smoothing_sigma: float = 1.5) -> sitk.Transform:
     """Diffeomorphic demons (Vercauteren et al. 2009), multi-resolution (shrink factors ``levels``), on intensities
-    normalised to the 1st–99th percentiles, with the moving histogram matched to the fixed one.
+    normalised to the 1st–99th percentiles, with the moving histogram matched to the fixed one, started from the
+    networks' box-to-box alignment (:func:`box_alignment`). At each coarse level both images are smoothed alike
+    (Gaussian, σ = half the shrink factor in voxels) and then sampled on the coarsened fixed grid
+    (:func:`_coarse_grid`).
 
     Returns a ``DisplacementFieldTransform`` on the fixed grid (fixed → moving points, like the networks').
     """
     fixed_n, moving_n = _normalized(fixed), _normalized(moving)
     moving_n = sitk.HistogramMatching(moving_n, fixed_n, numberOfHistogramLevels=128, numberOfMatchPoints=15)
-    moving_on_fixed = sitk.Resample(moving_n, fixed_n, sitk.Transform(), sitk.sitkLinear, 0.0)
+    start = box_alignment(fixed, moving)
+    moving_on_fixed = sitk.Resample(moving_n, fixed_n, start, sitk.sitkLinear, 0.0)
     field = None
     for shrink, steps in zip(levels, iterations):
-        level_fixed = sitk.Shrink(fixed_n, [shrink] * 3) if shrink > 1 else fixed_n
-        level_fixed = sitk.SmoothingRecursiveGaussian(level_fixed, 0.5 * shrink * min(fixed.GetSpacing())) \
-            if shrink > 1 else level_fixed
-        level_moving = sitk.Resample(moving_on_fixed, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+        if shrink > 1:
+            sigma = 0.5 * shrink * min(fixed.GetSpacing())  # mm
+            coarse = _coarse_grid(fixed_n, shrink)
+            level_fixed, level_moving = (sitk.Resample(sitk.SmoothingRecursiveGaussian(image, sigma), coarse,
+                                                       sitk.Transform(), sitk.sitkLinear, 0.0)
+                                         for image in (fixed_n, moving_on_fixed))
+        else:
+            level_fixed, level_moving = fixed_n, moving_on_fixed
         if field is None:
             initial = sitk.Image(level_fixed.GetSize(), sitk.sitkVectorFloat64, 3)
             initial.CopyInformation(level_fixed)
@@ -60,7 +94,8 @@ def demons(fixed: sitk.Image, moving: sitk.Image, *, levels: tuple[int, ...] = (
         registration.SetUseImageSpacing(True)
         field = registration.Execute(level_fixed, level_moving, initial)
     field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
-    return sitk.DisplacementFieldTransform(field)
+    # the moving image was read through the box alignment: x ↦ start(x + u(x)) (the last transform listed acts first)
+    return _field_on_fixed_grid(sitk.CompositeTransform([start, sitk.DisplacementFieldTransform(field)]), fixed)
 
 
 #: baseline name → (module it imports, package that provides it) for the baselines outside the core dependencies

@@ -117,8 +117,9 @@ def _jacobian_folds_percent(transform: sitk.Transform) -> float:
 
 @dataclasses.dataclass
 class EvaluationRow:
-    """One registration of one pair by one method. Dice is the mean over the labels of the fixed label map (and
-    per label, keyed by the label value as a string); HD95 in mm, the mean over labels; the folds are % voxels
+    """One registration of one pair by one method. Dice is the mean over the labels present in both the fixed and
+    the moving label maps (and per label, keyed by the label value as a string); HD95 in mm, the mean over labels
+    (a label the warping lost counts as the fixed box's diagonal); the folds are % voxels
     with det J ≤ 0; the IC error (mm) exists for networks only (NaN otherwise); ``seconds`` the registration's
     wall time; ``other_load_share`` the share of the machine's CPU that other processes used meanwhile (``None``
     where unknown); ``flips`` the network-grid axes a network's prediction was averaged over (``None`` for the

@@ -54,13 +54,25 @@ def _union_box(a: np.ndarray, b: np.ndarray, margin: int = 2) -> "tuple[list[int
     return [int(v) for v in reversed(lower)], [int(u - v) for u, v in zip(reversed(upper), reversed(lower))]
 
 
+def _box_diagonal_mm(image: sitk.Image) -> float:
+    """Length (mm) of the diagonal of ``image``'s box (voxel size times voxel count along each axis)."""
+    return float(np.linalg.norm(np.array(image.GetSize()) * np.array(image.GetSpacing())))
+
+
 def hd95_per_label(warped: sitk.Image, fixed: sitk.Image, labels: list[int]) -> dict[int, float]:
     """HD95 (mm) of each label. Each pair of masks is cropped to the box around both (plus a margin), which gives
-    the same distances (both surfaces lie inside it) at a fraction of the cost for small structures."""
+    the same distances (both surfaces lie inside it) at a fraction of the cost for small structures.
+
+    A label of the fixed map that the warping lost entirely scores the diagonal of the fixed image's box (no
+    distance inside the image is larger), so a method is never rewarded for losing a structure (its Dice is 0);
+    a label absent from the fixed map is NaN (not scored)."""
     warped_array, fixed_array = sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(fixed)
     scores = {}
     for label in labels:
         mask_a, mask_b = warped_array == label, fixed_array == label
+        if mask_b.any() and not mask_a.any():
+            scores[label] = _box_diagonal_mm(fixed)
+            continue
         box = _union_box(mask_a, mask_b)
         if box is None or not mask_a.any() or not mask_b.any():
             scores[label] = math.nan
