@@ -338,7 +338,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             likewise, so swapping fixed and moving swaps the result and forward and inverse agree to second order
             (IC error 0.052 mm instead of 0.456 mm for ``gradicon-hippocampus`` on its 82 validation
             registrations). A network trained with a label loss can fit each direction's labels at the expense of
-            the other's inverse; this gives up that part (Dice 0.820 → 0.795 there; demons 0.743). With instance
+            the other's inverse; this gives up that part (Dice 0.820 → 0.795 there; demons 0.753). With instance
             optimisation, the field mode starts from the symmetric prediction; the weights mode symmetrises its
             optimised network's.
         refinements: how many times the network refines its own prediction (0…3; ``None``, the default: the model's
