@@ -144,6 +144,17 @@ def test_the_nifti_non_finite_count_does_not_depend_on_the_chunk_size(tmp_path, 
 
 
 def _write_dicom_series(image: sitk.Image, folder: Path, uid: str, prefix: str) -> None:
+    """Write ``image`` as a DICOM series. GDCM's writer switches the whole process to the C locale (ASCII as
+    Python's default text encoding), so the locale is restored afterwards for the tests that follow."""
+    import locale
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(image, folder, uid, prefix)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(image: sitk.Image, folder: Path, uid: str, prefix: str) -> None:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
@@ -155,6 +166,29 @@ def _write_dicom_series(image: sitk.Image, folder: Path, uid: str, prefix: str) 
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
         writer.Execute(slice_)
+
+
+def test_text_outputs_are_utf8_whatever_the_locale(tmp_path):
+    """Model cards, tables and JSON hold '≤', '×', 'Δ'…: with an ASCII locale (as after GDCM writes DICOM, or
+    LANG=C on older systems; cp1252 on Windows) every text file the package writes and reads is still UTF-8."""
+    import locale
+    from ICONRegistrationLib.models import ModelSpec
+    from ICONRegistrationLib.models.zoo import zoo_spec
+    from ICONRegistrationLib.training.trainer import write_validation_table
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        locale.setlocale(locale.LC_ALL, "C")
+        assert locale.getpreferredencoding(False).upper().replace("-", "") in ("ANSI_X3.41968", "ASCII")
+        (tmp_path / "validation_log.csv").write_text("step,val_dice,val_folds_percent\n10,0.5,0.0\n",
+                                                     encoding="utf-8")
+        write_validation_table(tmp_path)
+        assert "≤" in (tmp_path / "validation.md").read_text(encoding="utf-8")
+        spec = zoo_spec("gradicon-hippocampus")  # the zoo's descriptions hold '×'
+        assert "×" in spec.extra["use"]
+        spec.to_file(tmp_path / "spec.json")
+        assert ModelSpec.from_file(tmp_path / "spec.json").extra["use"] == spec.extra["use"]
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_a_dicom_folder_with_two_series_is_refused_and_one_series_is_read(tmp_path):

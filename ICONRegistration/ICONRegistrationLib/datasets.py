@@ -29,7 +29,7 @@ def list_volumes(source: str | Path) -> list[VolumeEntry]:
     """Entries of a dataset folder (``images/`` [+ ``labels/``], or flat) or a CSV (``image``[, ``label``])."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="") as handle:
+        with source.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         if not rows or "image" not in rows[0]:
             raise UserError(f"CSV '{source}' needs a header with an 'image' column (and optionally 'label').")

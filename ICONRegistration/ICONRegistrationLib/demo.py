@@ -33,7 +33,7 @@ _PATH_KEYS = ("fixed", "moving", "fixed_label", "moving_label", "ground_truth_tr
 
 
 def _read_sample(description_file: Path) -> dict:
-    description = json.loads(description_file.read_text())
+    description = json.loads(description_file.read_text(encoding="utf-8"))
     for key in _PATH_KEYS:
         if description.get(key):
             description[key] = description_file.parent / description[key]

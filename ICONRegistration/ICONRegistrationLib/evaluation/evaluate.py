@@ -68,7 +68,7 @@ def read_pairs(source: str | Path, *, pairing: str = "consecutive", last_fractio
 
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="") as handle:
+        with source.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         needed = {"fixed", "moving", "fixed_label", "moving_label"}
         if not rows or not needed <= set(rows[0]):
@@ -366,5 +366,5 @@ def write_evaluation(evaluation: EvaluationReport, out_dir: str | Path) -> tuple
         if any(row.symmetric for row in evaluation.rows):
             settings += "; symmetric predictions"
         temporary.write_text(f"Model `{evaluation.model}`, {len(evaluation.rows)} rows{settings}\n\n"
-                             + markdown_table(evaluation) + (f"\n{warning}\n" if warning else ""))
+                             + markdown_table(evaluation) + (f"\n{warning}\n" if warning else ""), encoding="utf-8")
     return json_path, markdown_path

@@ -19,7 +19,7 @@ RESULT_FILES = ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz"
 def write_json(data: dict, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        temporary.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     return path
 
 

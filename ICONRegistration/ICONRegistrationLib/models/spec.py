@@ -123,7 +123,7 @@ class ModelSpec:
     def from_file(cls, path: str | Path) -> "ModelSpec":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserError(f"Model spec file '{path}' does not exist.") from None
         except json.JSONDecodeError as error:
@@ -140,7 +140,7 @@ class ModelSpec:
         return data
 
     def to_file(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     @property
     def sha256(self) -> Optional[str]:

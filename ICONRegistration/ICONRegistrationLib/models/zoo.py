@@ -17,7 +17,7 @@ DEFAULT_MODEL = "unigradicon"
 
 @lru_cache(maxsize=1)
 def _entries() -> dict[str, dict]:
-    return {entry["name"]: entry for entry in json.loads(ZOO_FILE.read_text())}
+    return {entry["name"]: entry for entry in json.loads(ZOO_FILE.read_text(encoding="utf-8"))}
 
 
 def model_names() -> list[str]:

@@ -402,18 +402,18 @@ def _append_csv(path: Path, row: dict) -> None:
     resumed by a newer version, or with other settings) extends the header once; older rows leave them empty."""
     fields: list[str] = []
     if path.exists():
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             fields = next(csv.reader(handle), [])
     missing = [key for key in row if key not in fields]
     if fields and missing:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         fields = fields + missing
-        with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
+        with atomic_path(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-    with path.open("a", newline="") as handle:
+    with path.open("a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields or list(row), restval="")
         if not fields:
             writer.writeheader()
@@ -424,12 +424,12 @@ def _truncate_csv(path: Path, last_step: int) -> None:
     """Drop the rows of a log with ``step > last_step`` (a resumed run takes those steps again)."""
     if not path.exists():
         return
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         fields, rows = reader.fieldnames, [row for row in reader if int(row["step"]) <= last_step]
     if fields is None:
         return
-    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
+    with atomic_path(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -448,7 +448,7 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
         path = out_dir / name
         if not path.exists():
             return []
-        with path.open() as handle:
+        with path.open(encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
 
     train_rows, val_rows = read("train_log.csv"), read("validation_log.csv")
@@ -494,7 +494,7 @@ def write_validation_table(out_dir: Path) -> Optional[Path]:
     path = out_dir / "validation_log.csv"
     if not path.exists():
         return None
-    with path.open() as handle:
+    with path.open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
         return None
@@ -507,7 +507,7 @@ def write_validation_table(out_dir: Path) -> Optional[Path]:
              "| " + " | ".join("---" for _ in columns) + " |"]
     lines += ["| " + " | ".join(row[key] for key, _ in columns) + " |" for row in rows]
     table = out_dir / "validation.md"
-    table.write_text("\n".join(lines) + "\n")
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return table
 
 

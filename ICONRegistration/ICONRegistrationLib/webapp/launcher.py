@@ -70,7 +70,7 @@ class Launcher:
         deadline = time.monotonic() + SESSION_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                tail = (self.log_dir / f"session-{port}.log").read_text(errors="replace")[-2000:]
+                tail = (self.log_dir / f"session-{port}.log").read_text(encoding="utf-8", errors="replace")[-2000:]
                 raise UserError(f"The session process stopped while starting (exit {process.returncode}):\n{tail}")
             with contextlib.suppress(OSError), socket.create_connection((self.host, port), timeout=0.5):
                 return port
