@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import blob_volume, make_image
 
@@ -250,6 +251,51 @@ def test_app_command_refuses_bad_arguments_before_serving(tmp_path, capsys):
     assert main(["app", "--fixed", str(image), "--port", "0"]) == 3
     assert "both --fixed and --moving" in capsys.readouterr().err
     assert main(["app", "--max-sessions", "0"]) == 3
+
+
+def test_app_says_so_when_a_registration_fails_with_an_unexpected_error(tmp_path, monkeypatch):
+    """Only user errors, cancels and MemoryError were caught: anything else (torch.OutOfMemoryError is a
+    RuntimeError, a CUDA runtime error, an ITK error while writing) escaped the page's task after the message had
+    been cleared, so the page showed the previous run's numbers and files with no error."""
+    import asyncio
+
+    require_rendering()
+    from trame.app import get_server
+    from trame_slicer import module as trame_slicer_module
+
+    from ICONRegistrationLib.webapp import app as app_module
+
+    sample, _, _ = _sample_images()
+    server = get_server("failure-test", client_type="vue3")
+    server.enable_module(trame_slicer_module)
+    app = app_module.RegistrationApp(server, data_dir=str(tmp_path), fixed=str(sample["fixed"]),
+                                     moving=str(sample["moving"]))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(app_module, "run_engine", failing)
+    try:
+        asyncio.run(app.register_and_show())  # nothing escapes
+        state = server.state
+        assert state.message_type == "error" and not state.busy
+        assert state.message.startswith("Registration failed (RuntimeError: CUDA error")
+        assert "previous result is kept" in state.message
+    finally:
+        app.close()
+
+
+def test_register_turns_out_of_memory_while_loading_into_a_user_error(monkeypatch):
+    from ICONRegistrationLib.pipeline import registration
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(registration, "load_model", out_of_memory)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((8, 9, 10)).astype(np.float32))
+    with pytest.raises(UserError, match="Out of memory while loading the model"):
+        registration.register(image, image, "gradicon-hippocampus", device="cpu", fixed_modality="mri",
+                              moving_modality="mri")
 
 
 def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_path):

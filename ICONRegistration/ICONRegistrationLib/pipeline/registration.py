@@ -378,7 +378,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         if isinstance(model, LoadedModel):
             loaded = model
         else:
-            loaded = load_model(model, weights, device=device, progress=progress, random_weights=random_weights)
+            try:
+                loaded = load_model(model, weights, device=device, progress=progress, random_weights=random_weights)
+            except torch.OutOfMemoryError:
+                raise UserError("Out of memory while loading the model onto the device; close other GPU programs "
+                                "or use device 'cpu'.") from None
     timer.device = loaded.device
     if flips is None:
         flips = [] if io_iterations and io_mode == "weights" else list(loaded.spec.test_time_flips)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import tempfile
@@ -286,6 +287,10 @@ class RegistrationApp:
             self._say(str(error))
         except MemoryError:
             self._say("Out of memory: close other programs or use smaller images.")
+        except Exception as error:  # anything else: said and logged, never a silent page showing the last result
+            logging.exception("ICONRegistration web app: registration failed")
+            self._say(f"Registration failed ({type(error).__name__}: {error}); the previous result is kept. "
+                      "Details are in the server's log.")
         else:
             with self.state:
                 self.state.metrics = [list(row) for row in self.session.metrics()]
