@@ -181,7 +181,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._updatingGUI = True
         try:
-            settings = self.logic.settings(self._parameterNode)
+            settings = self.logic.settings(self._parameterNode, strict=False)  # shown, then written back
             node = self._parameterNode.GetNodeReference
             self.ui.fixedVolumeSelector.setCurrentNode(node("fixedVolume"))
             self.ui.movingVolumeSelector.setCurrentNode(node("movingVolume"))
@@ -234,7 +234,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def settingsFromGUI(self) -> RegistrationSettings:
         overlay = "ic" if self.ui.showICRadioButton.checked else "none" if self.ui.showNoneRadioButton.checked \
             else "folds"
-        previous = self.logic.settings(self._parameterNode)
+        previous = self.logic.settings(self._parameterNode, strict=False)
         return RegistrationSettings(
             model=self.ui.modelComboBox.currentData or previous.model, weightsFile=previous.weightsFile,
             fixedModality=self.ui.fixedModalityComboBox.currentData,
@@ -286,7 +286,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.updateParameterNodeFromGUI()
         if self._outputs is not None:
-            self.logic.showResults(self._outputs, overlay=self.logic.settings(self._parameterNode).overlay)
+            overlay = self.logic.settings(self._parameterNode, strict=False).overlay
+            self.logic.showResults(self._outputs, overlay=overlay)
 
     # ----- register ---------------------------------------------------------------------------------
     def onRegister(self):
@@ -294,8 +295,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.updateParameterNodeFromGUI()
         node = self._parameterNode.GetNodeReference
-        settings = self.logic.settings(self._parameterNode)
         try:
+            settings = self.logic.settings(self._parameterNode)
             inputs = self.logic.prepareInputs(node("fixedVolume"), node("movingVolume"), node("fixedMask"),
                                               node("movingMask"))
         except UserError as error:

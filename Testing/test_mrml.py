@@ -509,9 +509,20 @@ def test_parameter_node_survives_saving_and_reopening_the_scene(scene, tmp_path)
     logic_again = ICONRegistrationLogic(reopened)
     assert logic_again.settings() == settings
     assert logic_again.getParameterNode().GetNodeReference("fixedVolume").GetName() == "fixed"
-    # unreadable values fall back to defaults instead of failing
-    logic_again.getParameterNode().SetParameter("ioIterations", "many")
-    assert logic_again.settings().ioIterations == RegistrationSettings().ioIterations
+    # values are read leniently where the meaning is clear ...
+    node = logic_again.getParameterNode()
+    for name, text, value in (("ioIterations", "50.0", 50), ("refinements", " 2 ", 2), ("exactInverse", "On", True),
+                              ("createInverse", "True ", True), ("symmetric", "no", False)):
+        node.SetParameter(name, text)
+        assert getattr(logic_again.settings(), name) == value, (name, text)
+    # ... and a value that cannot be read is a user error naming it, never silently the default ("fifty" turned
+    # instance optimisation off, "y" symmetric off); the form, about to overwrite them, can still show a scene
+    for name, text in (("ioIterations", "fifty"), ("ioIterations", "2.5"), ("symmetric", "y")):
+        node.SetParameter(name, text)
+        with pytest.raises(UserError, match=f"{name}='{text}'"):
+            logic_again.settings()
+        assert getattr(logic_again.settings(strict=False), name) == getattr(RegistrationSettings(), name)
+        node.SetParameter(name, str(getattr(RegistrationSettings(), name)).lower())
 
 
 def test_register_with_a_model_file_runs_the_real_network(scene, tiny_model_files):

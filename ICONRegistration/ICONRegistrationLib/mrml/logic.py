@@ -155,24 +155,28 @@ class ICONRegistrationLogic:
             node = self.scene.AddNode(node)
         return node
 
-    def settings(self, parameterNode=None) -> RegistrationSettings:
-        """The settings stored on the parameter node (defaults for any missing or unreadable value)."""
+    def settings(self, parameterNode=None, strict: bool = True) -> RegistrationSettings:
+        """The settings stored on the parameter node (the defaults for missing values).
+
+        A value that cannot be read — a switch other than true/false/1/0/yes/no/on/off (any case), a count that is
+        not a whole number — is a :class:`UserError` naming it, never silently the default (``ioIterations`` "50.0"
+        is read as 50; "fifty" used to turn instance optimisation off). ``strict=False`` gives the default instead,
+        for the form showing a scene it is about to overwrite.
+        """
         node = parameterNode or self.getParameterNode()
-        values = {}
+        values, unreadable = {}, []
         for field in dataclasses.fields(RegistrationSettings):
             text = node.GetParameter(field.name)
             if not text:
                 continue
-            default = field.default
-            try:
-                if isinstance(default, bool):
-                    values[field.name] = text.lower() in ("true", "1", "yes")
-                elif isinstance(default, int):
-                    values[field.name] = int(text)
-                else:
-                    values[field.name] = text
-            except ValueError:
-                continue
+            value = _parse_setting(text, field.default)
+            if value is None:
+                unreadable.append(f"{field.name}={text!r}")
+            else:
+                values[field.name] = value
+        if unreadable and strict:
+            raise UserError(f"The parameter node '{node.GetName()}' has values that cannot be read: "
+                            f"{', '.join(unreadable)} (switches: true or false; counts: whole numbers).")
         return RegistrationSettings(**values)
 
     def setSettings(self, settings: RegistrationSettings, parameterNode=None) -> None:
@@ -430,6 +434,24 @@ class ICONRegistrationLogic:
             if not storage.WriteData(transformNode):
                 raise UserError(f"Slicer could not write '{path.name}'; check the folder is writable.")
         return path
+
+
+_SWITCH_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                 "off": False}
+
+
+def _parse_setting(text: str, default):
+    """``text`` read as the type of ``default`` (bool, int or str); ``None`` when it cannot be."""
+    value = text.strip()
+    if isinstance(default, bool):
+        return _SWITCH_WORDS.get(value.lower())
+    if isinstance(default, int):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
+    return text
 
 
 def gpu_names() -> list[str]:
