@@ -302,7 +302,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except UserError as error:
             slicer.util.errorDisplay(str(error))
             return
-        self._pending = (node("fixedVolume"), node("movingVolume"), settings)
+        self._pending = (node("fixedVolume"), node("movingVolume"), settings, inputs)
         self._cancelRequested.clear()
         self._messages = queue.Queue()
         self._worker = threading.Thread(target=self._runInWorker, args=(inputs, settings, self._messages),
@@ -363,9 +363,9 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def _showResult(self, result):
-        fixed, moving, settings = self._pending
+        fixed, moving, settings, inputs = self._pending
         try:
-            self._outputs = self.logic.createOutputNodes(fixed, moving, result, settings)
+            self._outputs = self.logic.createOutputNodes(fixed, moving, result, settings, inputs)
         except UserError as error:
             slicer.util.errorDisplay(str(error))
             return

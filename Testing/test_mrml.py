@@ -320,6 +320,39 @@ def test_segmentations_and_volumes_under_linear_parents_move_as_the_registration
             assert dice(got == label, expected == label) >= 0.98, (direction, label)
 
 
+def test_a_result_whose_inputs_moved_or_changed_while_it_ran_is_dropped(scene):
+    """The module registers in a background thread while the scene stays editable. A moving volume whose +10 mm
+    parent transform was removed meanwhile was placed under the result (which had seen it shifted): 10 mm off,
+    without a word. ``createOutputNodes`` with the prepared inputs now refuses such a result, adds no node, and
+    places it when nothing changed."""
+    fixed, moving = oblique_pair()
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    parent = _linear_parent(scene, (10.0, 0.0, 0.0))
+    moving_node.SetAndObserveTransformNodeID(parent.GetID())
+    logic = ICONRegistrationLogic(scene)
+    settings = RegistrationSettings(fixedModality="mri", movingModality="mri")
+    inputs = logic.prepareInputs(fixed_node, moving_node)
+    model = analytic_model(inputs.fixed, inputs.moving, *AFFINE)
+    result = logic.runRegistration(inputs, settings, loaded_model=model)
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    changes = (lambda: moving_node.SetAndObserveTransformNodeID(None),  # the parent removed
+               lambda: parent.SetMatrixTransformToParent(vtk.vtkMatrix4x4()),  # the parent edited
+               lambda: fixed_node.SetSpacing(1.0, 1.0, 1.0),  # the fixed volume resampled
+               lambda: slicer.util.updateVolumeFromArray(moving_node,  # its voxels edited in place
+                                                         slicer.util.arrayFromVolume(moving_node) * 2))
+    for change in changes:
+        moving_node.SetAndObserveTransformNodeID(parent.GetID())
+        inputs = logic.prepareInputs(fixed_node, moving_node)
+        change()
+        with pytest.raises(UserError, match="was moved or changed while registering"):
+            logic.createOutputNodes(fixed_node, moving_node, result, settings, inputs)
+        assert {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())} == before
+    moving_node.SetAndObserveTransformNodeID(None)
+    inputs = logic.prepareInputs(fixed_node, moving_node)
+    outputs = logic.createOutputNodes(fixed_node, moving_node, result, settings, inputs)  # unchanged: placed
+    assert moving_node.GetParentTransformNode() is outputs.transform
+
+
 def test_registering_a_volume_left_under_an_earlier_result_says_to_take_it_out(scene):
     """In the default output mode the moving volume stays under the result. Registering it again used to advise
     hardening that transform, which registers the warped voxels and loses the original."""

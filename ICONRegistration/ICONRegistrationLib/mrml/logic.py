@@ -27,6 +27,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import SimpleITK as sitk
 import slicer
 
@@ -36,7 +37,7 @@ from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback
 from . import display
 from .metrics_table import fill_metrics_table, metrics_from_table  # noqa: F401 (part of the logic's API)
-from .nodes import grid_transform_from_field, image_from_volume, update_volume_from_image
+from .nodes import grid_transform_from_field, image_from_volume, update_volume_from_image, volume_geometry_ras
 from .segmentations import move_segmentation
 
 if TYPE_CHECKING:
@@ -105,6 +106,9 @@ class RegistrationInputs:
     moving_mask: Optional[sitk.Image]
     fixed_name: str
     moving_name: str
+    #: the two volume nodes' state when they were copied (:func:`input_state`): ``createOutputNodes`` refuses a
+    #: result whose inputs moved or changed while the engine ran in the background
+    state: tuple = ()
 
 
 @dataclasses.dataclass
@@ -221,7 +225,8 @@ class ICONRegistrationLogic:
             image_from_volume(fixedVolumeNode), image_from_volume(movingVolumeNode),
             image_from_volume(fixedMaskNode) if fixedMaskNode is not None else None,
             image_from_volume(movingMaskNode) if movingMaskNode is not None else None,
-            fixedVolumeNode.GetName(), movingVolumeNode.GetName())
+            fixedVolumeNode.GetName(), movingVolumeNode.GetName(),
+            (input_state(fixedVolumeNode), input_state(movingVolumeNode)))
 
     @staticmethod
     def runRegistration(inputs: RegistrationInputs, settings: RegistrationSettings,
@@ -280,11 +285,21 @@ class ICONRegistrationLogic:
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, fixedMaskNode, movingMaskNode)
         result = self.runRegistration(inputs, settings, progress, random_weights=random_weights,
                                       loaded_model=loaded_model)
-        return self.createOutputNodes(fixedVolumeNode, movingVolumeNode, result, settings)
+        return self.createOutputNodes(fixedVolumeNode, movingVolumeNode, result, settings, inputs)
 
-    def createOutputNodes(self, fixedVolumeNode, movingVolumeNode, result,
-                          settings: RegistrationSettings) -> RegistrationOutputs:
-        """Turn an engine result into scene nodes (main thread). All or nothing: a failure removes them all."""
+    def createOutputNodes(self, fixedVolumeNode, movingVolumeNode, result, settings: RegistrationSettings,
+                          inputs: Optional[RegistrationInputs] = None) -> RegistrationOutputs:
+        """Turn an engine result into scene nodes (main thread). All or nothing: a failure removes them all.
+
+        With ``inputs`` (from :meth:`prepareInputs`), a result whose input volumes were moved (parent transform
+        changed, added or removed), resampled or edited since they were copied is a :class:`UserError`: the
+        engine registered the volumes as they were, and placing its outputs on the volumes as they are would put
+        them in the wrong place without a word.
+        """
+        if inputs is not None and inputs.state != (input_state(fixedVolumeNode), input_state(movingVolumeNode)):
+            raise UserError(f"'{fixedVolumeNode.GetName()}' or '{movingVolumeNode.GetName()}' was moved or changed "
+                            "while registering (transform, geometry or voxels); that result was dropped. "
+                            "Register again.")
         if settings.outputMode not in ("transform", "warped"):
             raise UserError(f"Unknown output mode '{settings.outputMode}': use transform or warped.")
         scene = self.scene
@@ -434,6 +449,20 @@ class ICONRegistrationLogic:
             if not storage.WriteData(transformNode):
                 raise UserError(f"Slicer could not write '{path.name}'; check the folder is writable.")
         return path
+
+
+def input_state(volume_node) -> tuple:
+    """What a registration of ``volume_node`` depends on: its parent transform, its world geometry (linear parents
+    folded in, as the engine got it), its size and when its voxels last changed."""
+    parent = volume_node.GetParentTransformNode()
+    try:
+        geometry = tuple(np.round(np.concatenate([a.ravel() for a in volume_geometry_ras(volume_node)]), 9))
+    except UserError:  # a non-linear parent (refused by prepareInputs): the parent's identity and time stand in
+        geometry = (parent.GetID(), parent.GetMTime())
+    image = volume_node.GetImageData()
+    return (volume_node.GetID(), parent.GetID() if parent is not None else None, geometry,
+            tuple(image.GetDimensions()) if image is not None else None,
+            image.GetMTime() if image is not None else None)
 
 
 _SWITCH_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,

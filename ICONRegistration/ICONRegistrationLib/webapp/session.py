@@ -86,7 +86,7 @@ class RegistrationSession:
         self.overlay = "folds"
         self.opacity = 0.5
         self._on_display_change = on_display_change or (lambda: None)
-        self._prepared: Optional[tuple] = None  # the input nodes the running registration was prepared from
+        self._prepared: Optional[tuple] = None  # (fixed node, moving node, RegistrationInputs) of the running one
 
     # ----- inputs ---------------------------------------------------------------------------------
     def set_inputs(self, fixed: sitk.Image, moving: sitk.Image, fixed_name: str, moving_name: str) -> None:
@@ -124,7 +124,7 @@ class RegistrationSession:
         settings = _session_settings(settings)
         self.logic.setSettings(settings)
         inputs = self.logic.prepareInputs(self.fixed_node, self.moving_node)
-        self._prepared = (self.fixed_node, self.moving_node)
+        self._prepared = (self.fixed_node, self.moving_node, inputs)
         return inputs
 
     def finish(self, run: EngineRun, settings: RegistrationSettings) -> RegistrationOutputs:
@@ -132,10 +132,11 @@ class RegistrationSession:
         settings = _session_settings(settings)
         prepared, self._prepared = self._prepared, None
         try:
-            if prepared != (self.fixed_node, self.moving_node):  # the images were replaced while it ran
+            if prepared is None or prepared[:2] != (self.fixed_node, self.moving_node):  # replaced while it ran
                 raise UserError("Other images were loaded while registering; that result was dropped. "
                                 "Register again.")
-            outputs = self.logic.createOutputNodes(self.fixed_node, self.moving_node, run.result, settings)
+            outputs = self.logic.createOutputNodes(self.fixed_node, self.moving_node, run.result, settings,
+                                                   prepared[2])
         except BaseException:
             shutil.rmtree(run.folder, ignore_errors=True)
             raise
