@@ -182,6 +182,24 @@ def test_a_cancelled_or_failed_registration_leaves_the_scene_as_it_was(session):
     assert _node_ids(session.scene) == before
 
 
+def test_a_sheared_fixed_image_is_refused_before_the_registration_runs(session):
+    """The results are NIfTI files on the fixed grid, which cannot store a shear: the registration used to run to
+    the end and fail while writing warped.nii.gz, with advice the page cannot follow."""
+    from ICONRegistrationLib.mrml.logic import RegistrationSettings
+
+    session, _ = session
+    sample, fixed, moving = _sample_images()
+    sheared = sitk.Image(fixed)
+    sheared.SetDirection((1.0, 0.3, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    session.set_inputs(sheared, moving, "sheared", "moving")
+    before = _node_ids(session.scene)
+    with pytest.raises(UserError, match="not orthogonal"):
+        session.prepare(RegistrationSettings(model=sample["model"], fixedModality="mri", movingModality="mri"))
+    added = _node_ids(session.scene) - before  # only the parameter node, which stores the settings
+    assert all(node.startswith("vtkMRMLScriptedModuleNode") for node in added)
+    assert not session.work_dir.exists() or not any(session.work_dir.iterdir())
+
+
 def test_a_result_is_not_attached_to_images_loaded_while_it_ran(session):
     """prepare → other images loaded → finish used to attach the first pair's warped volume and metrics to the
     second pair's nodes; the result is now dropped with a message, and its files removed."""

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..io.transforms import check_nifti_geometry
 from ..mrml.logic import OVERLAYS, ICONRegistrationLogic, RegistrationInputs, RegistrationOutputs, \
     RegistrationSettings
 from ..mrml.metrics_table import metrics_rows
@@ -124,6 +125,11 @@ class RegistrationSession:
         settings = _session_settings(settings)
         self.logic.setSettings(settings)
         inputs = self.logic.prepareInputs(self.fixed_node, self.moving_node)
+        try:  # the downloadable results are NIfTI on the fixed image's grid: refused before the work, not after it
+            check_nifti_geometry(inputs.fixed, "warped.nii.gz")
+        except UserError:
+            raise UserError("The fixed image's axes are not orthogonal (a sheared grid), which the downloadable "
+                            "NIfTI results cannot store; resample it onto a grid with orthogonal axes first.") from None
         self._prepared = (self.fixed_node, self.moving_node, inputs)
         return inputs
 
