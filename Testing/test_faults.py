@@ -78,8 +78,8 @@ def _previous_result(setup, capsys) -> dict[str, bytes]:
 # ----- silently wrong results -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.9])
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
-def test_truncated_nifti_is_a_user_error_and_leaves_the_previous_result(setup, capsys, fraction, suffix):
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_truncated_image_is_a_user_error_and_leaves_the_previous_result(setup, capsys, fraction, suffix):
     before = _previous_result(setup, capsys)
     image = make_image(blob_volume((20, 22, 24), seed=3))
     whole = setup["tmp"] / f"whole{suffix}"

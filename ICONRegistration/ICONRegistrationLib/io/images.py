@@ -132,4 +132,6 @@ def read_image(path: str | Path, role: str = "input") -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise UserError(f"Could not read the {role} image '{path}': {str(error).strip().splitlines()[-1]}") from None
+        reason = str(error).strip().splitlines()[-1]  # ITK's last line (for a cut-short .mha: "No such file…")
+        raise UserError(f"Could not read the {role} image '{path}': it is damaged, cut short or not an image file "
+                        f"this reader knows (ITK: {reason}).") from None
