@@ -139,6 +139,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
         other_way = ("" if inverse.forward_first_max_error_mm is None else
                      f"; forward then inverse at the forward field's voxels: max {inverse.forward_first_max_error_mm:.3f}"
                      f" mm, mean {inverse.forward_first_mean_error_mm:.3f} mm")
+        if inverse.outside_field_voxels:
+            other_way += (f"; {inverse.outside_field_voxels} voxels map outside the forward field, where ITK applies "
+                          f"no displacement (round trip through ITK up to {inverse.itk_max_error_mm:.3f} mm)")
         print(f"exact inverse: {inverse.iterations} iterations, round-trip error max "
               f"{inverse.max_error_mm:.4f} mm ({inverse.max_error_voxels:.4f} voxels){other_way}"
               f"{'' if inverse.invertible else ' — NOT invertible everywhere (folds or no convergence)'}")
@@ -204,6 +207,11 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     write_displacement_field(inverse.field, args.out)
     for warning in caught:
         print(f"iconreg: warning: {warning.message}", file=sys.stderr)
+    if inverse.outside_field_voxels:
+        print(f"iconreg: warning: {inverse.outside_field_voxels} reference voxels map to points outside the "
+              "transform's field, where this inverse extends the field's edge values but ITK applies no "
+              f"displacement: through ITK the round trip misses by up to {inverse.itk_max_error_mm:.3g} mm there "
+              "(itk_max_error_mm).", file=sys.stderr)
     print(json.dumps(inverse.to_dict()))
     print(f"wrote {args.out}")
     return EXIT_OK

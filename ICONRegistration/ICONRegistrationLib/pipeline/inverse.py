@@ -3,8 +3,11 @@
 A field ``u`` on grid T represents ``Φ(x) = x + u(x)``, the ITK resampling direction (fixed points → moving
 points). Its inverse ``Φ⁻¹(y) = y + w(y)`` is found at the voxel centres ``y`` of a reference image (usually the
 moving image) by the fixed-point inversion layer of :mod:`ICONRegistrationLib.core.inversion`, in T's unit-cube
-coordinates, so the tolerance is in voxels of T. Outside T's box ``u`` is border-extended, as ITK and the rest of
-this package do.
+coordinates, so the tolerance is in voxels of T. Outside T's box ``u`` is border-extended, as the rest of this
+package does. ITK instead applies no displacement at points more than half a voxel outside the field's box: where
+a reference voxel's preimage lies out there, an ITK user's round trip through the written files misses by the
+inverse's own displacement there. :class:`FieldInverse` counts those voxels and reports the round trip as ITK
+computes it.
 """
 
 from __future__ import annotations
@@ -42,13 +45,20 @@ class FieldInverse:
     max_error_mm: float
     forward_first_max_error_mm: float | None = None
     forward_first_mean_error_mm: float | None = None
+    #: reference voxels whose preimage Φ⁻¹(y) lies more than half a voxel outside the input field's box, where ITK
+    #: applies no displacement (this package border-extends the field)
+    outside_field_voxels: int = 0
+    #: the largest ‖Φ(Φ⁻¹(y)) − y‖ (mm) over the reference voxels with Φ applied as ITK applies the written field
+    #: (no displacement outside its box): ``max_error_mm`` when ``outside_field_voxels`` is 0
+    itk_max_error_mm: float | None = None
 
     def to_dict(self) -> dict:
         """The report for JSON (``iconreg invert`` prints it): iterations, errors (voxels, mm), tolerance,
         convergence, folds and invertibility."""
         data = {**self.report.to_dict(), "max_error_mm": self.max_error_mm,
                 "forward_first_max_error_mm": self.forward_first_max_error_mm,
-                "forward_first_mean_error_mm": self.forward_first_mean_error_mm}
+                "forward_first_mean_error_mm": self.forward_first_mean_error_mm,
+                "outside_field_voxels": self.outside_field_voxels, "itk_max_error_mm": self.itk_max_error_mm}
         data.pop("backward_iterations")
         return data
 
@@ -109,13 +119,21 @@ def invert_field(field: sitk.Image, reference: sitk.Image, *, tolerance: float =
     report.folds = folds
     # Round-trip error in mm at the solution: Φ(y + w) − y = w + u(y + w), mapped to mm.
     residual_unit = inverse + sample_at(displacement, points + inverse, padding="border")
-    max_error_mm = float(apply_affine(unit, np.zeros(3), residual_unit).norm(dim=1).max())
+    residual_mm = apply_affine(unit, np.zeros(3), residual_unit).norm(dim=1)
+    max_error_mm = float(residual_mm.max())
+    # ITK: no displacement where the preimage is over half a voxel outside the field's box, so Φ(y + w) − y = w there
+    margin = torch.as_tensor([0.5 / max(n - 1, 1) for n in grid.shape], dtype=inverse.dtype).view(1, 3, 1, 1, 1)
+    preimage = points + inverse
+    # ITK's buffer: continuous index in [−0.5, size − 0.5), the upper face excluded (ties counted as ITK counts them)
+    outside = ((preimage < -margin - 1e-9) | (preimage >= 1 + margin - 1e-9)).any(dim=1)
+    itk_residual = torch.where(outside, apply_affine(unit, np.zeros(3), inverse).norm(dim=1), residual_mm)
+    outside_voxels, itk_max_error_mm = int(outside.sum()), float(itk_residual.max())
     inverse_mm = apply_affine(unit, np.zeros(3), inverse)
     require_finite(inverse_mm, "inversion", "the field is too irregular to invert; check it with 'iconreg jacobian'")
     forward_first = _forward_first_errors_mm(displacement, inverse, grid, target)
     array = np.ascontiguousarray(inverse_mm[0].permute(1, 2, 3, 0).numpy().astype(np.float64))
     result = target.apply_to(sitk.GetImageFromArray(array, isVector=True))
-    outcome = FieldInverse(result, report, max_error_mm, *forward_first)
+    outcome = FieldInverse(result, report, max_error_mm, *forward_first, outside_voxels, itk_max_error_mm)
     if not report.invertible:
         problems = []
         if folds:

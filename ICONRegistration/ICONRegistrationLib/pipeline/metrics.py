@@ -13,7 +13,8 @@ class InverseReport:
     """How ``inverse_field`` was made. ``method``: ``"network"`` (the network's Φ_BA) or ``"exact"`` (numerical
     inverse of the forward field: iterations, round-trip error Φ(Φ⁻¹(y)) − y at the inverse's voxels in voxels and
     mm, the other way round Φ⁻¹(Φ(x)) − x at the forward field's voxels in mm (maximum and mean; see
-    :class:`~ICONRegistrationLib.pipeline.inverse.FieldInverse`), tolerance, whether it converged and whether the
+    :class:`~ICONRegistrationLib.pipeline.inverse.FieldInverse`; with the voxels whose preimage lies outside the
+    forward field, where ITK applies no displacement, and the round trip as ITK computes it), tolerance, whether it converged and whether the
     forward field is invertible everywhere). With ``inverse_qa``: folds, % and the minimum of the
     inverse field's Jacobian determinant."""
 
@@ -23,6 +24,8 @@ class InverseReport:
     max_error_mm: Optional[float] = None
     forward_first_max_error_mm: Optional[float] = None
     forward_first_mean_error_mm: Optional[float] = None
+    outside_field_voxels: Optional[int] = None
+    itk_max_error_mm: Optional[float] = None
     tolerance_voxels: Optional[float] = None
     converged: Optional[bool] = None
     invertible: Optional[bool] = None

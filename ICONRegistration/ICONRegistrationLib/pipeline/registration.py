@@ -230,6 +230,8 @@ def _exact_inverse(forward_field: sitk.Image, grid: Grid) -> tuple[sitk.Image, I
                                       max_error_voxels=solved.max_error_voxels, max_error_mm=exact.max_error_mm,
                                       forward_first_max_error_mm=exact.forward_first_max_error_mm,
                                       forward_first_mean_error_mm=exact.forward_first_mean_error_mm,
+                                      outside_field_voxels=exact.outside_field_voxels,
+                                      itk_max_error_mm=exact.itk_max_error_mm,
                                       tolerance_voxels=solved.tolerance_voxels, converged=solved.converged,
                                       invertible=solved.invertible)
 
