@@ -102,7 +102,7 @@ def check_nifti(path: Path, role: str) -> None:
                         "Copy or download it again.")
     if counter is not None and counter.count:
         raise UserError(f"The {role} image contains {counter.count} NaN or infinite voxels; "
-                        "replace them (e.g. with 0) before registering.")
+                        "replace them (e.g. with 0) first.")
 
 
 def read_image(path: str | Path, role: str = "input") -> sitk.Image:
