@@ -118,17 +118,17 @@ def invert_field(field: sitk.Image, reference: sitk.Image, *, tolerance: float =
                                               max_iterations=max_iterations, check_folds=False, warn=False)
     report.folds = folds
     # Round-trip error in mm at the solution: Φ(y + w) − y = w + u(y + w), mapped to mm.
-    residual_unit = inverse + sample_at(displacement, points + inverse, padding="border")
+    preimage = points + inverse
+    residual_unit = inverse + sample_at(displacement, preimage, padding="border")
     residual_mm = apply_affine(unit, np.zeros(3), residual_unit).norm(dim=1)
     max_error_mm = float(residual_mm.max())
-    # ITK: no displacement where the preimage is over half a voxel outside the field's box, so Φ(y + w) − y = w there
-    margin = torch.as_tensor([0.5 / max(n - 1, 1) for n in grid.shape], dtype=inverse.dtype).view(1, 3, 1, 1, 1)
-    preimage = points + inverse
-    # ITK's buffer: continuous index in [−0.5, size − 0.5), the upper face excluded (ties counted as ITK counts them)
-    outside = ((preimage < -margin - 1e-9) | (preimage >= 1 + margin - 1e-9)).any(dim=1)
-    itk_residual = torch.where(outside, apply_affine(unit, np.zeros(3), inverse).norm(dim=1), residual_mm)
-    outside_voxels, itk_max_error_mm = int(outside.sum()), float(itk_residual.max())
     inverse_mm = apply_affine(unit, np.zeros(3), inverse)
+    # ITK: no displacement where the preimage is over half a voxel outside the field's box, so Φ(y + w) − y = w there;
+    # its buffer is the continuous index range [−0.5, size − 0.5), the upper face excluded (ties counted as ITK does)
+    margin = torch.as_tensor([0.5 / max(n - 1, 1) for n in grid.shape], dtype=inverse.dtype).view(1, 3, 1, 1, 1)
+    outside = ((preimage < -margin - 1e-9) | (preimage >= 1 + margin - 1e-9)).any(dim=1)
+    itk_residual = torch.where(outside, inverse_mm.norm(dim=1), residual_mm)
+    outside_voxels, itk_max_error_mm = int(outside.sum()), float(itk_residual.max())
     require_finite(inverse_mm, "inversion", "the field is too irregular to invert; check it with 'iconreg jacobian'")
     forward_first = _forward_first_errors_mm(displacement, inverse, grid, target)
     array = np.ascontiguousarray(inverse_mm[0].permute(1, 2, 3, 0).numpy().astype(np.float64))
