@@ -659,16 +659,15 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     step = 0
     if resume and checkpoint_path.exists():
         saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
-        for setting, option in (("freeze_inner", "--freeze-inner"), ("symmetric_label_loss", "--symmetric-label-loss")):
-            before = bool(saved.get("config", {}).get(setting, False))  # checkpoints from before the option: off
-            if before != getattr(config, setting):
-                raise UserError(f"The run in '{out_dir}' was trained {'with' if before else 'without'} {option}; "
-                                "resume it with the same setting, or start a new run (another --out, or --restart).")
-        before = float(saved.get("config", {}).get("weight_decay", 0.0))
-        if before != config.weight_decay:
-            raise UserError(f"The run in '{out_dir}' was trained with --weight-decay {before:g}, not "
-                            f"{config.weight_decay:g}; resume it with the same setting, or start a new run "
-                            "(another --out, or --restart).")
+        for setting, option in (("freeze_inner", "--freeze-inner"), ("symmetric_label_loss", "--symmetric-label-loss"),
+                                ("weight_decay", "--weight-decay")):
+            now = getattr(config, setting)
+            before = type(now)(saved.get("config", {}).get(setting, False))  # checkpoints from before it: off (0)
+            if before != now:
+                how = (f"with {option} {before:g}, not {now:g}" if not isinstance(now, bool)
+                       else f"{'with' if before else 'without'} {option}")
+                raise UserError(f"The run in '{out_dir}' was trained {how}; resume it with the same setting, or "
+                                "start a new run (another --out, or --restart).")
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
         optimizer.load_state_dict(saved["optimizer"])
         # the state dict restores the saved rate; this command's rate (and schedule) applies from the next step
