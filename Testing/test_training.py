@@ -17,8 +17,8 @@ from ICONRegistrationLib.cli import main
 from ICONRegistrationLib.models import ModelSpec, build_network, load_model
 from ICONRegistrationLib.datasets import list_volumes, split_validation
 from ICONRegistrationLib.training.data import PreparedSet, prepare
-from ICONRegistrationLib.training.trainer import (TrainingConfig, export_weights, initialise, make_optimizer, stage_spec,
-                                                  train)
+from ICONRegistrationLib.training.trainer import (TrainingConfig, export_weights, initialise, make_optimizer,
+                                                  stage_spec, train)
 from ICONRegistrationLib.core.coordinates import voxel_scale
 from ICONRegistrationLib.errors import UserError
 

@@ -137,8 +137,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     inverse = result.metrics.inverse
     if inverse.method == "exact":
         other_way = ("" if inverse.forward_first_max_error_mm is None else
-                     f"; forward then inverse at the forward field's voxels: max {inverse.forward_first_max_error_mm:.3f}"
-                     f" mm, mean {inverse.forward_first_mean_error_mm:.3f} mm")
+                     f"; forward then inverse at the forward field's voxels: max "
+                     f"{inverse.forward_first_max_error_mm:.3f} mm, mean {inverse.forward_first_mean_error_mm:.3f} mm")
         if inverse.outside_field_voxels:
             other_way += (f"; {inverse.outside_field_voxels} voxels map outside the forward field, where ITK applies "
                           f"no displacement (round trip through ITK up to {inverse.itk_max_error_mm:.3f} mm)")

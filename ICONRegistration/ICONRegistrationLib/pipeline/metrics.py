@@ -14,9 +14,9 @@ class InverseReport:
     inverse of the forward field: iterations, round-trip error Φ(Φ⁻¹(y)) − y at the inverse's voxels in voxels and
     mm, the other way round Φ⁻¹(Φ(x)) − x at the forward field's voxels in mm (maximum and mean; see
     :class:`~ICONRegistrationLib.pipeline.inverse.FieldInverse`; with the voxels whose preimage lies outside the
-    forward field, where ITK applies no displacement, and the round trip as ITK computes it), tolerance, whether it converged and whether the
-    forward field is invertible everywhere). With ``inverse_qa``: folds, % and the minimum of the
-    inverse field's Jacobian determinant."""
+    forward field, where ITK applies no displacement, and the round trip as ITK computes it), tolerance, whether
+    it converged and whether the forward field is invertible everywhere). With ``inverse_qa``: folds, % and the
+    minimum of the inverse field's Jacobian determinant."""
 
     method: str
     iterations: Optional[int] = None

@@ -61,8 +61,9 @@ def warp(image: sitk.Image, transform: "sitk.Transform | sitk.Image | str | Path
     """Resample ``image`` onto ``reference``'s grid through ``transform`` (fixed → moving points).
 
     Use ``interpolator="nearest"`` for label maps (an image of whole numbers, integer or float, with few distinct
-    values warped with another interpolator raises a warning: interpolation invents labels between neighbouring ones). The output keeps the
-    input's pixel type; integer voxels are rounded to the nearest value in the type's range, not truncated.
+    values warped with another interpolator raises a warning: interpolation invents labels between neighbouring
+    ones). The output keeps the input's pixel type; integer voxels are rounded to the nearest value in the type's
+    range, not truncated.
     """
     if interpolator not in INTERPOLATORS:
         raise UserError(f"Unknown interpolator '{interpolator}': use {', '.join(INTERPOLATORS)}.")
