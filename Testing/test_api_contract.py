@@ -66,6 +66,24 @@ def test_inputs_are_not_modified():
         assert (image.GetOrigin(), image.GetSpacing(), image.GetDirection()) == (origin, spacing, direction)
 
 
+def test_a_mask_on_the_network_grid_covers_the_voxels_whose_centres_it_covers():
+    """A mask over the first 17 of 34 columns is half the box: on a 36-column grid, 18 columns. Trilinear resampling
+    gave the 19th column (0.500–0.528 of the box) a weight of 0.03, and every non-zero voxel counted as inside."""
+    from ICONRegistrationLib.pipeline.grid import Grid
+    from ICONRegistrationLib.pipeline.registration import _mask_on_grid
+
+    image = make_image(np.zeros((20, 22, 34), np.float32))
+    mask = np.zeros((20, 22, 34), np.float32)
+    mask[:, :, :17] = 1
+    on_grid = _mask_on_grid(mask, Grid.over_image(image, (20, 22, 36)), "cpu", "moving")
+    assert on_grid.shape[-1] == 36 and sorted(set(on_grid.unique().tolist())) == [0.0, 1.0]
+    assert int(on_grid[0, 0, 10, 10].sum()) == 18
+    tiny = np.zeros_like(mask)
+    tiny[10, 10, 3] = 1  # a single voxel: under half of every coarse voxel
+    with pytest.raises(UserError, match="moving mask covers no voxel of the 5×5×5 grid"):
+        _mask_on_grid(tiny, Grid.over_image(image, (5, 5, 5)), "cpu", "moving")
+
+
 def test_lung_model_requires_a_mask():
     spec = tiny_spec(preprocessing={"ct_window": [-1000, 0], "require_mask": True})
     ct = make_image(blob_volume((20, 22, 24)) - 1000)

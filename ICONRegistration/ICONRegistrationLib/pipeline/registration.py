@@ -503,6 +503,16 @@ def _prepare(inputs: _Inputs, fixed: sitk.Image, moving: sitk.Image, loaded: Loa
     return _images_on_grids(inputs, grid_A, grid_B, loaded)
 
 
+def _mask_on_grid(mask: np.ndarray, grid: Grid, device, role: str) -> torch.Tensor:
+    """A binary mask on ``grid``: the voxels whose centre the trilinearly resampled mask covers at least half.
+    (Every voxel with any interpolation weight used to count as inside, growing the mask by up to one voxel.)"""
+    inside = grid.to_network(mask, device) >= 0.5
+    if not bool(inside.any()):
+        raise UserError(f"The {role} mask covers no voxel of the {'×'.join(map(str, grid.shape))} grid the "
+                        "similarity is computed on; use a larger mask, or none.")
+    return inside.float()
+
+
 def _images_on_grids(inputs: _Inputs, grid_A: Grid, grid_B: Grid, loaded: LoadedModel) -> _NetworkPair:
     """Both normalised images (and masks) resampled onto ``grid_A`` (over moving) and ``grid_B`` (over fixed)."""
     rules, device = loaded.spec.preprocessing, loaded.device
@@ -512,8 +522,8 @@ def _images_on_grids(inputs: _Inputs, grid_A: Grid, grid_B: Grid, loaded: Loaded
                                                       inputs.fixed_mask, "fixed"), device)
     image_A = grid_A.to_network(normalize_intensities(inputs.moving_voxels, inputs.moving_modality, rules,
                                                       inputs.moving_mask, "moving"), device)
-    mask_B = grid_B.to_network(inputs.fixed_mask, device) if inputs.fixed_mask is not None else None
-    mask_A = grid_A.to_network(inputs.moving_mask, device) if inputs.moving_mask is not None else None
+    mask_B = _mask_on_grid(inputs.fixed_mask, grid_B, device, "fixed") if inputs.fixed_mask is not None else None
+    mask_A = _mask_on_grid(inputs.moving_mask, grid_A, device, "moving") if inputs.moving_mask is not None else None
     for role, tensor in (("fixed", image_B), ("moving", image_A)):
         require_finite(tensor, f"intensity normalisation of the {role} image",
                        f"the {role} image's intensities cannot be scaled; convert it to a normal intensity range")
