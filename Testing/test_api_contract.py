@@ -84,6 +84,23 @@ def test_a_mask_on_the_network_grid_covers_the_voxels_whose_centres_it_covers():
         _mask_on_grid(tiny, Grid.over_image(image, (5, 5, 5)), "cpu", "moving")
 
 
+def test_instance_optimisation_across_modalities_with_a_same_modality_similarity_warns():
+    """A CT/MRI pair optimised with the model's LNCC (signed: it rewards intensities that rise together) used to run
+    without a word; a cross-modal similarity, or one modality, runs without a warning."""
+    import warnings
+
+    fixed = make_image(blob_volume((20, 22, 24), seed=1))
+    moving = make_image(blob_volume((20, 22, 24), seed=2))
+    common = dict(random_weights=True, io_iterations=1)
+    with pytest.warns(UserWarning, match="compares a CT image with a MRI image by lncc"):
+        register(fixed, moving, tiny_spec(), fixed_modality="ct", moving_modality="mri", **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        register(fixed, moving, tiny_spec(), fixed_modality="ct", moving_modality="mri",
+                 io_similarity="squared_lncc", **common)
+        register(fixed, moving, tiny_spec(), fixed_modality="mri", moving_modality="mri", **common)
+
+
 def test_lung_model_requires_a_mask():
     spec = tiny_spec(preprocessing={"ct_window": [-1000, 0], "require_mask": True})
     ct = make_image(blob_volume((20, 22, 24)) - 1000)

@@ -390,6 +390,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         flips = [] if io_iterations and io_mode == "weights" else list(loaded.spec.test_time_flips)
     if refinements is None:
         refinements = 0 if io_iterations and io_mode == "weights" else loaded.spec.test_time_refinements
+    similarity_name = io_similarity or loaded.spec.similarity.get("name")
+    if io_iterations and inputs.fixed_modality != inputs.moving_modality and similarity_name in ("lncc", "ssd"):
+        warnings.warn(f"Instance optimisation compares a {inputs.fixed_modality.upper()} image with a "
+                      f"{inputs.moving_modality.upper()} image by {similarity_name}, which assumes one modality; "
+                      "use io_similarity 'squared_lncc' or 'mind_ssc' (or a multi-modal model such as "
+                      "multigradicon).", UserWarning, stacklevel=2)
     with timer("preprocessing"), _memory_errors_as_user_errors(loaded.device, "preprocessing"):
         pair = _prepare(inputs, fixed, moving, loaded)
         similarity_pair = (_similarity_pair(inputs, fixed, moving, pair, loaded)
