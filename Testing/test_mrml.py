@@ -320,6 +320,41 @@ def test_segmentations_and_volumes_under_linear_parents_move_as_the_registration
             assert dice(got == label, expected == label) >= 0.98, (direction, label)
 
 
+def test_a_segmentation_moved_onto_a_volume_under_a_linear_parent_has_that_volumes_grid_as_its_geometry(scene):
+    """The moved segmentation is placed under the reference volume's parent. Its reference image geometry (the grid
+    the Segment Editor edits on and exports use) was set before that, so Slicer expressed it through the parent
+    as well: the fixed volume's grid shifted a second time, by 20.3 mm, and a label map exported from the
+    segmentation sat 0.33–0.71 voxel off the fixed volume's voxels. It must be the fixed volume's own grid."""
+    fixed, moving = oblique_pair()
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    fixed_node.SetAndObserveTransformNodeID(_linear_parent(scene, (20.3, 0.0, 0.0)).GetID())
+    fixed_world, moving_world = image_from_volume(fixed_node), image_from_volume(moving_node)
+    logic = ICONRegistrationLogic(scene)
+    outputs = logic.register(fixed_node, moving_node, analytic_model(fixed_world, moving_world, *AFFINE),
+                             fixedModality="mri", movingModality="mri")
+    centres = _overlap_points(fixed_world, moving_world, seed=7) @ AFFINE[0].T + AFFINE[1]
+    source = _segmentation_from_labels(scene, _labels_like(moving_world, 3, centres), "moving labels")
+    moved = logic.applyToSegmentation(source, outputs.transform, "moving_to_fixed")
+    assert moved.GetParentTransformNode() is fixed_node.GetParentTransformNode()
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    fixed_node.GetIJKToRASMatrix(ijk_to_ras)
+    expected = slicer.vtkSegmentationConverter.SerializeImageGeometry(ijk_to_ras, fixed_node.GetImageData())
+    geometry = moved.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert np.allclose([float(v) for v in geometry.split(";") if v], [float(v) for v in expected.split(";") if v],
+                       atol=1e-6), (geometry, expected)
+    # what a user sees: a label map exported without naming a reference lies on the fixed volume's voxels
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    moved.GetSegmentation().GetSegmentIDs(ids)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(moved, ids, labelmap, None)
+    exported = image_from_volume(labelmap)
+    corner = np.array(fixed_world.TransformPhysicalPointToContinuousIndex(exported.GetOrigin()))
+    assert np.abs(corner - np.round(corner)).max() < 1e-4, corner
+    assert np.allclose(exported.GetSpacing(), fixed_world.GetSpacing())
+    assert np.allclose(exported.GetDirection(), fixed_world.GetDirection())
+
+
 def test_a_result_whose_inputs_moved_or_changed_while_it_ran_is_dropped(scene):
     """The module registers in a background thread while the scene stays editable. A moving volume whose +10 mm
     parent transform was removed meanwhile was placed under the result (which had seen it shifted): 10 mm off,

@@ -29,8 +29,9 @@ def move_segmentation(scene, segmentationNode, reference, to_reference, registra
     onto ``reference``'s voxel grid, through the segmentation's parent transforms to world, then ``to_reference``
     (a VTK transform of world points, source → reference, as the registration saw them), then from world into the
     reference volume's own coordinates; placed under the reference volume's parent transform, so the two stay
-    overlaid. ``registration_nodes`` (the registration's transform nodes) are left out of both parent chains. On
-    any failure the new node is removed."""
+    overlaid (shown where the reference is shown, e.g. the moving volume under the registration's transform), with
+    the reference volume's voxel grid as its reference image geometry. ``registration_nodes`` (the registration's
+    transform nodes) are left out of both parent chains. On any failure the new node is removed."""
     through = vtk.vtkGeneralTransform()
     through.PostMultiply()
     through.Concatenate(local_to_world(segmentationNode, registration_nodes))
@@ -47,6 +48,10 @@ def move_segmentation(scene, segmentationNode, reference, to_reference, registra
     output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(
         f"{segmentationNode.GetName()} on {reference.GetName()}"))
     try:
+        # under the reference's parent first: Slicer expresses the reference geometry in the segmentation's own
+        # frame, through the transform between the two parents (set the other way round, a linear parent of the
+        # reference was applied twice and the Segment Editor and exports worked on a displaced grid)
+        output.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
         output.SetReferenceImageGeometryParameterFromVolumeNode(reference)
         for index in range(segmentation.GetNumberOfSegments()):
             segment_id = segmentation.GetNthSegmentID(index)
@@ -63,8 +68,6 @@ def move_segmentation(scene, segmentationNode, reference, to_reference, registra
             segment.AddRepresentation(labelmap_name, moved)
             output.GetSegmentation().AddSegment(segment, segment_id)
         output.CreateDefaultDisplayNodes()
-        # shown where its reference is shown (e.g. the moving volume under the registration's transform)
-        output.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
     except BaseException:
         scene.RemoveNode(output)
         raise
