@@ -207,10 +207,20 @@ def test_a_dicom_folder_with_two_series_is_refused_and_one_series_is_read(tmp_pa
 
 def test_nan_weights_stop_at_the_network_stage(setup, capsys):
     state = torch.load(setup["weights"], weights_only=True)
-    state = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in state.items()}
-    bad = setup["tmp"] / "nan.pt"
-    torch.save(state, bad)
     args = list(setup["args"])
+    # NaN weights are refused as they are read
+    nan = setup["tmp"] / "nan.pt"
+    torch.save({k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in state.items()}, nan)
+    args[args.index("--weights") + 1] = str(nan)
+    code = main(args)
+    err = capsys.readouterr().err
+    _one_line_user_error(code, err)
+    assert "NaN or infinite values" in err and "nan.pt" in err
+    assert not setup["out"].exists()
+    # finite weights whose sums overflow float32 make the network's output non-finite: the network stage says so
+    state = {k: (torch.full_like(v, 1e30) if v.is_floating_point() else v) for k, v in state.items()}
+    bad = setup["tmp"] / "huge.pt"
+    torch.save(state, bad)
     args[args.index("--weights") + 1] = str(bad)
     code = main(args)
     err = capsys.readouterr().err
@@ -298,6 +308,14 @@ def _spec_with(setup, **changes) -> Path:
     ({"weights": {"file": "/etc/passwd"}}, "weights.file"),
     ({"options": {"svf_steps": "x"}}, "options.svf_steps"),
     ({"options": {"penalty": "l2"}}, "options.penalty"),
+    # a key a model does not read is refused, not ignored (its default would be used without a word)
+    ({"weights": {"file": "tiny.pt", "sha265": "0" * 64}}, "weights"),  # the hash would never be checked
+    ({"options": {"final_step": 2}}, "options"),
+    ({"options": {"max_gradient": 0.5}}, "options"),  # a SITReg option in a GradICON spec
+    ({"similarity": {"name": "lncc", "sigmma": 2}}, "similarity"),
+    ({"similarity": {"name": "ssd", "sigma": 2}}, "similarity"),
+    ({"preprocessing": {"ct_windw": [-1000, 0], "mri_percentile": 99}}, "preprocessing"),
+    ({"test_time_flip": [2]}, "test_time_flip"),
 ])
 def test_spec_fields_are_validated_by_type_and_range(setup, capsys, changes, field):
     args = list(setup["args"])

@@ -536,6 +536,16 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
                          torch.load(out / "gradicon-hippocampus-averaged.pt", weights_only=True).items()})
     with (out / "train_log.csv").open() as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4]
+    # a fresh run (--restart) starts from INIT, not from random weights (at rate 0 its convolutions stay INIT's)
+    done = subprocess.run(command, env={**env, "STEPS": "1", "LEARNING_RATE": "0", "TRAIN_ARGS": "--restart"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    shipped = torch.load(root / "ICONRegistration" / "ICONRegistrationLib" / "models" / "bundled" /
+                         "gradicon-hippocampus.pt", weights_only=True)
+    restarted = torch.load(out / "gradicon-hippocampus.pt", weights_only=True)
+    convolutions = [k for k, v in shipped.items() if v.dim() > 1]
+    assert convolutions and all(torch.equal(restarted[k], shipped[k]) for k in convolutions)
 
 
 def test_time_limit_stops_with_a_checkpoint_and_a_validation_row(tmp_path):
@@ -1008,3 +1018,110 @@ def test_resuming_a_run_whose_log_has_fewer_columns_extends_the_header_and_resum
     assert reader.fieldnames[:5] == old and {"learning_rate", "round_trip_voxels"} <= set(reader.fieldnames)
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and None not in rows[-1]
     assert rows[0]["learning_rate"] == "" and float(rows[-1]["learning_rate"]) == config.learning_rate
+
+
+def test_prepared_data_on_another_grid_than_the_spec_is_a_user_error(tmp_path):
+    """A prepared set made for another grid used to train (and validate) the network at a resolution it is never
+    used at, without a word."""
+    data = synthetic_set()
+    other = PreparedSet(data.images[:, :, 2:18].contiguous(), data.labels[:, :, 2:18].contiguous(), data.names,
+                        (16, 24, 20))
+    config = TrainingConfig(steps=1, batch_size=2, checkpoint_every=1, validate_every=1)
+    with pytest.raises(UserError, match="training data are on a 16×24×20 grid.*20×24×20"):
+        train(small_spec(), other, tmp_path, config, device="cpu")
+    with pytest.raises(UserError, match="validation data are on a 16×24×20 grid"):
+        train(small_spec(), data, tmp_path, config, validation_set=other, device="cpu")
+    assert not (tmp_path / "checkpoint.pt").exists()
+    # average-weights --val: checked before the mean is written
+    other.save(tmp_path / "other.npz")
+    (tmp_path / "small.json").write_text(json.dumps(SMALL))
+    state = build_network(small_spec()).state_dict()
+    for name in ("a.pt", "b.pt"):
+        torch.save(state, tmp_path / name)
+    assert main(["average-weights", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(tmp_path / "m.pt"),
+                 "--spec", str(tmp_path / "small.json"), "--val", str(tmp_path / "other.npz"),
+                 "--device", "cpu"]) == 3
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_resumed_run_must_get_the_same_training_and_validation_volumes(tmp_path):
+    """Resuming on another data set (or another split) used to continue silently: the pairs drawn from other
+    volumes, and best.pt chosen on other validation volumes than the Dice it is compared with."""
+    config = TrainingConfig(steps=1, batch_size=2, checkpoint_every=1, validate_every=100)
+    data, validation = synthetic_set(), synthetic_set(3, seed=1)
+    train(small_spec(), data, tmp_path, config, validation_set=validation, device="cpu")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["data"]["train"] == {"names": ["v0", "v1", "v2", "v3"], "shape": [20, 24, 20]}
+    more = dataclasses.replace(config, steps=2)
+    other = synthetic_set(5)
+    with pytest.raises(UserError, match="trained on other volumes .*--data"):
+        train(small_spec(), other, tmp_path, more, validation_set=validation, device="cpu")
+    renamed = dataclasses.replace(validation, names=["w0", "w1", "w2"])
+    with pytest.raises(UserError, match="validated on other volumes .*--val"):
+        train(small_spec(), data, tmp_path, more, validation_set=renamed, device="cpu")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1  # untouched
+    assert train(small_spec(), data, tmp_path, more, device="cpu")["steps"] == 2  # no validation now: nothing to compare
+    del saved["data"]  # a checkpoint from before the check resumes as before
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    assert train(small_spec(), other, tmp_path, more, device="cpu")["steps"] == 2
+
+
+def test_a_fresh_run_deletes_the_previous_runs_checkpoint_after_reading_its_init(tmp_path):
+    """A fresh run (--restart) stopped before its first checkpoint used to leave the previous run's checkpoint,
+    which the next command then resumed, under the new run's emptied logs; --init may still name that checkpoint."""
+    data = synthetic_set()
+    config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=2, validate_every=100, seed=1)
+    train(small_spec(), data, tmp_path, config, device="cpu")
+    before = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    fresh = dataclasses.replace(config, steps=0)  # a fresh run that stops before its first checkpoint
+    train(small_spec(), data, tmp_path, fresh, init=tmp_path / "checkpoint.pt", resume=False, device="cpu")
+    assert not (tmp_path / "checkpoint.pt").exists()
+    train(small_spec(), data, tmp_path, fresh, resume=False, device="cpu")
+    summary = train(small_spec(), data, tmp_path, dataclasses.replace(config, steps=1), device="cpu")
+    assert summary["steps"] == 1  # started at step 0, not at the old run's step 2
+    train(small_spec(), data, tmp_path / "b", config, device="cpu")
+    restarted = dataclasses.replace(config, steps=1, checkpoint_every=1, learning_rate=0.0)
+    train(small_spec(), data, tmp_path / "b", restarted, init=tmp_path / "b" / "checkpoint.pt", resume=False,
+          device="cpu")  # the new run starts from the old checkpoint's weights, read before it is replaced
+    after = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 1
+    weights = [k for k in before if k.endswith("weight") and before[k].dim() > 1]  # convolutions (rate 0: kept)
+    assert all(torch.equal(after["model"][k], before[k]) for k in weights)  # same seed and data: same old weights
+
+
+def test_validation_dice_scores_the_labels_both_images_have():
+    """A label one image lacks used to count as Dice 0 in both directions (0.5 here for a perfect match); iconreg
+    evaluate scores the labels present in both images."""
+    from ICONRegistrationLib.core.coordinates import identity_map
+    from ICONRegistrationLib.training.trainer import _pair_dices
+    shape = (8, 8, 8)
+    maps = identity_map(shape).repeat(2, 1, 1, 1, 1)
+    labels_A = torch.zeros(1, 1, *shape)
+    labels_A[0, 0, 2:6, 2:6, 2:6] = 1
+    labels_A[0, 0, 6:8, 2:6, 2:6] = 2  # only in A
+    labels_B = torch.zeros(1, 1, *shape)
+    labels_B[0, 0, 2:6, 2:6, 2:6] = 1
+    assert _pair_dices(maps, labels_A, labels_B) == [1.0, 1.0]
+    labels_B[0, 0, 2:4] = 0  # half of label 1 gone: Dice 2·32/(64 + 32) in each direction
+    assert _pair_dices(maps, labels_A, labels_B) == pytest.approx([2 / 3, 2 / 3])
+    assert _pair_dices(maps, labels_A, torch.zeros_like(labels_B)) == []
+
+
+def test_float16_export_refuses_values_beyond_its_range_and_non_finite_weights(tmp_path):
+    """float16 turned a value beyond 65504 (a batch norm's running variance, say) into inf without a word."""
+    from ICONRegistrationLib.models.weights import read_state_dict, write_state_dict
+    from ICONRegistrationLib.training.averaging import average_weights
+    state = {"norm.running_var": torch.tensor([7e4, 1.0]), "norm.num_batches_tracked": torch.tensor(3)}
+    with pytest.raises(UserError, match="running_var holds 7e\\+04, beyond float16"):
+        write_state_dict(state, tmp_path / "w.pt")
+    assert not (tmp_path / "w.pt").exists()
+    write_state_dict(state, tmp_path / "w32.pt", half=False)  # float32 keeps it
+    assert read_state_dict(tmp_path / "w32.pt")["norm.running_var"][0] == 7e4
+    torch.save({"model": state}, tmp_path / "a.pt")
+    torch.save({"model": state}, tmp_path / "b.pt")
+    with pytest.raises(UserError, match="beyond float16"):
+        average_weights([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "mean.pt")
+    with pytest.raises(UserError, match="non-finite"):
+        write_state_dict({"w": torch.tensor([float("nan")])}, tmp_path / "nan.pt", half=False)
+    write_state_dict({"w": torch.tensor([65504.0, 1e-3])}, tmp_path / "edge.pt")  # the largest float16 is fine
+    assert read_state_dict(tmp_path / "edge.pt")["w"][0] == 65504.0

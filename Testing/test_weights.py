@@ -97,6 +97,39 @@ def test_install_weights_with_wrong_sha256_leaves_nothing(cache, checkpoint):
     assert not cached_weights_path(_spec()).exists()
 
 
+
+@pytest.mark.parametrize("field, changes", [
+    ("weights", {"weights": {"file": "tiny.pt", "sha-256": "0" * 64}}),
+    ("weights", {"weights": {"file": "tiny.pt", "SHA256": "0" * 64}}),
+    ("options", {"architecture": "sitreg", "options": {"max_gradiant": 0.5}}),
+    ("options", {"architecture": "constricon", "options": {"integration_step": 3}}),
+    ("options", {"options": {"inversion_tolerance": 0.01}}),  # a SITReg option in a GradICON spec
+    ("similarity", {"similarity": {"name": "squared_lncc", "sigmma": 2}}),
+    ("preprocessing", {"preprocessing": {"ct_windw": [-1000, 0]}}),
+    ("last_steps", {"last_steps": False}),
+])
+def test_spec_keys_a_model_would_ignore_are_refused(cache, checkpoint, field, changes):
+    """A misspelt or misplaced key used to be accepted and ignored: a misspelt hash skipped verification (the
+    wrong weights installed), a misspelt option or σ silently took its default."""
+    source, _, _ = checkpoint
+    with pytest.raises(UserError, match=f"'{field}'") as error:
+        install_weights(ModelSpec.from_dict({**TINY, **changes}), source)
+    assert "ignored" in str(error.value)
+    assert not cached_weights_path(_spec()).exists()
+    # the recognised keys still work, metadata the package does not read is kept as notes
+    spec = ModelSpec.from_dict({**TINY, "licence": "CC0", "use": "tests", "anatomy": "blobs",
+                                "similarity": {"name": "mind_ssc", "radius": 1, "dilation": 2},
+                                "preprocessing": {"ct_window": [-1000, 0], "scale_max_to": 0.9, "require_mask": True},
+                                "weights": {"file": "tiny.pt", "url": "file:///x", "sha256": None, "bundled": False}})
+    assert spec.extra == {"licence": "CC0", "use": "tests", "anatomy": "blobs"}
+    assert ModelSpec.from_dict({**TINY, "similarity": {"name": "Squared-LNCC", "sigma": 2}}).similarity == {
+        "name": "squared_lncc", "sigma": 2}  # one spelling for the code that compares names
+    for architecture, options in (("gradicon", {"final_steps": 2, "penalty": "icon"}),
+                                  ("sitreg", {"max_gradient": 0.5, "inversion_tolerance": 1e-3}),
+                                  ("constricon", {"affine_steps": 1, "svf_steps": 1, "affine_channels": [2, 8],
+                                                  "integration_steps": 5, "svf_downsample": [0]})):
+        assert ModelSpec.from_dict({**TINY, "architecture": architecture, "options": options}).options == options
+
 def test_install_weights_of_missing_file(cache, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         install_weights(_spec(), tmp_path / "nowhere.pt")
@@ -253,3 +286,21 @@ def test_fp16_checkpoint_loads_as_float32(cache, checkpoint, tmp_path):
     assert torch.equal(weight, half["netPsi.net.downConvs.0.weight"].float())
     # fp16 rounding is visible, so the test really exercised the conversion
     assert float((weight - state["netPsi.net.downConvs.0.weight"]).abs().max()) > 0
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_weights_with_non_finite_values_are_refused(cache, checkpoint, tmp_path, value):
+    """An infinite BatchNorm variance (float16's rendering of a variance above 65504) used to load without a word:
+    its channel is zeroed and the network's output stays finite, so nothing downstream noticed."""
+    _, state, _ = checkpoint
+    key = "netPsi.net.batchNorms.0.running_var"
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    state[key] = state[key].clone()
+    state[key][0] = value
+    path = tmp_path / "tiny_broken.pt"
+    torch.save(state, path)
+    with pytest.raises(UserError, match=f"NaN or infinite values in 1 tensor.*{key}"):
+        load_model(_spec(), weights=path, device="cpu")
+    with pytest.raises(UserError, match="NaN or infinite"):
+        install_weights(_spec(), path)
+    assert not cached_weights_path(_spec()).exists()

@@ -18,7 +18,7 @@
 # Environment overrides: DEVICE (cuda), TIME_LIMIT (seconds of training, 480), STEPS (the stage's total steps),
 # STAGE, LEARNING_RATE, LR_SCHEDULE (constant or cosine: down to 0 at STEPS; size STEPS to the time limit) and
 # WARMUP_STEPS (0), BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
-# checkpoint), LABEL_WEIGHT (label-aware training; 0 for none), ICON_WEIGHT (`--icon-weight`, the ICON term
+# checkpoint, or TRAIN_ARGS has --restart), LABEL_WEIGHT (label-aware training; 0 for none), ICON_WEIGHT (`--icon-weight`, the ICON term
 # beside the GradICON penalty), SELF_PAIRS (`--self-pairs`), ELASTIC and GAMMA (augmentation, `iconreg train
 # --elastic/--gamma`; 0 for none), KEEP_EVERY (250) and AVERAGE (4), PYTHON (python3), TRAIN_ARGS (more
 # `iconreg train` options, e.g. "--symmetric-label-loss"; later options win; a resumed run must repeat them). The
@@ -90,7 +90,8 @@ ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARE
       --flip-axes "$FLIP_AXES" --time-limit "$TIME_LIMIT" --device "$DEVICE" --checkpoint-every 100
       --validate-every 250 --keep-every "$KEEP_EVERY" --export "$OUT/$MODEL.pt" --elastic "$ELASTIC" --gamma "$GAMMA"
       --icon-weight "$ICON_WEIGHT" --self-pairs "$SELF_PAIRS")
-[ -f "$OUT/checkpoint.pt" ] || ARGS+=(--init "$INIT")
+# a new run starts from INIT: no checkpoint yet, or a fresh run asked for (--restart in TRAIN_ARGS)
+if [ ! -f "$OUT/checkpoint.pt" ] || [[ " ${TRAIN_ARGS:-} " == *" --restart "* ]]; then ARGS+=(--init "$INIT"); fi
 [ "$LABEL_WEIGHT" = 0 ] || ARGS+=(--label-loss dice --label-weight "$LABEL_WEIGHT")
 [[ "$DEVICE" == cuda* ]] && ARGS+=(--mixed-precision)
 if [ -n "${TRAIN_ARGS:-}" ]; then read -r -a EXTRA <<< "$TRAIN_ARGS"; ARGS+=("${EXTRA[@]}"); fi

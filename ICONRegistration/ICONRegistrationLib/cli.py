@@ -406,20 +406,25 @@ def _cmd_average_weights(args: argparse.Namespace) -> int:
             raise UserError(f"No such weights file: '{source}'.")
     if (args.spec is None) != (args.val is None):
         raise UserError("Validating the mean needs both --spec and --val (or neither).")
+    if args.spec is not None:  # checked before anything is written
+        from .models.zoo import resolve_spec
+        from .training.data import PreparedSet
+
+        spec = resolve_spec(args.spec)
+        validation_set = PreparedSet.load(args.val)
+        validation_set.check_grid(spec, "validation")
     out = average_weights(args.sources, args.out)
     summary = {"sources": [str(source) for source in args.sources], "out": str(out), "sha256": sha256_of(out)}
     print(f"wrote the mean of {len(args.sources)} weight files to {out} (sha256 {summary['sha256']})", file=sys.stderr)
     if args.spec is not None:
         from .device import choose_device
         from .models.build import build_network
-        from .models.zoo import resolve_spec
-        from .training.data import PreparedSet
         from .training.trainer import initialise, stage_spec, validate
 
         device = choose_device(args.device)
-        net = build_network(stage_spec(resolve_spec(args.spec), args.stage)).to(device)
+        net = build_network(stage_spec(spec, args.stage)).to(device)
         initialise(net, out)
-        summary["validation"] = validate(net, PreparedSet.load(args.val), device)
+        summary["validation"] = validate(net, validation_set, device)
     print(json.dumps(summary, indent=2))
     return EXIT_OK
 

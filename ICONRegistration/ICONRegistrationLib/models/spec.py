@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 from pathlib import Path
@@ -24,6 +25,16 @@ REQUIRED_FIELDS_HELP = {"name": "the model's name", "unet": '{"num_layers": N, "
 MAX_REFINEMENTS = 3  # recursive test-time refinements (ModelSpec.test_time_refinements, register(refinements=…))
 # The training regulariser each architecture's paper uses (``iconreg train --penalty`` overrides it).
 DEFAULT_PENALTIES = {"gradicon": "gradicon", "constricon": "bending", "sitreg": "diffusion"}
+# The keys each object of a spec may hold: any other key (a misspelt one) would be ignored and its default used.
+OPTION_KEYS = {"gradicon": ("final_steps", "penalty"),
+               "constricon": ("affine_steps", "svf_steps", "affine_channels", "integration_steps", "svf_downsample",
+                              "penalty"),
+               "sitreg": ("max_gradient", "inversion_tolerance", "penalty")}
+SIMILARITY_KEYS = {"lncc": ("sigma",), "lncc2": ("sigma",), "squared_lncc": ("sigma",), "ssd": (),
+                   "mind": ("radius", "dilation"), "mind_ssc": ("radius", "dilation"),
+                   "mindssc": ("radius", "dilation")}
+PREPROCESSING_KEYS = ("ct_window", "mri_percentile", "scale_max_to", "require_mask")
+WEIGHTS_KEYS = ("url", "sha256", "file", "bundled")
 
 
 @dataclasses.dataclass
@@ -103,7 +114,9 @@ class ModelSpec:
         """A spec from its JSON form. ``name``, ``unet``, ``input_shape``, ``similarity``, ``lambda`` and
         ``preprocessing`` are required (a default for any of them would silently change the result; the network's
         structure — architecture, levels, last step — is checked by the strict weight loading); every field is
-        checked by type and range."""
+        checked by type and range. A key that nothing would read is refused rather than ignored: any unknown key of
+        ``options`` (per architecture), ``similarity`` (per similarity), ``preprocessing`` and ``weights``, and a
+        top-level key that looks like a misspelt field (other top-level keys are kept in ``extra`` as notes)."""
         if not isinstance(data, dict):
             raise UserError(f"A model spec must be a JSON object, got {type(data).__name__}.")
         data = copy.deepcopy(dict(data))
@@ -111,6 +124,11 @@ class ModelSpec:
             data["lmbda"] = data.pop("lambda")
         known = {f.name for f in dataclasses.fields(cls)}
         extra = {k: data.pop(k) for k in list(data) if k not in known}
+        for key in extra:  # free metadata (licence, use, validation…) is kept; a misspelt field is not
+            close = difflib.get_close_matches(key, sorted((known | {"lambda"}) - {"lmbda", "extra"}), n=1, cutoff=0.8)
+            if close:
+                raise UserError(f"Model spec '{data.get('name', '?')}' has a field '{key}': did you mean "
+                                f"'{close[0]}'? (Unknown fields are kept as notes, so this one would be ignored.)")
         for required in REQUIRED_FIELDS:
             if {"lambda": "lmbda"}.get(required, required) not in data:
                 raise UserError(f"Model spec '{data.get('name', '?')}' has no '{required}' field; it is required "
@@ -180,6 +198,17 @@ def _plain_file_name(value: Any) -> bool:
             and Path(value).name == value and "\\" not in value)
 
 
+def _check_keys(spec_name: str, field: str, value: dict, allowed: tuple, context: str = "") -> None:
+    """Refuse a key of the spec object ``field`` that is not in ``allowed`` (it would be silently ignored)."""
+    for key in value:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            known = ", ".join(allowed) or "none"
+            raise UserError(f"Model spec '{spec_name}': field '{field}' has an unknown key '{key}' that would be "
+                            f"ignored ({hint}known{context}: {known}).")
+
+
 def _validate(spec: ModelSpec) -> None:
     """Check every field by type and range (a message names the field); normalise whole numbers to ``int``."""
     if not _plain_file_name(spec.name):
@@ -217,6 +246,10 @@ def _validate(spec: ModelSpec) -> None:
     if not isinstance(similarity, dict) or str(similarity.get("name", "")).lower().replace("-", "_") \
             not in SIMILARITIES:
         _fail(name, "similarity", f'{{"name": one of {", ".join(SIMILARITIES)}, …}}', similarity)
+    similarity_name = str(similarity["name"]).lower().replace("-", "_")
+    _check_keys(name, "similarity", similarity, ("name",) + SIMILARITY_KEYS[similarity_name],
+                f" for {similarity_name}")
+    spec.similarity = {**similarity, "name": similarity_name}  # one spelling for code that compares names
     for key in ("sigma", "radius", "dilation"):
         if key in similarity and (_number(similarity[key]) is None or similarity[key] <= 0):
             _fail(name, f"similarity.{key}", "a positive number", similarity[key])
@@ -227,6 +260,7 @@ def _validate(spec: ModelSpec) -> None:
     rules = spec.preprocessing
     if not isinstance(rules, dict):
         _fail(name, "preprocessing", "an object", rules)
+    _check_keys(name, "preprocessing", rules, PREPROCESSING_KEYS)
     window = rules.get("ct_window")
     if window is not None and (not isinstance(window, list) or len(window) != 2
                                or any(_number(v) is None for v in window) or window[0] >= window[1]):
@@ -241,6 +275,9 @@ def _validate(spec: ModelSpec) -> None:
     weights = spec.weights
     if not isinstance(weights, dict):
         _fail(name, "weights", '{"file", "url", "sha256"}', weights)
+    _check_keys(name, "weights", weights, WEIGHTS_KEYS)
+    if not isinstance(weights.get("bundled", False), bool):
+        _fail(name, "weights.bundled", "true or false", weights["bundled"])
     sha = weights.get("sha256")
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64
                             or any(c not in "0123456789abcdef" for c in sha.lower())):
@@ -267,8 +304,11 @@ def _validate(spec: ModelSpec) -> None:
     for key in ("max_gradient", "inversion_tolerance"):
         if key in spec.options and (_number(spec.options[key]) is None or spec.options[key] <= 0):
             _fail(name, f"options.{key}", "a positive number", spec.options[key])
+    if "max_gradient" in spec.options and spec.options["max_gradient"] >= 1:  # SITReg's updates must stay invertible
+        _fail(name, "options.max_gradient", "a number in (0, 1)", spec.options["max_gradient"])
     if "penalty" in spec.options and spec.options["penalty"] not in ("gradicon", "icon", "bending", "diffusion"):
         _fail(name, "options.penalty", "gradicon, icon, bending or diffusion", spec.options["penalty"])
+    _check_keys(name, "options", spec.options, OPTION_KEYS[spec.architecture], f" for {spec.architecture}")
     flips = spec.test_time_flips
     if not isinstance(flips, list) or not are_flip_axes([_whole(a) for a in flips]):
         _fail(name, "test_time_flips", "a list of distinct tensor axes 0, 1, 2", flips)

@@ -198,11 +198,24 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None, *, downl
 
 def write_state_dict(state: dict[str, "torch.Tensor"], out: str | Path, half: bool = True) -> Path:
     """Write ``state`` to ``out`` atomically as a plain state dict, floating-point tensors as float16 by default
-    (the shipped format, which :func:`read_state_dict` reads back as float32)."""
+    (the shipped format, which :func:`read_state_dict` reads back as float32).
+
+    Raises :class:`UserError` for a tensor that is not finite, or (``half``) whose values exceed float16's range
+    (65504), which the conversion would silently turn into infinities.
+    """
     import torch
 
     from ..io.atomic import atomic_path
 
+    largest = float(torch.finfo(torch.float16).max)
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        if not bool(torch.isfinite(value).all()):
+            raise UserError(f"The weights hold non-finite values ({key}); they were not written to '{out}'.")
+        if half and value.numel() and float(value.abs().max()) > largest:
+            raise UserError(f"{key} holds {float(value.abs().max()):.4g}, beyond float16's range ({largest:g}); "
+                            f"the float16 weights '{out}' were not written (write them as float32: half=False).")
     if half:
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     out = Path(out)
@@ -217,6 +230,8 @@ def read_state_dict(path: "str | Path | io.BytesIO", name: Optional[str] = None)
 
     Accepts a plain state dict (official ``.trch`` files), a dict with a ``"state_dict"`` or ``"model"``
     entry (training checkpoints), and strips a ``regis_net.`` prefix (a whole GradICON wrapper's dict).
+    Refuses a tensor with a NaN or infinite value (:class:`UserError`): an infinite BatchNorm variance, for one,
+    which a float16 conversion makes of a variance above 65504, zeroes its channel while the output stays finite.
     """
     import torch
 
@@ -234,7 +249,13 @@ def read_state_dict(path: "str | Path | io.BytesIO", name: Optional[str] = None)
         raise UserError(f"Weights file '{name}' does not hold a state dict of tensors.")
     if data and all(k.startswith("regis_net.") for k in data):
         data = {k[len("regis_net."):]: v for k, v in data.items()}
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in data.items()}
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in data.items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise UserError(f"Weights file '{name}' holds NaN or infinite values in {len(broken)} tensor(s) (first: "
+                        f"{broken[0]}): the weights are damaged (a diverged training run, or a float16 conversion "
+                        "of values beyond its range); use another copy.")
+    return state
 
 
 def load_state_dict_strict(net: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

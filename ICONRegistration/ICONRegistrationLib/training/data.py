@@ -38,6 +38,24 @@ class PreparedSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def check_grid(self, spec: ModelSpec, role: str) -> None:
+        """Raise :class:`UserError` unless the volumes (and labels) lie on ``spec``'s network grid: a set prepared
+        for another grid would train or validate the network at a resolution it is never used at. ``role`` names
+        the set in the message."""
+        expected = tuple(int(n) for n in spec.input_shape)
+        shapes = {tuple(self.shape), tuple(self.images.shape[2:])}
+        if self.labels is not None:
+            shapes.add(tuple(self.labels.shape[2:]))
+        if shapes != {expected}:
+            found = " and ".join("×".join(map(str, shape)) for shape in sorted(shapes))
+            raise UserError(f"The {role} data are on a {found} grid, not on the spec '{spec.name}''s network grid "
+                            f"{'×'.join(map(str, expected))}; prepare them again with this spec (iconreg train "
+                            "--data FOLDER --save-prepared).")
+
+    def identity(self) -> dict:
+        """What identifies the set in a checkpoint: its volume names (in order) and grid."""
+        return {"names": list(self.names), "shape": [int(n) for n in self.shape]}
+
     def save(self, path: str | Path) -> None:
         """A compressed ``.npz`` (float16 images, uint8 labels; about 1/6 of the raw size for skull-stripped
         brains, whose background is zero), written atomically."""

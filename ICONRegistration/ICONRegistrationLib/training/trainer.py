@@ -333,10 +333,11 @@ def draw_pairs(count: int, batch: int, generator: torch.Generator, self_pair_fra
 @torch.no_grad()
 def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_pairs: int = 20,
              symmetric: bool = False) -> dict:
-    """Mean Dice (labels of the fixed image), % voxels with det ≤ 0 and IC error (network voxels; also inside
-    the fixed image's labels, ``val_ic_error_in_labels_voxels``: per pair the mean over the labelled voxels of both
-    directions) on pairs (i, i+1) of ``data``, both directions; and the mean displacement (network voxels) when
-    volume i is registered to itself, where the right answer is the identity (``val_self_displacement_voxels``).
+    """Mean Dice (over the labels present in both images of a pair), % voxels with det ≤ 0 and IC error (network
+    voxels; also inside the fixed image's labels, ``val_ic_error_in_labels_voxels``: per pair the mean over the
+    labelled voxels of both directions) on pairs (i, i+1) of ``data``, both directions; and the mean displacement
+    (network voxels) when volume i is registered to itself, where the right answer is the identity
+    (``val_self_displacement_voxels``).
     With ``symmetric`` also the Dice of the maps made consistent (``val_dice_symmetric``, as
     ``register(symmetric=True)`` predicts)."""
     pairs = [(i, i + 1) for i in range(len(data) - 1)][:max_pairs]
@@ -383,11 +384,12 @@ def validate(net: torch.nn.Module, data: PreparedSet, device: torch.device, max_
 
 
 def _pair_dices(maps: torch.Tensor, labels_A: torch.Tensor, labels_B: torch.Tensor) -> list[float]:
-    """Mean Dice over the fixed image's labels of each direction of ``maps`` ``[Φ_AB; Φ_BA]`` (labels warped
-    nearest-neighbour; a direction whose fixed image has no labels gives none)."""
+    """Mean Dice of each direction of ``maps`` ``[Φ_AB; Φ_BA]`` over the labels present in both images (labels
+    warped nearest-neighbour; a pair without a label in common gives none)."""
     fixed = torch.cat([labels_B, labels_A])
     warped = sample_at(torch.cat([labels_A, labels_B]), maps, padding="zeros", mode="nearest").round()
-    present = [int(v) for v in torch.unique(fixed) if v != 0]
+    # the labels present in both images, as iconreg evaluate scores them (a structure one image lacks cannot match)
+    present = sorted({int(v) for v in torch.unique(labels_A)} & {int(v) for v in torch.unique(labels_B)} - {0})
     dices = []
     for k in range(2):
         scores = {label: value for label, value in dice_scores(warped[k].cpu().numpy(), fixed[k].cpu().numpy(),
@@ -581,11 +583,37 @@ def _save_snapshot(out_dir: Path, net, step: int) -> None:
 
 
 def _save_checkpoint(path: Path, net, optimizer, step: int, generator: torch.Generator, spec: ModelSpec,
-                     config: TrainingConfig) -> None:
+                     config: TrainingConfig, data: dict) -> None:
+    """The run's state after ``step`` steps; ``data`` identifies its training and validation sets
+    (:func:`_data_identity`), which a resumption must give again."""
     with atomic_path(path) as temporary:
         torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "generator": generator.get_state(), "spec": spec.to_dict(),
-                    "config": dataclasses.asdict(config)}, str(temporary))
+                    "config": dataclasses.asdict(config), "data": data}, str(temporary))
+
+
+def _data_identity(train_set: PreparedSet, validation_set: Optional[PreparedSet]) -> dict:
+    """The volume names and grids of a run's training and validation sets, kept in its checkpoint."""
+    return {"train": train_set.identity(),
+            "validation": validation_set.identity() if validation_set is not None else None}
+
+
+def _check_same_data(out_dir: Path, saved: Optional[dict], now: dict) -> None:
+    """Raise :class:`UserError` when a run is resumed on other training volumes than it was trained on, or
+    validated on other volumes than its ``best.pt`` was chosen on (checkpoints from before the check: no check;
+    a validation set given on one side only: nothing to compare)."""
+    if saved is None:
+        return
+    for role, option in (("train", "--data"), ("validation", "--val")):
+        before, after = saved.get(role), now.get(role)
+        if before is None or after is None or before == after:
+            continue
+        raise UserError(f"The run in '{out_dir}' was {'trained' if role == 'train' else 'validated'} on other "
+                        f"volumes ({len(before['names'])} on a {'×'.join(map(str, before['shape']))} grid, the first "
+                        f"'{before['names'][0] if before['names'] else ''}') than {option} gives now "
+                        f"({len(after['names'])}, the first '{after['names'][0] if after['names'] else ''}'); resume "
+                        "it with the same data, or start a new run from its weights (another --out, or --restart, "
+                        f"with --init '{out_dir / CHECKPOINT_NAME}').")
 
 
 def export_weights(checkpoint: str | Path, out: str | Path, half: bool = True) -> Path:
@@ -605,6 +633,9 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     """
     if len(train_set) < 2:
         raise UserError("Training needs at least two volumes.")
+    train_set.check_grid(spec, "training")
+    if validation_set is not None:
+        validation_set.check_grid(spec, "validation")
     if not 0 < config.penalty_fraction <= 1:
         raise UserError(f"The penalty fraction must be in (0, 1], got {config.penalty_fraction}.")
     if config.label_loss not in LABEL_LOSSES:
@@ -657,6 +688,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     if config.freeze_inner and init is None and not (resume and checkpoint_path.exists()):
         raise UserError("--freeze-inner keeps the inner network as --init gives it: a new run needs --init.")
     step = 0
+    data_identity = _data_identity(train_set, validation_set)
     if resume and checkpoint_path.exists():
         saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
         for setting, option in (("freeze_inner", "--freeze-inner"), ("symmetric_label_loss", "--symmetric-label-loss"),
@@ -668,6 +700,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                        else f"{'with' if before else 'without'} {option}")
                 raise UserError(f"The run in '{out_dir}' was trained {how}; resume it with the same setting, or "
                                 "start a new run (another --out, or --restart).")
+        _check_same_data(out_dir, saved.get("data"), data_identity)
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
         optimizer.load_state_dict(saved["optimizer"])
         # the state dict restores the saved rate; this command's rate (and schedule) applies from the next step
@@ -681,12 +714,14 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         for log in ("train_log.csv", "validation_log.csv"):  # rows written after the checkpoint are redone
             _truncate_csv(out_dir / log, step)
     else:
-        for log in ("train_log.csv", "validation_log.csv", BEST_NAME):  # a fresh run starts empty
+        if init is not None:  # first: --init may be this folder's checkpoint.pt or best.pt
+            initialise(net, init)
+        # a fresh run starts empty: also without another run's checkpoint, which a run stopped before its first
+        # checkpoint would otherwise resume
+        for log in ("train_log.csv", "validation_log.csv", BEST_NAME, CHECKPOINT_NAME):
             (out_dir / log).unlink(missing_ok=True)
         for snapshot in (out_dir / SNAPSHOT_FOLDER).glob("step_*.pt"):  # another run's: never to be averaged in
             snapshot.unlink()
-        if init is not None:
-            initialise(net, init)
     set_training_mode(net, config.freeze_inner)
     images = train_set.images
     count = len(train_set)
@@ -735,7 +770,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             **({"round_trip_voxels": f"{terms.round_trip.sqrt().item():.4f}"} if terms.round_trip is not None
                else {})})
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
+            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config, data_identity)
         if config.keep_every and step % config.keep_every == 0:
             _save_snapshot(out_dir, net, step)
         if (validation_set is not None and len(validation_set) > 1
@@ -748,7 +783,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         report(progress, "training", step / config.steps)
         if config.time_limit is not None and time.perf_counter() - start > config.time_limit \
                 and step < config.steps:
-            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config)
+            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config, data_identity)
             if validation_set is not None and len(validation_set) > 1 and last_validation.get("step") != step:
                 last_validation = {"step": step, **validate(net, validation_set, torch_device,
                                                             symmetric=config.symmetric_label_loss)}
