@@ -393,3 +393,31 @@ def test_refinements_are_checked_and_default_to_the_model():
     result = register(fixed, fixed, tiny_spec(test_time_refinements=1), fixed_modality="mri",
                       moving_modality="mri", random_weights=True, io_iterations=1, io_mode="weights")
     assert result.metrics.refinements == 0
+
+
+def test_points_that_map_outside_the_moving_box_are_counted_and_left_out_of_the_overlap_ic_error():
+    """Where Φ_AB(x) leaves the moving image's box the reverse map is only extended from its border, so the IC
+    error there measures the fields of view. The share of such points is reported (and warned about above 20 %),
+    and the mean IC error over the other points is that of the registration itself (0 for an exact affine map)."""
+    fixed, moving = oblique_pair()
+    matrix, offset = AFFINE
+    with pytest.warns(UserWarning, match="maps outside the moving image's box"):
+        result = register(fixed, moving, analytic_model(fixed, moving, matrix, offset), fixed_modality="mri",
+                          moving_modality="mri")
+    metrics = result.metrics
+    # Independently: the fixed network grid's points through T, in the moving network grid's unit coordinates.
+    grid_B = Grid.over_image(fixed, tiny_spec().input_shape)
+    grid_A = Grid.over_image(moving, tiny_spec().input_shape, align_to=grid_B)
+    points = grid_B.unit_to_physical(identity_map(grid_B.shape, dtype=torch.float64))[0].reshape(3, -1).numpy()
+    mapped = matrix @ points + offset[:, None]
+    unit = grid_A.physical_to_unit(torch.from_numpy(mapped).reshape(1, 3, -1, 1, 1))[0, :, :, 0, 0].numpy()
+    outside = ((unit < 0) | (unit > 1)).any(axis=0)
+    assert 20 < 100 * outside.mean() < 95
+    assert metrics.ic_outside_percent == pytest.approx(100 * outside.mean(), abs=0.2)
+    ic_error = sitk.GetArrayFromImage(result.ic_error).ravel()  # same point order as the grid (z, y, x)
+    assert metrics.ic_error_overlap_mean_mm < 1e-3
+    assert metrics.ic_error_mean_mm > 10 * metrics.ic_error_overlap_mean_mm
+    assert metrics.ic_error_overlap_mean_mm == pytest.approx(float(ic_error[~outside].mean()), abs=1e-4)
+    assert result.metrics.to_dict()["ic_outside_percent"] == metrics.ic_outside_percent
+    from ICONRegistrationLib.cli import _summary
+    assert f"{metrics.ic_outside_percent:.1f} % of the field maps outside the moving image; inside:" in _summary(metrics)

@@ -22,6 +22,8 @@ METRIC_ROWS = (  # (attribute path of RegistrationMetrics, label, unit)
     ("ic_error_mean_mm", "IC error mean", "mm"),
     ("ic_error_p95_mm", "IC error 95th percentile", "mm"),
     ("ic_error_max_mm", "IC error maximum", "mm"),
+    ("ic_error_overlap_mean_mm", "IC error mean where the field maps inside the moving image", "mm"),
+    ("ic_outside_percent", "Field mapped outside the moving image (IC error there is extrapolated)", "%"),
     ("total_seconds", "Time", "s"),
     ("device", "Device", ""),
     ("model", "Model", ""),

@@ -40,7 +40,14 @@ class InverseReport:
 @dataclasses.dataclass
 class QualitySummary:
     """Fold count (det J ≤ 0, voxels of the field grid) and %, Jacobian determinant statistics (unitless), and the
-    inverse-consistency error ‖Φ_BA(Φ_AB(x)) − x‖ mean / 95th percentile / maximum in mm."""
+    inverse-consistency error ‖Φ_BA(Φ_AB(x)) − x‖ mean / 95th percentile / maximum in mm.
+
+    ``ic_outside_percent`` is the share of the field's points x whose image Φ_AB(x) lies outside the moving image's
+    network grid (the box of its outermost voxel centres): there the reverse map is not defined (it is extended from its
+    border), so the IC error measures the fields of view more than the registration. ``ic_error_overlap_mean_mm``
+    is the mean IC error over the other points (``None`` when there are none); the mean, 95th percentile and maximum
+    cover every point.
+    """
 
     folds: int
     folds_percent: float
@@ -54,6 +61,8 @@ class QualitySummary:
     ic_error_mean_mm: float
     ic_error_p95_mm: float
     ic_error_max_mm: float
+    ic_outside_percent: float = 0.0
+    ic_error_overlap_mean_mm: Optional[float] = None
 
 
 @dataclasses.dataclass

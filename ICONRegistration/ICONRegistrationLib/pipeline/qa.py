@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -17,10 +19,15 @@ def physical_jacobian(displacement_mm: torch.Tensor, index_matrix: np.ndarray) -
     return displacement_jacobian_determinant(displacement_mm.float(), torch.as_tensor(index_matrix))
 
 
-def summarize_quality(jacobian: np.ndarray, ic_error_mm: np.ndarray) -> QualitySummary:
-    """Fold count and %, Jacobian min / percentiles / max, IC error mean / 95th / max (mm)."""
+def summarize_quality(jacobian: np.ndarray, ic_error_mm: np.ndarray,
+                      ic_outside: Optional[np.ndarray] = None) -> QualitySummary:
+    """Fold count and %, Jacobian min / percentiles / max, IC error mean / 95th / max (mm); with ``ic_outside``
+    (bool, same points: the forward map leaves the other image's box there) also the share of such points and the
+    mean IC error over the rest (:class:`QualitySummary`)."""
     jacobian = jacobian.ravel()
     ic_error_mm = ic_error_mm.ravel()
+    outside = np.zeros(ic_error_mm.shape, dtype=bool) if ic_outside is None else ic_outside.ravel()
+    inside_count = int(outside.size - outside.sum())
     folds = int((jacobian <= 0).sum())
     percentiles, ic_p95 = side_by_side(lambda: np.percentile(jacobian, [1, 5, 50, 95, 99]),  # one core each
                                        lambda: percentile(ic_error_mm, 95))
@@ -29,7 +36,8 @@ def summarize_quality(jacobian: np.ndarray, ic_error_mm: np.ndarray) -> QualityS
         jacobian_p1=float(percentiles[0]), jacobian_p5=float(percentiles[1]), jacobian_median=float(percentiles[2]),
         jacobian_p95=float(percentiles[3]), jacobian_p99=float(percentiles[4]), jacobian_max=float(jacobian.max()),
         ic_error_mean_mm=float(ic_error_mm.mean()), ic_error_p95_mm=float(ic_p95),
-        ic_error_max_mm=float(ic_error_mm.max()))
+        ic_error_max_mm=float(ic_error_mm.max()), ic_outside_percent=100.0 * float(outside.mean()),
+        ic_error_overlap_mean_mm=float(ic_error_mm[~outside].mean()) if inside_count else None)
 
 
 def field_jacobian(field: "sitk.Image") -> "sitk.Image":

@@ -42,6 +42,7 @@ from .qa import field_jacobian, physical_jacobian, summarize_quality
 
 FIELD_GRIDS = ("network", "fixed")
 IO_GRIDS = ("network", "fixed")  # where field-mode instance optimisation compares the images
+IC_OUTSIDE_WARNING_PERCENT = 20.0  # warn above this share of the fixed field mapped outside the moving grid
 IO_GRID_MAX_REFINEMENT = 2  # the "fixed" similarity grid has at most this many times the network grid's voxels per axis
 _SLAB_VOXELS = 1 << 22  # resample the warped image in slabs of ~4 M voxels to bound memory
 
@@ -192,12 +193,14 @@ def _scalar_image(values: torch.Tensor, grid: Grid) -> sitk.Image:
 
 def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch.Tensor], own: Grid, other: Grid,
                    field_grid: Grid, with_jacobian: bool = True
-                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Displacement (mm), Jacobian and IC error (mm) of Φ on ``field_grid``.
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Displacement (mm), Jacobian, IC error (mm) of Φ on ``field_grid``, and where Φ leaves ``other``'s box.
 
     ``displacement`` is Φ − Id on ``own``'s network grid (unit cube of ``own`` → unit cube of ``other``),
     ``back_displacement`` that of the reverse map; without it the IC error is not computed (``None``), and
-    without ``with_jacobian`` neither is the Jacobian.
+    without ``with_jacobian`` neither is the Jacobian. The last item (bool ``[1, 1, *field_grid.shape]``, with the
+    IC error) marks the points whose image Φ(x) lies outside ``other``'s network grid (the box of its outermost voxel
+    centres), where the reverse map is only extended from its border.
     """
     if field_grid == own:
         where = identity_map(own.shape, device=displacement.device)
@@ -210,13 +213,14 @@ def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch
     displacement_mm = (apply_affine(other.unit_matrix, np.array(other.origin) - np.array(own.origin), mapped)
                        - apply_affine(own.unit_matrix, np.zeros(3), where))
     jacobian = physical_jacobian(displacement_mm, field_grid.index_matrix) if with_jacobian else None
-    ic_error = None
+    ic_error = outside = None
     if back_displacement is not None:
         # Φ_back(Φ(x)) − x = moved + back(mapped), in unit coordinates of ``own``
         round_trip = moved + sample_at(back_displacement, mapped, padding="border")
         residual = apply_affine(own.unit_matrix, np.zeros(3), round_trip)
         ic_error = vector_length(residual)
-    return displacement_mm, jacobian, ic_error
+        outside = ((mapped < 0) | (mapped > 1)).any(dim=1, keepdim=True)
+    return displacement_mm, jacobian, ic_error, outside
 
 
 def _exact_inverse(forward_field: sitk.Image, grid: Grid) -> tuple[sitk.Image, InverseReport]:
@@ -623,12 +627,19 @@ def _fields_and_qa(displacement_AB: torch.Tensor, displacement_BA: torch.Tensor,
                    field_grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QualitySummary]:
     """Stage 4 (fields, QA): the forward displacement (mm), its Jacobian and the IC error (mm) on ``field_grid``,
     and their summary. Checked: all finite."""
-    forward_mm, jacobian, ic_error = _sample_fields(displacement_AB, displacement_BA, pair.grid_B, pair.grid_A,
-                                                    field_grid)
+    forward_mm, jacobian, ic_error, outside = _sample_fields(displacement_AB, displacement_BA, pair.grid_B,
+                                                             pair.grid_A, field_grid)
     for name, tensor in (("forward field", forward_mm), ("Jacobian map", jacobian),
                          ("inverse-consistency map", ic_error)):
         require_finite(tensor, f"quality-map stage ({name})", "this is a bug: please report it with the inputs")
-    return forward_mm, jacobian, ic_error, summarize_quality(jacobian.cpu().numpy(), ic_error.cpu().numpy())
+    quality = summarize_quality(jacobian.cpu().numpy(), ic_error.cpu().numpy(), outside.cpu().numpy())
+    if quality.ic_outside_percent > IC_OUTSIDE_WARNING_PERCENT:
+        warnings.warn(f"{quality.ic_outside_percent:.1f} % of the fixed image's field maps outside the moving image's "
+                      "box (the fields of view differ): the transform there is extrapolated and the IC error there "
+                      "measures that, not the registration; IC error inside the overlap: "
+                      + (f"{quality.ic_error_overlap_mean_mm:.3f} mm mean." if quality.ic_error_overlap_mean_mm
+                         is not None else "no overlap at all."), UserWarning, stacklevel=3)
+    return forward_mm, jacobian, ic_error, quality
 
 
 def _export_fields(forward_mm: torch.Tensor, displacement_BA: torch.Tensor, pair: _NetworkPair,
@@ -642,7 +653,7 @@ def _export_fields(forward_mm: torch.Tensor, displacement_BA: torch.Tensor, pair
         require_finite(sitk.GetArrayFromImage(inverse_field), "exact inverse",
                        "this is a bug: please report it with the inputs")
     else:
-        inverse_mm, _, _ = _sample_fields(displacement_BA, None, pair.grid_A, pair.grid_B, moving_field_grid,
+        inverse_mm, _, _, _ = _sample_fields(displacement_BA, None, pair.grid_A, pair.grid_B, moving_field_grid,
                                           with_jacobian=False)
         require_finite(inverse_mm, "inverse field", "this is a bug: please report it with the inputs")
         inverse_field = _field_image(inverse_mm, moving_field_grid)
