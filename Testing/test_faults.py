@@ -507,6 +507,63 @@ def test_bad_out_fails_at_once_before_any_work(setup, capsys, monkeypatch, bad_o
     assert (setup["tmp"] / "foreign-folder" / "notes.txt").read_text() == "mine"
 
 
+def test_a_results_folder_of_the_other_kind_or_the_current_folder_is_refused_before_any_work(setup, capsys,
+                                                                                          monkeypatch):
+    """`register --out` an evaluation folder deleted evaluation.json/.md (hours of work) and `evaluate --out` a
+    registration folder its transforms: any results name was accepted. `--out .` failed only after the whole
+    registration, with "Device or resource busy"."""
+    import ICONRegistrationLib.pipeline.registration as registration
+
+    monkeypatch.setattr(registration, "load_model", lambda *a, **k: pytest.fail("computation started"))
+    evaluation = setup["tmp"] / "evaluation"
+    evaluation.mkdir()
+    (evaluation / "evaluation.json").write_text("{}")
+    (evaluation / "evaluation.md").write_text("| table |")
+    args = list(setup["args"])
+    args[args.index("--out") + 1] = str(evaluation)
+    code = main(args)
+    err = capsys.readouterr().err
+    _one_line_user_error(code, err)
+    assert "not registration results (evaluation.json, evaluation.md)" in err
+    assert _snapshot(evaluation) == {"evaluation.json": b"{}", "evaluation.md": b"| table |"}
+    registered = setup["tmp"] / "registered"
+    registered.mkdir()
+    (registered / "transform.h5").write_text("mine")
+    code = main(["evaluate", "--data", str(setup["tmp"] / "pairs.csv"), "--out", str(registered)])
+    err = capsys.readouterr().err
+    _one_line_user_error(code, err)
+    assert "not evaluation results (transform.h5)" in err
+    empty = setup["tmp"] / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for out in (".", str(empty), "..", "/"):
+        args[args.index("--out") + 1] = out
+        code = main(args)
+        err = capsys.readouterr().err
+        _one_line_user_error(code, err)
+        assert "current folder" in err, err
+    assert list(empty.iterdir()) == []
+    _no_staging_left(setup["tmp"])
+
+
+def test_a_symlinked_out_folder_stays_a_link_to_the_new_results(tmp_path):
+    """A link `result -> /big/disk/result` was replaced by a real folder beside it, the new set went there and
+    the folder the link pointed to kept the old set (and the link was left behind as a hidden .result.new-…)."""
+    from ICONRegistrationLib.io import atomic
+
+    target = tmp_path / "disk" / "result"
+    target.mkdir(parents=True)
+    (target / "metrics.json").write_text("old")
+    link = tmp_path / "result"
+    link.symlink_to(target)
+    with atomic.result_folder(link) as staging:
+        (staging / "metrics.json").write_text("new")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert _snapshot(target) == {"metrics.json": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "result"]
+    _no_staging_left(target.parent)
+
+
 def test_unwritable_out_folder_fails_at_once(setup, capsys):
     if os.geteuid() == 0:
         pytest.skip("running as root: permissions do not stop root from writing")

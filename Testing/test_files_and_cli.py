@@ -195,6 +195,28 @@ def test_cli_register_writes_every_output_and_the_transform_reproduces_warped(tm
     assert abs(report["jacobian_min"] - metrics["jacobian_min"]) < 1e-3
 
 
+def test_register_without_matplotlib_writes_everything_but_the_report(tmp_path, tiny_model_files, capsys,
+                                                                      monkeypatch):
+    """matplotlib is an optional extra ('report'): without it `iconreg register` and `iconreg demo` registered, then
+    stopped with a ModuleNotFoundError traceback and wrote nothing. Now they say so first and skip report.png."""
+    import sys
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an install without the extra: the import fails
+    spec_file, weights = tiny_model_files
+    fixed_path, moving_path = _write_pair(tmp_path)
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--model", str(spec_file),
+                 "--weights", str(weights), "--device", "cpu", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed, so no report.png is written" in captured.err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz",
+                            "metrics.json"])
+    assert (f"wrote transform.h5, inverse.h5, warped.nii.gz, jacobian.nii.gz, ic_error.nii.gz, metrics.json to "
+            f"{out}\n") in captured.out
+
+
 def test_cli_models_list_info_install(tmp_path, tiny_model_files, capsys):
     assert main(["models", "list"]) == 0
     listing = capsys.readouterr().out

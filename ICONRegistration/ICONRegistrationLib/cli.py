@@ -119,6 +119,15 @@ def _warn_unused_io_options(args: argparse.Namespace) -> None:
               "--io-iterations N (N > 0): no instance optimisation runs.", file=sys.stderr)
 
 
+def _warn_if_no_report(requested: bool = True) -> None:
+    """Say so on stderr, before the work, when report.png cannot be written (matplotlib is an optional extra)."""
+    from .io.results import report_available
+
+    if requested and not report_available():
+        print("iconreg: warning: matplotlib is not installed, so no report.png is written "
+              "(pip install 'iconregistration[report]' adds it).", file=sys.stderr)
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     from .io import check_output_folder, read_image, result_folder, write_result
     from .io.transforms import check_nifti_geometry
@@ -126,6 +135,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     out = check_output_folder(args.out)
     _warn_unused_io_options(args)
+    _warn_if_no_report(not args.no_report)
     fixed = read_image(args.fixed, "fixed")
     check_nifti_geometry(fixed, out / "warped.nii.gz")  # the results' grids have the fixed image's axes
     moving = read_image(args.moving, "moving")
@@ -469,7 +479,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import busy_warning, evaluate, markdown_table, read_pairs, write_evaluation
     from .io import check_output_folder, result_folder
 
-    out = check_output_folder(args.out)
+    out = check_output_folder(args.out, kind="evaluation")
     _warn_unused_io_options(args)
     pairs = read_pairs(args.data, pairing=args.pairing, last_fraction=args.last_fraction,
                        both_directions=not args.one_direction)
@@ -488,7 +498,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                               progress=bar)
     finally:
         bar.close()
-    with result_folder(out) as staging:
+    with result_folder(out, kind="evaluation") as staging:
         write_evaluation(evaluation, staging)
     print(markdown_table(evaluation), end="")
     warning = busy_warning(evaluation)
@@ -523,6 +533,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _warn_if_no_report()
     bar = ProgressBar()
     try:
         summary = run_demo(args.out, model=args.model, device=args.device, io_iterations=args.io_iterations,

@@ -27,10 +27,16 @@ from typing import Iterator
 
 from ..errors import UserError
 
-#: Files a results folder may hold: what register, demo and evaluate write. A folder holding anything else is
-#: not a results folder and is never replaced.
-RESULT_SET_FILES = ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz",
-                    "metrics.json", "report.png", "demo.json", "evaluation.json", "evaluation.md")
+#: Files each kind of results folder may hold: what register and demo write ("registration") and what evaluate
+#: writes ("evaluation"). A folder holding anything else, or files of the other kind, is not a results folder of
+#: that kind and is never replaced by it (a registration into an evaluation folder would delete hours of work).
+RESULT_SET_KINDS = {
+    "registration": ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "ic_error.nii.gz",
+                     "metrics.json", "report.png", "demo.json"),
+    "evaluation": ("evaluation.json", "evaluation.md"),
+}
+#: Every file name a results folder of any kind may hold.
+RESULT_SET_FILES = tuple(name for names in RESULT_SET_KINDS.values() for name in names)
 
 
 def _umask() -> int:
@@ -149,22 +155,34 @@ def check_output_file(path: str | Path, option: str = "--out", suffixes: tuple[s
     return path
 
 
-def check_output_folder(path: str | Path, option: str = "--out") -> Path:
-    """Validate a results folder before any work: not empty, not an existing file, new or empty or an earlier
-    results folder (only :data:`RESULT_SET_FILES`), and its parent writable."""
+def check_output_folder(path: str | Path, option: str = "--out", kind: str = "registration") -> Path:
+    """Validate a results folder before any work: not empty, not an existing file, not the current folder (nor
+    '.', '..' or the root: a folder is replaced by renaming, which these names cannot be), new or empty or an
+    earlier results folder of the same ``kind`` (only its :data:`RESULT_SET_KINDS` files), and its parent
+    writable."""
     if path is None or str(path).strip() == "":
         raise UserError(f"{option} is empty; give a folder name.")
     path = Path(path)
+    if path.name in ("", ".", "..") or _is_current_folder(path):
+        raise UserError(f"{option} '{path}' is the current folder, its parent or the root; results replace the "
+                        "whole folder, so give the name of a new folder, e.g. 'result'.")
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} '{path}' is an existing file, not a folder.")
     if path.is_dir():
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in RESULT_SET_FILES)
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in RESULT_SET_KINDS[kind])
         if foreign:
-            raise UserError(f"{option} '{path}' holds files that are not registration results "
+            raise UserError(f"{option} '{path}' holds files that are not {kind} results "
                             f"({', '.join(foreign[:3])}{'…' if len(foreign) > 3 else ''}); results replace the "
                             "whole folder, so choose a new or empty folder.")
     _check_writable_folder(path.parent, option)
     return path
+
+
+def _is_current_folder(path: Path) -> bool:
+    try:
+        return path.resolve() == Path.cwd().resolve()
+    except OSError:  # the current folder was deleted
+        return False
 
 
 def _check_writable_folder(folder: Path, option: str) -> None:
@@ -224,10 +242,14 @@ def _signals_deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def result_folder(path: str | Path) -> Iterator[Path]:
+def result_folder(path: str | Path, kind: str = "registration") -> Iterator[Path]:
     """Yield a new hidden sibling folder of ``path`` to write a complete result set into; on success it replaces
-    ``path`` in one step (see the module docstring); on any failure it is removed and ``path`` is untouched."""
-    path = check_output_folder(path)
+    ``path`` in one step (see the module docstring); on any failure it is removed and ``path`` is untouched.
+    ``kind``: which results the folder holds (:data:`RESULT_SET_KINDS`). A symbolic link to a folder stays a link:
+    the folder it points to is replaced."""
+    path = check_output_folder(path, kind=kind)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))

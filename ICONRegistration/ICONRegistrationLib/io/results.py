@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -23,11 +24,17 @@ def write_json(data: dict, path: str | Path) -> Path:
     return path
 
 
+def report_available() -> bool:
+    """Whether matplotlib, which ``report.png`` needs (the optional ``report`` extra), is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_result(result: "RegistrationResult", folder: str | Path, *, fixed: Optional[sitk.Image] = None,
                  moving: Optional[sitk.Image] = None, report: bool = True) -> dict[str, Path]:
     """Write transform.h5, inverse.h5, warped/jacobian/ic_error .nii.gz, metrics.json and report.png.
 
-    ``report.png`` needs ``fixed`` and ``moving`` (and matplotlib). Returns the paths written by name.
+    ``report.png`` needs ``fixed`` and ``moving`` and matplotlib (without it the report is skipped, see
+    :func:`report_available`). Returns the paths written by name.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,7 +46,7 @@ def write_result(result: "RegistrationResult", folder: str | Path, *, fixed: Opt
         "ic_error": write_image(result.ic_error, folder / "ic_error.nii.gz"),
         "metrics": write_json(result.metrics.to_dict(), folder / "metrics.json"),
     }
-    if report and fixed is not None and moving is not None:
+    if report and fixed is not None and moving is not None and report_available():
         from .report import write_report  # matplotlib is only needed here
         written["report"] = write_report(folder / "report.png", fixed, moving, result)
     return written
