@@ -37,3 +37,73 @@ def test_bench_register_pairs_each_register_run_with_a_forward_pass(tmp_path):
     assert 1.3 < result["ratio_paired_median"] < 8
     assert "median of the paired repeats" in process.stdout
     assert "ratio paired (median)" in process.stdout
+
+
+# ---- what the other benchmarks compare (fast: no timing is asserted) -------------------------------------------
+def _bench_module(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_subset_has_as_many_penalty_points_as_gradient_icon_sparse():
+    torch = pytest.importorskip("torch")
+    bench = _bench_module("bench_train_step")
+    from ICONRegistrationLib.core.losses import jittered_identity
+    for config in bench.CONFIGS.values():
+        ours = jittered_identity(config.shape, fraction=bench.subset_fraction(config.shape)).shape[2]
+        reference = torch.zeros(config.shape)[::2, ::2, ::2].numel()  # GradientICONSparse's [:, :, ::2, ::2, ::2]
+        assert ours == reference, config.name  # 65³: 35,937 points each (an eighth would be 34,328)
+
+
+def test_train_step_equivalence_check_agrees_with_the_reference_on_the_training_layout():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("icon_registration")
+    bench = _bench_module("bench_train_step")
+    tiny = bench.Config("small UNets, 33³, batch 1", bench.SMALL, 2, (33, 33, 33), 1)
+    check = bench.check_equivalence(tiny, torch.device("cpu"))
+    for key in ("full", "sparse"):
+        assert check[key]["objective_rel"] < 1e-4, check
+        assert check[key]["gradient_rel"] < 1e-3, check
+
+
+def test_peak_memory_is_reported_in_gb_from_kib(monkeypatch):
+    import resource
+    from types import SimpleNamespace
+    bench = _bench_module("bench_train_step")
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=1_000_000))  # KiB on Linux
+    assert bench._peak_rss_gb() == pytest.approx(1.024)  # 10⁹ bytes, as bench_register's columns (not GiB)
+
+
+def test_instance_optimization_field_mode_predicts_once_outside_the_timed_calls(monkeypatch):
+    torch = pytest.importorskip("torch")
+    bench = _bench_module("bench_instance_optimization")
+    from ICONRegistrationLib.pipeline import registration
+    calls = []
+    predict = registration._predict_both_directions
+    monkeypatch.setattr(registration, "_predict_both_directions", lambda *a, **k: calls.append(1) or predict(*a, **k))
+    result = bench.run_one("gradicon-hippocampus", "fields", 1, torch.get_num_threads(), random_weights=True)
+    # the prediction's run-to-run spread used to enter the difference of the two timed calls (3 predictions)
+    assert len(calls) == 1
+    assert result["seconds_per_iteration"] > 0 and result["peak_gb"] > 0
+
+
+def test_gpu_matmul_reference_runs_at_the_convolutions_precision():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("SimpleITK")
+    bench = _bench_module("bench_register")
+    from types import SimpleNamespace
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default for matrix products; cuDNN convs: TF32
+    try:
+        with bench.matmul_precision_of_convolutions(SimpleNamespace(type="cuda")) as precision:
+            assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32
+            assert precision == ("tf32" if torch.backends.cudnn.allow_tf32 else "fp32")
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # restored
+        with bench.matmul_precision_of_convolutions(torch.device("cpu")) as precision:
+            assert precision == "fp32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

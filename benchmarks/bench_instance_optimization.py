@@ -3,7 +3,11 @@
 For each model (default: the hippocampus model's 36×48×36 grid and the brain model's 80×96×80 grid) the same image
 pair (smooth synthetic volumes on the model's grid) runs ``--iterations`` steps of each mode after one warm-up
 step; the table gives seconds per iteration, the ratio (target: field mode ≤ 1/10 of the weight mode) and the
-peak resident memory of each mode (each in its own process, so peaks do not mix).
+peak resident memory of each mode in GB (10⁹ bytes; each mode in its own process, so peaks do not mix).
+
+Seconds per iteration = (time of ``--iterations`` steps − time of zero steps) / iterations. The field mode's network
+prediction runs once, before and outside both timed calls: timed inside each, its run-to-run spread (it costs more
+than a few field iterations) went straight into that difference.
 
     PYTHONPATH=ICONRegistration python benchmarks/bench_instance_optimization.py [--models a,b] [--iterations 5]
 """
@@ -42,8 +46,8 @@ def _pair(shape, seed: int = 0):
     return volumes
 
 
-def run_one(model: str, mode: str, iterations: int, threads: int) -> dict:
-    """Time one mode in this process."""
+def run_one(model: str, mode: str, iterations: int, threads: int, random_weights: bool = False) -> dict:
+    """Time one mode in this process (``random_weights``: the model's architecture without its weights, for tests)."""
     import torch
 
     from ICONRegistrationLib.core.losses import make_similarity
@@ -52,10 +56,14 @@ def run_one(model: str, mode: str, iterations: int, threads: int) -> dict:
     from ICONRegistrationLib.pipeline.registration import _predict_both_directions
 
     torch.set_num_threads(threads)
-    loaded = load_model(model, device="cpu")
+    loaded = load_model(model, device="cpu", random_weights=random_weights)
     spec = loaded.spec
     image_A, image_B = _pair(tuple(spec.input_shape))
     similarity = make_similarity(**spec.similarity)
+    maps = None
+    if mode == "fields":  # the starting point, once and untimed (optimize_fields does not modify it)
+        with torch.no_grad():
+            maps = _predict_both_directions(loaded.net, image_A, image_B, None)
 
     def once(steps: int) -> float:
         start = time.perf_counter()
@@ -63,17 +71,15 @@ def run_one(model: str, mode: str, iterations: int, threads: int) -> dict:
             optimize_instance(loaded.net, image_A, image_B, iterations=steps, similarity=similarity,
                               lmbda=spec.lmbda, penalty=spec.penalty)
         else:
-            with torch.no_grad():
-                maps = _predict_both_directions(loaded.net, image_A, image_B, None)
             optimize_fields(maps, image_A, image_B, iterations=steps, similarity=similarity, lmbda=spec.lmbda)
         return time.perf_counter() - start
 
     once(1)  # warm-up (allocations, oneDNN primitives)
-    base = once(0)  # what does not depend on the iteration count (prediction, final objective)
+    base = once(0)  # what does not depend on the iteration count (setup, final objective)
     total = once(iterations)
     return {"model": model, "mode": mode, "grid": "×".join(map(str, spec.input_shape)),
             "seconds_per_iteration": (total - base) / iterations,
-            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}  # ru_maxrss: KiB (Linux)
 
 
 def main(argv=None) -> int:

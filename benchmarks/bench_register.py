@@ -28,6 +28,7 @@ Only torch, numpy and SimpleITK (and the package itself) are needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -195,8 +196,29 @@ def forward_flops(net: torch.nn.Module, forward) -> float:
     return total[0]
 
 
+@contextlib.contextmanager
+def matmul_precision_of_convolutions(device: torch.device):
+    """Within the block, float32 matrix products run at the precision the forward pass's convolutions use; yields
+    its name. On CUDA, PyTorch lets cuDNN convolutions use TF32 by default but not cuBLAS matrix products, so an
+    fp32 matmul rate would be the wrong reference for a TF32 forward pass."""
+    if device.type != "cuda":
+        yield "fp32"
+        return
+    try:
+        previous, tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # TF32 set through PyTorch's newer fp32_precision API: leave it alone
+        yield "fp32 (TF32 settings not read)"
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield "tf32" if tf32 else "fp32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def matmul_throughput(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Best measured float32 dense matrix-multiply rate (GFLOP/s): the reference for the forward pass's rate."""
+    """Best measured dense matrix-multiply rate of float32 inputs (GFLOP/s), at the precision set by the caller
+    (see :func:`matmul_precision_of_convolutions`): the reference for the forward pass's rate."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     torch.mm(a, b)
@@ -252,7 +274,9 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     result["forward_all_s"] = times
     result["forward_peak_bytes"] = memory.stop()
     result["forward_gflop"] = forward_flops(net, forward) / 1e9
-    result["matmul_gflops"] = matmul_throughput(device)
+    with matmul_precision_of_convolutions(device) as precision:
+        result["matmul_gflops"] = matmul_throughput(device)
+    result["matmul_precision"] = precision
     result["forward_gflops"] = result["forward_gflop"] / result["forward_s"]
     gc.collect()
 
@@ -347,7 +371,7 @@ def table(results: list[dict]) -> str:
               "network both dirs (s)", "QA (s)", "export (s)", "ratio total/forward", "ratio excl. load",
               "ratio paired (median)",
               "peak memory forward (GB)", "peak memory register (GB)", "forward GFLOP", "forward GFLOP/s",
-              "share of fp32 matmul rate"]
+              "share of matmul rate (convolutions' precision)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in results:
         if "error" in r:
@@ -359,7 +383,8 @@ def table(results: list[dict]) -> str:
                f"{s.get('export', 0):.2f}", f"{r['ratio_total_forward']:.2f}",
                f"{r['ratio_total_excl_load_forward']:.2f}", _paired(r), _gb(r["forward_peak_bytes"]),
                _gb(r["register_peak_bytes"]), f"{r['forward_gflop']:.1f}", f"{r['forward_gflops']:.1f}",
-               f"{100 * r['forward_gflops'] / r['matmul_gflops']:.0f} % of {r['matmul_gflops']:.0f}"]
+               f"{100 * r['forward_gflops'] / r['matmul_gflops']:.0f} % of {r['matmul_gflops']:.0f} "
+               f"({r.get('matmul_precision', 'fp32')})"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
