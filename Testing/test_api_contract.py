@@ -90,13 +90,14 @@ def test_instance_optimisation_across_modalities_with_a_same_modality_similarity
     import warnings
 
     fixed = make_image(blob_volume((20, 22, 24), seed=1))
+    fixed_ct = make_image(blob_volume((20, 22, 24), seed=1) - 1000)  # in HU: air at −1000
     moving = make_image(blob_volume((20, 22, 24), seed=2))
     common = dict(random_weights=True, io_iterations=1)
     with pytest.warns(UserWarning, match="compares a CT image with a MRI image by lncc"):
-        register(fixed, moving, tiny_spec(), fixed_modality="ct", moving_modality="mri", **common)
+        register(fixed_ct, moving, tiny_spec(), fixed_modality="ct", moving_modality="mri", **common)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        register(fixed, moving, tiny_spec(), fixed_modality="ct", moving_modality="mri",
+        register(fixed_ct, moving, tiny_spec(), fixed_modality="ct", moving_modality="mri",
                  io_similarity="squared_lncc", **common)
         register(fixed, moving, tiny_spec(), fixed_modality="mri", moving_modality="mri", **common)
 

@@ -511,6 +511,85 @@ def test_ct_with_padding_outside_the_field_of_view_is_guessed_as_ct():
     assert guess_modality(np.full(100, -32768.0, dtype=np.float32)) == "mri"  # nothing but padding: no evidence
 
 
+def test_mri_padding_outside_the_field_of_view_normalises_to_background():
+    """An int16 MRI padded with −32768 outside its field of view was normalised from that minimum: the tissue went to
+    0.976–1.0 of the network's input range, a nearly constant image. Padding (one value ≤ −3100, every other voxel
+    above) is now left out of the minimum and the percentile and becomes 0."""
+    import numpy as np
+
+    from ICONRegistrationLib.pipeline.preprocessing import normalize_intensities
+
+    rules = {"mri_percentile": 99}
+    tissue = np.random.default_rng(0).gamma(3.0, 100.0, size=(30, 20, 20)).astype(np.int16)
+    for padding in (-32768, -3200):
+        padded = tissue.copy()
+        padded[:6] = padding
+        got = normalize_intensities(padded.astype(np.float32), "mri", rules)
+        np.testing.assert_array_equal(got[6:], normalize_intensities(padded[6:].astype(np.float32), "mri", rules))
+        assert np.all(got[:6] == 0.0) and float(np.percentile(got[6:], 1)) < 0.1, padding
+    # values that reach below −3100 continuously are image, not padding: the minimum still counts
+    spread = np.random.default_rng(1).normal(0.0, 5000.0, size=(30, 20, 20)).astype(np.float32)
+    with pytest.warns(UserWarning, match="looks like CT"):  # 1 % of it below −200
+        normalised = normalize_intensities(spread, "mri", rules)
+    assert float(normalised.reshape(-1)[np.argmin(spread)]) == 0.0 and np.count_nonzero(normalised == 0.0) == 1
+
+
+def test_a_modality_that_contradicts_the_intensities_warns():
+    """An MRI (or a CT stored without its rescale intercept) given as CT went through the [−1000, 1000] HU window
+    without a word: soft tissue stored at ~1064 saturated at 1.0, air at 0.51. A CT given as MRI skipped the CT window
+    silently. Both warn now; matching modalities do not."""
+    import warnings
+
+    import numpy as np
+
+    from ICONRegistrationLib.pipeline.preprocessing import normalize_intensities
+
+    rng = np.random.default_rng(2)
+    rules = {"ct_window": [-1000, 1000], "mri_percentile": 99}
+    mri = rng.gamma(3.0, 100.0, size=(30, 20, 20)).astype(np.float32)
+    raw_ct = (rng.normal(40.0, 20.0, size=(30, 20, 20)) + 1024).astype(np.uint16)
+    raw_ct[:5] = 24  # air, stored without the −1024 intercept
+    ct = raw_ct.astype(np.float32) - 1024
+    for image in (mri, raw_ct):
+        with pytest.warns(UserWarning, match="given as CT but has no voxel below 0 HU"):
+            normalize_intensities(image, "ct", rules, role="fixed")
+    with pytest.warns(UserWarning, match="given as MRI but looks like CT"):
+        normalize_intensities(ct, "mri", rules)
+    padded_ct = ct.copy()
+    padded_ct[:2] = -3024  # padding is not evidence either way
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for image in (ct, padded_ct):
+            normalize_intensities(image, "ct", rules)
+        normalize_intensities(mri, "mri", rules)
+        normalize_intensities(mri, "ct", {"scale_max_to": 0.9})  # this model ignores the modality
+
+
+def test_mri_with_a_small_object_in_a_large_background_warns():
+    """The 99th percentile over all voxels (uniGradICON's rule, kept) lies inside the anatomy when the background
+    fills > 96 % of the image: 2 % of tissue had half its voxels clipped to 1.0 without a word."""
+    import warnings
+
+    import numpy as np
+
+    from ICONRegistrationLib.pipeline.preprocessing import normalize_intensities
+
+    rng = np.random.default_rng(4)
+    rules = {"mri_percentile": 99}
+    small = np.zeros((50, 50, 50), np.float32)
+    small[:10, :10, :25] = rng.gamma(3.0, 100.0, size=(10, 10, 25)) + 1  # 2 % of the voxels
+    with pytest.warns(UserWarning, match="mostly background"):
+        normalize_intensities(small, "mri", rules, role="moving")
+    brain_like = np.zeros((50, 50, 50), np.float32)
+    brain_like[:15] = rng.gamma(3.0, 100.0, size=(15, 50, 50)) + 1  # 30 % foreground, as skull-stripped brains
+    binary = np.zeros((50, 50, 50), np.float32)
+    binary[:10, :10, :25] = 1000.0  # nothing above the percentile's value: nothing clipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        normalize_intensities(brain_like, "mri", rules)
+        normalize_intensities(binary, "mri", rules)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_field_image_from_the_gpu_equals_the_cpu_one():
     import numpy as np

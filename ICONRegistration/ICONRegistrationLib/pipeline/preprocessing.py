@@ -4,12 +4,15 @@ Rules read from ``spec.preprocessing``:
 
 * ``scale_max_to: s`` — multiply by ``s / max`` whatever the modality (GradICON brain: 0.9).
 * CT (``ct_window: [lo, hi]``, HU) — clamp to the window, map to [0, 1].
-* MRI (``mri_percentile: p``) — clamp to [min, p-th percentile], map to [0, 1].
+* MRI (``mri_percentile: p``) — clamp to [min, p-th percentile], map to [0, 1]. Padding outside a scanner's field
+  of view (one value at or below :data:`CT_PADDING_BELOW`, −32768, −3024…, with every other voxel above it) is not
+  image: it is left out of the minimum and the percentile and becomes 0, the background.
 * ``require_mask: true`` — the model needs a mask (GradICON lung); masks multiply the normalised image.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -42,6 +45,56 @@ def check_modality(modality: Optional[str], array: np.ndarray, role: str) -> str
     return value
 
 
+def _without_padding(array: np.ndarray, minimum: float) -> np.ndarray:
+    """The voxels of ``array`` that are not padding (a copy, 1-D), or ``array`` itself when it has none. Padding is
+    one value, ``minimum`` ≤ :data:`CT_PADDING_BELOW`, that a scanner or converter fills in outside its field of
+    view (−32768, −3024…), with every other voxel above :data:`CT_PADDING_BELOW`; an image whose values reach below
+    that continuously (or that is nothing but padding) has none."""
+    if minimum > CT_PADDING_BELOW:
+        return array
+    image = array[array > CT_PADDING_BELOW]
+    if image.size == 0 or array.size - image.size != int(np.count_nonzero(array == minimum)):
+        return array
+    return image
+
+
+def _check_modality_fits(image: np.ndarray, minimum: float, modality: str, role: str) -> None:
+    """Warn when the intensities of ``image`` (the voxels without padding; smallest ``minimum``) contradict
+    ``modality``: a "CT" without a single voxel below 0 HU (no air, lung or fat: not Hounsfield units — an MRI, or CT
+    stored without its rescale intercept, whose tissue then saturates at the window's top), or an "MRI" that looks
+    like CT in HU (:func:`guess_modality`; its min…percentile range is then used instead of the model's CT window).
+    Allowed, but the network then sees inputs unlike those it was trained on."""
+    if modality == "ct" and minimum >= 0.0:
+        warnings.warn(f"The {role} image was given as CT but has no voxel below 0 HU (its minimum is "
+                      f"{minimum:g}): no air, lung or fat, so it is probably not in Hounsfield units "
+                      "(an MRI, or CT stored without its rescale intercept) and the CT window saturates it; "
+                      "choose the modality mri, or convert it to HU.", UserWarning, stacklevel=3)
+    elif modality == "mri" and guess_modality(image) == "ct":
+        warnings.warn(f"The {role} image was given as MRI but looks like CT in Hounsfield units (1 % of its voxels "
+                      "are below -200, like air): MRI normalisation ignores the model's CT window; choose the "
+                      "modality ct (or auto) for CT.", UserWarning, stacklevel=3)
+
+
+#: warn when more than this share of the voxels above an MRI's minimum (its foreground) saturate at the percentile
+SATURATED_FOREGROUND_WARNING = 0.25
+
+
+def _check_foreground_share(image: np.ndarray, low: float, high: float, role: str) -> None:
+    """Warn when the MRI clamp ``[low, high]`` saturates more than :data:`SATURATED_FOREGROUND_WARNING` of the voxels
+    above ``low``: the percentile is taken over all voxels, so a background at the minimum that fills more than ~96 %
+    of the image (a small object in a large field of view) puts it inside the anatomy, which then looks flat. Estimated
+    on a strided sample of about 2^16 voxels (a warning, not a result)."""
+    flat = image.reshape(-1)
+    sample = flat[::max(1, flat.size // (1 << 16))]
+    foreground = int(np.count_nonzero(sample > low))
+    saturated = int(np.count_nonzero(sample > high))
+    if foreground and saturated > SATURATED_FOREGROUND_WARNING * foreground:
+        warnings.warn(f"The {role} image is mostly background: its intensity percentile clips about "
+                      f"{100.0 * saturated / foreground:.0f} % of the voxels above its minimum to the same value, so "
+                      "the network sees that part of the anatomy flat; crop the image to the anatomy.",
+                      UserWarning, stacklevel=3)
+
+
 def normalize_intensities(array: np.ndarray, modality: str, rules: dict, mask: Optional[np.ndarray] = None,
                           role: str = "input") -> np.ndarray:
     """Map voxels to the network's intensity range (float32, typically [0, 1]); ``array`` is not modified."""
@@ -53,13 +106,20 @@ def normalize_intensities(array: np.ndarray, modality: str, rules: dict, mask: O
             raise UserError(f"The {role} image has no positive intensity; this model scales by the maximum.")
         result = array * (float(rules["scale_max_to"]) / peak)
     else:
+        minimum = float(array.min())
+        image = _without_padding(array, minimum)
+        image_minimum = minimum if image is array else float(image.min())
+        _check_modality_fits(image, image_minimum, modality, role)
         if modality == "ct":
             low, high = (float(v) for v in rules.get("ct_window", (-1000.0, 1000.0)))
         else:
-            low = float(array.min())
-            high = percentile(array, float(rules.get("mri_percentile", 99)))
+            low = image_minimum
+            high = percentile(image, float(rules.get("mri_percentile", 99)))
             if high <= low:  # mostly-background images: fall back to the full range
-                high = float(array.max())
+                high = float(image.max())
+            if high <= low:  # constant but for its padding: the padding is the only contrast
+                low, high = minimum, float(array.max())
+            _check_foreground_share(image, low, high, role)
         # float64: the range of a float32 image can exceed float32 (±3e38 voxels), its normalised values cannot.
         # NumPy's (clip(array) − low) / (high − low) in float64, bit for bit, in torch's threads. torch is imported
         # here, not above: guess_modality serves the Slicer form, which must not load torch.
