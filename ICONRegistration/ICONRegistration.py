@@ -153,6 +153,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.onCancel()
+        self._outputs = None  # its nodes go with the scene, and their IDs are reused by the next one's
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -287,7 +288,11 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateParameterNodeFromGUI()
         if self._outputs is not None:
             overlay = self.logic.settings(self._parameterNode, strict=False).overlay
-            self.logic.showResults(self._outputs, overlay=overlay)
+            try:
+                self.logic.showResults(self._outputs, overlay=overlay)
+            except UserError as error:  # its nodes were removed meanwhile
+                self._outputs = None
+                self.ui.statusLabel.text = str(error)
 
     # ----- register ---------------------------------------------------------------------------------
     def onRegister(self):
@@ -367,6 +372,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self._outputs = self.logic.createOutputNodes(fixed, moving, result, settings, inputs)
         except UserError as error:
+            self.ui.statusLabel.text = "Failed."
             slicer.util.errorDisplay(str(error))
             return
         self.logic.showResults(self._outputs, fixed, overlay=settings.overlay)

@@ -336,6 +336,27 @@ def test_cancel_through_progress_callback(tmp_path, tiny_model_files):
     assert np.array_equal(sitk.GetArrayFromImage(moving), before)
 
 
+@pytest.mark.parametrize("options", [{"flips": [0]}, {"refinements": 1}, {"io_iterations": 2},
+                                     {"flips": [0], "io_iterations": 2}])
+def test_each_progress_stage_runs_once_monotonically_to_one(tiny_model_files, options):
+    """The network stage reported 1.0 twice with flips or refinements, and with instance optimisation it came back
+    after it ("network 100 %" once optimisation had finished), as if the network ran again."""
+    spec_file, weights = tiny_model_files
+    loaded = load_model(str(spec_file), weights, device="cpu")
+    fixed = make_image(blob_volume((30, 30, 30), seed=1))
+    moving = make_image(blob_volume((30, 30, 30), seed=2))
+    calls = []
+    register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri",
+             progress=lambda stage, fraction: calls.append((stage, fraction)), **options)
+    order = [stage for index, (stage, _) in enumerate(calls) if index == 0 or calls[index - 1][0] != stage]
+    assert len(order) == len(set(order)), order
+    expected = ["preprocessing", "network"] + (["instance optimisation"] if "io_iterations" in options else [])
+    assert order == expected + ["quality maps", "export"]
+    for stage in order:
+        fractions = [fraction for name, fraction in calls if name == stage]
+        assert fractions == sorted(fractions) and fractions.count(1.0) == 1 and fractions[-1] == 1.0, (stage, calls)
+
+
 @pytest.mark.parametrize("mode,iterations,learning_rate", [("weights", 4, 1e-3), ("fields", 20, None)])
 def test_instance_optimisation_lowers_the_objective_and_restores_the_cached_model(tiny_model_files, mode,
                                                                                   iterations, learning_rate):

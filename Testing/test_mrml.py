@@ -388,6 +388,46 @@ def test_a_result_whose_inputs_moved_or_changed_while_it_ran_is_dropped(scene):
     assert moving_node.GetParentTransformNode() is outputs.transform
 
 
+def test_a_result_whose_inputs_were_removed_or_whose_scene_was_closed_while_it_ran_is_dropped(scene):
+    """The scene stays editable while the module registers in the background. A result whose input volume was
+    deleted meanwhile used to be placed anyway (outputs referring to a node no longer in the scene); after a scene
+    close, the next scene's nodes reuse the old IDs, so the result's references and the slice views named another
+    patient's volumes. Both are refused now, and no node is added."""
+    fixed, moving = oblique_pair()
+    logic = ICONRegistrationLogic(scene)
+    settings = RegistrationSettings(fixedModality="mri", movingModality="mri")
+    for change in ("remove moving", "remove fixed", "close scene"):
+        scene.Clear(0)
+        fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+        inputs = logic.prepareInputs(fixed_node, moving_node)
+        result = logic.runRegistration(inputs, settings, loaded_model=analytic_model(fixed, moving, *AFFINE))
+        if change == "close scene":
+            scene.Clear(0)
+            for index in range(2):  # the next patient's volumes get the old nodes' IDs
+                volume_node(scene, moving, f"other {index}")
+            assert scene.GetNodeByID(moving_node.GetID()) is not None
+        else:
+            scene.RemoveNode(moving_node if change == "remove moving" else fixed_node)
+        before = node_ids(scene)
+        with pytest.raises(UserError, match="was removed from the scene while registering"):
+            logic.createOutputNodes(fixed_node, moving_node, result, settings, inputs)
+        assert node_ids(scene) == before
+
+    # outputs kept across a scene close (the module's overlay buttons) are not shown in place of other nodes
+    scene.Clear(0)
+    fixed_node, moving_node = volume_node(scene, fixed, "fixed"), volume_node(scene, moving, "moving")
+    outputs = logic.register(fixed_node, moving_node, analytic_model(fixed, moving, *AFFINE), fixedModality="mri",
+                             movingModality="mri", outputMode="warped")
+    scene.Clear(0)
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    for index in range(6):
+        volume_node(scene, fixed, f"other {index}")
+    assert scene.GetNodeByID(outputs.output_volume.GetID()) is not None  # an ID now naming another volume
+    with pytest.raises(UserError, match="no longer in the scene"):
+        logic.showResults(outputs, overlay="ic")
+    assert composite.GetForegroundVolumeID() is None
+
+
 def test_registering_a_volume_left_under_an_earlier_result_says_to_take_it_out(scene):
     """In the default output mode the moving volume stays under the result. Registering it again used to advise
     hardening that transform, which registers the warped voxels and loses the original."""

@@ -260,6 +260,34 @@ def test_interrupted_download_leaves_no_file(cache, checkpoint, monkeypatch):
     assert _files(cache) == []
 
 
+def test_download_without_content_length_reports_its_end(cache, checkpoint, monkeypatch):
+    """A server that sends no Content-Length (a chunked transfer): the stage stayed at 0 % to the end."""
+    source, _, digest = checkpoint
+
+    class Chunked:
+        headers: dict = {}
+
+        def __init__(self):
+            self.stream = open(source, "rb")
+
+        def read(self, size):
+            return self.stream.read(size)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+            return False
+
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Chunked())
+    calls = []
+    download_weights(_spec(url="https://example.invalid/tiny.pt", sha256=digest),
+                     progress=lambda stage, fraction: calls.append(fraction))
+    assert calls[-1] == 1.0 and calls.count(1.0) == 1 and calls == sorted(calls)
+
+
 def test_download_without_url_or_unreachable_url(cache, tmp_path):
     with pytest.raises(UserError, match="no download URL"):
         download_weights(_spec())

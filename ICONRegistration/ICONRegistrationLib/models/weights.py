@@ -162,6 +162,8 @@ def download_weights(model: "str | ModelSpec", progress: Optional[ProgressCallba
                     out.write(block)
                     done += len(block)
                     report(progress, f"downloading {spec.name}", done / total if total else 0.0)
+                if not total:  # no Content-Length: the stage ends at the end of the stream
+                    report(progress, f"downloading {spec.name}", 1.0)
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
             # refused, unreachable, dropped mid-way, not speaking HTTP, a chunked transfer cut short
             raise UserError(f"Could not download the weights of '{spec.name}' ({error}). "

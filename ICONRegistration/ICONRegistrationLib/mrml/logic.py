@@ -294,8 +294,13 @@ class ICONRegistrationLogic:
         With ``inputs`` (from :meth:`prepareInputs`), a result whose input volumes were moved (parent transform
         changed, added or removed), resampled or edited since they were copied is a :class:`UserError`: the
         engine registered the volumes as they were, and placing its outputs on the volumes as they are would put
-        them in the wrong place without a word.
+        them in the wrong place without a word. So is a result whose input volumes were removed from the scene
+        (or whose scene was closed) meanwhile: node IDs are reused, so its references would name other nodes.
         """
+        for node in (fixedVolumeNode, movingVolumeNode):
+            if node is None or not self.scene.IsNodePresent(node):
+                raise UserError(f"'{node.GetName() if node is not None else 'an input volume'}' was removed from the "
+                                "scene while registering; that result was dropped. Register again.")
         if inputs is not None and inputs.state != (input_state(fixedVolumeNode), input_state(movingVolumeNode)):
             raise UserError(f"'{fixedVolumeNode.GetName()}' or '{movingVolumeNode.GetName()}' was moved or changed "
                             "while registering (transform, geometry or voxels); that result was dropped. "
@@ -381,6 +386,10 @@ class ICONRegistrationLogic:
         number of views set (0 when the scene has no layout)."""
         if overlay not in OVERLAYS:
             raise UserError(f"Unknown overlay '{overlay}': use {', '.join(OVERLAYS)}.")
+        if any(not self.scene.IsNodePresent(node) for node in outputs.nodes() + [fixedVolumeNode] if node is not None):
+            # after a scene close, other nodes may carry the removed nodes' IDs: never show those in their place
+            raise UserError("That registration's nodes are no longer in the scene (removed, or the scene was "
+                            "closed); register again.")
         if fixedVolumeNode is None and outputs.transform is not None:
             fixedVolumeNode = outputs.transform.GetNodeReference(outputs.transform.GetFixedNodeReferenceRole())
         overlay_node, opacity = {"folds": (outputs.jacobian, display.FOLD_OVERLAY_OPACITY),

@@ -120,7 +120,7 @@ def _predict_both_directions(net: torch.nn.Module, image_A: torch.Tensor, image_
                 for axis in axes:
                     part[:, axis] = 1.0 - part[:, axis]
             correction = part if correction is None else correction.add_(part)
-            if parts > 1:
+            if step * len(subsets) + index + 1 < parts:  # the last part's 1.0 comes once the stage is done
                 report(progress, "network", (step * len(subsets) + index + 1) / parts)
         if len(subsets) > 1:
             correction.div_(len(subsets))
@@ -412,7 +412,6 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
         io_similarity_shape = (list(similarity_pair.grid_B.shape)
                                if io_iterations and io_mode == "fields" else None)
         del similarity_pair
-    report(progress, "network", 1.0)
     # Φ − Id of both directions, once: QA and export sample these (trilinear, border), as evaluate_map does.
     displacement_AB, displacement_BA = map_to_displacement(maps).split(1)
     del maps
@@ -593,6 +592,7 @@ def _predict_and_optimise(pair: _NetworkPair, loaded: LoadedModel, io_iterations
                            "(reinstall them), or the inputs are not images this model was trained for")
         if symmetric:
             maps = _symmetrize(maps)
+        report(progress, "network", 1.0)  # once, before instance optimisation starts its own stage
         if not io_iterations:
             return maps, history
         similarity = make_similarity(**({"name": io_similarity} if io_similarity else spec.similarity))
