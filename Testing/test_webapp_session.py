@@ -363,3 +363,68 @@ def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_p
         state.busy = False
     finally:
         app.close()
+
+
+def test_the_engines_warnings_and_the_overlap_ic_error_reach_the_page_message(session):
+    """register's UserWarnings (here: a "CT" without a voxel below 0 HU) went to the server's log only, and the page
+    said "success"; they are now in the message (kind "warning") until the next result, which has its own. Where
+    much of the field maps outside the moving image, the IC error inside the overlap stands beside the mean."""
+    import dataclasses
+
+    from ICONRegistrationLib.mrml.logic import RegistrationSettings
+
+    session, _ = session
+    sample, fixed, moving = _sample_images()
+    session.set_inputs(fixed, moving, "fixed", "moving")
+    assert session.summary() == ("", "info")
+    session.register(RegistrationSettings(model=sample["model"], fixedModality="ct", movingModality="mri"))
+    text, kind = session.summary()
+    assert kind == "warning" and "(fixed ct, moving mri)" in text
+    assert "Warning: The fixed image was given as CT but has no voxel below 0 HU" in text
+    assert len(session.warnings) == 1
+    metrics = session.outputs.result.metrics
+    assert f"{metrics.folds} folded voxels, IC error {metrics.ic_error_mean_mm:.3f} mm mean." in text
+
+    session.register(RegistrationSettings(model=sample["model"], fixedModality="mri", movingModality="mri"))
+    text, kind = session.summary()
+    assert kind == "success" and session.warnings == [] and "Warning" not in text and "outside" not in text
+    result = session.outputs.result
+    result.metrics = dataclasses.replace(result.metrics, ic_outside_percent=35.0, ic_error_overlap_mean_mm=0.25)
+    assert (f"IC error {result.metrics.ic_error_mean_mm:.3f} mm mean (35.0 % of the field maps outside the moving "
+            "image; inside: 0.250 mm).") in session.summary()[0]
+    result.metrics = dataclasses.replace(result.metrics, ic_outside_percent=100.0, ic_error_overlap_mean_mm=None)
+    assert "(100.0 % of the field maps outside the moving image; inside: no overlap)" in session.summary()[0]
+    session.set_inputs(fixed, moving, "fixed", "moving")  # new images: no result, no warnings of the old one
+    assert session.warnings == [] and session.summary() == ("", "info")
+
+
+def test_app_shows_the_engines_warnings_and_refuses_fractional_iterations(tmp_path):
+    """The page's message after a registration that warned is the warning kind and says why; 2.5
+    instance-optimisation iterations ran as 2 without a word."""
+    import asyncio
+
+    require_rendering()
+    from trame.app import get_server
+    from trame_slicer import module as trame_slicer_module
+
+    from ICONRegistrationLib.webapp.app import RegistrationApp
+
+    sample, _, _ = _sample_images()
+    server = get_server("warnings-test", client_type="vue3")
+    server.enable_module(trame_slicer_module)
+    app = RegistrationApp(server, data_dir=str(tmp_path), fixed=str(sample["fixed"]), moving=str(sample["moving"]))
+    try:
+        state = server.state
+        state.model, state.fixed_modality, state.moving_modality = sample["model"], "ct", "mri"
+        asyncio.run(app.register_and_show())
+        assert state.has_result and state.message_type == "warning", state.message
+        assert state.message.startswith(f"Registered with {sample['model']}")
+        assert "given as CT but has no voxel below 0 HU" in state.message
+        for text in ("2.5", "1e400", "two"):
+            state.io_iterations = text
+            with pytest.raises(UserError, match="whole number"):
+                app.settings()
+        state.io_iterations = "3.0"
+        assert app.settings().ioIterations == 3
+    finally:
+        app.close()

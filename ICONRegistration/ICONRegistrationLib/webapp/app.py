@@ -224,10 +224,13 @@ class RegistrationApp:
     def settings(self) -> RegistrationSettings:
         state = self.state
         try:
-            iterations = int(float(state.io_iterations or 0))
-        except (TypeError, ValueError):
+            number = float(state.io_iterations or 0)
+            iterations = int(number) if number.is_integer() else None  # 2.5 is refused, not run as 2
+        except (TypeError, ValueError, OverflowError):
+            iterations = None
+        if iterations is None:
             raise UserError(f"Instance-optimisation iterations must be a whole number, got "
-                            f"'{state.io_iterations}'.") from None
+                            f"'{state.io_iterations}'.")
         if not 0 <= iterations <= 1000:
             raise UserError(f"Instance-optimisation iterations must be between 0 and 1000, got {iterations}.")
         return RegistrationSettings(model=state.model, fixedModality=state.fixed_modality,
@@ -296,11 +299,7 @@ class RegistrationApp:
                 self.state.metrics = [list(row) for row in self.session.metrics()]
                 self.state.has_result = True
                 self.state.legend = self.session.legend()
-                metrics = self.session.outputs.result.metrics
-                self.state.message_type = "success"
-                self.state.message = (f"Registered with {metrics.model} on {metrics.device} in "
-                                      f"{metrics.total_seconds:.2f} s: {metrics.folds} folded voxels, "
-                                      f"IC error {metrics.ic_error_mean_mm:.3f} mm mean.")
+                self.state.message, self.state.message_type = self.session.summary()
         finally:
             with self.state:
                 self.state.busy = False

@@ -15,8 +15,10 @@ as they were.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,28 +40,38 @@ DOWNLOADS = ("transform.h5", "inverse.h5", "warped.nii.gz", "jacobian.nii.gz", "
 
 @dataclasses.dataclass
 class EngineRun:
-    """What :func:`run_engine` hands back to the main thread: the engine's result and its files."""
+    """What :func:`run_engine` hands back to the main thread: the engine's result, its files and the warnings the
+    engine gave (each once, in order)."""
 
     result: object  # RegistrationResult
     folder: Path
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def run_engine(inputs: RegistrationInputs, settings: RegistrationSettings, work_dir: Path,
                progress: Optional[ProgressCallback] = None) -> EngineRun:
     """Register and write the downloadable files into a new folder under ``work_dir``; touches no MRML node.
 
-    On any error (or a cancel through ``progress``) the new folder is removed and nothing else changes.
+    On any error (or a cancel through ``progress``) the new folder is removed and nothing else changes. The
+    engine's warnings (``UserWarning``: modality, fields of view, inversion…) are collected for the page and logged,
+    not only printed in the server's log.
     """
     from ..io import write_result
 
-    result = ICONRegistrationLogic.runRegistration(inputs, settings, progress)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = ICONRegistrationLogic.runRegistration(inputs, settings, progress)
+    for warning in caught:
+        logging.warning("ICONRegistration web app: %s: %s", warning.category.__name__, warning.message)
+    said = list(dict.fromkeys(str(warning.message) for warning in caught
+                              if issubclass(warning.category, UserWarning)))
     folder = Path(tempfile.mkdtemp(prefix="result-", dir=work_dir))
     try:
         write_result(result, folder, fixed=inputs.fixed, moving=inputs.moving)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return EngineRun(result, folder)
+    return EngineRun(result, folder, said)
 
 
 def _session_settings(settings: RegistrationSettings) -> RegistrationSettings:
@@ -84,6 +96,7 @@ class RegistrationSession:
         self.moving_node = None
         self.outputs: Optional[RegistrationOutputs] = None
         self.results_dir: Optional[Path] = None
+        self.warnings: list[str] = []  # the engine's warnings about the current result
         self.overlay = "folds"
         self.opacity = 0.5
         self._on_display_change = on_display_change or (lambda: None)
@@ -147,7 +160,7 @@ class RegistrationSession:
             shutil.rmtree(run.folder, ignore_errors=True)
             raise
         previous = (self.outputs, self.results_dir)
-        self.outputs, self.results_dir = outputs, run.folder
+        self.outputs, self.results_dir, self.warnings = outputs, run.folder, list(run.warnings)
         self.show()  # the views show the new nodes before the old ones are removed
         self._remove_result(*previous)
         return outputs
@@ -161,7 +174,7 @@ class RegistrationSession:
     def _clear_result(self) -> None:
         """Remove the current result's nodes and files, and forget it."""
         outputs, folder = self.outputs, self.results_dir
-        self.outputs, self.results_dir = None, None
+        self.outputs, self.results_dir, self.warnings = None, None, []
         self._remove_result(outputs, folder)
 
     def _remove_result(self, outputs: Optional[RegistrationOutputs], folder: Optional[Path]) -> None:
@@ -218,6 +231,28 @@ class RegistrationSession:
     def metrics(self) -> list[tuple[str, str, str]]:
         """The metrics table node's rows ``(label, value, unit)``, as the Slicer module shows them."""
         return metrics_rows(self.outputs.metrics_table) if self.outputs is not None else []
+
+    def summary(self) -> tuple[str, str]:
+        """The page's message about the current result and its kind: ``"success"``, or ``"warning"`` with the
+        engine's warnings appended. Where much of the field maps outside the moving image (register warns), the IC
+        error inside the overlap is given beside the mean, as ``iconreg register`` prints it."""
+        from ..pipeline.registration import IC_OUTSIDE_WARNING_PERCENT
+
+        if self.outputs is None:
+            return "", "info"
+        metrics = self.outputs.result.metrics
+        overlap = ""
+        if metrics.ic_outside_percent > IC_OUTSIDE_WARNING_PERCENT:
+            inside = (f"{metrics.ic_error_overlap_mean_mm:.3f} mm" if metrics.ic_error_overlap_mean_mm is not None
+                      else "no overlap")
+            overlap = (f" ({metrics.ic_outside_percent:.1f} % of the field maps outside the moving image; "
+                       f"inside: {inside})")
+        text = (f"Registered with {metrics.model} on {metrics.device} (fixed {metrics.fixed_modality}, moving "
+                f"{metrics.moving_modality}) in {metrics.total_seconds:.2f} s: {metrics.folds} folded voxels, "
+                f"IC error {metrics.ic_error_mean_mm:.3f} mm mean{overlap}.")
+        if not self.warnings:
+            return text, "success"
+        return text + " Warning: " + " ".join(self.warnings), "warning"
 
     def download_path(self, name: str) -> Path:
         """The file ``name`` (one of :data:`DOWNLOADS`) of the current result."""
