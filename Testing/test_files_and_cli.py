@@ -301,6 +301,10 @@ def test_other_user_errors_exit_3_and_usage_errors_exit_2(tmp_path, tiny_model_f
     assert main(common + ["--model", str(spec_file), "--weights", str(weights), "--flips", "2", "--io-iterations",
                           "1", "--io-mode", "weights"]) == 3
     assert "flips" in capsys.readouterr().err
+    # the weights mode has no similarity grid of its own: --io-grid fixed is refused, not silently dropped
+    assert main(common + ["--model", str(spec_file), "--weights", str(weights), "--io-grid", "fixed",
+                          "--io-iterations", "1", "--io-mode", "weights"]) == 3
+    assert "io_grid 'fixed'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -316,6 +320,53 @@ def test_instance_optimisation_options_without_iterations_are_reported_not_dropp
     assert main(common + ["--out", str(tmp_path / "b"), "--io-similarity", "ssd", "--io-iterations", "1"]) == 0
     assert main(common + ["--out", str(tmp_path / "c")]) == 0
     assert "no effect" not in capsys.readouterr().err
+
+
+def test_nonsense_counts_and_options_that_would_be_ignored_are_refused_before_any_work(tmp_path, capsys):
+    """Options that used to give a silently different run: ``evaluate --max-pairs -1`` dropped the last pair,
+    ``--last-fraction`` outside [0, 1] picked another split (1.5: half of the volumes) and, like ``--pairing`` and
+    ``--one-direction``, was ignored for a CSV; ``train --steps -5`` or ``--learning-rate 0`` trained nothing and
+    exited 0 (``--steps 0 --save-prepared`` only prepares the data, on purpose); ``io_learning_rate=0`` meant the
+    default; ``models list NAME`` and ``--from`` outside ``install``
+    were ignored."""
+    from ICONRegistrationLib.datasets import split_validation
+    from ICONRegistrationLib.evaluation.evaluate import read_pairs
+
+    image = make_image(blob_volume((12, 12, 12)))
+    paths = []
+    for name in ("a", "b", "la", "lb"):
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+        paths.append(f"{name}.nii.gz")
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text("fixed,moving,fixed_label,moving_label\n" + ",".join(paths) + "\n", encoding="utf-8")
+    assert len(read_pairs(csv_file)) == 1
+    for options in ({"last_fraction": 0.2}, {"pairing": "all"}, {"both_directions": False}):
+        with pytest.raises(UserError, match="lists its pairs itself"):
+            read_pairs(csv_file, **options)
+    for fraction in (-0.2, 1.5, float("nan")):
+        with pytest.raises(UserError, match="from 0 to 1"):
+            split_validation(list(range(10)), fraction)
+    assert [len(part) for part in split_validation(list(range(10)), 1.0)] == [0, 10]
+    usage = [["evaluate", "--data", str(csv_file), "--out", str(tmp_path / "ev"), "--max-pairs", "-1"],
+             *(["train", "--spec", "gradicon-hippocampus", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                option, value] for option, value in (("--steps", "-5"), ("--learning-rate", "0"),
+                                                     ("--learning-rate", "nan"), ("--validate-every", "0"),
+                                                     ("--checkpoint-every", "-1"), ("--flip-axes", "2,2"),
+                                                     ("--flip-axes", "x")))]
+    for args in usage:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2, args
+    assert main(["evaluate", "--data", str(csv_file), "--out", str(tmp_path / "ev"), "--last-fraction", "0.2"]) == 3
+    assert "--last-fraction chooses pairs of a dataset folder" in capsys.readouterr().err
+    assert main(["models", "list", "gradicon-hippocampus"]) == 3
+    assert main(["models", "info", "gradicon-hippocampus", "--from", str(csv_file)]) == 3
+    assert "--from FILE installs weights" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "run").exists()
+    for rate in (0.0, -0.1, float("nan"), True):
+        with pytest.raises(UserError, match="io_learning_rate"):
+            register(image, image, "gradicon-hippocampus", fixed_modality="mri", moving_modality="mri",
+                     io_iterations=1, io_learning_rate=rate)
 
 
 def test_cancel_through_progress_callback(tmp_path, tiny_model_files):

@@ -243,7 +243,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
                          sha256_of, weights_state)
     from .models.weights import bundled_weights_path
 
+    if args.source and args.action != "install":
+        raise UserError(f"--from FILE installs weights: 'iconreg models install NAME --from FILE', not "
+                        f"'models {args.action}'.")
     if args.action == "list":
+        if args.name:
+            raise UserError(f"'iconreg models list' lists every model; for one, use 'iconreg models info {args.name}'.")
         names = model_names()
         width = max(len(name) for name in names) + 2
         print(f"{'name':<{width}} {'grid (D,H,W)':<14} {'weights':<15} description")
@@ -350,17 +355,42 @@ def _flips(text: str) -> "list[int] | None":
     return sorted(int(p) for p in parts)
 
 
+def _flip_axes(text: str) -> "tuple[int, ...]":
+    """``train --flip-axes``: ``''`` → ``()``, ``0,2`` → ``(0, 2)``; distinct axes 0, 1, 2 (``x`` used to stop
+    with a traceback, ``5`` after the data were prepared)."""
+    parts = [p.strip() for p in text.split(",") if p.strip() != ""]
+    if not all(p in ("0", "1", "2") for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not distinct axes 0, 1, 2 separated by commas (or '')")
+    return tuple(int(p) for p in parts)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.zoo import resolve_spec
     from .datasets import list_volumes, split_validation
     from .training.data import PREPARED_SUFFIXES, PreparedSet, prepare
-    from .training.trainer import TrainingConfig, export_weights, largest_batch, train
+    from .training.trainer import TrainingConfig, check_counts_and_rates, export_weights, largest_batch, train
 
     from .io import check_output_file
 
     spec = resolve_spec(args.spec)
     if args.export is not None:
         check_output_file(args.export, "--export")
+    config = TrainingConfig(steps=args.steps, stage=args.stage, batch_size=2 if args.batch_size == "auto"
+                            else _positive_int(args.batch_size, "--batch-size"),
+                            learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+                            warmup_steps=args.warmup_steps, penalty=args.penalty, similarity=args.similarity,
+                            lmbda=args.lmbda, affine_strength=args.affine, elastic_voxels=args.elastic,
+                            intensity_gamma=args.gamma, validate_every=args.validate_every,
+                            checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
+                            mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
+                            icon_weight=args.icon_weight, icon_label_weight=args.icon_label_weight,
+                            self_pair_fraction=args.self_pairs,
+                            label_loss=args.label_loss, label_weight=args.label_weight,
+                            label_downsample=args.label_downsample, freeze_inner=args.freeze_inner,
+                            symmetric_label_loss=args.symmetric_label_loss, weight_decay=args.weight_decay,
+                            time_limit=args.time_limit,
+                            flip_axes=args.flip_axes)
+    check_counts_and_rates(config)  # before the data are prepared
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -386,21 +416,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             train_set.save(out / "train_prepared.npz")
             if validation_set is not None:
                 validation_set.save(out / "validation_prepared.npz")
-    config = TrainingConfig(steps=args.steps, stage=args.stage, batch_size=2 if args.batch_size == "auto"
-                            else _positive_int(args.batch_size, "--batch-size"),
-                            learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
-                            warmup_steps=args.warmup_steps, penalty=args.penalty, similarity=args.similarity,
-                            lmbda=args.lmbda, affine_strength=args.affine, elastic_voxels=args.elastic,
-                            intensity_gamma=args.gamma, validate_every=args.validate_every,
-                            checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
-                            mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
-                            icon_weight=args.icon_weight, icon_label_weight=args.icon_label_weight,
-                            self_pair_fraction=args.self_pairs,
-                            label_loss=args.label_loss, label_weight=args.label_weight,
-                            label_downsample=args.label_downsample, freeze_inner=args.freeze_inner,
-                            symmetric_label_loss=args.symmetric_label_loss, weight_decay=args.weight_decay,
-                            time_limit=args.time_limit,
-                            flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a != ""))
     if args.batch_size == "auto":
         config.batch_size = largest_batch(spec, train_set, config, device=args.device)
         print(f"batch size {config.batch_size}", file=sys.stderr)
@@ -546,8 +561,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 IO_GRID_HELP = ("where the field mode compares the images: the network grid (default) or a grid as fine as the "
                 "fixed image, at most twice the network grid per axis (more accurate, several times the cost per "
-                "step)")
+                "step; not with --io-mode weights)")
 IO_LEARNING_RATE_HELP = "instance optimisation's Adam step size (default: 0.1 voxel for fields, 2e-5 for weights)"
+
+
+def _count(text: str) -> int:
+    """A whole number ≥ 0 (``evaluate --max-pairs -1`` used to drop the last pair without a word, ``train --steps
+    -5`` to train nothing and exit 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number ≥ 0")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    """A whole number ≥ 1 (``train --validate-every 0`` used to stop with a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number ≥ 1")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    """A finite number > 0 (``train --learning-rate 0`` used to train nothing, NaN to stop with a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive number")
+    return value
 
 
 def _io_learning_rate(text: str) -> float:
@@ -634,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--val", help="validation folder / CSV / prepared .pt (default: the last --val-fraction)")
     trn.add_argument("--val-fraction", type=float, default=0.2)
     trn.add_argument("--out", required=True, help="folder for checkpoint.pt, logs and curves.png")
-    trn.add_argument("--steps", type=int, default=1000, help="total steps of this stage (resume continues to it)")
+    trn.add_argument("--steps", type=_count, default=1000,
+                     help="total steps of this stage (resume continues to it; 0 with --save-prepared: only prepare)")
     trn.add_argument("--stage", type=int, default=2, choices=[1, 2],
                      help="1: multi-resolution network only; 2: with the final full-resolution step (default)")
     trn.add_argument("--init", help="initial weights: a checkpoint or weights file (stage-1 weights fit stage 2)")
@@ -643,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pairs per step, or 'auto': the largest that fits the GPU's memory (2 on a CPU)")
     trn.add_argument("--time-limit", type=float,
                      help="stop after this many seconds (checkpoint and validation written; resumable)")
-    trn.add_argument("--learning-rate", type=float, default=5e-5)
+    trn.add_argument("--learning-rate", type=_positive_number, default=5e-5)
     trn.add_argument("--icon-weight", type=float, default=0.0,
                      help="add this weight × the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² (voxels²) to the "
                           "GradICON penalty, which does not see a constant offset of the round trip (default 0)")
@@ -678,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "voxels at control points 16 voxels apart (default 0: none)")
     trn.add_argument("--gamma", type=float, default=0.0,
                      help="random intensity gamma per image, log γ ~ U(−g, g) (default 0: none)")
-    trn.add_argument("--flip-axes", default="0,1,2", help="tensor axes to flip at random ('' for none)")
+    trn.add_argument("--flip-axes", type=_flip_axes, default=(0, 1, 2),
+                     help="tensor axes to flip at random ('' for none; default 0,1,2)")
     trn.add_argument("--self-pairs", type=float, default=0.0,
                      help="fraction of training pairs that are a volume with itself, each copy augmented "
                           "independently (teaches the network not to deform identical images; default 0)")
@@ -693,8 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--weight-decay", type=float, default=0.0,
                      help="decoupled weight decay (AdamW) of the convolution weights: each step multiplies them by "
                           "1 − learning rate × this (default 0: plain Adam; a resumed run must keep it)")
-    trn.add_argument("--validate-every", type=int, default=100)
-    trn.add_argument("--checkpoint-every", type=int, default=100)
+    trn.add_argument("--validate-every", type=_at_least_one, default=100)
+    trn.add_argument("--checkpoint-every", type=_at_least_one, default=100)
     trn.add_argument("--keep-every", type=int, default=0,
                      help="also keep the network every this many steps as OUT/snapshots/step_NNNNNN.pt, to average "
                           "with 'iconreg average-weights' (default 0: keep none)")
@@ -735,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--last-fraction", type=float, default=0.0,
                      help="use only the last fraction of a dataset folder (e.g. 0.2: the validation split)")
     evl.add_argument("--one-direction", action="store_true", help="each pair once instead of both directions")
-    evl.add_argument("--max-pairs", type=int, default=0, help="evaluate at most this many pairs (0 = all)")
+    evl.add_argument("--max-pairs", type=_count, default=0, help="evaluate at most this many pairs (0 = all)")
     evl.add_argument("--io-iterations", type=int, default=0, help="also evaluate with instance optimisation")
     evl.add_argument("--io-mode", choices=["fields", "weights"], default="fields")
     evl.add_argument("--io-grid", choices=["network", "fixed"], default="network", help=IO_GRID_HELP)

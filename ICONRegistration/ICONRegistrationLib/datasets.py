@@ -54,7 +54,11 @@ def list_volumes(source: str | Path) -> list[VolumeEntry]:
 
 
 def split_validation(entries: Sequence[VolumeEntry], fraction: float) -> tuple[list, list]:
-    """The last ``fraction`` of the entries (in listing order) for validation, the rest for training."""
+    """The last ``fraction`` of the entries (in listing order) for validation, the rest for training.
+    ``fraction`` outside [0, 1] (or NaN) is a :class:`UserError`: it used to give a silently wrong split."""
+    if not 0 <= fraction <= 1:
+        raise UserError(f"The fraction of the volumes set aside (--val-fraction, --last-fraction) must be from 0 to "
+                        f"1, got {fraction}.")
     count = int(round(len(entries) * fraction))
     if fraction > 0 and count == 0:
         count = 1

@@ -62,12 +62,20 @@ def read_pairs(source: str | Path, *, pairing: str = "consecutive", last_fractio
 
     For a folder, ``last_fraction`` keeps only the last part of the sorted listing (a validation split),
     ``pairing`` is ``consecutive`` (i, i+1) or ``all`` (every unordered pair), each in both directions unless
-    ``both_directions`` is False.
+    ``both_directions`` is False. A CSV lists its pairs itself: those three options with a CSV are a
+    :class:`UserError`, not silently ignored.
     """
     from ..datasets import list_volumes, split_validation
 
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
+        ignored = [option for option, given in (("--last-fraction", last_fraction != 0),
+                                                ("--pairing all", pairing != "consecutive"),
+                                                ("--one-direction", not both_directions)) if given]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} choose{'s' if len(ignored) == 1 else ''} pairs of a dataset "
+                            f"folder; the CSV '{source}' lists its pairs itself: leave "
+                            f"{'it' if len(ignored) == 1 else 'them'} out or edit the CSV.")
         with source.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         needed = {"fixed", "moving", "fixed_label", "moving_label"}
@@ -81,7 +89,7 @@ def read_pairs(source: str | Path, *, pairing: str = "consecutive", last_fractio
                     raise UserError(f"'{path}', named on line {number} of '{source}', does not exist.")
         return pairs
     entries = list_volumes(source)
-    if last_fraction > 0:
+    if last_fraction != 0:  # split_validation refuses a fraction outside [0, 1] (or NaN)
         entries = split_validation(entries, last_fraction)[1]
     if any(e.label is None for e in entries):
         raise UserError(f"Every image in '{source}' needs a label map in labels/ for evaluation.")

@@ -13,6 +13,7 @@ import functools
 import itertools
 import time
 import warnings
+from numbers import Real
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -318,8 +319,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
             ``"fixed"`` (a grid over the same boxes as fine as the fixed image, at most twice the network grid's
             voxels per axis, :func:`similarity_grid_shape`). The fields stay on the network grid; ``"fixed"``
             sees detail the network grid smooths away, at several times the cost per step (LPBA40 brains on the
-            2 mm grid: 12 steps reach Dice 0.715 in 30 s, 40 network-grid steps 0.722 in 16 s). Ignored by
-            ``"weights"``.
+            2 mm grid: 12 steps reach Dice 0.715 in 30 s, 40 network-grid steps 0.722 in 16 s). ``"fixed"`` with
+            ``io_mode="weights"`` (which fine-tunes the network on its own grid) is a :class:`UserError`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         progress: ``callback(stage, fraction)``; returning ``False`` cancels (raises ``Cancelled``).
         weights: a weights file overriding the model's.
@@ -372,6 +373,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     if not isinstance(symmetric, bool):
         raise UserError(f"symmetric must be True or False, not {symmetric!r}.")
     _check_refinements(refinements, io_iterations, io_mode)
+    if io_learning_rate is not None and (isinstance(io_learning_rate, bool) or not isinstance(io_learning_rate, Real)
+                                         or not 0 < io_learning_rate < float("inf")):  # 0 used to mean the default
+        raise UserError(f"io_learning_rate must be a finite number > 0, or None for the mode's default, not "
+                        f"{io_learning_rate!r}.")
+    if io_grid != "network" and io_iterations and io_mode == "weights":
+        raise UserError(f"io_grid '{io_grid}' is where the 'fields' mode of instance optimisation compares the "
+                        "images; the 'weights' mode fine-tunes the network on its own grid, so use "
+                        "io_grid='network' or io_mode='fields'.")
     if io_similarity is not None:
         try:
             make_similarity(io_similarity)

@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..overlap import dice_scores
 from ..models.build import build_network
-from ..models.spec import ModelSpec
+from ..models.spec import ModelSpec, are_flip_axes
 from ..models.weights import load_state_dict_strict, read_state_dict, write_state_dict
 from ..progress import ProgressCallback, report
 from .averaging import SNAPSHOT_FOLDER, snapshot_path
@@ -126,6 +126,24 @@ def learning_rate_at(config: TrainingConfig, step: int) -> float:
         progress = min(max(step - config.warmup_steps, 0) / span, 1.0)
         rate *= 0.5 * (1.0 + math.cos(math.pi * progress))
     return rate
+
+
+def check_counts_and_rates(config: TrainingConfig) -> None:
+    """:class:`UserError` for rates, intervals, weights and augmentation strengths that make no sense: they used to
+    train something else without a word (a negative λ or augmentation strength, a flip axis given twice) or stop
+    with a traceback (a NaN or negative rate, ``validate_every`` 0). (``steps`` 0 and learning rate 0 stay
+    possible here, for tests; ``iconreg train`` refuses them.)"""
+    if not (math.isfinite(config.learning_rate) and config.learning_rate >= 0):
+        raise UserError(f"--learning-rate must be a number ≥ 0, got {config.learning_rate}.")
+    for option, every in (("--validate-every", config.validate_every), ("--checkpoint-every", config.checkpoint_every)):
+        if every < 1:
+            raise UserError(f"{option} must be a number of steps ≥ 1, got {every}.")
+    if not are_flip_axes(list(config.flip_axes)):
+        raise UserError(f"--flip-axes must be distinct tensor axes 0, 1, 2 (or none), got {config.flip_axes}.")
+    for option, value in (("--lambda", config.lmbda), ("--affine", config.affine_strength),
+                          ("--elastic", config.elastic_voxels), ("--gamma", config.intensity_gamma)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{option} must be a number ≥ 0, got {value}.")
 
 
 def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
@@ -633,6 +651,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     """
     if len(train_set) < 2:
         raise UserError("Training needs at least two volumes.")
+    check_counts_and_rates(config)
     train_set.check_grid(spec, "training")
     if validation_set is not None:
         validation_set.check_grid(spec, "validation")
