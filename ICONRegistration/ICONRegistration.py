@@ -18,7 +18,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from ICONRegistrationLib.errors import Cancelled, UserError
+from ICONRegistrationLib.errors import Cancelled, UserError, collect_user_warnings
 from ICONRegistrationLib.mrml import logic as mrml_logic
 from ICONRegistrationLib.mrml.logic import RegistrationSettings
 
@@ -327,7 +327,8 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return not self._cancelRequested.is_set()
 
         try:
-            messages.put(("done", self.logic.runRegistration(inputs, settings, progress)))
+            result, said = collect_user_warnings(lambda: self.logic.runRegistration(inputs, settings, progress))
+            messages.put(("done", result, said))
         except Cancelled:
             messages.put(("cancelled",))
         except UserError as error:
@@ -352,7 +353,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if kind == "done" and self._cancelRequested.is_set():  # cancelled after the engine's last check
                 self.ui.statusLabel.text = "Cancelled; nothing was changed."
             elif kind == "done":
-                self._showResult(message[1])
+                self._showResult(message[1], message[2])
             elif kind == "cancelled":
                 self.ui.statusLabel.text = "Cancelled; nothing was changed."
             else:
@@ -367,7 +368,7 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.hide()
         self.updateGUIFromParameterNode()
 
-    def _showResult(self, result):
+    def _showResult(self, result, warningTexts=()):
         fixed, moving, settings, inputs = self._pending
         try:
             self._outputs = self.logic.createOutputNodes(fixed, moving, result, settings, inputs)
@@ -380,8 +381,10 @@ class ICONRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         metrics = result.metrics
         self.ui.statusLabel.text = (
             f"Done in {metrics.total_seconds:.1f} s on {metrics.device}: {metrics.folds} folded voxels "
-            f"({metrics.folds_percent:.3f} %), IC error {metrics.ic_error_mean_mm:.3f} mm mean."
-            + (f" {self._outputs.note}" if self._outputs.note else ""))
+            f"({metrics.folds_percent:.3f} %), IC error {metrics.ic_error_mean_mm:.3f} mm mean"
+            f"{metrics.overlap_note(3)}."
+            + (f" {self._outputs.note}" if self._outputs.note else "")
+            + ("".join(f" Warning: {text}" for text in warningTexts)))
         self.ui.resultsCollapsibleButton.collapsed = False
         self.updateGUIFromParameterNode()
 

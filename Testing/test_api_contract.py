@@ -218,3 +218,28 @@ def test_inverse_of_a_fold_free_registration_reports_no_folds():
     for _ in range(3):  # repeated, so freed memory would be reused and show up
         inverse = invert_field(result.forward_field, moving)
         assert inverse.report.folds == 0 and inverse.report.invertible
+
+
+def test_front_ends_collect_the_engines_user_warnings_once_each_in_order():
+    """The Slicer module and the web page show what ``register`` warned about (collect_user_warnings); other
+    warning categories are only logged, and errors propagate."""
+    import warnings
+
+    from ICONRegistrationLib.errors import UserError, collect_user_warnings
+
+    def engine():
+        warnings.warn("fields of view differ", UserWarning)
+        warnings.warn("internal detail", DeprecationWarning)
+        warnings.warn("given as CT but no voxel below 0 HU", UserWarning)
+        warnings.warn("fields of view differ", UserWarning)
+        return 42
+
+    result, said = collect_user_warnings(engine)
+    assert result == 42 and said == ["fields of view differ", "given as CT but no voxel below 0 HU"]
+
+    def failing():
+        warnings.warn("about to fail", UserWarning)
+        raise UserError("bad input")
+
+    with pytest.raises(UserError, match="bad input"):
+        collect_user_warnings(failing)

@@ -78,18 +78,7 @@ def _summary(metrics: "RegistrationMetrics") -> str:
             f"{metrics.moving_modality}), {_prediction_mode(metrics)}: folds {metrics.folds} "
             f"({metrics.folds_percent:.4f} %), Jacobian min {metrics.jacobian_min:.3f}, "
             f"IC error mean {metrics.ic_error_mean_mm:.4f} mm / 95th {metrics.ic_error_p95_mm:.4f} mm"
-            f"{_overlap_note(metrics)}, {metrics.total_seconds:.2f} s")
-
-
-def _overlap_note(metrics: "RegistrationMetrics") -> str:
-    """The IC error inside the overlap, when register() warned that much of the field maps outside the moving image."""
-    from .pipeline.registration import IC_OUTSIDE_WARNING_PERCENT
-
-    if metrics.ic_outside_percent <= IC_OUTSIDE_WARNING_PERCENT:
-        return ""
-    overlap = (f"{metrics.ic_error_overlap_mean_mm:.4f} mm" if metrics.ic_error_overlap_mean_mm is not None
-               else "no overlap")
-    return f" ({metrics.ic_outside_percent:.1f} % of the field maps outside the moving image; inside: {overlap})"
+            f"{metrics.overlap_note(4)}, {metrics.total_seconds:.2f} s")
 
 
 def _prediction_mode(metrics: "RegistrationMetrics") -> str:

@@ -1,6 +1,13 @@
-"""The one exception type for mistakes a user can make, and the cancellation signal."""
+"""The one exception type for mistakes a user can make, the cancellation signal, and how front ends collect the
+engine's warnings to show them."""
 
 from __future__ import annotations
+
+import logging
+import warnings
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -12,3 +19,16 @@ class UserError(Exception):
 
 class Cancelled(Exception):
     """Raised when a progress callback asked to stop a long operation."""
+
+
+def collect_user_warnings(call: Callable[[], T]) -> tuple[T, list[str]]:
+    """Run ``call()`` and return its result with the texts of the ``UserWarning``\ s it gave (each once, in order),
+    so that a front end can show them (the Slicer module's status line, the web page) instead of leaving them in a
+    log. Every warning is also logged. Exceptions propagate unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = call()
+    for warning in caught:
+        logging.warning("ICONRegistration: %s: %s", warning.category.__name__, warning.message)
+    said = [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
+    return result, list(dict.fromkeys(said))

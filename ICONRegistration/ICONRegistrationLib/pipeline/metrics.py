@@ -37,6 +37,11 @@ class InverseReport:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+#: above this share (%) of the fixed field mapped outside the moving image's grid, register warns and the front ends
+#: give the IC error inside the overlap beside the mean (the borders alone: 2–7 % on the shared data)
+IC_OUTSIDE_WARNING_PERCENT = 20.0
+
+
 @dataclasses.dataclass
 class QualitySummary:
     """Fold count (det J ≤ 0, voxels of the field grid) and %, Jacobian determinant statistics (unitless), and the
@@ -63,6 +68,15 @@ class QualitySummary:
     ic_error_max_mm: float
     ic_outside_percent: float = 0.0
     ic_error_overlap_mean_mm: Optional[float] = None
+
+    def overlap_note(self, digits: int = 3) -> str:
+        """``" (N % of the field maps outside the moving image; inside: X mm)"``, the IC error inside the overlap,
+        when more than :data:`IC_OUTSIDE_WARNING_PERCENT` of the field maps outside the moving image; else ``""``."""
+        if self.ic_outside_percent <= IC_OUTSIDE_WARNING_PERCENT:
+            return ""
+        inside = (f"{self.ic_error_overlap_mean_mm:.{digits}f} mm" if self.ic_error_overlap_mean_mm is not None
+                  else "no overlap")
+        return f" ({self.ic_outside_percent:.1f} % of the field maps outside the moving image; inside: {inside})"
 
 
 @dataclasses.dataclass

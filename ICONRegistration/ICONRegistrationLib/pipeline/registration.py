@@ -37,13 +37,12 @@ from .images import image_array, mask_array, require_finite
 from .instance_optimization import (FIELD_LEARNING_RATE, IO_MODES, WEIGHTS_LEARNING_RATE, optimize_fields,
                                     optimize_instance)
 from .inverse import invert_field
-from .metrics import InverseReport, QualitySummary, RegistrationMetrics
+from .metrics import IC_OUTSIDE_WARNING_PERCENT, InverseReport, QualitySummary, RegistrationMetrics
 from .preprocessing import check_modality, normalize_intensities
 from .qa import field_jacobian, physical_jacobian, summarize_quality
 
 FIELD_GRIDS = ("network", "fixed")
 IO_GRIDS = ("network", "fixed")  # where field-mode instance optimisation compares the images
-IC_OUTSIDE_WARNING_PERCENT = 20.0  # warn above this share of the fixed field mapped outside the moving grid
 IO_GRID_MAX_REFINEMENT = 2  # the "fixed" similarity grid has at most this many times the network grid's voxels per axis
 _SLAB_VOXELS = 1 << 22  # resample the warped image in slabs of ~4 M voxels to bound memory
 

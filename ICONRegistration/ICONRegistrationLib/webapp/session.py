@@ -15,16 +15,14 @@ as they were.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import SimpleITK as sitk
 
-from ..errors import UserError
+from ..errors import UserError, collect_user_warnings
 from ..io.transforms import check_nifti_geometry
 from ..mrml.logic import OVERLAYS, ICONRegistrationLogic, RegistrationInputs, RegistrationOutputs, \
     RegistrationSettings
@@ -58,13 +56,7 @@ def run_engine(inputs: RegistrationInputs, settings: RegistrationSettings, work_
     """
     from ..io import write_result
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        result = ICONRegistrationLogic.runRegistration(inputs, settings, progress)
-    for warning in caught:
-        logging.warning("ICONRegistration web app: %s: %s", warning.category.__name__, warning.message)
-    said = list(dict.fromkeys(str(warning.message) for warning in caught
-                              if issubclass(warning.category, UserWarning)))
+    result, said = collect_user_warnings(lambda: ICONRegistrationLogic.runRegistration(inputs, settings, progress))
     folder = Path(tempfile.mkdtemp(prefix="result-", dir=work_dir))
     try:
         write_result(result, folder, fixed=inputs.fixed, moving=inputs.moving)
@@ -236,17 +228,10 @@ class RegistrationSession:
         """The page's message about the current result and its kind: ``"success"``, or ``"warning"`` with the
         engine's warnings appended. Where much of the field maps outside the moving image (register warns), the IC
         error inside the overlap is given beside the mean, as ``iconreg register`` prints it."""
-        from ..pipeline.registration import IC_OUTSIDE_WARNING_PERCENT
-
         if self.outputs is None:
             return "", "info"
         metrics = self.outputs.result.metrics
-        overlap = ""
-        if metrics.ic_outside_percent > IC_OUTSIDE_WARNING_PERCENT:
-            inside = (f"{metrics.ic_error_overlap_mean_mm:.3f} mm" if metrics.ic_error_overlap_mean_mm is not None
-                      else "no overlap")
-            overlap = (f" ({metrics.ic_outside_percent:.1f} % of the field maps outside the moving image; "
-                       f"inside: {inside})")
+        overlap = metrics.overlap_note(3)
         text = (f"Registered with {metrics.model} on {metrics.device} (fixed {metrics.fixed_modality}, moving "
                 f"{metrics.moving_modality}) in {metrics.total_seconds:.2f} s: {metrics.folds} folded voxels, "
                 f"IC error {metrics.ic_error_mean_mm:.3f} mm mean{overlap}.")
