@@ -316,20 +316,27 @@ def test_register_turns_out_of_memory_while_loading_into_a_user_error(monkeypatc
                               moving_modality="mri")
 
 
-def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_path):
-    """The page's state without a browser: --fixed/--moving preload, every zoo model listed with its weight state,
-    the default model one whose weights are there, and a bad data-folder choice gives a message."""
+def _app_with_sample_pair(name: str, data_dir):
+    """A page (trame server named ``name``) with the bundled sample pair preloaded: ``(server, app, sample)``."""
     require_rendering()
     from trame.app import get_server
     from trame_slicer import module as trame_slicer_module
 
-    from ICONRegistrationLib.models.zoo import model_names
     from ICONRegistrationLib.webapp.app import RegistrationApp
 
     sample, _, _ = _sample_images()
-    server = get_server("preload-test", client_type="vue3")
+    server = get_server(name, client_type="vue3")
     server.enable_module(trame_slicer_module)
-    app = RegistrationApp(server, data_dir=str(tmp_path), fixed=str(sample["fixed"]), moving=str(sample["moving"]))
+    app = RegistrationApp(server, data_dir=str(data_dir), fixed=str(sample["fixed"]), moving=str(sample["moving"]))
+    return server, app, sample
+
+
+def test_app_page_preloads_a_pair_and_lists_models_with_their_weight_state(tmp_path):
+    """The page's state without a browser: --fixed/--moving preload, every zoo model listed with its weight state,
+    the default model one whose weights are there, and a bad data-folder choice gives a message."""
+    from ICONRegistrationLib.models.zoo import model_names
+
+    server, app, sample = _app_with_sample_pair("preload-test", tmp_path)
     try:
         state = server.state
         assert state.has_inputs and "hippocampus_269" in state.inputs_text
@@ -403,16 +410,7 @@ def test_app_shows_the_engines_warnings_and_refuses_fractional_iterations(tmp_pa
     instance-optimisation iterations ran as 2 without a word."""
     import asyncio
 
-    require_rendering()
-    from trame.app import get_server
-    from trame_slicer import module as trame_slicer_module
-
-    from ICONRegistrationLib.webapp.app import RegistrationApp
-
-    sample, _, _ = _sample_images()
-    server = get_server("warnings-test", client_type="vue3")
-    server.enable_module(trame_slicer_module)
-    app = RegistrationApp(server, data_dir=str(tmp_path), fixed=str(sample["fixed"]), moving=str(sample["moving"]))
+    server, app, sample = _app_with_sample_pair("warnings-test", tmp_path)
     try:
         state = server.state
         state.model, state.fixed_modality, state.moving_modality = sample["model"], "ct", "mri"

@@ -554,27 +554,23 @@ IO_GRID_HELP = ("where the field mode compares the images: the network grid (def
 IO_LEARNING_RATE_HELP = "instance optimisation's Adam step size (default: 0.1 voxel for fields, 2e-5 for weights)"
 
 
-def _count(text: str) -> int:
-    """A whole number ≥ 0 (``evaluate --max-pairs -1`` used to drop the last pair without a word, ``train --steps
-    -5`` to train nothing and exit 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number ≥ 0")
-    return value
+def _whole_number_at_least(minimum: int):
+    """An argparse type: a whole number ≥ ``minimum`` (``evaluate --max-pairs -1`` used to drop the last pair
+    without a word, ``train --steps -5`` to train nothing and exit 0, ``--validate-every 0`` to stop with a
+    traceback)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number ≥ {minimum}")
+        return value
+    return parse
 
 
-def _at_least_one(text: str) -> int:
-    """A whole number ≥ 1 (``train --validate-every 0`` used to stop with a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number ≥ 1")
-    return value
+_count = _whole_number_at_least(0)
+_at_least_one = _whole_number_at_least(1)
 
 
 def _positive_number(text: str) -> float:
