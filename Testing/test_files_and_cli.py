@@ -362,6 +362,13 @@ def test_nonsense_counts_and_options_that_would_be_ignored_are_refused_before_an
     assert main(["models", "list", "gradicon-hippocampus"]) == 3
     assert main(["models", "info", "gradicon-hippocampus", "--from", str(csv_file)]) == 3
     assert "--from FILE installs weights" in capsys.readouterr().err
+    # fractions out of range and a run that would train nothing are refused before the data are prepared and
+    # before the run folder is made
+    for option, value in (("--penalty-fraction", "1.5"), ("--self-pairs", "1.5"), ("--val-fraction", "1.5"),
+                          ("--steps", "0")):
+        assert main(["train", "--spec", "gradicon-hippocampus", "--data", str(tmp_path), "--out",
+                     str(tmp_path / "run"), option, value]) == 3, option
+        assert "preparing" not in capsys.readouterr().err
     assert not (tmp_path / "ev").exists() and not (tmp_path / "run").exists()
     for rate in (0.0, -0.1, float("nan"), True):
         with pytest.raises(UserError, match="io_learning_rate"):

@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+  "$PYTHON" -m venv .venv || { echo "could not create .venv: Debian/Ubuntu's python3 needs 'apt install python3-venv'" >&2; exit 1; }
 fi
-# torch is pinned: an unpinned spec would pull gigabytes of CUDA wheels on a CPU-only machine.
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
+# torch is pinned: an unpinned spec would pull gigabytes of CUDA wheels on a CPU-only machine. Where pip reaches
+# PyPI directly, the pinned version is PyTorch's default (CUDA) build; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# gets the CPU build instead.
+.venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 .venv/bin/python -m pip install --quiet -e ".[test,app,baselines]"

@@ -357,7 +357,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .models.zoo import resolve_spec
     from .datasets import list_volumes, split_validation
     from .training.data import PREPARED_SUFFIXES, PreparedSet, prepare
-    from .training.trainer import TrainingConfig, check_counts_and_rates, export_weights, largest_batch, train
+    from .training.trainer import TrainingConfig, check_config, export_weights, largest_batch, train
 
     from .io import check_output_file
 
@@ -379,7 +379,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             symmetric_label_loss=args.symmetric_label_loss, weight_decay=args.weight_decay,
                             time_limit=args.time_limit,
                             flip_axes=args.flip_axes)
-    check_counts_and_rates(config)  # before the data are prepared
+    check_config(config)  # before the data are prepared
+    if args.steps == 0 and not args.save_prepared:
+        raise UserError("--steps 0 trains nothing: give --save-prepared to only prepare the data, or a number of "
+                        "steps.")
+    if not 0 <= args.val_fraction <= 1:  # before the folder is made
+        raise UserError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}.")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -615,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--flips", type=_flips, default=None, metavar="model|none|AXES", help=FLIPS_HELP)
     reg.add_argument("--symmetric", action="store_true", help=SYMMETRIC_HELP)
     reg.add_argument("--refinements", type=_refinements, default=None, metavar="model|N", help=REFINEMENTS_HELP)
-    reg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    reg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     reg.add_argument("--fixed-mask", help="fixed mask (non-zero = inside)")
     reg.add_argument("--moving-mask", help="moving mask (non-zero = inside)")
     reg.add_argument("--field-grid", default="network", choices=["network", "fixed"],
@@ -665,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn = commands.add_parser("train", help="train or fine-tune a model (GradICON protocol), resumable")
     trn.add_argument("--spec", required=True, help="model spec JSON or zoo name (architecture, grid, similarity)")
     trn.add_argument("--data", required=True, help="dataset folder (images/ [+ labels/]), CSV, or prepared .npz")
-    trn.add_argument("--val", help="validation folder / CSV / prepared .pt (default: the last --val-fraction)")
+    trn.add_argument("--val", help="validation folder / CSV / prepared .npz (default: the last --val-fraction)")
     trn.add_argument("--val-fraction", type=float, default=0.2)
     trn.add_argument("--out", required=True, help="folder for checkpoint.pt, logs and curves.png")
     trn.add_argument("--steps", type=_count, default=1000,
@@ -738,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--device", default="auto")
     trn.add_argument("--mixed-precision", action="store_true", help="bfloat16 autocast on a GPU")
     trn.add_argument("--save-prepared", action="store_true",
-                     help="also save the resampled data as compact .pt files (to copy to a GPU machine)")
+                     help="also save the resampled data as train_prepared.npz and validation_prepared.npz in "
+                          "--out (to copy to a GPU machine)")
     trn.add_argument("--export", help="write the final weights here as float16 (the shipped format)")
     trn.set_defaults(func=_cmd_train)
 

@@ -128,11 +128,12 @@ def learning_rate_at(config: TrainingConfig, step: int) -> float:
     return rate
 
 
-def check_counts_and_rates(config: TrainingConfig) -> None:
-    """:class:`UserError` for rates, intervals, weights and augmentation strengths that make no sense: they used to
-    train something else without a word (a negative λ or augmentation strength, a flip axis given twice) or stop
-    with a traceback (a NaN or negative rate, ``validate_every`` 0). (``steps`` 0 and learning rate 0 stay
-    possible here, for tests; ``iconreg train`` refuses them.)"""
+def check_config(config: TrainingConfig) -> None:
+    """:class:`UserError` for settings that make no sense, checked before any data are prepared: rates, intervals,
+    weights, fractions and augmentation strengths (they used to train something else without a word — a negative λ
+    or augmentation strength, a flip axis given twice — or stop with a traceback — a NaN or negative rate,
+    ``validate_every`` 0), and options that need another one. (``steps`` 0 and learning rate 0 stay possible here,
+    for tests; ``iconreg train`` refuses them.)"""
     if not (math.isfinite(config.learning_rate) and config.learning_rate >= 0):
         raise UserError(f"--learning-rate must be a number ≥ 0, got {config.learning_rate}.")
     for option, every in (("--validate-every", config.validate_every), ("--checkpoint-every", config.checkpoint_every)):
@@ -144,6 +145,33 @@ def check_counts_and_rates(config: TrainingConfig) -> None:
                           ("--elastic", config.elastic_voxels), ("--gamma", config.intensity_gamma)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"{option} must be a number ≥ 0, got {value}.")
+    if not 0 < config.penalty_fraction <= 1:
+        raise UserError(f"The penalty fraction must be in (0, 1], got {config.penalty_fraction}.")
+    if config.label_loss not in LABEL_LOSSES:
+        raise UserError(f"Unknown label loss '{config.label_loss}': use one of "
+                        f"{', '.join(str(name) for name in LABEL_LOSSES[1:])}.")
+    if config.label_loss is not None and not (math.isfinite(config.label_weight) and config.label_weight > 0):
+        raise UserError(f"The label weight must be a positive number, got {config.label_weight}.")
+    if config.time_limit is not None and not (math.isfinite(config.time_limit) and config.time_limit >= 0):
+        raise UserError(f"The time limit must be a number of seconds ≥ 0, got {config.time_limit}.")
+    if not 0 <= config.self_pair_fraction <= 1:
+        raise UserError(f"The self-pair fraction must be in [0, 1], got {config.self_pair_fraction}.")
+    if not (math.isfinite(config.icon_weight) and config.icon_weight >= 0):
+        raise UserError(f"The ICON weight must be a number ≥ 0, got {config.icon_weight}.")
+    if not (math.isfinite(config.icon_label_weight) and config.icon_label_weight >= 0):
+        raise UserError(f"--icon-label-weight must be a number ≥ 0, got {config.icon_label_weight}.")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be a number ≥ 0, got {config.weight_decay}.")
+    if config.icon_label_weight and not config.icon_weight:
+        raise UserError("--icon-label-weight weights the ICON term inside the labels: give --icon-weight > 0 too.")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"Unknown learning-rate schedule '{config.lr_schedule}': use one of {', '.join(LR_SCHEDULES)}.")
+    if config.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be a number of steps ≥ 0, got {config.warmup_steps}.")
+    if config.keep_every < 0:
+        raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
+    if config.symmetric_label_loss and not config.label_loss:
+        raise UserError("--symmetric-label-loss takes the label loss on the symmetric maps: give --label-loss too.")
 
 
 def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
@@ -651,37 +679,10 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     """
     if len(train_set) < 2:
         raise UserError("Training needs at least two volumes.")
-    check_counts_and_rates(config)
+    check_config(config)
     train_set.check_grid(spec, "training")
     if validation_set is not None:
         validation_set.check_grid(spec, "validation")
-    if not 0 < config.penalty_fraction <= 1:
-        raise UserError(f"The penalty fraction must be in (0, 1], got {config.penalty_fraction}.")
-    if config.label_loss not in LABEL_LOSSES:
-        raise UserError(f"Unknown label loss '{config.label_loss}': use one of "
-                        f"{', '.join(str(name) for name in LABEL_LOSSES[1:])}.")
-    if config.label_loss is not None and not (math.isfinite(config.label_weight) and config.label_weight > 0):
-        raise UserError(f"The label weight must be a positive number, got {config.label_weight}.")
-    if config.time_limit is not None and not (math.isfinite(config.time_limit) and config.time_limit >= 0):
-        raise UserError(f"The time limit must be a number of seconds ≥ 0, got {config.time_limit}.")
-    if not 0 <= config.self_pair_fraction <= 1:
-        raise UserError(f"The self-pair fraction must be in [0, 1], got {config.self_pair_fraction}.")
-    if not (math.isfinite(config.icon_weight) and config.icon_weight >= 0):
-        raise UserError(f"The ICON weight must be a number ≥ 0, got {config.icon_weight}.")
-    if not (math.isfinite(config.icon_label_weight) and config.icon_label_weight >= 0):
-        raise UserError(f"--icon-label-weight must be a number ≥ 0, got {config.icon_label_weight}.")
-    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        raise UserError(f"--weight-decay must be a number ≥ 0, got {config.weight_decay}.")
-    if config.icon_label_weight and not config.icon_weight:
-        raise UserError("--icon-label-weight weights the ICON term inside the labels: give --icon-weight > 0 too.")
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"Unknown learning-rate schedule '{config.lr_schedule}': use one of {', '.join(LR_SCHEDULES)}.")
-    if config.warmup_steps < 0:
-        raise UserError(f"--warmup-steps must be a number of steps ≥ 0, got {config.warmup_steps}.")
-    if config.keep_every < 0:
-        raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
-    if config.symmetric_label_loss and not config.label_loss:
-        raise UserError("--symmetric-label-loss takes the label loss on the symmetric maps: give --label-loss too.")
     needed_by = "A label loss" if config.label_loss else "--icon-label-weight"
     values = label_values(train_set, needed_by) if config.label_loss or config.icon_label_weight else None
     factor = config.label_downsample
