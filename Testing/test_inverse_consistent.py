@@ -638,7 +638,9 @@ def test_anderson_acceleration_solves_a_batch_of_slow_linear_fixed_points_quickl
     eigenvalues = torch.linspace(-0.95, 0.95, n, dtype=torch.float64)
     matrices = q @ torch.diag_embed(eigenvalues.expand(2, n)) @ q.transpose(1, 2)
     offsets = torch.randn(2, n, dtype=torch.float64)
-    exact = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - matrices, offsets[..., None])[..., 0]
+    # one solve per matrix: batched LU solves of this size fail in MKL after any torch.set_num_threads call
+    exact = torch.stack([torch.linalg.solve(torch.eye(n, dtype=torch.float64) - matrix, offset)
+                         for matrix, offset in zip(matrices, offsets)])
 
     def function(x):
         return (matrices @ x[..., None])[..., 0] + offsets

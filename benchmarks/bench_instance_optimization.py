@@ -55,7 +55,8 @@ def run_one(model: str, mode: str, iterations: int, threads: int, random_weights
     from ICONRegistrationLib.pipeline.instance_optimization import optimize_fields, optimize_instance
     from ICONRegistrationLib.pipeline.registration import _predict_both_directions
 
-    torch.set_num_threads(threads)
+    if threads != torch.get_num_threads():  # in this torch build a set_num_threads call breaks later batched
+        torch.set_num_threads(threads)      # float64 LU solves of MKL (n ≥ 200) in the same process
     loaded = load_model(model, device="cpu", random_weights=random_weights)
     spec = loaded.spec
     image_A, image_B = _pair(tuple(spec.input_shape))

@@ -22,7 +22,7 @@ class Cancelled(Exception):
 
 
 def collect_user_warnings(call: Callable[[], T]) -> tuple[T, list[str]]:
-    """Run ``call()`` and return its result with the texts of the ``UserWarning``\ s it gave (each once, in order),
+    """Run ``call()`` and return its result with the texts of the ``UserWarning`` warnings it gave (each once, in order),
     so that a front end can show them (the Slicer module's status line, the web page) instead of leaving them in a
     log. Every warning is also logged. Exceptions propagate unchanged."""
     with warnings.catch_warnings(record=True) as caught:
