@@ -642,11 +642,9 @@ def _fields_and_qa(displacement_AB: torch.Tensor, displacement_BA: torch.Tensor,
         require_finite(tensor, f"quality-map stage ({name})", "this is a bug: please report it with the inputs")
     quality = summarize_quality(jacobian.cpu().numpy(), ic_error.cpu().numpy(), outside.cpu().numpy())
     if quality.ic_outside_percent > IC_OUTSIDE_WARNING_PERCENT:
-        warnings.warn(f"{quality.ic_outside_percent:.1f} % of the fixed image's field maps outside the moving image's "
-                      "box (the fields of view differ): the transform there is extrapolated and the IC error there "
-                      "measures that, not the registration; IC error inside the overlap: "
-                      + (f"{quality.ic_error_overlap_mean_mm:.3f} mm mean." if quality.ic_error_overlap_mean_mm
-                         is not None else "no overlap at all."), UserWarning, stacklevel=3)
+        warnings.warn("The fields of view differ: where the fixed image's field maps outside the moving image's box "
+                      "the transform is extrapolated, and the IC error there measures that, not the registration"
+                      f"{quality.overlap_note(3)}.", UserWarning, stacklevel=3)
     return forward_mm, jacobian, ic_error, quality
 
 
