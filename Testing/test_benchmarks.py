@@ -70,6 +70,20 @@ def test_train_step_equivalence_check_agrees_with_the_reference_on_the_training_
         assert check[key]["gradient_rel"] < 1e-3, check
 
 
+def test_train_step_bfloat16_row_is_compared_with_the_float32_reference(monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("icon_registration")
+    bench = _bench_module("bench_train_step")
+    from ICONRegistrationLib import device as device_module
+    monkeypatch.setattr(device_module, "_cpu_flags", lambda: {"avx512_bf16"})  # the row exists with native bf16
+    tiny = bench.Config("small UNets, 33³, batch 1", bench.SMALL, 2, (33, 33, 33), 1)
+    check = bench.check_equivalence(tiny, torch.device("cpu"))
+    rounded = check["sparse-bf16"]
+    # the same objective up to bfloat16 rounding of the UNets' features, and measurably not float32
+    assert rounded["objective_rel"] < 1e-2, check
+    assert check["sparse"]["gradient_rel"] < rounded["gradient_rel"] < 0.2, check
+
+
 def test_peak_memory_is_reported_in_gb_from_kib(monkeypatch):
     import resource
     from types import SimpleNamespace

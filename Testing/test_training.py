@@ -1142,3 +1142,47 @@ def test_float16_export_refuses_values_beyond_its_range_and_non_finite_weights(t
         write_state_dict({"w": torch.tensor([float("nan")])}, tmp_path / "nan.pt", half=False)
     write_state_dict({"w": torch.tensor([65504.0, 1e-3])}, tmp_path / "edge.pt")  # the largest float16 is fine
     assert read_state_dict(tmp_path / "edge.pt")["w"][0] == 65504.0
+
+
+def test_mixed_precision_on_a_cpu_without_native_bfloat16_is_refused_before_the_data_are_read(tmp_path, monkeypatch,
+                                                                                               capsys):
+    from ICONRegistrationLib import device as device_module
+    monkeypatch.setattr(device_module, "_cpu_flags", lambda: {"avx512f", "avx2"})
+    small_spec().to_file(tmp_path / "small.json")
+    code = main(["train", "--spec", str(tmp_path / "small.json"), "--data", str(tmp_path / "absent"), "--out",
+                 str(tmp_path / "run"), "--steps", "2", "--mixed-precision", "--device", "cpu"])
+    assert code != 0
+    assert "native bfloat16" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_mixed_precision_training_rounds_the_unets_validates_in_float32_and_follows_the_float32_run(tmp_path,
+                                                                                                    monkeypatch):
+    """The same seeded run in float32 and with --mixed-precision: the inner layers really run in bfloat16 during
+    the steps (the losses differ a little), never during validation, and the two runs' losses stay close."""
+    from ICONRegistrationLib import device as device_module
+    from ICONRegistrationLib.core import networks
+    monkeypatch.setattr(device_module, "_cpu_flags", lambda: {"avx512_bf16"})
+    precisions = []
+    forward = networks.UNet2.forward
+
+    def recording(self, image_A, image_B):
+        precisions.append((self.training, self.low_precision))
+        return forward(self, image_A, image_B)
+
+    monkeypatch.setattr(networks.UNet2, "forward", recording)
+    losses = {}
+    for mixed in (False, True):
+        config = TrainingConfig(steps=6, batch_size=2, learning_rate=2e-3, affine_strength=0.0, flip_axes=(),
+                                validate_every=3, checkpoint_every=3, seed=1, mixed_precision=mixed)
+        precisions.clear()
+        train(small_spec(), synthetic_set(), tmp_path / str(mixed), config, validation_set=synthetic_set(3, seed=1),
+              device="cpu")
+        with (tmp_path / str(mixed) / "train_log.csv").open() as handle:
+            losses[mixed] = np.array([float(r["loss"]) for r in csv.DictReader(handle)])
+        in_training = {precision for training, precision in precisions if training}
+        in_validation = {precision for training, precision in precisions if not training}
+        assert in_training == {torch.bfloat16 if mixed else None}
+        assert in_validation == {None}
+    assert not np.array_equal(losses[True], losses[False])
+    np.testing.assert_allclose(losses[True], losses[False], rtol=0.05)  # runs drift apart by ~2 % in 6 steps

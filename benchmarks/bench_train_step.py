@@ -47,6 +47,9 @@ CONFIGS = {
     "tall-80x96x80": Config("uniGradICON width, 80×96×80, batch 2", TALL, 3, (80, 96, 80), 2),
 }
 METHODS = ("ours-full", "ref-full", "ours-subset", "ref-sparse")
+#: with native bfloat16 (``device.has_native_bfloat16``) also: the subset step with bfloat16 UNets
+#: (``iconreg train --mixed-precision``), against the reference's float32 GradientICONSparse step
+LOW_PRECISION_METHOD = "ours-subset-bf16"
 
 
 def subset_fraction(shape) -> float:
@@ -126,7 +129,10 @@ def check_equivalence(config: Config, device) -> dict:
     image_A, image_B = _images(config, device)
     identity = identity_map(config.shape, device=device)
     result = {}
-    for sparse in (False, True):
+    from ICONRegistrationLib.core.networks import low_precision
+    from ICONRegistrationLib.device import has_native_bfloat16
+    cases = [(False, None), (True, None)] + ([(True, torch.bfloat16)] if has_native_bfloat16(device) else [])
+    for sparse, precision in cases:
         net.load_state_dict(state)
         reference = _reference(config, state, sparse, device)
         torch.manual_seed(7)
@@ -138,11 +144,12 @@ def check_equivalence(config: Config, device) -> dict:
         if sparse:  # the reference's points, in the layout of the training subset (jittered_identity): [1, 3, M, 1, 1]
             samples = samples[:, :, ::2, ::2, ::2].reshape(1, 3, -1, 1, 1)
         net.zero_grad(set_to_none=True)
-        terms = symmetric_objective(net, image_A, image_B, similarity=LNCC(5), lmbda=1.5, padding="border",
-                                    penalty_samples=samples)
+        with low_precision(net, precision):
+            terms = symmetric_objective(net, image_A, image_B, similarity=LNCC(5), lmbda=1.5, padding="border",
+                                        penalty_samples=samples)
         terms.loss.backward()
         grad_ours, grad_ref = _gradients(net), _gradients(reference.regis_net)
-        key = "sparse" if sparse else "full"
+        key = ("sparse" if sparse else "full") + ("-bf16" if precision is not None else "")
         ours, theirs = float(terms.loss.detach()), float(loss_ref.detach())
         result[key] = {"objective_ours": ours, "objective_ref": theirs, "objective_rel": abs(ours - theirs) / abs(theirs),
                        "gradient_rel": float((grad_ours - grad_ref).norm() / grad_ref.norm())}
@@ -152,6 +159,7 @@ def check_equivalence(config: Config, device) -> dict:
 def time_method(config: Config, method: str, repeats: int, device) -> dict:
     import torch
     from ICONRegistrationLib.core.losses import LNCC
+    from ICONRegistrationLib.core.networks import low_precision
     from ICONRegistrationLib.core.objective import symmetric_objective
 
     image_A, image_B = _images(config, device)
@@ -166,10 +174,12 @@ def time_method(config: Config, method: str, repeats: int, device) -> dict:
     else:
         module = net
         fraction = 1.0 if method == "ours-full" else subset_fraction(config.shape)
+        precision = torch.bfloat16 if method == LOW_PRECISION_METHOD else None
 
         def loss():
-            return symmetric_objective(net, image_A, image_B, similarity=LNCC(5), lmbda=1.5, padding="border",
-                                       penalty_fraction=fraction).loss
+            with low_precision(net, precision):
+                return symmetric_objective(net, image_A, image_B, similarity=LNCC(5), lmbda=1.5, padding="border",
+                                           penalty_fraction=fraction).loss
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-5)
     parameters = sum(p.numel() for p in module.parameters())
 
@@ -234,13 +244,14 @@ def main(argv=None) -> int:
         return _child(args)
 
     import torch
-    from ICONRegistrationLib.device import choose_device, device_description
+    from ICONRegistrationLib.device import choose_device, device_description, has_native_bfloat16
     try:
         import icon_registration  # noqa: F401
         have_reference = True
     except ImportError:
         have_reference = False
     device = choose_device(args.device)
+    methods = METHODS + ((LOW_PRECISION_METHOD,) if has_native_bfloat16(device) else ())
     print(f"{device_description(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"best of {args.repeats} steps after one warm-up, each method in its own process, allocator: "
           f"{'keep freed memory' if args.allocator == 'keep' else 'system'} (both implementations)")
@@ -253,13 +264,18 @@ def main(argv=None) -> int:
     everything = {}
     for key in args.configs:
         config = CONFIGS[key]
-        results = {m: _run_child(args, key, m) for m in METHODS if have_reference or m.startswith("ours")}
+        results = {m: _run_child(args, key, m) for m in methods if have_reference or m.startswith("ours")}
         check = _run_child(args, key, "check") if have_reference else {}
         everything[key] = {"results": results, "check": check}
         for ours, ref, label, check_key in (("ours-full", "ref-full", "full (GradientICON)", "full"),
                                             ("ours-subset", "ref-sparse",
                                              f"subset {subset_fraction(config.shape):.3f} (GradientICONSparse)",
-                                             "sparse")):
+                                             "sparse"),
+                                            (LOW_PRECISION_METHOD, "ref-sparse",
+                                             f"subset {subset_fraction(config.shape):.3f}, bfloat16 UNets "
+                                             "(against float32 GradientICONSparse)", "sparse-bf16")):
+            if ours not in methods:
+                continue
             mine, theirs = results.get(ours, {}), results.get(ref, {})
             equal = check.get(check_key, {})
 

@@ -357,7 +357,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .models.zoo import resolve_spec
     from .datasets import list_volumes, split_validation
     from .training.data import PREPARED_SUFFIXES, PreparedSet, prepare
-    from .training.trainer import TrainingConfig, check_config, export_weights, largest_batch, train
+    from .training.trainer import (TrainingConfig, check_config, check_mixed_precision, export_weights,
+                                   largest_batch, train)
 
     from .io import check_output_file
 
@@ -380,6 +381,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             time_limit=args.time_limit,
                             flip_axes=args.flip_axes)
     check_config(config)  # before the data are prepared
+    from .device import choose_device
+    check_mixed_precision(config, choose_device(args.device))
     if args.steps == 0 and not args.save_prepared:
         raise UserError("--steps 0 trains nothing: give --save-prepared to only prepare the data, or a number of "
                         "steps.")
@@ -741,7 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "with 'iconreg average-weights' (default 0: keep none)")
     trn.add_argument("--seed", type=int, default=0)
     trn.add_argument("--device", default="auto")
-    trn.add_argument("--mixed-precision", action="store_true", help="bfloat16 autocast on a GPU")
+    trn.add_argument("--mixed-precision", action="store_true",
+                     help="the networks' inner layers in bfloat16 (maps, sampling and losses stay float32): on a GPU, "
+                          "or a CPU with native bfloat16 (AVX512-BF16 or AMX), where steps are 1.1-1.35x faster")
     trn.add_argument("--save-prepared", action="store_true",
                      help="also save the resampled data as train_prepared.npz and validation_prepared.npz in "
                           "--out (to copy to a GPU machine)")

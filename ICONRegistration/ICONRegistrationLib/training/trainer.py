@@ -13,7 +13,6 @@ takes exactly the step an uninterrupted run would have taken.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import math
@@ -26,11 +25,12 @@ import torch.nn.functional as F
 
 from ..core.coordinates import identity_map, jacobian_determinant, sample_at, vector_length, voxel_scale
 from ..core.inversion import symmetrize_maps
+from ..core.networks import low_precision
 from ..core.losses import (label_fractions, label_indices, make_similarity, soft_dice_loss,
                            soft_dice_loss_of_warped_labels)
 from ..core.objective import both_directions, symmetric_objective
 from ..core.registration_modules import TwoStep
-from ..device import choose_device, device_description
+from ..device import choose_device, device_description, has_native_bfloat16
 from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..overlap import dice_scores
@@ -81,7 +81,9 @@ class TrainingConfig:
     checkpoint_every: int = 100
     keep_every: int = 0  # also keep the network every this many steps in snapshots/ (for weight averaging; 0: no)
     seed: int = 0
-    mixed_precision: bool = False  # bfloat16 autocast on CUDA only
+    # the UNets' inner layers in bfloat16 (core.networks.low_precision; maps, sampling and losses stay float32):
+    # a GPU, or a CPU with native bfloat16 (device.has_native_bfloat16)
+    mixed_precision: bool = False
     # GradICON/ICON penalty on a random 1/8 of the jittered grid points: the full penalty's expectation at a
     # fraction of its cost (see core.losses.jittered_identity); 1.0 evaluates it at every grid point.
     penalty_fraction: float = 0.125
@@ -172,6 +174,15 @@ def check_config(config: TrainingConfig) -> None:
         raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
     if config.symmetric_label_loss and not config.label_loss:
         raise UserError("--symmetric-label-loss takes the label loss on the symmetric maps: give --label-loss too.")
+
+
+def check_mixed_precision(config: TrainingConfig, device: torch.device) -> None:
+    """:class:`UserError` when ``config.mixed_precision`` asks for bfloat16 on a device without native bfloat16
+    (there it would be slower than float32, not faster)."""
+    if config.mixed_precision and not has_native_bfloat16(device):
+        raise UserError(f"--mixed-precision needs native bfloat16 (a GPU, or a CPU with AVX512-BF16 or AMX); "
+                        f"{device_description(device)} here has none, and emulated bfloat16 is slower than "
+                        "float32. Leave the option out.")
 
 
 def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
@@ -562,7 +573,7 @@ def write_validation_table(out_dir: Path) -> Optional[Path]:
 def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, device: str = "auto",
                   candidates: tuple[int, ...] = (64, 32, 16, 8, 4, 2, 1)) -> int:
     """The largest batch (of ``candidates``) whose training step fits in the GPU's memory with room to spare: one
-    trial step per size, largest first (bfloat16 autocast if ``config.mixed_precision``, the label loss if
+    trial step per size, largest first (bfloat16 UNets if ``config.mixed_precision``, the label loss if
     ``config.label_loss``), and then the next smaller candidate is returned, leaving headroom for the optimiser's
     state and fragmentation. On a CPU: 2 (memory is rarely the limit there, time is)."""
     torch_device = choose_device(device)
@@ -577,7 +588,7 @@ def largest_batch(spec: ModelSpec, data: PreparedSet, config: TrainingConfig, de
         try:
             index = torch.arange(batch) % len(data)
             images = data.images[index].float().to(torch_device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.mixed_precision):
+            with low_precision(net, torch.bfloat16 if config.mixed_precision else None):
                 terms = symmetric_objective(net, images, images.roll(1, 0), similarity=similarity,
                                             lmbda=spec.lmbda, penalty=config.penalty or spec.penalty,
                                             penalty_fraction=config.penalty_fraction)
@@ -692,6 +703,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = choose_device(device)
+    check_mixed_precision(config, torch_device)
     net_spec = stage_spec(spec, config.stage)
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
         torch.manual_seed(config.seed)
@@ -747,8 +759,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     count = len(train_set)
     last_validation: dict = {}
     best_dice, _ = _best_so_far(out_dir)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.mixed_precision
-                and torch_device.type == "cuda" else contextlib.nullcontext())
+    precision = torch.bfloat16 if config.mixed_precision else None
     start_step = step
     start = time.perf_counter()
     while step < config.steps:
@@ -764,7 +775,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         for group in optimizer.param_groups:
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
+        with low_precision(net, precision):
             terms = symmetric_objective(net, batch_A, batch_B, similarity=similarity, lmbda=lmbda,
                                         penalty=penalty, generator=generator,
                                         penalty_fraction=config.penalty_fraction,
