@@ -745,8 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--seed", type=int, default=0)
     trn.add_argument("--device", default="auto")
     trn.add_argument("--mixed-precision", action="store_true",
-                     help="the networks' inner layers in bfloat16 (maps, sampling and losses stay float32): on a GPU, "
-                          "or a CPU with native bfloat16 (AVX512-BF16 or AMX), where steps are 1.1-1.35x faster")
+                     help="the UNets in bfloat16 (maps, sampling and losses stay float32): on a GPU, or a CPU "
+                          "with native bfloat16 (AVX512-BF16 or AMX)")
     trn.add_argument("--save-prepared", action="store_true",
                      help="also save the resampled data as train_prepared.npz and validation_prepared.npz in "
                           "--out (to copy to a GPU machine)")

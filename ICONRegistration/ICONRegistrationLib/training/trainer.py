@@ -81,7 +81,7 @@ class TrainingConfig:
     checkpoint_every: int = 100
     keep_every: int = 0  # also keep the network every this many steps in snapshots/ (for weight averaging; 0: no)
     seed: int = 0
-    # the UNets' inner layers in bfloat16 (core.networks.low_precision; maps, sampling and losses stay float32):
+    # the UNets in bfloat16 (core.networks.low_precision; maps, sampling and losses stay float32):
     # a GPU, or a CPU with native bfloat16 (device.has_native_bfloat16)
     mixed_precision: bool = False
     # GradICON/ICON penalty on a random 1/8 of the jittered grid points: the full penalty's expectation at a
