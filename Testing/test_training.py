@@ -72,7 +72,7 @@ def test_penalty_fraction_outside_zero_one_is_a_user_error(tmp_path, fraction):
     ({"validate_every": 0}, "--validate-every"), ({"checkpoint_every": 0}, "--checkpoint-every"),
     ({"flip_axes": (5,)}, "--flip-axes"), ({"flip_axes": (2, 2)}, "--flip-axes"), ({"lmbda": -1.0}, "--lambda"),
     ({"affine_strength": -0.1}, "--affine"), ({"elastic_voxels": float("nan")}, "--elastic"),
-    ({"intensity_gamma": -0.3}, "--gamma")])
+    ({"intensity_gamma": -0.3}, "--gamma"), ({"bias_field": -0.1}, "--bias-field")])
 def test_nonsense_rates_intervals_and_strengths_are_user_errors_before_any_step(tmp_path, change, message):
     """They used to stop with a traceback (NaN or negative rate, interval 0, flip axis 5) or train something else
     without a word (a flip axis twice, a negative λ or augmentation strength: no augmentation)."""
@@ -1187,3 +1187,26 @@ def test_mixed_precision_training_rounds_the_unets_validates_in_float32_and_foll
     assert not np.array_equal(losses[True], losses[False])
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-3)  # the first step: the same network
     assert losses[True].mean() == pytest.approx(losses[False].mean(), rel=0.03)  # single steps drift apart by up to 6 %
+
+
+def test_bias_field_augmentation_multiplies_each_image_by_a_smooth_field_of_the_given_size():
+    from ICONRegistrationLib.training.trainer import augment
+    shape = (40, 48, 40)
+    A = torch.full((2, 1, *shape), 0.4)
+    B = torch.full((2, 1, *shape), 0.5)
+    labels = (torch.ones(2, 1, *shape), torch.ones(2, 1, *shape))
+    config = TrainingConfig(flip_axes=(), affine_strength=0.0, bias_field=0.2, elastic_spacing=16)
+    out_A, out_B, out_labels = augment(A, B, config, torch.Generator().manual_seed(3), labels)
+    log_fields = torch.cat([(out_A / A).log(), (out_B / B).log()])  # no clipping at these intensities
+    assert float(out_A.max()) <= 1 and float(out_A.min()) >= 0
+    # Gaussian at the control points, std 0.2; trilinear in between lowers it: between 0.1 and 0.2 overall
+    assert 0.1 < float(log_fields.std()) < 0.2, float(log_fields.std())
+    # independent per image, and smooth: neighbouring voxels differ by far less than the field's spread
+    assert float((log_fields[0] - log_fields[1]).abs().mean()) > 0.05
+    assert float(log_fields.diff(dim=-1).abs().max()) < 0.1
+    assert torch.equal(out_labels[0], labels[0])  # labels are not intensities
+    # bright voxels are clipped to [0, 1] as the preprocessing clips
+    bright, _, _ = augment(torch.ones(1, 1, *shape), torch.ones(1, 1, *shape), config, torch.Generator().manual_seed(3))
+    assert float(bright.max()) == 1.0
+    plain = TrainingConfig(flip_axes=(), affine_strength=0.0)
+    assert torch.equal(augment(A, B, plain, torch.Generator().manual_seed(3))[0], A)

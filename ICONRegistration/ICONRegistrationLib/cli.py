@@ -370,7 +370,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
                             warmup_steps=args.warmup_steps, penalty=args.penalty, similarity=args.similarity,
                             lmbda=args.lmbda, affine_strength=args.affine, elastic_voxels=args.elastic,
-                            intensity_gamma=args.gamma, validate_every=args.validate_every,
+                            intensity_gamma=args.gamma, bias_field=args.bias_field,
+                            validate_every=args.validate_every,
                             checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
                             icon_weight=args.icon_weight, icon_label_weight=args.icon_label_weight,
@@ -721,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "voxels at control points 16 voxels apart (default 0: none)")
     trn.add_argument("--gamma", type=float, default=0.0,
                      help="random intensity gamma per image, log γ ~ U(−g, g) (default 0: none)")
+    trn.add_argument("--bias-field", type=float, default=0.0,
+                     help="random smooth multiplicative bias field per image, I·exp(b) with b of this standard "
+                          "deviation at control points 16 voxels apart (MRI non-uniformity; default 0: none)")
     trn.add_argument("--flip-axes", type=_flip_axes, default=(0, 1, 2),
                      help="tensor axes to flip at random ('' for none; default 0,1,2)")
     trn.add_argument("--self-pairs", type=float, default=0.0,

@@ -77,6 +77,9 @@ class TrainingConfig:
     elastic_spacing: int = 16
     # random intensity gamma per image, I ↦ I^γ with log γ ~ U(−g, g) on the [0, 1] network input (0: none)
     intensity_gamma: float = 0.0
+    # random smooth multiplicative bias field per image, I ↦ I · exp(b), b Gaussian with this standard deviation at
+    # control points every elastic_spacing voxels, trilinear in between (MRI intensity non-uniformity; 0: none)
+    bias_field: float = 0.0
     validate_every: int = 100
     checkpoint_every: int = 100
     keep_every: int = 0  # also keep the network every this many steps in snapshots/ (for weight averaging; 0: no)
@@ -144,7 +147,8 @@ def check_config(config: TrainingConfig) -> None:
     if not are_flip_axes(list(config.flip_axes)):
         raise UserError(f"--flip-axes must be distinct tensor axes 0, 1, 2 (or none), got {config.flip_axes}.")
     for option, value in (("--lambda", config.lmbda), ("--affine", config.affine_strength),
-                          ("--elastic", config.elastic_voxels), ("--gamma", config.intensity_gamma)):
+                          ("--elastic", config.elastic_voxels), ("--gamma", config.intensity_gamma),
+                          ("--bias-field", config.bias_field)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"{option} must be a number ≥ 0, got {value}.")
     if not 0 < config.penalty_fraction <= 1:
@@ -258,6 +262,16 @@ def random_affine_grids(batch: int, shape, strength: float, generator: torch.Gen
     return F.affine_grid(theta, [batch, 1, *shape], align_corners=False)
 
 
+def random_smooth_fields(batch: int, channels: int, shape, std: float, spacing: int,
+                         generator: torch.Generator) -> torch.Tensor:
+    """Random smooth fields ``[batch, channels, *shape]``: Gaussian values with standard deviation ``std`` at
+    control points every ``spacing`` voxels (at least 2 per axis, the outermost at the grid's corners),
+    interpolated trilinearly in between."""
+    controls = [max(2, math.ceil(size / spacing) + 1) for size in shape]
+    noise = torch.randn(batch, channels, *controls, generator=generator) * std
+    return F.interpolate(noise, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
 def random_elastic_displacements(batch: int, shape, voxels: float, spacing: int,
                                  generator: torch.Generator) -> torch.Tensor:
     """Random smooth displacements ``[batch, *shape, 3]`` in ``F.grid_sample``'s normalised units
@@ -268,9 +282,7 @@ def random_elastic_displacements(batch: int, shape, voxels: float, spacing: int,
     0.54 × ``voxels``): a smooth field whose Jacobian stays near the identity when ``voxels`` is small against
     ``spacing``.
     """
-    controls = [max(2, math.ceil(size / spacing) + 1) for size in shape]
-    noise = torch.randn(batch, 3, *controls, generator=generator) * voxels
-    field = F.interpolate(noise, size=tuple(shape), mode="trilinear", align_corners=True)
+    field = random_smooth_fields(batch, 3, shape, voxels, spacing, generator)
     per_voxel = torch.tensor([2.0 / size for size in reversed(shape)]).view(1, 3, 1, 1, 1)
     return (field * per_voxel).permute(0, 2, 3, 4, 1)
 
@@ -279,8 +291,9 @@ def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConf
             generator: torch.Generator, labels: Optional[tuple[torch.Tensor, torch.Tensor]] = None
             ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """Same random flips for A and B (pairs stay anatomically consistent), independent random affine warps, each
-    optionally with a random smooth displacement (``config.elastic_voxels``), then an independent random
-    intensity gamma per image (``config.intensity_gamma``).
+    optionally with a random smooth displacement (``config.elastic_voxels``), then per image an independent random
+    smooth multiplicative bias field (``config.bias_field``, clipped to [0, 1] as the preprocessing clips) and
+    an independent random intensity gamma (``config.intensity_gamma``).
 
     ``images_A``, ``images_B`` ``[b, 1, *S]`` in [0, 1]; ``labels`` ``(labels_A, labels_B)`` ``[b, 1, *S]``
     (float) get exactly the flips and warps of their images (nearest neighbour); the random draws are the same with
@@ -309,6 +322,10 @@ def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConf
             warped = F.grid_sample(torch.cat(labels), grids, mode="nearest", padding_mode="zeros",
                                    align_corners=False)
             labels = tuple(warped.split(batch))
+    if config.bias_field > 0:
+        log_bias = random_smooth_fields(2 * batch, 1, shape, config.bias_field, config.elastic_spacing, generator)
+        both = torch.cat([images_A, images_B]) * log_bias.exp().to(images_A.device, images_A.dtype)
+        images_A, images_B = both.clamp(0, 1).split(batch)
     if config.intensity_gamma > 0:
         log_gamma = (torch.rand(2 * batch, generator=generator) * 2 - 1) * config.intensity_gamma
         gamma = log_gamma.exp().view(-1, 1, 1, 1, 1).to(images_A.device, images_A.dtype)
