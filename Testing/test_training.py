@@ -1210,3 +1210,43 @@ def test_bias_field_augmentation_multiplies_each_image_by_a_smooth_field_of_the_
     assert float(bright.max()) == 1.0
     plain = TrainingConfig(flip_axes=(), affine_strength=0.0)
     assert torch.equal(augment(A, B, plain, torch.Generator().manual_seed(3))[0], A)
+    # the field is drawn after the flips and warps: adding it leaves the geometric augmentation (labels) unchanged
+    data = synthetic_set()
+    geometric = dict(flip_axes=(0,), affine_strength=0.05, elastic_voxels=1.0, elastic_spacing=8)
+    pair = (data.images[:2].float(), data.images[2:].float())
+    label_pair = (data.labels[:2].float(), data.labels[2:].float())
+    without = augment(*pair, TrainingConfig(**geometric), torch.Generator().manual_seed(4), label_pair)
+    with_field = augment(*pair, TrainingConfig(**geometric, bias_field=0.2), torch.Generator().manual_seed(4),
+                         label_pair)
+    assert torch.equal(without[2][0], with_field[2][0]) and torch.equal(without[2][1], with_field[2][1])
+    assert not torch.equal(without[0], with_field[0])
+
+
+def test_native_bfloat16_is_read_from_x86_and_arm_cpu_flags_and_the_gpus_compute_capability(monkeypatch):
+    import io
+    from types import SimpleNamespace
+    from ICONRegistrationLib import device as device_module
+    cpu = torch.device("cpu")
+    for text, native in (("flags\t\t: fpu avx512f avx512_bf16 avx2\n", True),
+                         ("flags\t\t: fpu avx512f avx512bw avx2\n", False),  # AVX-512 alone: emulated
+                         ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm (e.g. Graviton3)
+                         ("Features\t: fp asimd\n", False)):
+        monkeypatch.setattr(device_module, "open", lambda *a, text=text, **k: io.StringIO(text), raising=False)
+        assert device_module.has_native_bfloat16(cpu) is native, text
+    for major, native in ((7, False), (8, True), (9, True)):  # Volta/Turing emulate bfloat16
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, major=major: SimpleNamespace(major=major))
+        assert device_module.has_native_bfloat16(torch.device("cuda")) is native
+    assert not device_module.has_native_bfloat16(torch.device("mps"))
+
+
+def test_preparing_data_alone_with_mixed_precision_is_not_refused_on_any_cpu(tmp_path, monkeypatch):
+    from ICONRegistrationLib import device as device_module
+    monkeypatch.setattr(device_module, "_cpu_flags", lambda: set())
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for k in range(4):
+        sitk.WriteImage(make_image(blob_volume((16, 20, 16), seed=k)), str(data / "images" / f"c{k}.nii.gz"))
+    small_spec().to_file(tmp_path / "small.json")
+    code = main(["train", "--spec", str(tmp_path / "small.json"), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--steps", "0", "--save-prepared", "--val-fraction", "0.5", "--mixed-precision", "--device", "cpu"])
+    assert code == 0 and (tmp_path / "run" / "train_prepared.npz").is_file()

@@ -383,7 +383,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             flip_axes=args.flip_axes)
     check_config(config)  # before the data are prepared
     from .device import choose_device
-    check_mixed_precision(config, choose_device(args.device))
+    check_mixed_precision(config, choose_device(args.device))  # before the data are prepared
     if args.steps == 0 and not args.save_prepared:
         raise UserError("--steps 0 trains nothing: give --save-prepared to only prepare the data, or a number of "
                         "steps.")

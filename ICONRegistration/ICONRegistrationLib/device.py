@@ -52,23 +52,30 @@ def device_description(device: torch.device) -> str:
 
 
 def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux; empty elsewhere)."""
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux: x86's ``flags``, Arm's ``Features``; empty
+    elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             for line in info:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return set()
 
 
+#: CPU flags of native bfloat16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension (``bf16``)
+NATIVE_BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def has_native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or
-    AMX-BF16 (there oneDNN's bfloat16 3-D convolutions run about twice as fast as float32; on CPUs without them
-    oneDNN emulates bfloat16, and earlier measurements on such a CPU found it many times slower than float32)."""
+    """Whether ``device`` computes bfloat16 natively: an NVIDIA GPU of compute capability 8.0 or newer (Ampere;
+    older ones emulate it), or a CPU whose ``/proc/cpuinfo`` lists AVX512-BF16, AMX-BF16 or Arm's BF16 (there
+    oneDNN's bfloat16 3-D convolutions run about twice as fast as float32; on CPUs without them oneDNN emulates
+    bfloat16, and a measurement on such a CPU found it many times slower than float32). Other devices (Apple MPS,
+    CPUs without ``/proc/cpuinfo``): ``False``."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_properties(device).major >= 8
     if device.type == "cpu":
-        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+        return bool(NATIVE_BFLOAT16_CPU_FLAGS & _cpu_flags())
     return False

@@ -182,11 +182,13 @@ def check_config(config: TrainingConfig) -> None:
 
 def check_mixed_precision(config: TrainingConfig, device: torch.device) -> None:
     """:class:`UserError` when ``config.mixed_precision`` asks for bfloat16 on a device without native bfloat16
-    (there it would be slower than float32, not faster)."""
-    if config.mixed_precision and not has_native_bfloat16(device):
-        raise UserError(f"--mixed-precision needs native bfloat16 (a GPU, or a CPU with AVX512-BF16 or AMX); "
-                        f"{device_description(device)} here has none, and emulated bfloat16 is slower than "
-                        "float32. Leave the option out.")
+    (there it would be slower than float32, not faster). A run of 0 steps (preparing data alone) trains nothing and
+    passes."""
+    if config.mixed_precision and config.steps > 0 and not has_native_bfloat16(device):
+        raise UserError(f"--mixed-precision needs native bfloat16 (an NVIDIA GPU of compute capability 8.0 or newer, "
+                        f"or a CPU with AVX512-BF16, AMX or Arm BF16 listed in /proc/cpuinfo); "
+                        f"{device_description(device)} here has none that this can tell, and emulated bfloat16 is "
+                        "slower than float32. Leave the option out.")
 
 
 def stage_spec(spec: ModelSpec, stage: int) -> ModelSpec:
