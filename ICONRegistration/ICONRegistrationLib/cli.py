@@ -750,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--device", default="auto")
     trn.add_argument("--mixed-precision", action="store_true",
                      help="the UNets in bfloat16 (maps, sampling and losses stay float32): on a GPU, or a CPU "
-                          "with native bfloat16 (AVX512-BF16 or AMX)")
+                          "with native bfloat16 (AVX512-BF16, AMX or Arm BF16)")
     trn.add_argument("--save-prepared", action="store_true",
                      help="also save the resampled data as train_prepared.npz and validation_prepared.npz in "
                           "--out (to copy to a GPU machine)")
