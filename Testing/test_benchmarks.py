@@ -2,7 +2,7 @@
 
 Timings are not asserted (speed targets live in the benchmark's table, never in a timed unit test); what is
 checked is that the script measures what it says: one paired forward pass per register() run, the paired ratio as
-the median of those pairs, and a register run that holds two network passes.
+the median of those pairs, and a register run that sends two images through the network (counted by a hook).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ def test_bench_register_pairs_each_register_run_with_a_forward_pass(tmp_path):
     assert result["paired_ratios"] == pytest.approx([t / f for t, f in zip(totals, result["paired_forward_s"])],
                                                     rel=1e-3)
     assert result["ratio_paired_median"] == pytest.approx(float(np.median(result["paired_ratios"])))
-    seconds = result["register_seconds"]
-    # both directions run: the network stage holds about two forward passes (generous bounds: a shared machine)
-    assert 1.3 * result["forward_s"] < seconds["network"] < 6 * result["forward_s"]
-    assert 1.3 < result["ratio_paired_median"] < 8
+    # both directions run: each register() run sends two images through the network (counted, not timed: timings
+    # on a shared machine prove nothing)
+    assert result["register_network_passes"] == [2, 2]
+    assert result["ratio_paired_median"] > 0
     assert "median of the paired repeats" in process.stdout
     assert "ratio paired (median)" in process.stdout
 

@@ -285,6 +285,15 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     def run_register():
         return register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri")
 
+    # Images through the network per register() run (both directions: 2, more with test-time flips), counted by a
+    # hook so that what the run holds is known without reading it off the timings.
+    passes = [0]
+
+    def count_pass(module, inputs, output):
+        passes[0] += int(inputs[0].shape[0])
+
+    hook = loaded.net.register_forward_hook(count_pass)
+
     memory.start()
     if register_warmup:
         run_register()
@@ -297,14 +306,17 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
         forward()
         paired_forward = time.perf_counter() - start
         gc.collect()
+        passes[0] = 0
         cpu_start, start = own_cpu_seconds(children=False), time.perf_counter()
         outcome = run_register()
         wall = time.perf_counter() - start
         runs.append({"wall_s": wall, "cpu_s": own_cpu_seconds(children=False) - cpu_start,
                      "seconds": dict(outcome.metrics.seconds), "paired_forward_s": paired_forward,
+                     "network_passes": passes[0],
                      "folds": outcome.metrics.folds, "reported_device": outcome.metrics.device})
         del outcome
         gc.collect()
+    hook.remove()
     result["register_peak_bytes"] = memory.stop()
     del net, image_A, image_B, grid
     best = min(runs, key=lambda run: run["seconds"]["total"])
@@ -313,6 +325,7 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     result["register_cpu_s"] = best["cpu_s"]
     result["register_seconds"] = best["seconds"]
     result["register_all_totals_s"] = [run["seconds"]["total"] for run in runs]
+    result["register_network_passes"] = [run["network_passes"] for run in runs]
     total = best["seconds"]["total"]
     load = best["seconds"].get("load", 0.0)
     result["ratio_total_forward"] = total / result["forward_s"]
