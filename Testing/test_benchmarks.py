@@ -2,7 +2,7 @@
 
 Timings are not asserted (speed targets live in the benchmark's table, never in a timed unit test); what is
 checked is that the script measures what it says: one paired forward pass per register() run, the paired ratio as
-the median of those pairs, and a register run that sends two images through the network (counted by a hook).
+the median of those pairs, and a register run that makes two network predictions (counted by a hook).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_bench_register_pairs_each_register_run_with_a_forward_pass(tmp_path):
     assert result["paired_ratios"] == pytest.approx([t / f for t, f in zip(totals, result["paired_forward_s"])],
                                                     rel=1e-3)
     assert result["ratio_paired_median"] == pytest.approx(float(np.median(result["paired_ratios"])))
-    # both directions run: each register() run sends two images through the network (counted, not timed: timings
+    # both directions run: each register() run makes two network predictions (counted, not timed: timings
     # on a shared machine prove nothing)
     assert result["register_network_passes"] == [2, 2]
     assert result["ratio_paired_median"] > 0

@@ -285,8 +285,9 @@ def measure_size(size: int, device_name: str, repeats: int, register_warmup: boo
     def run_register():
         return register(fixed, moving, loaded, fixed_modality="mri", moving_modality="mri")
 
-    # Images through the network per register() run (both directions: 2, more with test-time flips), counted by a
-    # hook so that what the run holds is known without reading it off the timings.
+    # Predictions (image pairs) through the network per register() run (both directions: 2, more with test-time
+    # flips; a batch of 2 counts 2), counted by a hook so that what the run holds is known without reading it off
+    # the timings.
     passes = [0]
 
     def count_pass(module, inputs, output):
