@@ -123,13 +123,6 @@ def build():
     return module, ""
 
 
-def _normalised(points: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """[3, N] voxel (z, y, x) → grid_sample's [1, *shape, 3] (x, y, z) in [-1, 1] (align_corners=True)."""
-    scale = [2.0 / (s - 1) for s in shape]
-    return torch.stack([points[2] * scale[2] - 1, points[1] * scale[1] - 1, points[0] * scale[0] - 1],
-                       dim=-1).reshape(1, *shape, 3)
-
-
 def _best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -146,20 +139,21 @@ def measure(module, shape: tuple[int, int, int], channels: int, repeats: int, se
     points = (grid.reshape(3, -1) + 0.8 * torch.randn(3, grid[0].numel(), generator=generator)).contiguous()
     grad_out = torch.randn(channels, points.shape[1], generator=generator)
 
-    normalised = _normalised(points, shape)
+    # voxel (z, y, x) → grid_sample's [1, *shape, 3] (x, y, z) in [-1, 1] (align_corners=True), and back for
+    # its gradient
+    scale = torch.tensor([2.0 / (s - 1) for s in shape])
+    normalised = (points.T * scale - 1).flip(-1).reshape(1, *shape, 3).contiguous()
 
     def reference(image_gradient: bool):
         # the sampling grid is a leaf, so the timed backward is grid_sample's own
         img = image.clone().requires_grad_(image_gradient)
-        grid = normalised.clone().requires_grad_(True)
-        out = F.grid_sample(img[None], grid, align_corners=True, padding_mode="border").reshape(channels, -1)
-        return img, grid, out
+        leaf = normalised.clone().requires_grad_(True)
+        out = F.grid_sample(img[None], leaf, align_corners=True, padding_mode="border").reshape(channels, -1)
+        return img, leaf, out
 
-    img, grid, out = reference(True)
+    img, leaf, out = reference(True)
     out.backward(grad_out)
-    # grid_sample's gradient for (x, y, z) in [-1, 1] → per voxel coordinate (z, y, x)
-    scale = torch.tensor([2.0 / (s - 1) for s in shape])
-    grad_reference = (grid.grad.reshape(-1, 3).flip(-1) * scale).T
+    grad_reference = (leaf.grad.reshape(-1, 3).flip(-1) * scale).T
     ours = module.sample_forward(image, points)
     grad_img, grad_pts = module.sample_backward(image, points, grad_out, True)
     row = {"shape": shape, "channels": channels,
