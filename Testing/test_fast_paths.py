@@ -35,6 +35,8 @@ def _plain_grid_sample(image, coordinates_, padding="border", mode="bilinear"):
 @pytest.mark.parametrize("padding", ["border", "zeros"])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_chunked_sampling_equals_one_grid_sample_call(monkeypatch, padding, mode):
+    # grid_sample on both sides, bit for bit (the compiled sampler's equivalence: test_native_sampler.py)
+    monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "0")
     monkeypatch.setattr(coordinates, "_MIN_POINTS_PER_CHUNK", 64)  # force several chunks on a small grid
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # a point count not divisible by the chunks
     generator = torch.Generator().manual_seed(0)

@@ -207,9 +207,14 @@ def _child(args) -> int:
     if args.allocator == "keep":  # before torch allocates anything; the same setting for both implementations
         from ICONRegistrationLib.allocator import keep_freed_memory
         keep_freed_memory()
+    import os
+    os.environ["ICONREG_NATIVE_SAMPLER"] = "1" if args.native_sampler == "on" else "0"
     import torch
     from ICONRegistrationLib.device import choose_device
     device = choose_device(args.device)
+    if args.native_sampler == "on" and device.type == "cpu":
+        from ICONRegistrationLib.core import native_sampler
+        native_sampler.enable()  # as `iconreg train` does (icon_registration samples with grid_sample itself)
     config = CONFIGS[args.child_config]
     if args.child_method == "check":
         print(json.dumps(check_equivalence(config, device)))
@@ -220,7 +225,8 @@ def _child(args) -> int:
 
 def _run_child(args, config_key: str, method: str):
     command = [sys.executable, __file__, "--child-config", config_key, "--child-method", method,
-               "--repeats", str(args.repeats), "--device", args.device, "--allocator", args.allocator]
+               "--repeats", str(args.repeats), "--device", args.device, "--allocator", args.allocator,
+               "--native-sampler", args.native_sampler]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         tail = completed.stderr.strip().splitlines()[-1:] or ["failed"]
@@ -237,6 +243,9 @@ def main(argv=None) -> int:
     parser.add_argument("--allocator", choices=["keep", "system"], default="keep",
                         help="keep (default): glibc keeps freed memory for reuse, as `iconreg train` sets it; "
                              "system: glibc's defaults. Both implementations run with the same setting")
+    parser.add_argument("--native-sampler", choices=["on", "off"], default="on",
+                        help="on (default): the project samples through its compiled CPU sampler where it builds, as "
+                             "`iconreg train` does; off: grid_sample only")
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
     parser.add_argument("--child-method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -251,10 +260,16 @@ def main(argv=None) -> int:
     except ImportError:
         have_reference = False
     device = choose_device(args.device)
+    sampler = "off (grid_sample)"
+    if args.native_sampler == "on" and device.type == "cpu":
+        from ICONRegistrationLib.core import native_sampler
+        state = native_sampler.enable()
+        sampler = "compiled kernel" if state.available else f"grid_sample ({state.reason})"
     methods = METHODS + ((LOW_PRECISION_METHOD,) if has_native_bfloat16(device) else ())
     print(f"{device_description(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"best of {args.repeats} steps after one warm-up, each method in its own process, allocator: "
-          f"{'keep freed memory' if args.allocator == 'keep' else 'system'} (both implementations)")
+          f"{'keep freed memory' if args.allocator == 'keep' else 'system'} (both implementations); "
+          f"the project's sampler: {sampler}")
     if not have_reference:
         print("icon_registration is not installed: reference columns are empty "
               "(pip install icon_registration==1.1.9 --no-deps; pip install itk tqdm matplotlib)")

@@ -11,4 +11,4 @@ fi
 # PyPI directly, the pinned version is PyTorch's default (CUDA) build; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # gets the CPU build instead.
 .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-.venv/bin/python -m pip install --quiet -e ".[test,app,baselines]"
+.venv/bin/python -m pip install --quiet -e ".[test,app,baselines,native]"

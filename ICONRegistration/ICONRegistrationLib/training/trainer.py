@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..core.coordinates import identity_map, jacobian_determinant, sample_at, vector_length, voxel_scale
 from ..core.inversion import symmetrize_maps
+from ..core import native_sampler
 from ..core.networks import low_precision
 from ..core.losses import (label_fractions, label_indices, make_similarity, soft_dice_loss,
                            soft_dice_loss_of_warped_labels)
@@ -723,6 +724,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = choose_device(device)
     check_mixed_precision(config, torch_device)
+    if torch_device.type == "cpu" and config.steps > 0:
+        native_sampler.enable()  # the compiled sampler: built once per machine (about 30 s), then cached
     net_spec = stage_spec(spec, config.stage)
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
         torch.manual_seed(config.seed)

@@ -1,0 +1,178 @@
+"""The compiled CPU sampler computes what ``grid_sample`` computes, and the package falls back where it cannot.
+
+* values, image gradients and point gradients equal ``grid_sample(bilinear, border, align_corners=True)`` in float32
+  and float64, for points inside, outside (clamped), exactly on voxel nodes and cell faces, batches, an image
+  broadcast over the batch (stride 0), and non-contiguous grids;
+* ``sample_at`` (chunked or not) gives the same values and gradients with and without the kernel;
+* calls the kernel does not cover (zeros padding, nearest, float16/bfloat16, a single-voxel axis, the switch set
+  to 0) go to ``grid_sample``; without a compiler the status says why and nothing fails.
+
+The kernel builds once per machine (about 30 s) and is cached; tests that need it skip without a C++ compiler.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ICONRegistrationLib.core import coordinates, native_sampler
+from ICONRegistrationLib.core.coordinates import identity_map, sample_at
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    state = native_sampler.enable()
+    if not state.available:
+        pytest.skip(f"compiled sampler unavailable here: {state.reason}")
+    return native_sampler
+
+
+def _reference(image, grid):
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _both(image, grid, grad_out, sample):
+    img = image.clone().requires_grad_(True)
+    pts = grid.clone().requires_grad_(True)
+    out = sample(img, pts)
+    grads = torch.autograd.grad(out, (img, pts), grad_out)
+    return out.detach(), grads[0], grads[1]
+
+
+def _grid_with_special_points(batch, out_shape, image_shape, dtype, generator):
+    """Points in [−1.3, 1.3] (some clamped), plus exact voxel nodes, cell faces and the two borders."""
+    grid = torch.rand(batch, *out_shape, 3, generator=generator, dtype=dtype) * 2.6 - 1.3
+    flat = grid.view(-1, 3)
+    sizes = torch.tensor([image_shape[2], image_shape[1], image_shape[0]], dtype=dtype)  # x, y, z
+    nodes = torch.randint(0, 100, (flat.shape[0] // 3, 3), generator=generator).to(dtype) % sizes
+    flat[: nodes.shape[0]] = nodes / (sizes - 1) * 2 - 1  # exact nodes, incl. 0 and n − 1
+    flat[nodes.shape[0]: 2 * nodes.shape[0], 0] = 1.0  # on the last x face
+    flat[2 * nodes.shape[0]: 2 * nodes.shape[0] + 5] = -1.0
+    return grid
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("batch,channels,image_shape,out_shape", [
+    (1, 3, (8, 9, 10), (5, 6, 7)),
+    (2, 1, (12, 10, 8), (4, 4, 4)),
+    (3, 2, (2, 5, 3), (6, 2, 3)),
+])
+def test_values_and_gradients_equal_grid_sample(kernel, dtype, tolerance, batch, channels, image_shape, out_shape):
+    generator = torch.Generator().manual_seed(batch * 10 + channels)
+    image = torch.randn(batch, channels, *image_shape, generator=generator, dtype=dtype)
+    grid = _grid_with_special_points(batch, out_shape, image_shape, dtype, generator)
+    grad_out = torch.randn(batch, channels, *out_shape, generator=generator, dtype=dtype)
+    ref = _both(image, grid, grad_out, _reference)
+    ours = _both(image, grid, grad_out, kernel.grid_sample_border)
+    for name, a, b in zip(("values", "image gradient", "point gradient"), ref, ours):
+        scale = a.abs().max().clamp_min(1)
+        assert float((a - b).abs().max() / scale) < tolerance, name
+
+
+def test_broadcast_image_and_non_contiguous_grid(kernel):
+    """An image expanded over the batch (stride 0, as sample_at's chunks are) and a transposed grid."""
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randn(1, 2, 6, 7, 8, generator=generator)
+    grid = (torch.rand(3, 5, 4, 6, 3, generator=generator) * 2 - 1).transpose(1, 3)
+    assert not grid.is_contiguous()
+    grad_out = torch.randn(3, 2, 6, 4, 5, generator=generator)
+
+    def expanded(sample):
+        def run(img, pts):
+            return sample(img.expand(3, *img.shape[1:]), pts)
+        return run
+
+    ref = _both(image, grid, grad_out, expanded(_reference))
+    ours = _both(image, grid, grad_out, expanded(kernel.grid_sample_border))
+    for a, b in zip(ref, ours):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_points_only_gradient_and_no_gradient_at_all(kernel):
+    generator = torch.Generator().manual_seed(4)
+    image = torch.randn(2, 3, 9, 8, 7, generator=generator)
+    grid = (torch.rand(2, 4, 5, 6, 3, generator=generator) * 2.2 - 1.1).requires_grad_(True)
+    out = kernel.grid_sample_border(image, grid)
+    (ours,) = torch.autograd.grad(out.square().sum(), grid)
+    (ref,) = torch.autograd.grad(_reference(image, grid).square().sum(), grid)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(kernel.grid_sample_border(image, grid), _reference(image, grid), atol=1e-6)
+
+
+def test_non_finite_points_give_finite_values_without_reading_outside_the_image(kernel):
+    image = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 1, 2, 3, 4)
+    grid = torch.tensor([float("nan"), float("inf"), -float("inf")]).view(1, 1, 1, 1, 3)
+    value = kernel.grid_sample_border(image, grid)
+    assert torch.isfinite(value).all()
+    assert image.min() <= value.min() and value.max() <= image.max()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sample_at_with_the_kernel_equals_sample_at_without_it(kernel, monkeypatch, threads):
+    """Through the package's entry point, chunked (two threads) or not, maps and images alike."""
+    monkeypatch.setattr(coordinates, "_MIN_POINTS_PER_CHUNK", 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(5)
+        field = torch.randn(1, 3, 10, 11, 12, generator=generator)
+        points = identity_map((10, 11, 12)) + 0.05 * torch.randn(1, 3, 10, 11, 12, generator=generator)
+        grad_out = torch.randn(1, 3, 10, 11, 12, generator=generator)
+        results = {}
+        for setting in ("0", "1"):
+            monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", setting)
+            results[setting] = _both(field, points, grad_out, sample_at)
+        for a, b in zip(results["0"], results["1"]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", ["zeros", "nearest", "float16", "bfloat16", "single voxel axis", "switched off"])
+def test_calls_the_kernel_does_not_cover_use_grid_sample(kernel, monkeypatch, case):
+    calls = []
+    monkeypatch.setattr(native_sampler, "grid_sample_border", lambda *a: calls.append(a))
+    shape = (1, 6, 7) if case == "single voxel axis" else (5, 6, 7)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(case, torch.float32)
+    image = torch.rand(1, 1, *shape).to(dtype)
+    points = identity_map((4, 4, 4)).to(dtype)
+    if case == "switched off":
+        monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "0")
+    out = sample_at(image, points, padding="zeros" if case == "zeros" else "border",
+                    mode="nearest" if case == "nearest" else "bilinear")
+    assert calls == [] and out.shape == (1, 1, 4, 4, 4)
+    monkeypatch.delenv("ICONREG_NATIVE_SAMPLER", raising=False)
+    if case in ("zeros", "nearest", "float16", "bfloat16", "single voxel axis"):
+        return
+    sample_at(image, points)
+    assert len(calls) == 1  # the same call with the switch back on goes to the kernel
+
+
+def test_without_a_compiler_the_status_says_why_and_sampling_still_works(monkeypatch):
+    monkeypatch.setattr(native_sampler, "_module", None)
+    monkeypatch.setattr(native_sampler, "_failure", None)
+    monkeypatch.setattr(native_sampler.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(native_sampler, "_find_ninja", lambda: False)
+    monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "1")
+    state = native_sampler.enable()
+    assert not state.available and state.reason == "c++ and ninja not found"
+    assert state.to_dict()["reason"] == "c++ and ninja not found"
+    image = torch.rand(1, 1, 5, 6, 7)
+    points = identity_map((5, 6, 7))
+    assert torch.allclose(sample_at(image, points), image, atol=1e-6)
+
+
+def test_auto_mode_never_compiles_unless_asked(monkeypatch):
+    """``auto`` (the default) uses a cached build only: an interactive registration never waits for a compiler."""
+    monkeypatch.setattr(native_sampler, "_module", None)
+    monkeypatch.setattr(native_sampler, "_failure", None)
+    monkeypatch.setattr(native_sampler, "_requested", False)
+    monkeypatch.setattr(native_sampler, "_cached_build", False)
+    monkeypatch.delenv("ICONREG_NATIVE_SAMPLER", raising=False)
+    monkeypatch.setattr(native_sampler, "_build", lambda: pytest.fail("compiled without being asked"))
+    image = torch.rand(1, 1, 5, 6, 7)
+    assert torch.allclose(sample_at(image, identity_map((5, 6, 7))), image, atol=1e-6)
+    state = native_sampler.status()
+    assert not state.available and "not built yet" in state.reason
