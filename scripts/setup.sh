@@ -12,3 +12,7 @@ fi
 # gets the CPU build instead.
 .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 .venv/bin/python -m pip install --quiet -e ".[test,app,baselines,native]"
+# The compiled CPU sampler (ICONRegistrationLib/core/native_sampler.py): built once here (about 30 s; cached in
+# PyTorch's extension folder) so that every later run samples with it. Without a C++ compiler it says why and the
+# package uses PyTorch's grid_sample; setup does not fail.
+.venv/bin/python -c "from ICONRegistrationLib.core import native_sampler as n; s = n.enable(); print('compiled CPU sampler:', 'ready' if s.available else 'not available (' + s.reason + '); using grid_sample')"

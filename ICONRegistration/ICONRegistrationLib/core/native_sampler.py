@@ -38,7 +38,7 @@ import torch
 _LOG = logging.getLogger(__name__)
 
 _ENV = "ICONREG_NATIVE_SAMPLER"
-_NAME = "iconreg_native_sampler_v1"
+_NAME = "iconreg_native_sampler_v2"  # a new name for each change of the source
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -174,6 +174,13 @@ std::vector<torch::Tensor> sample_backward(torch::Tensor image, torch::Tensor gr
                              [&] { backward_kernel<scalar_t>(image, grid, grad_out, grad_image, grad_grid); });
   return {grad_image, grad_grid};
 }
+
+// The GIL is released while a kernel runs, as for PyTorch's own operators (the QA statistics sample in two Python
+// threads side by side).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sample_forward", &sample_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("sample_backward", &sample_backward, py::call_guard<py::gil_scoped_release>());
+}
 """
 
 
@@ -228,8 +235,7 @@ def _build():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["sample_forward", "sample_backward"],
-                                  extra_cflags=["-O3", "-fopenmp"], verbose=False)
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, extra_cflags=["-O3", "-fopenmp"], verbose=False)
         except Exception as error:  # any build or load failure: fall back to grid_sample, say why once
             _failure = f"the kernel did not build ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
     if _failure:
