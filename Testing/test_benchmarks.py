@@ -130,6 +130,7 @@ def test_sampler_kernel_benchmark_says_why_when_it_cannot_compile(monkeypatch, c
     bench = _bench_module("bench_sampler_kernel")
     monkeypatch.setattr(native_sampler, "_module", None)
     monkeypatch.setattr(native_sampler, "_failure", None)
+    monkeypatch.setattr(native_sampler, "_looked_in_cache", True)  # as on a machine without a cached build
     monkeypatch.setattr(native_sampler.shutil, "which", lambda tool: None)
     monkeypatch.setattr(native_sampler, "_find_ninja", lambda: False)
     monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "1")

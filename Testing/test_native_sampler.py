@@ -12,6 +12,8 @@ The kernel builds once per machine (about 30 s) and is cached; tests that need i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,12 +103,60 @@ def test_points_only_gradient_and_no_gradient_at_all(kernel):
         assert torch.allclose(kernel.grid_sample_border(image, grid), _reference(image, grid), atol=1e-6)
 
 
-def test_non_finite_points_give_finite_values_without_reading_outside_the_image(kernel):
-    image = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 1, 2, 3, 4)
-    grid = torch.tensor([float("nan"), float("inf"), -float("inf")]).view(1, 1, 1, 1, 3)
+def test_non_finite_points_give_finite_values_and_a_nan_point_no_gradient(kernel):
+    """A NaN coordinate samples the last voxel (as grid_sample's forward does) and, as grid_sample's backward,
+    reaches no voxel: no image gradient, a zero point gradient. ±inf clamp to the border with no point gradient."""
+    image = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 1, 2, 3, 4).requires_grad_(True)
+    grid = torch.tensor([[float("nan"), 0.2, -0.3], [float("inf"), -float("inf"), 0.5], [0.1, 0.2, 0.3]])
+    grid = grid.view(1, 3, 1, 1, 3).requires_grad_(True)
     value = kernel.grid_sample_border(image, grid)
     assert torch.isfinite(value).all()
-    assert image.min() <= value.min() and value.max() <= image.max()
+    assert torch.allclose(value, _reference(image, grid))
+    grad_image, grad_grid = torch.autograd.grad(value.sum(), (image, grid))
+    clean = grid.detach()[:, 1:]  # the same points without the NaN one
+    ref_image = torch.autograd.grad(_reference(image, clean).sum(), image)[0]
+    assert torch.allclose(grad_image, ref_image)
+    assert torch.equal(grad_grid[0, 0, 0, 0], torch.zeros(3))  # the NaN point
+    assert grad_grid[0, 1, 0, 0, 0] == 0 and grad_grid[0, 1, 0, 0, 1] == 0  # the clamped ±inf coordinates
+    assert grad_grid[0, 2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("image_gradient", [True, False])
+def test_two_threads_split_the_points_and_batches_as_one_thread_does(kernel, image_gradient):
+    """Above the kernel's grain (4096 points) the forward and the points-only backward split the points across
+    threads, chunks crossing batch elements; the image-gradient backward splits the batch."""
+    generator = torch.Generator().manual_seed(6)
+    image = torch.randn(3, 2, 12, 13, 14, generator=generator)
+    grid = torch.rand(3, 17, 18, 19, 3, generator=generator) * 2.2 - 1.1
+    grad_out = torch.randn(3, 2, 17, 18, 19, generator=generator)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            img = image.clone().requires_grad_(image_gradient)
+            pts = grid.clone().requires_grad_(True)
+            out = kernel.grid_sample_border(img, pts)
+            grads = torch.autograd.grad(out, (img, pts) if image_gradient else (pts,), grad_out)
+            results.append((out.detach(), *grads))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ref = _both(image, grid, grad_out, _reference)
+    assert torch.allclose(results[1][0], ref[0], atol=1e-6)
+    assert torch.allclose(results[1][-1], ref[2], rtol=1e-4, atol=1e-4)
+
+
+def test_inference_mode_and_no_double_backward(kernel):
+    image = torch.rand(1, 1, 4, 5, 6)
+    grid = torch.rand(1, 3, 3, 3, 3) * 2 - 1
+    with torch.inference_mode():
+        assert torch.allclose(kernel.grid_sample_border(image, grid), _reference(image, grid), atol=1e-6)
+    pts = grid.clone().requires_grad_(True)
+    (first,) = torch.autograd.grad(kernel.grid_sample_border(image, pts).sum(), pts, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(first.sum(), pts)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -120,31 +170,35 @@ def test_sample_at_with_the_kernel_equals_sample_at_without_it(kernel, monkeypat
         field = torch.randn(1, 3, 10, 11, 12, generator=generator)
         points = identity_map((10, 11, 12)) + 0.05 * torch.randn(1, 3, 10, 11, 12, generator=generator)
         grad_out = torch.randn(1, 3, 10, 11, 12, generator=generator)
-        results = {}
+        results, calls = {}, []
+        original = native_sampler.grid_sample_border
+        monkeypatch.setattr(native_sampler, "grid_sample_border", lambda *a: calls.append(1) or original(*a))
         for setting in ("0", "1"):
             monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", setting)
             results[setting] = _both(field, points, grad_out, sample_at)
+            assert len(calls) == (0 if setting == "0" else 1)  # one call, however many chunks
         for a, b in zip(results["0"], results["1"]):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("case", ["zeros", "nearest", "float16", "bfloat16", "single voxel axis", "switched off"])
+@pytest.mark.parametrize("case", ["zeros", "nearest", "float16", "bfloat16", "single voxel axis", "no points",
+                                  "switched off"])
 def test_calls_the_kernel_does_not_cover_use_grid_sample(kernel, monkeypatch, case):
     calls = []
     monkeypatch.setattr(native_sampler, "grid_sample_border", lambda *a: calls.append(a))
     shape = (1, 6, 7) if case == "single voxel axis" else (5, 6, 7)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(case, torch.float32)
     image = torch.rand(1, 1, *shape).to(dtype)
-    points = identity_map((4, 4, 4)).to(dtype)
+    points = identity_map((0, 4, 4) if case == "no points" else (4, 4, 4)).to(dtype)
     if case == "switched off":
         monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "0")
     out = sample_at(image, points, padding="zeros" if case == "zeros" else "border",
                     mode="nearest" if case == "nearest" else "bilinear")
-    assert calls == [] and out.shape == (1, 1, 4, 4, 4)
+    assert calls == [] and out.shape == (1, 1, *points.shape[2:])
     monkeypatch.delenv("ICONREG_NATIVE_SAMPLER", raising=False)
-    if case in ("zeros", "nearest", "float16", "bfloat16", "single voxel axis"):
+    if case != "switched off":
         return
     sample_at(image, points)
     assert len(calls) == 1  # the same call with the switch back on goes to the kernel
@@ -153,6 +207,7 @@ def test_calls_the_kernel_does_not_cover_use_grid_sample(kernel, monkeypatch, ca
 def test_without_a_compiler_the_status_says_why_and_sampling_still_works(monkeypatch):
     monkeypatch.setattr(native_sampler, "_module", None)
     monkeypatch.setattr(native_sampler, "_failure", None)
+    monkeypatch.setattr(native_sampler, "_looked_in_cache", True)  # as on a machine without a cached build
     monkeypatch.setattr(native_sampler.shutil, "which", lambda tool: None)
     monkeypatch.setattr(native_sampler, "_find_ninja", lambda: False)
     monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "1")
@@ -164,15 +219,75 @@ def test_without_a_compiler_the_status_says_why_and_sampling_still_works(monkeyp
     assert torch.allclose(sample_at(image, points), image, atol=1e-6)
 
 
-def test_auto_mode_never_compiles_unless_asked(monkeypatch):
-    """``auto`` (the default) uses a cached build only: an interactive registration never waits for a compiler."""
-    monkeypatch.setattr(native_sampler, "_module", None)
-    monkeypatch.setattr(native_sampler, "_failure", None)
-    monkeypatch.setattr(native_sampler, "_requested", False)
-    monkeypatch.setattr(native_sampler, "_cached_build", False)
+def _fresh_state(monkeypatch):
+    for name, value in (("_module", None), ("_failure", None), ("_requested", False), ("_looked_in_cache", False)):
+        monkeypatch.setattr(native_sampler, name, value)
     monkeypatch.delenv("ICONREG_NATIVE_SAMPLER", raising=False)
+
+
+def test_auto_mode_loads_a_cached_build_without_compiling(kernel, monkeypatch):
+    """``auto`` (the default) imports the build that setup or training left in the cache, with no compiler run and
+    no build lock (a lock left by a killed build must not hang a registration)."""
+    _fresh_state(monkeypatch)
+    monkeypatch.setattr(native_sampler, "_build", lambda: pytest.fail("compiled although a build is cached"))
+    (native_sampler._build_directory() / "lock").touch()
+    try:
+        image = torch.rand(1, 1, 5, 6, 7)
+        assert torch.allclose(sample_at(image, identity_map((5, 6, 7))), image, atol=1e-6)
+        assert native_sampler.status().available
+    finally:
+        (native_sampler._build_directory() / "lock").unlink()
+
+
+def test_auto_mode_never_compiles_unless_asked(monkeypatch, tmp_path):
+    """Without a cached build, ``auto`` samples with grid_sample and never starts a compiler."""
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(native_sampler, "_build", lambda: pytest.fail("compiled without being asked"))
     image = torch.rand(1, 1, 5, 6, 7)
     assert torch.allclose(sample_at(image, identity_map((5, 6, 7))), image, atol=1e-6)
     state = native_sampler.status()
     assert not state.available and "not built yet" in state.reason
+
+
+def test_a_failed_build_is_reported_once_and_training_goes_on(monkeypatch, tmp_path):
+    """A build error without a message still gives a reason; later samplings do not retry."""
+    from torch.utils import cpp_extension
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    attempts = []
+
+    def failing_build(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError()
+    monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
+    monkeypatch.setattr(native_sampler, "_find_ninja", lambda: True)
+    monkeypatch.setattr(native_sampler.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    state = native_sampler.enable()
+    assert not state.available and state.reason == "the kernel did not build (RuntimeError)"
+    image = torch.rand(1, 1, 5, 6, 7)
+    assert torch.allclose(sample_at(image, identity_map((5, 6, 7))), image, atol=1e-6)
+    native_sampler.enable()
+    assert attempts == [1]
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_path):
+    """PyTorch waits on its build lock without a time limit: one left by a killed build (older than ten minutes)
+    is removed before building; a recent one (a build in progress) is left to PyTorch."""
+    import os
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(native_sampler, "_find_ninja", lambda: True)
+    monkeypatch.setattr(native_sampler.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load_inline",
+                        lambda name, **kwargs: seen.append(Path(kwargs["build_directory"], "lock").exists()) or object())
+    for age, kept in ((3600, False), (5, True)):
+        _fresh_state(monkeypatch)
+        monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "1")
+        lock = native_sampler._build_directory() / "lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+        os.utime(lock, (lock.stat().st_atime - age, lock.stat().st_mtime - age))
+        assert native_sampler.enable().available
+        assert seen[-1] is kept

@@ -3,32 +3,36 @@ training step runs most, about twice as fast.
 
 ``sample_at`` (``core/coordinates.py``) samples maps and images with ``F.grid_sample(mode="bilinear",
 padding_mode="border", align_corners=True)``. PyTorch's 3-D CPU kernel for it is scalar code that bounds-checks
-every corner; on a CPU it is about a third of a training step. This module compiles (at first use, with
-``torch.utils.cpp_extension.load_inline``; the build is cached in PyTorch's extension folder,
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) a kernel for exactly that case — 3-D, trilinear, border
-padding, ``align_corners=True``, float32 or float64, CPU, spatial sizes ≥ 2 — with its own backward (image and
-point gradients). It follows ``grid_sample``'s arithmetic: the same unnormalisation ``((g + 1) / 2)(n − 1)`` of
-the same grid values, the same cell for a point on a cell face, no gradient for a clamped coordinate, the point
-gradient in the grid's normalised units. Values agree to float rounding; point gradients can differ where two
-roundings of a corner weight differ (a few 1e-7 relative), and the image gradient sums in the same per-batch-
-element layout (one buffer per batch element, as ``grid_sample`` does, so the threads never write to the same
-memory).
+every corner; it was about a third of a training step on a CPU. This module compiles (with
+``torch.utils.cpp_extension.load_inline``, into its own folder under ``$TORCH_EXTENSIONS_DIR`` or PyTorch's
+default ``~/.cache/torch_extensions``, named by a hash of the source, the flags and the PyTorch and Python
+versions) a kernel for exactly that case — 3-D, trilinear, border padding, ``align_corners=True``, float32 or
+float64, CPU, spatial sizes ≥ 2 — with its own backward (image and point gradients). It follows ``grid_sample``'s
+arithmetic: the same unnormalisation ``((g + 1) / 2)(n − 1)`` of the same grid values, the same cell for a point on
+a cell face, no gradient for a clamped coordinate, none at all for a NaN coordinate, the point gradient in the
+grid's normalised units. Values and gradients agree to float rounding (the corner weights are formed in another
+order); the image gradient goes to one buffer per batch element, as ``grid_sample``'s does, so threads never write
+to the same memory.
 
-Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: use the kernel once it has
-been built, and build it only where :func:`enable` asks — ``iconreg train`` and the training benchmark do — so that
-an interactive registration never waits for a compiler), ``1`` (build on first use everywhere) or ``0`` (never;
-``grid_sample`` only). Without a C++ compiler and ninja, or when the build fails, everything falls back to
-``grid_sample`` with one log message (:func:`status` says why). Double backward is not supported (nothing in the
-package needs it).
+Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
+in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
+``iconreg train`` and the training benchmark; an interactive registration never waits for a compiler), ``1`` (build
+on first use everywhere) or ``0`` (never; ``grid_sample`` only). Without a C++ compiler (``$CXX`` or ``c++``) and
+ninja, or when the build fails, everything falls back to ``grid_sample`` with one warning (:func:`status` says
+why). Double backward and forward-mode differentiation are not supported (nothing in the package uses them).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import os
+import platform
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,7 +42,6 @@ import torch
 _LOG = logging.getLogger(__name__)
 
 _ENV = "ICONREG_NATIVE_SAMPLER"
-_NAME = "iconreg_native_sampler_v2"  # a new name for each change of the source
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -98,6 +101,11 @@ static void backward_points(const T* I, const T* G, const T* GO, T* GI, T* GG, i
   for (int64_t p = p_begin; p < p_end; ++p) {
     const int64_t k = n * P + p;
     const T* g = G + 3 * k;
+    if (std::isnan(g[0]) || std::isnan(g[1]) || std::isnan(g[2])) {
+      // as grid_sample's backward: a NaN coordinate reaches no voxel (no image gradient, a zero point gradient)
+      if (GG) { T* gg = GG + 3 * k; gg[0] = gg[1] = gg[2] = T(0); }
+      continue;
+    }
     int64_t x0, y0, z0;
     T fx, fy, fz, mx, my, mz;
     locate(g[0], W, x0, fx, mx);
@@ -200,7 +208,12 @@ _lock = threading.Lock()
 _module = None
 _failure: Optional[str] = None
 _requested = False
-_cached_build: Optional[bool] = None  # whether a build was in the extension cache, looked up once per process
+_looked_in_cache = False  # a cached build is looked for once per process
+
+#: compiler flags of the build (part of the cache key)
+_FLAGS = ("-O3", "-fopenmp")
+#: a build lock older than this is left over from a killed build and is removed (a build takes about 30 s)
+_STALE_LOCK_SECONDS = 600
 
 
 def _mode() -> str:
@@ -209,7 +222,43 @@ def _mode() -> str:
         return "0"
     if value in ("1", "on", "true", "yes"):
         return "1"
+    if value not in ("", "auto"):
+        _LOG.warning("%s=%r is not 0, 1 or auto; using auto", _ENV, value)
     return "auto"
+
+
+def _name() -> str:
+    """The extension's module name, keyed by everything that makes a build incompatible: the source, the flags,
+    the PyTorch and Python versions and the machine (one cache folder can serve several environments)."""
+    key = "\n".join([_SOURCE, " ".join(_FLAGS), torch.__version__, sys.version, platform.machine()])
+    return f"iconreg_native_sampler_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _build_directory() -> Path:
+    """``$TORCH_EXTENSIONS_DIR``, else PyTorch's default extension folder, then the module's own folder."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / _name()
+
+
+def _library_path() -> Path:
+    return _build_directory() / f"{_name()}{'.pyd' if os.name == 'nt' else '.so'}"
+
+
+def _load_cached():
+    """The built library imported directly (no compiler, no build lock), or None when there is none or it does
+    not load."""
+    path = _library_path()
+    if not path.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(_name(), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as error:  # a damaged or foreign build: treated as absent (enable() builds it again)
+        _LOG.info("cached compiled sampler %s did not load (%s)", path, error)
+        return None
+    return module
 
 
 def _find_ninja() -> bool:
@@ -225,9 +274,10 @@ def _find_ninja() -> bool:
 
 
 def _build():
-    """Compile (or load the cached build of) the kernel; remember why when that is impossible."""
+    """Compile the kernel into its own folder and load it; remember why when that is impossible."""
     global _module, _failure
-    missing = [tool for tool, found in (("c++", shutil.which("c++") is not None), ("ninja", _find_ninja()))
+    compiler = os.environ.get("CXX", "c++")
+    missing = [tool for tool, found in ((compiler, shutil.which(compiler) is not None), ("ninja", _find_ninja()))
                if not found]
     if missing:
         _failure = f"{' and '.join(missing)} not found"
@@ -235,32 +285,27 @@ def _build():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, extra_cflags=["-O3", "-fopenmp"], verbose=False)
+            directory = _build_directory()
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = directory / "lock"
+            # PyTorch waits on this lock without a time limit: one left by a killed build would hang every run
+            if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+                lock.unlink(missing_ok=True)
+            _module = load_inline(_name(), cpp_sources=_SOURCE, extra_cflags=list(_FLAGS),
+                                  build_directory=str(directory), verbose=False)
         except Exception as error:  # any build or load failure: fall back to grid_sample, say why once
-            _failure = f"the kernel did not build ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            _failure = f"the kernel did not build ({type(error).__name__}{': ' + first_line if first_line else ''})"
     if _failure:
-        _LOG.info("compiled sampler unavailable, using grid_sample: %s", _failure)
-
-
-def _is_built() -> bool:
-    """Whether a build of this exact source is in PyTorch's extension cache (loading it then takes no compiler
-    time)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-    except ImportError:
-        return False
-    try:
-        directory = _get_build_directory(_NAME, verbose=False)
-    except Exception:
-        return False
-    return os.path.exists(os.path.join(directory, f"{_NAME}.so"))
+        _LOG.warning("compiled sampler unavailable, sampling with grid_sample: %s", _failure)
 
 
 def enable() -> NativeSamplerStatus:
-    """Build the kernel now (unless ``ICONREG_NATIVE_SAMPLER=0``) so that every later eligible sampling uses it.
+    """Build the kernel now, or load its cached build (unless ``ICONREG_NATIVE_SAMPLER=0``), so that every later
+    eligible sampling uses it.
 
     Long jobs call this once at their start (training: the compile, about 30 s the first time on a machine, is
-    then paid before the first step, and is cached for every later run)."""
+    then paid before the first step, and is cached for every later run); ``scripts/setup.sh`` calls it once."""
     global _requested
     _requested = True
     _module_or_none()
@@ -268,19 +313,17 @@ def enable() -> NativeSamplerStatus:
 
 
 def _module_or_none():
-    global _cached_build
+    global _module, _looked_in_cache
     if _module is not None or _failure is not None:
         return _module
     mode = _mode()
     if mode == "0":
         return None
-    if mode == "auto" and not _requested:
-        if _cached_build is None:
-            _cached_build = _is_built()
-        if not _cached_build:
-            return None
     with _lock:
-        if _module is None and _failure is None:
+        if _module is None and not _looked_in_cache:
+            _looked_in_cache = True
+            _module = _load_cached()
+        if _module is None and _failure is None and (mode == "1" or _requested):
             _build()
     return _module
 
@@ -295,7 +338,7 @@ def status() -> NativeSamplerStatus:
     elif _failure:
         reason = _failure
     else:
-        reason = "not built yet (built by iconreg train, or on first use with ICONREG_NATIVE_SAMPLER=1)"
+        reason = "not built yet (scripts/setup.sh and iconreg train build it; or ICONREG_NATIVE_SAMPLER=1)"
     return NativeSamplerStatus(mode, False, reason)
 
 
@@ -304,7 +347,8 @@ def eligible(image: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -
     return (mode == "bilinear" and padding == "border" and image.dim() == 5 and grid.dim() == 5
             and image.device.type == "cpu" and grid.device.type == "cpu"
             and image.dtype in (torch.float32, torch.float64) and grid.dtype == image.dtype
-            and image.shape[0] == grid.shape[0] and min(image.shape[2:]) >= 2
+            and image.shape[0] == grid.shape[0] and grid.shape[-1] == 3 and min(image.shape[2:]) >= 2
+            and image.numel() > 0 and grid.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
 
 
