@@ -1,11 +1,11 @@
 """The compiled CPU sampler computes what ``grid_sample`` computes, and the package falls back where it cannot.
 
-* values, image gradients and point gradients equal ``grid_sample(bilinear, border, align_corners=True)`` in float32
-  and float64, for points inside, outside (clamped), exactly on voxel nodes and cell faces, batches, an image
+* values, image gradients and point gradients equal ``grid_sample(bilinear, border or zeros, align_corners=True)``
+  in float32 and float64, for points inside, outside (clamped), exactly on voxel nodes and cell faces, batches, an image
   broadcast over the batch (stride 0), and non-contiguous grids;
 * ``sample_at`` (chunked or not) gives the same values and gradients with and without the kernel;
-* calls the kernel does not cover (zeros padding, nearest, float16/bfloat16, a single-voxel axis, the switch set
-  to 0) go to ``grid_sample``; without a compiler the status says why and nothing fails.
+* calls the kernel does not cover (nearest, float16/bfloat16, a single-voxel axis, no points, the switch set to 0)
+  go to ``grid_sample``; without a compiler the status says why and nothing fails.
 
 The kernel builds once per machine (about 30 s) and is cached; tests that need it skip without a C++ compiler.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ICONRegistrationLib.core import coordinates, native_sampler
-from ICONRegistrationLib.core.coordinates import identity_map, sample_at
+from ICONRegistrationLib.core.coordinates import grid_sample_grid, identity_map, sample_at
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,19 @@ def kernel():
     return native_sampler
 
 
-def _reference(image, grid):
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+def _to_coordinates(grid):
+    """``[N, *T, 3]`` (x, y, z) in [−1, 1] → ``[N, 3, *T]`` (z, y, x) in the unit cube (the map convention)."""
+    return ((grid.flip(-1) + 1) / 2).movedim(-1, 1)
+
+
+def _reference(image, grid, padding="border"):
+    """grid_sample on the grid sample_at builds from the coordinates (so both sides see the same grid values)."""
+    return F.grid_sample(image, grid_sample_grid(_to_coordinates(grid)), mode="bilinear", padding_mode=padding,
+                         align_corners=True)
+
+
+def _kernel(image, grid, padding="border"):
+    return native_sampler.sample(image, _to_coordinates(grid), padding)
 
 
 def _both(image, grid, grad_out, sample):
@@ -44,30 +55,35 @@ def _both(image, grid, grad_out, sample):
 
 
 def _grid_with_special_points(batch, out_shape, image_shape, dtype, generator):
-    """Points in [−1.3, 1.3] (some clamped), plus exact voxel nodes, cell faces and the two borders."""
-    grid = torch.rand(batch, *out_shape, 3, generator=generator, dtype=dtype) * 2.6 - 1.3
+    """Points in [−1.6, 1.6] (some clamped or outside), plus exact voxel nodes, cell faces and the two borders."""
+    grid = torch.rand(batch, *out_shape, 3, generator=generator, dtype=dtype) * 3.2 - 1.6
     flat = grid.view(-1, 3)
     sizes = torch.tensor([image_shape[2], image_shape[1], image_shape[0]], dtype=dtype)  # x, y, z
     nodes = torch.randint(0, 100, (flat.shape[0] // 3, 3), generator=generator).to(dtype) % sizes
     flat[: nodes.shape[0]] = nodes / (sizes - 1) * 2 - 1  # exact nodes, incl. 0 and n − 1
     flat[nodes.shape[0]: 2 * nodes.shape[0], 0] = 1.0  # on the last x face
     flat[2 * nodes.shape[0]: 2 * nodes.shape[0] + 5] = -1.0
+    start = 2 * nodes.shape[0] + 5  # one voxel outside (x = −1 and x = n: the edge of the zeros padding's reach)
+    flat[start: start + 4, 0] = -1 - 2 / (sizes[0] - 1)
+    flat[start + 4: start + 8, 1] = 1 + 2 / (sizes[1] - 1)
     return grid
 
 
+@pytest.mark.parametrize("padding", ["border", "zeros"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("batch,channels,image_shape,out_shape", [
     (1, 3, (8, 9, 10), (5, 6, 7)),
     (2, 1, (12, 10, 8), (4, 4, 4)),
     (3, 2, (2, 5, 3), (6, 2, 3)),
 ])
-def test_values_and_gradients_equal_grid_sample(kernel, dtype, tolerance, batch, channels, image_shape, out_shape):
+def test_values_and_gradients_equal_grid_sample(kernel, padding, dtype, tolerance, batch, channels, image_shape,
+                                                out_shape):
     generator = torch.Generator().manual_seed(batch * 10 + channels)
     image = torch.randn(batch, channels, *image_shape, generator=generator, dtype=dtype)
     grid = _grid_with_special_points(batch, out_shape, image_shape, dtype, generator)
     grad_out = torch.randn(batch, channels, *out_shape, generator=generator, dtype=dtype)
-    ref = _both(image, grid, grad_out, _reference)
-    ours = _both(image, grid, grad_out, kernel.grid_sample_border)
+    ref = _both(image, grid, grad_out, lambda img, pts: _reference(img, pts, padding))
+    ours = _both(image, grid, grad_out, lambda img, pts: _kernel(img, pts, padding))
     for name, a, b in zip(("values", "image gradient", "point gradient"), ref, ours):
         scale = a.abs().max().clamp_min(1)
         assert float((a - b).abs().max() / scale) < tolerance, name
@@ -87,7 +103,7 @@ def test_broadcast_image_and_non_contiguous_grid(kernel):
         return run
 
     ref = _both(image, grid, grad_out, expanded(_reference))
-    ours = _both(image, grid, grad_out, expanded(kernel.grid_sample_border))
+    ours = _both(image, grid, grad_out, expanded(_kernel))
     for a, b in zip(ref, ours):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -96,12 +112,12 @@ def test_points_only_gradient_and_no_gradient_at_all(kernel):
     generator = torch.Generator().manual_seed(4)
     image = torch.randn(2, 3, 9, 8, 7, generator=generator)
     grid = (torch.rand(2, 4, 5, 6, 3, generator=generator) * 2.2 - 1.1).requires_grad_(True)
-    out = kernel.grid_sample_border(image, grid)
+    out = _kernel(image, grid)
     (ours,) = torch.autograd.grad(out.square().sum(), grid)
     (ref,) = torch.autograd.grad(_reference(image, grid).square().sum(), grid)
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        assert torch.allclose(kernel.grid_sample_border(image, grid), _reference(image, grid), atol=1e-6)
+        assert torch.allclose(_kernel(image, grid), _reference(image, grid), atol=1e-6)
 
 
 def test_non_finite_points_give_finite_values_and_a_nan_point_no_gradient(kernel):
@@ -110,7 +126,7 @@ def test_non_finite_points_give_finite_values_and_a_nan_point_no_gradient(kernel
     image = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 1, 2, 3, 4).requires_grad_(True)
     grid = torch.tensor([[float("nan"), 0.2, -0.3], [float("inf"), -float("inf"), 0.5], [0.1, 0.2, 0.3]])
     grid = grid.view(1, 3, 1, 1, 3).requires_grad_(True)
-    value = kernel.grid_sample_border(image, grid)
+    value = _kernel(image, grid)
     assert torch.isfinite(value).all()
     assert torch.allclose(value, _reference(image, grid))
     grad_image, grad_grid = torch.autograd.grad(value.sum(), (image, grid))
@@ -120,12 +136,21 @@ def test_non_finite_points_give_finite_values_and_a_nan_point_no_gradient(kernel
     assert torch.equal(grad_grid[0, 0, 0, 0], torch.zeros(3))  # the NaN point
     assert grad_grid[0, 1, 0, 0, 0] == 0 and grad_grid[0, 1, 0, 0, 1] == 0  # the clamped ±inf coordinates
     assert grad_grid[0, 2].abs().sum() > 0
+    # zeros padding: a NaN or infinite point samples 0 and has no gradient of any kind
+    value = _kernel(image, grid, "zeros")
+    assert value[0, 0, 0, 0, 0] == 0 and value[0, 0, 1, 0, 0] == 0
+    assert torch.allclose(value, _reference(image, grid, "zeros"))
+    grad_image, grad_grid = torch.autograd.grad(value.sum(), (image, grid))
+    ref_image = torch.autograd.grad(_reference(image, grid.detach()[:, 2:], "zeros").sum(), image)[0]
+    assert torch.allclose(grad_image, ref_image)
+    assert torch.equal(grad_grid[0, :2], torch.zeros(2, 1, 1, 3))
 
 
+@pytest.mark.parametrize("padding", ["border", "zeros"])
 @pytest.mark.parametrize("image_gradient", [True, False])
-def test_two_threads_split_the_points_and_batches_as_one_thread_does(kernel, image_gradient):
-    """Above the kernel's grain (4096 points) the forward and the points-only backward split the points across
-    threads, chunks crossing batch elements; the image-gradient backward splits the batch."""
+def test_two_threads_split_the_points_and_batches_as_one_thread_does(kernel, padding, image_gradient):
+    """Above the kernel's grain (4096 points) the forward and the backward split the points across threads, chunks
+    crossing batch elements; with an image gradient each thread adds to its own copy, summed at the end."""
     generator = torch.Generator().manual_seed(6)
     image = torch.randn(3, 2, 12, 13, 14, generator=generator)
     grid = torch.rand(3, 17, 18, 19, 3, generator=generator) * 2.2 - 1.1
@@ -137,14 +162,16 @@ def test_two_threads_split_the_points_and_batches_as_one_thread_does(kernel, ima
             torch.set_num_threads(threads)
             img = image.clone().requires_grad_(image_gradient)
             pts = grid.clone().requires_grad_(True)
-            out = kernel.grid_sample_border(img, pts)
+            out = _kernel(img, pts, padding)
             grads = torch.autograd.grad(out, (img, pts) if image_gradient else (pts,), grad_out)
             results.append((out.detach(), *grads))
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    ref = _both(image, grid, grad_out, _reference)
+    one, two = results
+    assert torch.equal(one[0], two[0]) and torch.equal(one[-1], two[-1])  # values, point gradients
+    if image_gradient:  # the threads' copies are summed: the same up to the order of the sum
+        assert torch.allclose(one[1], two[1], rtol=1e-6, atol=1e-6)
+    ref = _both(image, grid, grad_out, lambda img, pts: _reference(img, pts, padding))
     assert torch.allclose(results[1][0], ref[0], atol=1e-6)
     assert torch.allclose(results[1][-1], ref[2], rtol=1e-4, atol=1e-4)
 
@@ -153,15 +180,16 @@ def test_inference_mode_and_no_double_backward(kernel):
     image = torch.rand(1, 1, 4, 5, 6)
     grid = torch.rand(1, 3, 3, 3, 3) * 2 - 1
     with torch.inference_mode():
-        assert torch.allclose(kernel.grid_sample_border(image, grid), _reference(image, grid), atol=1e-6)
+        assert torch.allclose(_kernel(image, grid), _reference(image, grid), atol=1e-6)
     pts = grid.clone().requires_grad_(True)
-    (first,) = torch.autograd.grad(kernel.grid_sample_border(image, pts).sum(), pts, create_graph=True)
+    (first,) = torch.autograd.grad(_kernel(image, pts).sum(), pts, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(first.sum(), pts)
 
 
+@pytest.mark.parametrize("padding", ["border", "zeros"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sample_at_with_the_kernel_equals_sample_at_without_it(kernel, monkeypatch, threads):
+def test_sample_at_with_the_kernel_equals_sample_at_without_it(kernel, monkeypatch, threads, padding):
     """Through the package's entry point, chunked (two threads) or not, maps and images alike."""
     monkeypatch.setattr(coordinates, "_MIN_POINTS_PER_CHUNK", 64)
     before = torch.get_num_threads()
@@ -169,34 +197,33 @@ def test_sample_at_with_the_kernel_equals_sample_at_without_it(kernel, monkeypat
     try:
         generator = torch.Generator().manual_seed(5)
         field = torch.randn(1, 3, 10, 11, 12, generator=generator)
-        points = identity_map((10, 11, 12)) + 0.05 * torch.randn(1, 3, 10, 11, 12, generator=generator)
+        points = identity_map((10, 11, 12)) + 0.2 * torch.randn(1, 3, 10, 11, 12, generator=generator)
         grad_out = torch.randn(1, 3, 10, 11, 12, generator=generator)
         results, calls = {}, []
-        original = native_sampler.grid_sample_border
-        monkeypatch.setattr(native_sampler, "grid_sample_border", lambda *a: calls.append(1) or original(*a))
+        original = native_sampler.sample
+        monkeypatch.setattr(native_sampler, "sample", lambda *a: calls.append(1) or original(*a))
         for setting in ("0", "1"):
             monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", setting)
-            results[setting] = _both(field, points, grad_out, sample_at)
-            assert len(calls) == (0 if setting == "0" else 1)  # one call, however many chunks
+            results[setting] = _both(field, points, grad_out,
+                                     lambda img, pts: sample_at(img, pts, padding=padding))
+            assert len(calls) == (0 if setting == "0" else 1)  # one call: the kernel splits the points itself
         for a, b in zip(results["0"], results["1"]):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("case", ["zeros", "nearest", "float16", "bfloat16", "single voxel axis", "no points",
-                                  "switched off"])
+@pytest.mark.parametrize("case", ["nearest", "float16", "bfloat16", "single voxel axis", "no points", "switched off"])
 def test_calls_the_kernel_does_not_cover_use_grid_sample(kernel, monkeypatch, case):
     calls = []
-    monkeypatch.setattr(native_sampler, "grid_sample_border", lambda *a: calls.append(a))
+    monkeypatch.setattr(native_sampler, "sample", lambda *a: calls.append(a))
     shape = (1, 6, 7) if case == "single voxel axis" else (5, 6, 7)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(case, torch.float32)
     image = torch.rand(1, 1, *shape).to(dtype)
     points = identity_map((0, 4, 4) if case == "no points" else (4, 4, 4)).to(dtype)
     if case == "switched off":
         monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "0")
-    out = sample_at(image, points, padding="zeros" if case == "zeros" else "border",
-                    mode="nearest" if case == "nearest" else "bilinear")
+    out = sample_at(image, points, mode="nearest" if case == "nearest" else "bilinear")
     assert calls == [] and out.shape == (1, 1, *points.shape[2:])
     monkeypatch.delenv("ICONREG_NATIVE_SAMPLER", raising=False)
     if case != "switched off":

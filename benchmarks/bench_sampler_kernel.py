@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ICONRegistration"))
 
+from ICONRegistrationLib.core.coordinates import grid_sample_grid  # noqa: E402
+
 
 def build():
     """The package's sampler module after :func:`native_sampler.enable`, or None with the reason it is
@@ -63,21 +65,24 @@ def _measure(module, shape, channels, repeats, seed, threads) -> dict:
     image = torch.randn(1, channels, *shape, generator=generator)
     voxels = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
     voxels = voxels + 0.8 * torch.randn(voxels.shape, generator=generator)
-    # voxel (z, y, x) → grid_sample's [1, *shape, 3] (x, y, z) in [−1, 1] (align_corners=True)
-    scale = torch.tensor([2.0 / (s - 1) for s in shape]).view(3, 1, 1, 1)
-    grid = (voxels * scale - 1).flip(0).permute(1, 2, 3, 0)[None].contiguous()
+    # voxel (z, y, x) → the unit-cube map convention [1, 3, *shape] that sample_at takes
+    coordinates = (voxels / torch.tensor([s - 1 for s in shape]).view(3, 1, 1, 1))[None].contiguous()
     grad_out = torch.randn(1, channels, *shape, generator=generator)
 
-    def torch_sample(img, points):
-        return F.grid_sample(img, points, mode="bilinear", padding_mode="border", align_corners=True)
+    def torch_sample(img, points):  # what sample_at runs without the kernel (one grid_sample call)
+        return F.grid_sample(img, grid_sample_grid(points), mode="bilinear", padding_mode="border",
+                             align_corners=True)
+
+    def kernel_sample(img, points):
+        return module.sample(img, points, "border")
 
     def graph(sample, image_gradient: bool):
         img = image.clone().requires_grad_(image_gradient)
-        leaf = grid.clone().requires_grad_(True)
+        leaf = coordinates.clone().requires_grad_(True)
         return img, leaf, sample(img, leaf)
 
     results = {}
-    for name, sample in (("torch", torch_sample), ("kernel", module.grid_sample_border)):
+    for name, sample in (("torch", torch_sample), ("kernel", kernel_sample)):
         img, leaf, out = graph(sample, True)
         out.backward(grad_out)
         results[name] = (out.detach(), img.grad, leaf.grad)
@@ -87,8 +92,8 @@ def _measure(module, shape, channels, repeats, seed, threads) -> dict:
            "grad_image_rel_diff": float((our_img - ref_img).norm() / ref_img.norm()),
            "grad_points_rel_diff": float((our_pts - ref_pts).norm() / ref_pts.norm()),
            "grad_points_median_abs_diff": float((our_pts - ref_pts).abs().median())}
-    for name, sample in (("torch", torch_sample), ("kernel", module.grid_sample_border)):
-        row[f"{name}_forward_s"] = _best(lambda: sample(image, grid), repeats)
+    for name, sample in (("torch", torch_sample), ("kernel", kernel_sample)):
+        row[f"{name}_forward_s"] = _best(lambda: sample(image, coordinates), repeats)
         for image_gradient in (True, False):
             key = "image_and_points" if image_gradient else "points_only"
             graphs = [graph(sample, image_gradient) for _ in range(repeats)]

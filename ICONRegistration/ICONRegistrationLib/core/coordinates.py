@@ -62,10 +62,9 @@ def sample_at(image: torch.Tensor, coordinates: torch.Tensor, *, padding: str = 
     (trilinear in 3-D) or ``"nearest"``. A batch of 1 on either side is broadcast to the other.
     Returns ``[max(B, B'), C, *T]``.
     """
-    dimension = coordinates.shape[1]
-    # grid_sample wants the last axis ordered (x, y, z) in [-1, 1]: our (z, y, x) channels, reversed, stacked
-    # last (one contiguous copy), then rescaled in place.
-    grid = torch.stack([coordinates[:, c] for c in reversed(range(dimension))], dim=-1).mul_(2.0).sub_(1.0)
+    if native_sampler.eligible(image, coordinates, mode, padding):  # compiled CPU sampler, same numbers
+        return native_sampler.sample(image, coordinates, padding)
+    grid = grid_sample_grid(coordinates)
     if grid.shape[0] == 1 and image.shape[0] > 1:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
     elif image.shape[0] == 1 and grid.shape[0] > 1:
@@ -75,15 +74,15 @@ def sample_at(image: torch.Tensor, coordinates: torch.Tensor, *, padding: str = 
     chunks = _sampling_chunks(image, grid)
     if chunks > 1:
         return _grid_sample_in_chunks(image, grid, chunks, mode=mode, padding=padding)
-    return _grid_sample(image, grid, mode=mode, padding=padding)
-
-
-def _grid_sample(image: torch.Tensor, grid: torch.Tensor, *, mode: str, padding: str) -> torch.Tensor:
-    """``grid_sample(align_corners=True)``, through the compiled CPU sampler where it applies
-    (``core/native_sampler.py``: same values and gradients, about twice as fast)."""
-    if native_sampler.eligible(image, grid, mode, padding):
-        return native_sampler.grid_sample_border(image, grid)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
+def grid_sample_grid(coordinates: torch.Tensor) -> torch.Tensor:
+    """``grid_sample``'s grid for ``coordinates`` ``[B, d, *T]``: the last axis ordered (x, y, z), in [−1, 1]
+    (``align_corners=True``): our (z, y, x) channels, reversed, stacked last (one contiguous copy), then 2c − 1.
+    The compiled sampler forms the same values (``core/native_sampler.py``)."""
+    dimension = coordinates.shape[1]
+    return torch.stack([coordinates[:, c] for c in reversed(range(dimension))], dim=-1).mul_(2.0).sub_(1.0)
 
 
 _MIN_POINTS_PER_CHUNK = 1 << 14
@@ -114,8 +113,8 @@ def _grid_sample_in_chunks(image: torch.Tensor, grid: torch.Tensor, chunks: int,
     if padded != total:
         points = torch.cat([points, points[:padded - total]])
     pieces = points.reshape(chunks, padded // chunks, *[1] * (dimension - 1), dimension)
-    sampled = _grid_sample(image.expand(chunks, *image.shape[1:]), pieces, mode=mode,
-                           padding=padding)  # [chunks, C, P, 1, …]
+    sampled = F.grid_sample(image.expand(chunks, *image.shape[1:]), pieces, mode=mode, padding_mode=padding,
+                            align_corners=True)  # [chunks, C, P, 1, …]
     channels = image.shape[1]
     flat = sampled.reshape(chunks, channels, -1).transpose(0, 1).reshape(channels, padded)[:, :total]
     return flat.reshape(1, channels, *out_shape)

@@ -8,6 +8,7 @@ optional mask ``[B, 1, *S]`` (non-zero = counted) on the reference image. Penalt
 from __future__ import annotations
 
 import itertools
+import weakref
 
 from typing import Optional
 
@@ -87,15 +88,39 @@ class LNCC:
 
     def __init__(self, sigma: float = 5):
         self.sigma = sigma
+        # the blurred moments G(J), G(J²) of the last few constant images (weakly referenced): instance
+        # optimisation compares its warped images with the same two fixed images at every step
+        self._constant_moments: list[tuple[weakref.ref, int, torch.Tensor]] = []
 
     def blur(self, tensor: torch.Tensor) -> torch.Tensor:
         return gaussian_blur(tensor, self.sigma)
 
+    def _moments_of_constant(self, image: torch.Tensor) -> torch.Tensor:
+        """``G(J), G(J²)`` of an image that needs no gradient, ``[B, 2C, *S]``; reused while the same tensor, unchanged
+        (same version counter), comes back."""
+        for reference, version, moments in self._constant_moments:
+            if reference() is image and version == image._version:
+                return moments
+        with torch.no_grad():
+            moments = self.blur(torch.cat([image, image * image], dim=1))
+        self._constant_moments = [(weakref.ref(image), image._version, moments)] + self._constant_moments[:1]
+        return moments
+
     def local_correlation(self, image_I: torch.Tensor, image_J: torch.Tensor) -> torch.Tensor:
         channels = image_I.shape[1]
-        moments = self.blur(torch.cat([image_I, image_J, image_I * image_J, image_I * image_I, image_J * image_J],
-                                      dim=1))  # one blur of the five moment images
-        mean_I, mean_J, mean_IJ, mean_II, mean_JJ = moments.split(channels, dim=1)
+        if torch.is_grad_enabled() and image_I.requires_grad != image_J.requires_grad:
+            # one image is constant (the fixed image): its two moments need no gradient and are blurred apart
+            # (and kept while it comes back), so the backward blurs three moment images instead of five
+            varying, constant = (image_I, image_J) if image_I.requires_grad else (image_J, image_I)
+            mean_V, mean_VC, mean_VV = self.blur(torch.cat([varying, varying * constant, varying * varying],
+                                                           dim=1)).split(channels, dim=1)
+            mean_C, mean_CC = self._moments_of_constant(constant).split(channels, dim=1)
+            mean_I, mean_J, mean_IJ = (mean_V, mean_C, mean_VC) if image_I.requires_grad else (mean_C, mean_V, mean_VC)
+            mean_II, mean_JJ = (mean_VV, mean_CC) if image_I.requires_grad else (mean_CC, mean_VV)
+        else:
+            moments = self.blur(torch.cat([image_I, image_J, image_I * image_J, image_I * image_I,
+                                           image_J * image_J], dim=1))  # one blur of the five moment images
+            mean_I, mean_J, mean_IJ, mean_II, mean_JJ = moments.split(channels, dim=1)
         covariance = mean_IJ - mean_I * mean_J
         variance_I = torch.relu(mean_II - mean_I ** 2) + 1e-5
         variance_J = torch.relu(mean_JJ - mean_J ** 2) + 1e-5

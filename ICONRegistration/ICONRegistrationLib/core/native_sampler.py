@@ -1,18 +1,18 @@
-"""A compiled trilinear sampler for the CPU: ``grid_sample``'s values and gradients for the one case the
-training step runs most, about twice as fast.
+"""A compiled trilinear sampler for the CPU: ``grid_sample``'s values and gradients for the cases the package
+samples, about twice as fast.
 
 ``sample_at`` (``core/coordinates.py``) samples maps and images with ``F.grid_sample(mode="bilinear",
-padding_mode="border", align_corners=True)``. PyTorch's 3-D CPU kernel for it is scalar code that bounds-checks
-every corner; it was about a third of a training step on a CPU. This module compiles (with
+padding_mode="border" or "zeros", align_corners=True)``. PyTorch's 3-D CPU kernel for it is scalar code that
+bounds-checks every corner; it was about a third of a training step on a CPU. This module compiles (with
 ``torch.utils.cpp_extension.load_inline``, into its own folder under ``$TORCH_EXTENSIONS_DIR`` or PyTorch's
 default ``~/.cache/torch_extensions``, named by a hash of the source, the flags and the PyTorch and Python
-versions) a kernel for exactly that case — 3-D, trilinear, border padding, ``align_corners=True``, float32 or
-float64, CPU, spatial sizes ≥ 2 — with its own backward (image and point gradients). It follows ``grid_sample``'s
-arithmetic: the same unnormalisation ``((g + 1) / 2)(n − 1)`` of the same grid values, the same cell for a point on
-a cell face, no gradient for a clamped coordinate, none at all for a NaN coordinate, the point gradient in the
-grid's normalised units. Values and gradients agree to float rounding (the corner weights are formed in another
-order); the image gradient goes to one buffer per batch element, as ``grid_sample``'s does, so threads never write
-to the same memory.
+versions) a kernel for exactly those cases — 3-D, trilinear, border or zeros padding, ``align_corners=True``,
+float32 or float64, CPU, spatial sizes ≥ 2 — with its own backward (image and point gradients). It follows
+``grid_sample``'s arithmetic: the same unnormalisation ``((g + 1) / 2)(n − 1)`` of the same grid values, the same
+cell for a point on a cell face, no gradient through a clamped (border) coordinate, none at all for a NaN
+coordinate or (zeros) a point whose cell lies wholly outside, the point gradient in the grid's normalised units.
+Values and gradients agree to float rounding (the corner weights are formed in another order); the image gradient
+goes to one buffer per batch element, as ``grid_sample``'s does, so threads never write to the same memory.
 
 Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
 in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
@@ -49,138 +49,216 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 
-// One axis of one point: grid value g in [-1, 1] (align_corners=True) on an axis of n >= 2 voxels, border
-// padding. As PyTorch: x = ((g + 1) / 2) * (n - 1), clipped to [0, n - 1]; the point gradient passes only where
-// the unclipped x is strictly inside (then d x / d g = (n - 1) / 2). The cell is [i, i + 1] with i = floor(x),
-// moved to n - 2 at the last voxel (weight f = 1 there: the same value and image gradient as PyTorch's
-// out-of-bounds corner of weight 0).
+// One axis of one point: grid value g in [-1, 1] (align_corners=True) on an axis of n >= 2 voxels, as PyTorch:
+// x = ((g + 1) / 2) * (n - 1), the cell [i, i + 1] with i = floor(x), the fraction f = x - i, and d x / d g.
+// Border padding: x clipped to [0, n - 1], the point gradient only where the unclipped x is strictly inside; the
+// cell moves to n - 2 at the last voxel (weight f = 1 there: the same value and image gradient as PyTorch's
+// out-of-bounds corner of weight 0); a NaN becomes n - 1. Zeros padding: voxels outside the image count as 0
+// (lo / hi: whether the cell's two voxels are inside); a point with x outside [-1, n) (also NaN, +-inf) reaches no
+// voxel (returns false).
 template <typename T>
-static inline void locate(T g, int64_t n, int64_t& i, T& f, T& mult) {
+struct Axis { int64_t i; T f, mult; bool lo, hi; };
+
+template <typename T, bool ZEROS>
+static inline bool locate(T g, int64_t n, Axis<T>& a) {
   const T limit = static_cast<T>(n - 1);
   T x = ((g + 1) / 2) * limit;
-  mult = (x > T(0) && x < limit) ? limit / 2 : T(0);
-  x = std::min(limit, std::max(x, T(0)));  // a NaN becomes n - 1: never an index outside the image
-  i = std::min<int64_t>(static_cast<int64_t>(x), n - 2);
-  f = x - static_cast<T>(i);
+  if (!ZEROS) {
+    a.mult = (x > T(0) && x < limit) ? limit / 2 : T(0);
+    x = std::min(limit, std::max(x, T(0)));
+    a.i = std::min<int64_t>(static_cast<int64_t>(x), n - 2);
+    a.f = x - static_cast<T>(a.i);
+    a.lo = a.hi = true;
+    return true;
+  }
+  a.mult = limit / 2;
+  if (!(x >= T(-1) && x < static_cast<T>(n))) {
+    a.i = 0; a.f = T(0); a.lo = a.hi = false;
+    return false;
+  }
+  const T lower = std::floor(x);
+  a.i = static_cast<int64_t>(lower);
+  a.f = x - lower;
+  a.lo = a.i >= 0;
+  a.hi = a.i + 1 <= n - 1;
+  return true;
 }
 
-// image [N, C, D, H, W] (each batch element contiguous; the batch stride may be 0), grid [N, P, 3] (x, y, z)
+// The eight corner values of one channel (0 for a corner outside the image), corner (z, y, x) at index 4z + 2y + x.
 template <typename T>
-static void forward_kernel(const torch::Tensor& image, const torch::Tensor& grid, torch::Tensor& out) {
+static inline void corners(const T* q, int64_t sD, int64_t W, const Axis<T>& ax, const Axis<T>& ay,
+                           const Axis<T>& az, bool all_inside, T* a) {
+  if (all_inside) {
+    a[0] = q[0]; a[1] = q[1]; a[2] = q[W]; a[3] = q[W + 1];
+    a[4] = q[sD]; a[5] = q[sD + 1]; a[6] = q[sD + W]; a[7] = q[sD + W + 1];
+    return;
+  }
+  for (int corner = 0; corner < 8; ++corner) {
+    const int dz = corner >> 2, dy = (corner >> 1) & 1, dx = corner & 1;
+    const bool inside = (dz ? az.hi : az.lo) && (dy ? ay.hi : ay.lo) && (dx ? ax.hi : ax.lo);
+    a[corner] = inside ? q[dz * sD + dy * W + dx] : T(0);
+  }
+}
+
+// image [N, C, D, H, W] (each batch element contiguous; the batch stride may be 0); coordinates [N, 3, P]: unit-cube
+// (z, y, x), contiguous along P (any batch and channel strides). Each coordinate c becomes grid_sample's grid value
+// g = 2c - 1 (c * 2 is exact, so this rounds as sample_at's tensor arithmetic does).
+template <typename T>
+struct Points {
+  const T* base; int64_t sN, sC;
+  inline void grid(int64_t n, int64_t p, T& gx, T& gy, T& gz) const {
+    const T* q = base + n * sN + p;
+    gz = q[0] * T(2) - T(1); gy = q[sC] * T(2) - T(1); gx = q[2 * sC] * T(2) - T(1);
+  }
+};
+
+template <typename T, bool ZEROS>
+static void forward_kernel(const torch::Tensor& image, const Points<T>& pts, int64_t P, torch::Tensor& out) {
   const int64_t N = image.size(0), C = image.size(1), D = image.size(2), H = image.size(3), W = image.size(4);
-  const int64_t P = grid.size(1), sN = image.stride(0), sC = D * H * W, sD = H * W;
+  const int64_t sN = image.stride(0), sC = D * H * W, sD = H * W;
   const T* I = image.data_ptr<T>();
-  const T* G = grid.data_ptr<T>();
   T* O = out.data_ptr<T>();
   at::parallel_for(0, N * P, 4096, [&](int64_t begin, int64_t end) {
+    T a[8];
     for (int64_t k = begin; k < end; ++k) {
       const int64_t n = k / P, p = k - n * P;
-      const T* g = G + 3 * k;
-      int64_t x0, y0, z0;
-      T fx, fy, fz, mx, my, mz;
-      locate(g[0], W, x0, fx, mx);
-      locate(g[1], H, y0, fy, my);
-      locate(g[2], D, z0, fz, mz);
-      const T gx = 1 - fx, gy = 1 - fy, gz = 1 - fz;
-      const T w000 = gz * gy * gx, w001 = gz * gy * fx, w010 = gz * fy * gx, w011 = gz * fy * fx;
-      const T w100 = fz * gy * gx, w101 = fz * gy * fx, w110 = fz * fy * gx, w111 = fz * fy * fx;
-      const T* q = I + n * sN + z0 * sD + y0 * W + x0;
+      T g[3];
+      pts.grid(n, p, g[0], g[1], g[2]);
       T* o = O + n * C * P + p;
+      Axis<T> ax, ay, az;
+      const bool reaches = locate<T, ZEROS>(g[0], W, ax) & locate<T, ZEROS>(g[1], H, ay) &
+                           locate<T, ZEROS>(g[2], D, az);
+      if (!reaches) {
+        for (int64_t c = 0; c < C; ++c, o += P) *o = T(0);
+        continue;
+      }
+      const bool all_inside = ax.lo && ax.hi && ay.lo && ay.hi && az.lo && az.hi;
+      const T fx = ax.f, fy = ay.f, fz = az.f, gx = 1 - fx, gy = 1 - fy, gz = 1 - fz;
+      const T w[8] = {gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx,
+                      fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx};
+      const T* q = I + n * sN + az.i * sD + ay.i * W + ax.i;  // read only at corners inside the image
       for (int64_t c = 0; c < C; ++c, q += sC, o += P) {
-        *o = w000 * q[0] + w001 * q[1] + w010 * q[W] + w011 * q[W + 1] +
-             w100 * q[sD] + w101 * q[sD + 1] + w110 * q[sD + W] + w111 * q[sD + W + 1];
+        corners(q, sD, W, ax, ay, az, all_inside, a);
+        *o = w[0] * a[0] + w[1] * a[1] + w[2] * a[2] + w[3] * a[3] +
+             w[4] * a[4] + w[5] * a[5] + w[6] * a[6] + w[7] * a[7];
       }
     }
   });
 }
 
-template <typename T>
-static void backward_points(const T* I, const T* G, const T* GO, T* GI, T* GG, int64_t n, int64_t p_begin,
+// GI: the image gradient [N, C, D, H, W] this thread adds to; GG: the coordinates' gradient [N, 3, P] (contiguous)
+template <typename T, bool ZEROS>
+static void backward_points(const T* I, const Points<T>& pts, const T* GO, T* GI, T* GG, int64_t n, int64_t p_begin,
                             int64_t p_end, int64_t P, int64_t C, int64_t D, int64_t H, int64_t W, int64_t sN) {
   const int64_t sC = D * H * W, sD = H * W;
+  T a[8];
   for (int64_t p = p_begin; p < p_end; ++p) {
-    const int64_t k = n * P + p;
-    const T* g = G + 3 * k;
-    if (std::isnan(g[0]) || std::isnan(g[1]) || std::isnan(g[2])) {
-      // as grid_sample's backward: a NaN coordinate reaches no voxel (no image gradient, a zero point gradient)
-      if (GG) { T* gg = GG + 3 * k; gg[0] = gg[1] = gg[2] = T(0); }
+    T g[3];
+    pts.grid(n, p, g[0], g[1], g[2]);
+    T* gg = GG ? GG + n * 3 * P + p : nullptr;
+    Axis<T> ax, ay, az;
+    const bool reaches = locate<T, ZEROS>(g[0], W, ax) & locate<T, ZEROS>(g[1], H, ay) &
+                         locate<T, ZEROS>(g[2], D, az);
+    if (!reaches || std::isnan(g[0]) || std::isnan(g[1]) || std::isnan(g[2])) {
+      // as grid_sample's backward: such a point reaches no voxel (no image gradient, a zero point gradient)
+      if (gg) { gg[0] = gg[P] = gg[2 * P] = T(0); }
       continue;
     }
-    int64_t x0, y0, z0;
-    T fx, fy, fz, mx, my, mz;
-    locate(g[0], W, x0, fx, mx);
-    locate(g[1], H, y0, fy, my);
-    locate(g[2], D, z0, fz, mz);
-    const T gx = 1 - fx, gy = 1 - fy, gz = 1 - fz;
-    const int64_t offset = z0 * sD + y0 * W + x0;
+    const bool all_inside = ax.lo && ax.hi && ay.lo && ay.hi && az.lo && az.hi;
+    const T fx = ax.f, fy = ay.f, fz = az.f, gx = 1 - fx, gy = 1 - fy, gz = 1 - fz;
+    const int64_t offset = az.i * sD + ay.i * W + ax.i;
     const T* q = I + n * sN + offset;
     const T* go = GO + n * C * P + p;
     T dx = 0, dy = 0, dz = 0;
     for (int64_t c = 0; c < C; ++c, q += sC, go += P) {
       const T s = *go;
-      const T a000 = q[0], a001 = q[1], a010 = q[W], a011 = q[W + 1];
-      const T a100 = q[sD], a101 = q[sD + 1], a110 = q[sD + W], a111 = q[sD + W + 1];
       if (GG) {
-        dx += s * (gz * (gy * (a001 - a000) + fy * (a011 - a010)) + fz * (gy * (a101 - a100) + fy * (a111 - a110)));
-        dy += s * (gz * (gx * (a010 - a000) + fx * (a011 - a001)) + fz * (gx * (a110 - a100) + fx * (a111 - a101)));
-        dz += s * (gy * (gx * (a100 - a000) + fx * (a101 - a001)) + fy * (gx * (a110 - a010) + fx * (a111 - a011)));
+        corners(q, sD, W, ax, ay, az, all_inside, a);
+        dx += s * (gz * (gy * (a[1] - a[0]) + fy * (a[3] - a[2])) + fz * (gy * (a[5] - a[4]) + fy * (a[7] - a[6])));
+        dy += s * (gz * (gx * (a[2] - a[0]) + fx * (a[3] - a[1])) + fz * (gx * (a[6] - a[4]) + fx * (a[7] - a[5])));
+        dz += s * (gy * (gx * (a[4] - a[0]) + fx * (a[5] - a[1])) + fy * (gx * (a[6] - a[2]) + fx * (a[7] - a[3])));
       }
       if (GI) {
         T* r = GI + (n * C + c) * sC + offset;
-        r[0] += s * gz * gy * gx;        r[1] += s * gz * gy * fx;
-        r[W] += s * gz * fy * gx;        r[W + 1] += s * gz * fy * fx;
-        r[sD] += s * fz * gy * gx;       r[sD + 1] += s * fz * gy * fx;
-        r[sD + W] += s * fz * fy * gx;   r[sD + W + 1] += s * fz * fy * fx;
+        const T w[8] = {gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx,
+                        fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx};
+        if (all_inside) {
+          r[0] += s * w[0]; r[1] += s * w[1]; r[W] += s * w[2]; r[W + 1] += s * w[3];
+          r[sD] += s * w[4]; r[sD + 1] += s * w[5]; r[sD + W] += s * w[6]; r[sD + W + 1] += s * w[7];
+        } else {
+          for (int corner = 0; corner < 8; ++corner) {
+            const int cz = corner >> 2, cy = (corner >> 1) & 1, cx = corner & 1;
+            if ((cz ? az.hi : az.lo) && (cy ? ay.hi : ay.lo) && (cx ? ax.hi : ax.lo))
+              r[cz * sD + cy * W + cx] += s * w[corner];
+          }
+        }
       }
     }
-    if (GG) {
-      T* gg = GG + 3 * k;
-      gg[0] = dx * mx; gg[1] = dy * my; gg[2] = dz * mz;
+    if (gg) {  // d/dc = 2 d/dg, channels (z, y, x)
+      gg[0] = T(2) * (dz * az.mult); gg[P] = T(2) * (dy * ay.mult); gg[2 * P] = T(2) * (dx * ax.mult);
     }
   }
+}
+
+template <typename T, bool ZEROS>
+static void backward_kernel(const torch::Tensor& image, const Points<T>& pts, int64_t P, const torch::Tensor& grad_out,
+                            torch::Tensor& grad_image, torch::Tensor& grad_coords) {
+  const int64_t N = image.size(0), C = image.size(1), D = image.size(2), H = image.size(3), W = image.size(4);
+  const int64_t sN = image.stride(0);
+  const T* I = image.data_ptr<T>();
+  const T* GO = grad_out.data_ptr<T>();
+  T* GI = grad_image.numel() ? grad_image.data_ptr<T>() : nullptr;
+  T* GG = grad_coords.numel() ? grad_coords.data_ptr<T>() : nullptr;
+  const int64_t image_size = N * C * D * H * W, copies = GI ? grad_image.size(0) : 1;
+  // The points are split over the threads; with an image gradient each thread adds to its own copy of it
+  // (grad_image is [threads, N, C, D, H, W], summed by the caller), so no two threads write to the same memory.
+  at::parallel_for(0, N * P, 4096, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::in_parallel_region() ? at::get_thread_num() : 0;
+    TORCH_CHECK(!GI || thread < copies, "iconreg sampler: thread ", thread, " of ", copies);
+    T* mine = GI ? GI + thread * image_size : nullptr;
+    while (begin < end) {
+      const int64_t n = begin / P, stop = std::min(end, (n + 1) * P);
+      backward_points<T, ZEROS>(I, pts, GO, mine, GG, n, begin - n * P, stop - n * P, P, C, D, H, W, sN);
+      begin = stop;
+    }
+  });
 }
 
 template <typename T>
-static void backward_kernel(const torch::Tensor& image, const torch::Tensor& grid, const torch::Tensor& grad_out,
-                            torch::Tensor& grad_image, torch::Tensor& grad_grid) {
-  const int64_t N = image.size(0), C = image.size(1), D = image.size(2), H = image.size(3), W = image.size(4);
-  const int64_t P = grid.size(1), sN = image.stride(0);
-  const T* I = image.data_ptr<T>();
-  const T* G = grid.data_ptr<T>();
-  const T* GO = grad_out.data_ptr<T>();
-  T* GI = grad_image.numel() ? grad_image.data_ptr<T>() : nullptr;
-  T* GG = grad_grid.numel() ? grad_grid.data_ptr<T>() : nullptr;
-  if (GI) {  // each batch element scatters into its own image gradient: one thread per batch element
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) backward_points<T>(I, G, GO, GI, GG, n, 0, P, P, C, D, H, W, sN);
-    });
-  } else {
-    at::parallel_for(0, N * P, 4096, [&](int64_t begin, int64_t end) {
-      while (begin < end) {
-        const int64_t n = begin / P, stop = std::min(end, (n + 1) * P);
-        backward_points<T>(I, G, GO, GI, GG, n, begin - n * P, stop - n * P, P, C, D, H, W, sN);
-        begin = stop;
-      }
-    });
-  }
+static Points<T> points_of(const torch::Tensor& coords) {
+  return {coords.data_ptr<T>(), coords.stride(0), coords.stride(1)};
 }
 
-torch::Tensor sample_forward(torch::Tensor image, torch::Tensor grid) {
-  auto out = torch::empty({image.size(0), image.size(1), grid.size(1)}, image.options());
-  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_forward",
-                             [&] { forward_kernel<scalar_t>(image, grid, out); });
+// image [N, C, D, H, W]; coords [N, 3, P] (stride 1 along P) -> [N, C, P]
+torch::Tensor sample_forward(torch::Tensor image, torch::Tensor coords, bool zeros) {
+  const int64_t P = coords.size(2);
+  auto out = torch::empty({image.size(0), image.size(1), P}, image.options());
+  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_forward", [&] {
+    const auto pts = points_of<scalar_t>(coords);
+    if (zeros) forward_kernel<scalar_t, true>(image, pts, P, out);
+    else forward_kernel<scalar_t, false>(image, pts, P, out);
+  });
   return out;
 }
 
-std::vector<torch::Tensor> sample_backward(torch::Tensor image, torch::Tensor grid, torch::Tensor grad_out,
-                                           bool image_gradient, bool grid_gradient) {
+// -> the image gradient [N, C, D, H, W] (or empty) and the coordinates' gradient [N, 3, P] (or empty)
+std::vector<torch::Tensor> sample_backward(torch::Tensor image, torch::Tensor coords, torch::Tensor grad_out,
+                                           bool image_gradient, bool coords_gradient, bool zeros) {
+  const int64_t P = coords.size(2), N = image.size(0);
+  // as many gradient copies as at::parallel_for below uses threads (one when already inside a parallel region)
+  const int64_t threads = at::in_parallel_region()
+      ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N * P + 4095) / 4096));
   auto grad_image = image_gradient
-      ? torch::zeros({image.size(0), image.size(1), image.size(2), image.size(3), image.size(4)}, image.options())
+      ? torch::zeros({threads, N, image.size(1), image.size(2), image.size(3), image.size(4)}, image.options())
       : torch::empty({0}, image.options());
-  auto grad_grid = grid_gradient ? torch::empty_like(grid) : torch::empty({0}, grid.options());
-  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_backward",
-                             [&] { backward_kernel<scalar_t>(image, grid, grad_out, grad_image, grad_grid); });
-  return {grad_image, grad_grid};
+  auto grad_coords = coords_gradient ? torch::empty({N, 3, P}, coords.options()) : torch::empty({0}, coords.options());
+  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_backward", [&] {
+    const auto pts = points_of<scalar_t>(coords);
+    if (zeros) backward_kernel<scalar_t, true>(image, pts, P, grad_out, grad_image, grad_coords);
+    else backward_kernel<scalar_t, false>(image, pts, P, grad_out, grad_image, grad_coords);
+  });
+  if (image_gradient) grad_image = threads == 1 ? grad_image.select(0, 0) : grad_image.sum(0);
+  return {grad_image, grad_coords};
 }
 
 // The GIL is released while a kernel runs, as for PyTorch's own operators (the QA statistics sample in two Python
@@ -342,42 +420,53 @@ def status() -> NativeSamplerStatus:
     return NativeSamplerStatus(mode, False, reason)
 
 
-def eligible(image: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> bool:
-    """Whether :func:`grid_sample_border` computes this ``grid_sample`` call (else use ``grid_sample``)."""
-    return (mode == "bilinear" and padding == "border" and image.dim() == 5 and grid.dim() == 5
-            and image.device.type == "cpu" and grid.device.type == "cpu"
-            and image.dtype in (torch.float32, torch.float64) and grid.dtype == image.dtype
-            and image.shape[0] == grid.shape[0] and grid.shape[-1] == 3 and min(image.shape[2:]) >= 2
-            and image.numel() > 0 and grid.numel() > 0
+def eligible(image: torch.Tensor, coordinates: torch.Tensor, mode: str, padding: str) -> bool:
+    """Whether :func:`sample` computes this ``sample_at`` call (else ``sample_at`` uses ``grid_sample``)."""
+    return (mode == "bilinear" and padding in _PADDINGS and image.dim() == 5 and coordinates.dim() == 5
+            and coordinates.shape[1] == 3 and image.device.type == "cpu" and coordinates.device.type == "cpu"
+            and image.dtype in (torch.float32, torch.float64) and coordinates.dtype == image.dtype
+            and (image.shape[0] == coordinates.shape[0] or 1 in (image.shape[0], coordinates.shape[0]))
+            and min(image.shape[2:]) >= 2 and image.numel() > 0 and coordinates.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
 
 
-class _GridSampleBorder(torch.autograd.Function):
+_PADDINGS = ("border", "zeros")
+
+
+class _SampleTrilinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, image: torch.Tensor, coordinates: torch.Tensor, zeros: bool) -> torch.Tensor:
         batch, channels = image.shape[:2]
         if not image[0].is_contiguous():  # the kernel steps through each batch element densely; any batch stride
             image = image.contiguous()
-        points = grid.reshape(batch, -1, 3).contiguous()
-        out = _module.sample_forward(image, points)
+        points = coordinates.reshape(batch, 3, -1)
+        if points.stride(2) != 1:
+            points = points.contiguous()
+        out = _module.sample_forward(image, points, zeros)
         ctx.save_for_backward(image, points)
-        ctx.grid_shape = grid.shape
-        return out.reshape(batch, channels, *grid.shape[1:4])
+        ctx.shape, ctx.zeros = coordinates.shape, zeros
+        return out.reshape(batch, channels, *coordinates.shape[2:])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         image, points = ctx.saved_tensors
-        want_image, want_grid = ctx.needs_input_grad
-        grad_image, grad_grid = _module.sample_backward(
+        want_image, want_points = ctx.needs_input_grad[:2]
+        grad_image, grad_points = _module.sample_backward(
             image, points, grad_out.reshape(image.shape[0], image.shape[1], -1).contiguous(), want_image,
-            want_grid)
+            want_points, ctx.zeros)
         return (grad_image if want_image else None,
-                grad_grid.reshape(ctx.grid_shape) if want_grid else None)
+                grad_points.reshape(ctx.shape) if want_points else None, None)
 
 
-def grid_sample_border(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)`` for 3-D CPU
-    tensors that :func:`eligible` accepts: ``image`` ``[N, C, D, H, W]``, ``grid`` ``[N, D', H', W', 3]`` (x, y, z in
-    [−1, 1]) → ``[N, C, D', H', W']``."""
-    return _GridSampleBorder.apply(image, grid)
+def sample(image: torch.Tensor, coordinates: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """``sample_at(image, coordinates, padding=padding)`` (trilinear) through the kernel, for inputs that
+    :func:`eligible` accepts: ``image`` ``[N, C, D, H, W]``, ``coordinates`` ``[N, 3, *T]`` in the unit-cube map
+    convention (``core/coordinates.py``), a batch of 1 on either side broadcast → ``[N, C, *T]``. The same numbers as
+    ``grid_sample`` on the grid ``sample_at`` builds from ``coordinates``."""
+    if padding not in _PADDINGS:
+        raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
+    batch = max(image.shape[0], coordinates.shape[0])
+    image = image.expand(batch, *image.shape[1:])
+    coordinates = coordinates.expand(batch, *coordinates.shape[1:])
+    return _SampleTrilinear.apply(image, coordinates, padding == "zeros")
