@@ -366,3 +366,46 @@ def test_icon_point_weights_weigh_the_round_trip_error_where_it_starts():
     assert float(constant.loss) == pytest.approx(float(plain.loss), rel=1e-12)
     with pytest.raises(ValueError, match="icon_weight"):
         symmetric_objective(Net(), *images, similarity=SSD(), icon_point_weights=weights)
+
+
+@pytest.mark.parametrize("varying", ["I", "J"])
+@pytest.mark.parametrize("loss", [LNCC, SquaredLNCC])
+def test_lncc_with_a_constant_image_equals_the_five_moment_blur(varying, loss):
+    """With one image constant (the fixed image) its two moments are blurred apart (and reused): the same value
+    and gradient as blurring all five moment images together."""
+    generator = torch.Generator().manual_seed(11)
+    moving = torch.rand(1, 1, 12, 13, 14, generator=generator, dtype=torch.float64)
+    fixed = torch.rand(1, 1, 12, 13, 14, generator=generator, dtype=torch.float64)
+    similarity = loss(2)
+    split_input = moving.clone().requires_grad_(True)
+    pair = (split_input, fixed) if varying == "I" else (fixed, split_input)
+    value = similarity(*pair)
+    (gradient,) = torch.autograd.grad(value, split_input)
+    joint_input, joint_fixed = moving.clone().requires_grad_(True), fixed.clone().requires_grad_(True)
+    reference = loss(2)(*((joint_input, joint_fixed) if varying == "I" else (joint_fixed, joint_input)))
+    (reference_gradient,) = torch.autograd.grad(reference, joint_input)
+    assert abs(float(value) - float(reference)) < 1e-12
+    assert torch.allclose(gradient, reference_gradient, rtol=1e-10, atol=1e-14)
+
+
+def test_lncc_reuses_a_constant_images_moments_only_while_it_is_unchanged(monkeypatch):
+    """Instance optimisation compares with the same fixed image at every step: its moments are blurred once. An
+    in-place change, or another tensor with the same values at a reused address, is blurred afresh."""
+    from ICONRegistrationLib.core import losses
+    calls = []
+    blur = losses.gaussian_blur
+    monkeypatch.setattr(losses, "gaussian_blur", lambda t, s, k=None: calls.append(t.shape[1]) or blur(t, s, k))
+    generator = torch.Generator().manual_seed(12)
+    fixed = torch.rand(1, 1, 10, 11, 12, generator=generator)
+    moving = torch.rand(1, 1, 10, 11, 12, generator=generator).requires_grad_(True)
+    similarity = LNCC(2)
+    first = similarity(moving, fixed)
+    second = similarity(moving, fixed)
+    assert calls == [3, 2, 3] and float(first) == float(second)  # the fixed image's 2 moments once
+    fixed.mul_(0.5).add_(0.25)  # in place: the version counter changes
+    third = similarity(moving, fixed)
+    assert calls[-2:] == [3, 2]
+    assert abs(float(third) - float(LNCC(2)(moving.detach(), fixed))) < 1e-6
+    other = fixed.clone()  # another tensor: never another tensor's moments
+    similarity(moving, other)
+    assert calls[-2:] == [3, 2]
