@@ -97,3 +97,15 @@ def tiny_model_files(tmp_path):
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's weight cache from tests."""
     monkeypatch.setenv("ICONREG_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def without_compiler(monkeypatch) -> None:
+    """The compiled sampler as on a machine with no C++ compiler, no ninja and no cached build, asked to build
+    (``ICONREG_NATIVE_SAMPLER=1``); monkeypatch undoes it after the test."""
+    from ICONRegistrationLib.core import native_sampler
+    monkeypatch.setattr(native_sampler, "_module", None)
+    monkeypatch.setattr(native_sampler, "_failure", None)
+    monkeypatch.setattr(native_sampler, "_looked_in_cache", True)
+    monkeypatch.setattr(native_sampler.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(native_sampler, "_find_ninja", lambda: False)
+    monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "1")

@@ -126,14 +126,9 @@ def test_gpu_matmul_reference_runs_at_the_convolutions_precision():
 def test_sampler_kernel_benchmark_says_why_when_it_cannot_compile(monkeypatch, capsys):
     """Without a compiler the sampler benchmark reports that and exits 0 (it never fails a machine without one);
     its table prints each pass's ratio torch ÷ kernel."""
-    from ICONRegistrationLib.core import native_sampler
+    from conftest import without_compiler
     bench = _bench_module("bench_sampler_kernel")
-    monkeypatch.setattr(native_sampler, "_module", None)
-    monkeypatch.setattr(native_sampler, "_failure", None)
-    monkeypatch.setattr(native_sampler, "_looked_in_cache", True)  # as on a machine without a cached build
-    monkeypatch.setattr(native_sampler.shutil, "which", lambda tool: None)
-    monkeypatch.setattr(native_sampler, "_find_ninja", lambda: False)
-    monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "1")
+    without_compiler(monkeypatch)
     assert bench.main(["--repeats", "1"]) == 0
     assert "No compiled kernel to compare: c++ and ninja not found" in capsys.readouterr().out
     row = {"shape": (4, 5, 6), "channels": 3, "threads": 2, "torch_forward_s": 0.3, "kernel_forward_s": 0.1,

@@ -233,12 +233,8 @@ def test_calls_the_kernel_does_not_cover_use_grid_sample(kernel, monkeypatch, ca
 
 
 def test_without_a_compiler_the_status_says_why_and_sampling_still_works(monkeypatch):
-    monkeypatch.setattr(native_sampler, "_module", None)
-    monkeypatch.setattr(native_sampler, "_failure", None)
-    monkeypatch.setattr(native_sampler, "_looked_in_cache", True)  # as on a machine without a cached build
-    monkeypatch.setattr(native_sampler.shutil, "which", lambda tool: None)
-    monkeypatch.setattr(native_sampler, "_find_ninja", lambda: False)
-    monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "1")
+    from conftest import without_compiler
+    without_compiler(monkeypatch)
     state = native_sampler.enable()
     assert not state.available and state.reason == "c++ and ninja not found"
     assert state.to_dict()["reason"] == "c++ and ninja not found"
