@@ -7,12 +7,14 @@ bounds-checks every corner; it was about a third of a training step on a CPU. Th
 ``torch.utils.cpp_extension.load_inline``, into its own folder under ``$TORCH_EXTENSIONS_DIR`` or PyTorch's
 default ``~/.cache/torch_extensions``, named by a hash of the source, the flags and the PyTorch and Python
 versions) a kernel for exactly those cases — 3-D, trilinear, border or zeros padding, ``align_corners=True``,
-float32 or float64, CPU, spatial sizes ≥ 2 — with its own backward (image and point gradients). It follows
-``grid_sample``'s arithmetic: the same unnormalisation ``((g + 1) / 2)(n − 1)`` of the same grid values, the same
-cell for a point on a cell face, no gradient through a clamped (border) coordinate, none at all for a NaN
-coordinate or (zeros) a point whose cell lies wholly outside, the point gradient in the grid's normalised units.
-Values and gradients agree to float rounding (the corner weights are formed in another order); the image gradient
-goes to one buffer per batch element, as ``grid_sample``'s does, so threads never write to the same memory.
+float32 or float64, CPU, spatial sizes ≥ 2 — with its own backward (image and point gradients). It reads
+``sample_at``'s unit-cube coordinates ``[B, 3, *T]`` directly (no grid copy) and forms ``grid_sample``'s grid value
+``g = 2c − 1`` from each with the same arithmetic as ``sample_at``'s tensors (``grid_sample_grid``), then follows
+``grid_sample``: the same unnormalisation ``((g + 1) / 2)(n − 1)``, the same cell for a point on a cell face, no
+gradient through a clamped (border) coordinate, none at all for a NaN coordinate or (zeros) a point whose cell lies
+wholly outside. Values and gradients agree to float rounding (the corner weights are formed in another order). The
+forward and the backward split the points over the threads; with an image gradient each thread adds to its own copy
+of it, summed at the end, so threads never write to the same memory.
 
 Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
 in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
