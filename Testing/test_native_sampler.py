@@ -345,3 +345,15 @@ def test_register_gives_the_same_registration_with_and_without_the_kernel(kernel
         b = sitk.GetArrayFromImage(getattr(fast, name))
         assert np.abs(a - b).max() <= tolerance * max(1.0, np.abs(a).max()), name
     assert abs(plain.metrics.ic_error_mean_mm - fast.metrics.ic_error_mean_mm) < bound
+
+
+def test_an_unknown_switch_value_is_auto_with_one_warning(monkeypatch, caplog):
+    """sample_at reads the switch on every call: an unknown value warns once, not at every sampling."""
+    monkeypatch.setattr(native_sampler, "_warned_values", set())
+    monkeypatch.setenv("ICONREG_NATIVE_SAMPLER", "maybe")
+    image = torch.rand(1, 1, 5, 6, 7)
+    with caplog.at_level("WARNING", logger=native_sampler.__name__):
+        for _ in range(3):
+            assert torch.allclose(sample_at(image, identity_map((5, 6, 7))), image, atol=1e-6)
+    assert native_sampler.status().mode == "auto"
+    assert sum("is not 0, 1 or auto" in record.getMessage() for record in caplog.records) == 1

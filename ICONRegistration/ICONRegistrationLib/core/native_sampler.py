@@ -86,7 +86,21 @@ static inline bool locate(T g, int64_t n, Axis<T>& a) {
   return true;
 }
 
-// The eight corner values of one channel (0 for a corner outside the image), corner (z, y, x) at index 4z + 2y + x.
+// Corner (z, y, x) of a cell has index 4z + 2y + x. Whether it lies inside the image:
+template <typename T>
+static inline bool corner_inside(int corner, const Axis<T>& ax, const Axis<T>& ay, const Axis<T>& az) {
+  return ((corner >> 2) ? az.hi : az.lo) && (((corner >> 1) & 1) ? ay.hi : ay.lo) && ((corner & 1) ? ax.hi : ax.lo);
+}
+
+// The trilinear weights of the eight corners.
+template <typename T>
+static inline void corner_weights(const Axis<T>& ax, const Axis<T>& ay, const Axis<T>& az, T* w) {
+  const T fx = ax.f, fy = ay.f, fz = az.f, gx = 1 - fx, gy = 1 - fy, gz = 1 - fz;
+  w[0] = gz * gy * gx; w[1] = gz * gy * fx; w[2] = gz * fy * gx; w[3] = gz * fy * fx;
+  w[4] = fz * gy * gx; w[5] = fz * gy * fx; w[6] = fz * fy * gx; w[7] = fz * fy * fx;
+}
+
+// The eight corner values of one channel (0 for a corner outside the image).
 template <typename T>
 static inline void corners(const T* q, int64_t sD, int64_t W, const Axis<T>& ax, const Axis<T>& ay,
                            const Axis<T>& az, bool all_inside, T* a) {
@@ -95,11 +109,8 @@ static inline void corners(const T* q, int64_t sD, int64_t W, const Axis<T>& ax,
     a[4] = q[sD]; a[5] = q[sD + 1]; a[6] = q[sD + W]; a[7] = q[sD + W + 1];
     return;
   }
-  for (int corner = 0; corner < 8; ++corner) {
-    const int dz = corner >> 2, dy = (corner >> 1) & 1, dx = corner & 1;
-    const bool inside = (dz ? az.hi : az.lo) && (dy ? ay.hi : ay.lo) && (dx ? ax.hi : ax.lo);
-    a[corner] = inside ? q[dz * sD + dy * W + dx] : T(0);
-  }
+  for (int corner = 0; corner < 8; ++corner)
+    a[corner] = corner_inside(corner, ax, ay, az) ? q[(corner >> 2) * sD + ((corner >> 1) & 1) * W + (corner & 1)] : T(0);
 }
 
 // image [N, C, D, H, W] (each batch element contiguous; the batch stride may be 0); coordinates [N, 3, P]: unit-cube
@@ -135,9 +146,8 @@ static void forward_kernel(const torch::Tensor& image, const Points<T>& pts, int
         continue;
       }
       const bool all_inside = ax.lo && ax.hi && ay.lo && ay.hi && az.lo && az.hi;
-      const T fx = ax.f, fy = ay.f, fz = az.f, gx = 1 - fx, gy = 1 - fy, gz = 1 - fz;
-      const T w[8] = {gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx,
-                      fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx};
+      T w[8];
+      corner_weights(ax, ay, az, w);
       const T* q = I + n * sN + az.i * sD + ay.i * W + ax.i;  // read only at corners inside the image
       for (int64_t c = 0; c < C; ++c, q += sC, o += P) {
         corners(q, sD, W, ax, ay, az, all_inside, a);
@@ -168,6 +178,8 @@ static void backward_points(const T* I, const Points<T>& pts, const T* GO, T* GI
     }
     const bool all_inside = ax.lo && ax.hi && ay.lo && ay.hi && az.lo && az.hi;
     const T fx = ax.f, fy = ay.f, fz = az.f, gx = 1 - fx, gy = 1 - fy, gz = 1 - fz;
+    T w[8];  // once per point, for every channel's image gradient
+    corner_weights(ax, ay, az, w);
     const int64_t offset = az.i * sD + ay.i * W + ax.i;
     const T* q = I + n * sN + offset;
     const T* go = GO + n * C * P + p;
@@ -182,17 +194,13 @@ static void backward_points(const T* I, const Points<T>& pts, const T* GO, T* GI
       }
       if (GI) {
         T* r = GI + (n * C + c) * sC + offset;
-        const T w[8] = {gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx,
-                        fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx};
         if (all_inside) {
           r[0] += s * w[0]; r[1] += s * w[1]; r[W] += s * w[2]; r[W + 1] += s * w[3];
           r[sD] += s * w[4]; r[sD + 1] += s * w[5]; r[sD + W] += s * w[6]; r[sD + W + 1] += s * w[7];
         } else {
-          for (int corner = 0; corner < 8; ++corner) {
-            const int cz = corner >> 2, cy = (corner >> 1) & 1, cx = corner & 1;
-            if ((cz ? az.hi : az.lo) && (cy ? ay.hi : ay.lo) && (cx ? ax.hi : ax.lo))
-              r[cz * sD + cy * W + cx] += s * w[corner];
-          }
+          for (int corner = 0; corner < 8; ++corner)
+            if (corner_inside(corner, ax, ay, az))
+              r[(corner >> 2) * sD + ((corner >> 1) & 1) * W + (corner & 1)] += s * w[corner];
         }
       }
     }
@@ -289,6 +297,7 @@ _module = None
 _failure: Optional[str] = None
 _requested = False
 _looked_in_cache = False  # a cached build is looked for once per process
+_warned_values: set[str] = set()  # unknown ICONREG_NATIVE_SAMPLER values already warned about
 
 #: compiler flags of the build (part of the cache key)
 _FLAGS = ("-O3", "-fopenmp")
@@ -302,7 +311,8 @@ def _mode() -> str:
         return "0"
     if value in ("1", "on", "true", "yes"):
         return "1"
-    if value not in ("", "auto"):
+    if value not in ("", "auto") and value not in _warned_values:  # sample_at reads it on every call: warn once
+        _warned_values.add(value)
         _LOG.warning("%s=%r is not 0, 1 or auto; using auto", _ENV, value)
     return "auto"
 
