@@ -277,7 +277,14 @@ def test_small_convolutions_padded_onto_onednn_give_the_same_output_and_gradient
         return out.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
 
     depths = []  # the depth of every input the last convolution sees
-    net.lastConv.register_forward_pre_hook(lambda module, inputs: depths.append(inputs[0].shape[2]))
+    few_channel_conv = networks._few_channel_conv
+
+    def watched(conv, x):
+        if conv is net.lastConv:
+            depths.append(x.shape[2])
+        return few_channel_conv(conv, x)
+
+    monkeypatch.setattr(networks, "_few_channel_conv", watched)
     fast, fast_grad = output_and_gradient()
     assert max(depths) > shape[0], "the last convolution never took the padded path"
     monkeypatch.setattr(networks, "_NATIVE_CONV_MAX_SIZE", 0)  # every convolution as PyTorch chooses
@@ -289,6 +296,100 @@ def test_small_convolutions_padded_onto_onednn_give_the_same_output_and_gradient
     conv = torch.nn.Conv3d(16, 32, 3, padding=1, stride=2)
     x = torch.rand(1, 16, 33, 33, 31)
     assert torch.allclose(_convolve(conv, x, max_growth=1.25), conv(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, shape, kernel, channels_last", [(2, (7, 9, 6), 3, False), (1, (7, 9, 6), 3, True),
+                                                                 (1, (6, 5, 8), 5, False), (2, (6, 5, 8), 1, True)])
+@pytest.mark.parametrize("slab_bytes", [1, 2**24])  # one plane per slab; all planes in one
+def test_few_channel_convolution_gives_pytorchs_output_and_gradients(monkeypatch, batch, shape, kernel,
+                                                                     channels_last, slab_bytes):
+    """The last convolution's own backward (weight gradient as one matrix product per slab of planes, input
+    gradient as a forward convolution): PyTorch's numbers in float64, the input gradient in the input's order."""
+    monkeypatch.setattr(networks, "_SLAB_BYTES", slab_bytes)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(5, 3, kernel, padding=kernel // 2).double()
+    x = torch.randn(batch, 5, *shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    expected = conv(x)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, conv.weight, conv.bias), grad)
+    out = networks._few_channel_conv(conv, x)
+    assert _graph_has(out, "_ConvToFewChannelsBackward")
+    grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    assert float((out - expected).detach().abs().max()) < 1e-12
+    for found, reference in zip(grads, expected_grads):
+        assert found.shape == reference.shape
+        assert float((found - reference).abs().max() / reference.abs().max()) < 1e-12
+    assert networks._memory_format(grads[0]) == networks._memory_format(x)
+
+
+def test_few_channel_convolution_in_bfloat16_is_as_accurate_as_pytorchs(monkeypatch):
+    """Under autocast (training with bfloat16 UNets) the weight gradient's slabs are summed in float32: its error
+    against float64 must stay at PyTorch's own bfloat16 level. Wider or strided convolutions keep PyTorch's path,
+    and so does a network in evaluation without gradients."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(18, 3, 3, padding=1)
+    x = torch.randn(2, 18, 20, 24, 20).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    grad = torch.randn(2, 3, 20, 24, 20)
+
+    def weight_gradient(function):
+        conv.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = function(x)
+        assert out.dtype == torch.bfloat16
+        out.float().backward(grad)
+        return conv.weight.grad.double()
+
+    theirs = weight_gradient(conv)
+    monkeypatch.setattr(networks, "_SLAB_BYTES", 1)  # one plane per slab: the most roundings of partial sums
+    ours = weight_gradient(lambda t: networks._few_channel_conv(conv, t))
+    exact = copy.deepcopy(conv).double()
+    truth = torch.autograd.grad(exact(x.detach().double()), exact.weight, grad.double())[0]
+    error = lambda g: float((g - truth).norm() / truth.norm())  # noqa: E731
+    assert error(ours) < max(3 * error(theirs), 5e-3), (error(ours), error(theirs))
+    for other in (torch.nn.Conv3d(18, 16, 3, padding=1), torch.nn.Conv3d(18, 3, 3, padding=1, stride=2)):
+        assert not _graph_has(networks._few_channel_conv(other, x), "_ConvToFewChannelsBackward")
+    with torch.no_grad():
+        assert torch.equal(networks._few_channel_conv(conv, x), conv(x))
+
+
+def test_unet_trains_through_the_few_channel_last_convolution(monkeypatch):
+    """The UNet's last convolution takes the few-channel path in training; the network's gradients equal
+    PyTorch's own convolution's."""
+    torch.manual_seed(0)
+    net = UNet2(5, [[2, 8, 16, 16, 16, 16], [8, 16, 16, 16, 16]]).double().train()
+    torch.nn.init.normal_(net.lastConv.weight, std=0.05)
+    a, b = torch.rand(2, 1, 18, 20, 22, dtype=torch.float64), torch.rand(2, 1, 18, 20, 22, dtype=torch.float64)
+    used = []
+
+    def gradients():
+        net.zero_grad(set_to_none=True)
+        out = net(a, b)
+        used.append(_graph_has(out, "_ConvToFewChannelsBackward"))
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    fast = gradients()
+    monkeypatch.setattr(networks, "_FEW_CHANNELS", 0)
+    plain = gradients()
+    assert used == [True, False]
+    assert float((fast - plain).norm() / plain.norm()) < 1e-10
+
+
+def _graph_has(tensor: torch.Tensor, node: str) -> bool:
+    """Whether ``tensor``'s autograd graph has a node of type ``node``."""
+    pending, seen = [tensor.grad_fn], set()
+    while pending:
+        function = pending.pop()
+        if function is None or function in seen:
+            continue
+        seen.add(function)
+        if type(function).__name__ == node:
+            return True
+        pending.extend(next_function for next_function, _ in function.next_functions)
+    return False
 
 
 def test_objective_is_icon_registrations_gradicon_loss():
