@@ -67,10 +67,35 @@ def _conv_blur(tensor, sigma, kernel_size=None):
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("sigma,kernel_size", [(2, None), (5, None), (1.25, None), (1.5, 6)])
-def test_matrix_blur_equals_depthwise_convolution(sigma, kernel_size):
-    image = torch.rand(2, 3, 13, 17, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("block", [16, 1])  # 1: banded products on each axis the band fits (the last one always)
+def test_matrix_blur_equals_depthwise_convolution(monkeypatch, sigma, kernel_size, block):
+    from ICONRegistrationLib.core import losses
+    monkeypatch.setattr(losses, "BLUR_BLOCK", block)
+    image = torch.rand(2, 3, 19, 20, 44, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    length = gaussian_kernel1d(sigma, kernel_size).numel()
+    assert block > 1 or losses._banded(image.shape[-1], length // 2, length // 2)
     assert torch.allclose(gaussian_blur(image, sigma, kernel_size), _conv_blur(image, sigma, kernel_size),
                           atol=1e-14)
+
+
+@pytest.mark.parametrize("sigma,kernel_size", [(1, None), (1.5, 6)])  # bands of 2 + 4 and 2 + 5 voxels
+def test_banded_blur_gradients_are_the_transposed_blur(monkeypatch, sigma, kernel_size):
+    """The blur's own backward (the transposed banded blur, also for an even kernel's lopsided band) against
+    finite differences, first and second order, and against the whole-matrix blur's autograd."""
+    from ICONRegistrationLib.core import losses
+    monkeypatch.setattr(losses, "BLUR_BLOCK", 1)  # one row + the band ≤ half of every axis: banded everywhere
+    image = torch.rand(1, 1, 12, 13, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
+                       requires_grad=True)
+    length = gaussian_kernel1d(sigma, kernel_size).numel()
+    assert all(losses._banded(n, (length - 1) // 2, length - 1 - (length - 1) // 2) for n in image.shape[2:])
+    blur = lambda x: gaussian_blur(x, sigma, kernel_size)  # noqa: E731
+    assert torch.autograd.gradcheck(blur, (image,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(blur, (image,), fast_mode=True)
+    weights = torch.rand(1, 1, 12, 13, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    banded = torch.autograd.grad((blur(image) * weights).sum(), image)[0]
+    monkeypatch.setattr(losses, "BLUR_BLOCK", 10**6)  # one product with the whole matrix per axis
+    whole = torch.autograd.grad((blur(image) * weights).sum(), image)[0]
+    assert torch.allclose(banded, whole, atol=1e-14)
 
 
 def _unfused_gradicon(phi_AB, phi_BA, samples, delta=1e-3):

@@ -44,26 +44,76 @@ def gaussian_matrix(size: int, sigma: float, kernel_size: Optional[int] = None, 
     return matrix.to(device=device, dtype=dtype)
 
 
+#: Output rows per matrix product of the banded CPU blur (the fastest of 8–32 at 80×96×80, σ 2–5).
+BLUR_BLOCK = 16
+
+
 def gaussian_blur(tensor: torch.Tensor, sigma: float, kernel_size: Optional[int] = None) -> torch.Tensor:
     """Separable Gaussian smoothing along every spatial axis of ``[B, C, *S]``, zero ("same") padding, per channel.
 
-    Each axis is one matrix product with its banded blur matrix (:func:`gaussian_matrix`). That gives the same
-    numbers as a 1-D convolution of odd size ``4σ + 1`` along each axis, but runs as a dense matrix multiply
-    (BLAS on a CPU), which is many times faster than PyTorch's depthwise 3-D convolution there, forward and
-    backward.
+    Each axis is a matrix product with its banded blur matrix (:func:`gaussian_matrix`). That gives the same
+    numbers as a 1-D convolution of odd size ``4σ + 1`` along each axis, but runs as BLAS matrix products, many
+    times faster than PyTorch's depthwise 3-D convolution on a CPU, forward and backward. On a CPU each product
+    takes only the matrix's band: :data:`BLUR_BLOCK` output rows at a time against the input rows they reach
+    (1.3–1.4× faster than the whole matrix at 80×96×80 for σ 2–3; the same sums). The backward is the blur with
+    the transposed matrices (nothing saved from the forward).
     """
-    dimension = tensor.dim() - 2
+    return _GaussianBlur.apply(tensor, float(sigma), kernel_size, False)
+
+
+class _GaussianBlur(torch.autograd.Function):
+    """:func:`gaussian_blur` (``transposed``: with every axis's matrix transposed, its adjoint)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sigma: float, kernel_size: Optional[int], transposed: bool):
+        ctx.sigma, ctx.kernel_size, ctx.transposed = sigma, kernel_size, transposed
+        return _separable_blur(tensor, sigma, kernel_size, transposed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _GaussianBlur.apply(grad, ctx.sigma, ctx.kernel_size, not ctx.transposed), None, None, None
+
+
+def _separable_blur(tensor: torch.Tensor, sigma: float, kernel_size: Optional[int], transposed: bool) -> torch.Tensor:
+    length = gaussian_kernel1d(sigma, kernel_size).numel()
+    below, above = (length - 1) // 2, length - 1 - (length - 1) // 2  # row i reaches columns i − below … i + above
+    if transposed:
+        below, above = above, below
     out = tensor
-    for axis in range(dimension):
+    for axis in range(tensor.dim() - 2):
         size = tensor.shape[2 + axis]
         matrix = gaussian_matrix(size, sigma, kernel_size, dtype=tensor.dtype, device=tensor.device)
+        if transposed:
+            matrix = matrix.t()
         trailing = 1
         for n in tensor.shape[3 + axis:]:
             trailing *= n
-        if trailing == 1:  # last axis: one [rows, size] @ [size, size] product
-            out = torch.matmul(out.reshape(-1, size), matrix.t()).reshape(tensor.shape)
-        else:  # [leading, size, trailing]: the matrix acts on the middle axis of a view, without a copy
-            out = torch.matmul(matrix, out.reshape(-1, size, trailing)).reshape(tensor.shape)
+        rows = out.reshape(-1, size) if trailing == 1 else out.reshape(-1, size, trailing)
+        out = _blur_rows(rows, matrix, below, above).reshape(tensor.shape)
+    return out
+
+
+def _banded(size: int, below: int, above: int) -> bool:
+    """Whether a CPU blur along an axis of ``size`` voxels takes band products: when a block with its band covers at
+    most half the axis (beyond that no gain was measured)."""
+    return BLUR_BLOCK + below + above <= size // 2
+
+
+def _blur_rows(rows: torch.Tensor, matrix: torch.Tensor, below: int, above: int) -> torch.Tensor:
+    """``matrix`` ``[n, n]`` applied along axis 1 of ``rows`` (``[R, n]`` or ``[L, n, T]``; a view, no copy),
+    band by band on a CPU when the band is narrow enough to pay."""
+    size = matrix.shape[0]
+    last = rows.dim() == 2
+    if rows.device.type != "cpu" or not _banded(size, below, above):
+        return rows @ matrix.t() if last else matrix @ rows
+    out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    for start in range(0, size, BLUR_BLOCK):
+        stop = min(size, start + BLUR_BLOCK)
+        low, high = max(0, start - below), min(size, stop + above)
+        if last:  # written in place (a strided view is a valid BLAS output): no copy of the block
+            torch.mm(rows[:, low:high], matrix[start:stop, low:high].t(), out=out[:, start:stop])
+        else:  # a copy: matmul into a strided [L, block, T] view took 4× longer than the product and the copy
+            out[:, start:stop] = matrix[start:stop, low:high] @ rows[:, low:high]
     return out
 
 

@@ -160,7 +160,8 @@ def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kernel = conv.kernel_size[0]
     eligible = (x.dim() == 5 and x.device.type == "cpu" and torch.is_grad_enabled()
                 and conv.weight.requires_grad
-                and isinstance(conv, nn.Conv3d) and conv.out_channels <= _FEW_CHANNELS and conv.groups == 1 and kernel % 2 == 1
+                and isinstance(conv, nn.Conv3d) and conv.out_channels <= _FEW_CHANNELS and conv.groups == 1
+                and kernel % 2 == 1
                 and tuple(conv.kernel_size) == (kernel,) * 3 and tuple(conv.stride) == (1, 1, 1)
                 and tuple(conv.dilation) == (1, 1, 1) and tuple(conv.padding) == (kernel // 2,) * 3
                 and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.float64, torch.bfloat16))
