@@ -46,12 +46,30 @@ def _kernel(image, grid, padding="border"):
     return native_sampler.sample(image, _to_coordinates(grid), padding)
 
 
-def _both(image, grid, grad_out, sample):
-    img = image.clone().requires_grad_(True)
+def _both(image, grid, grad_out, sample, image_gradient=True):
+    """Values, image gradient (None without ``image_gradient``) and point gradient."""
+    img = image.clone().requires_grad_(image_gradient)
     pts = grid.clone().requires_grad_(True)
     out = sample(img, pts)
-    grads = torch.autograd.grad(out, (img, pts), grad_out)
-    return out.detach(), grads[0], grads[1]
+    grads = torch.autograd.grad(out, (img, pts) if image_gradient else (pts,), grad_out)
+    return (out.detach(), grads[0], grads[1]) if image_gradient else (out.detach(), None, grads[0])
+
+
+class _CountingModule:
+    """The built module with a count of its calls of ``name``."""
+
+    def __init__(self, module, name):
+        self._module, self._name, self.calls = module, name, 0
+
+    def __getattr__(self, attribute):
+        found = getattr(self._module, attribute)
+        if attribute != self._name:
+            return found
+
+        def counted(*args):
+            self.calls += 1
+            return found(*args)
+        return counted
 
 
 def _grid_with_special_points(batch, out_shape, image_shape, dtype, generator):
@@ -76,17 +94,39 @@ def _grid_with_special_points(batch, out_shape, image_shape, dtype, generator):
     (2, 1, (12, 10, 8), (4, 4, 4)),
     (3, 2, (2, 5, 3), (6, 2, 3)),
 ])
-def test_values_and_gradients_equal_grid_sample(kernel, padding, dtype, tolerance, batch, channels, image_shape,
-                                                out_shape):
+@pytest.mark.parametrize("image_gradient", [True, False])  # False: the derivatives come from the forward
+def test_values_and_gradients_equal_grid_sample(kernel, monkeypatch, padding, dtype, tolerance, batch, channels,
+                                                image_shape, out_shape, image_gradient):
     generator = torch.Generator().manual_seed(batch * 10 + channels)
     image = torch.randn(batch, channels, *image_shape, generator=generator, dtype=dtype)
     grid = _grid_with_special_points(batch, out_shape, image_shape, dtype, generator)
     grad_out = torch.randn(batch, channels, *out_shape, generator=generator, dtype=dtype)
-    ref = _both(image, grid, grad_out, lambda img, pts: _reference(img, pts, padding))
-    ours = _both(image, grid, grad_out, lambda img, pts: _kernel(img, pts, padding))
+    ref = _both(image, grid, grad_out, lambda img, pts: _reference(img, pts, padding), image_gradient)
+    counting = _CountingModule(native_sampler._module, "sample_forward_with_derivatives")
+    monkeypatch.setattr(native_sampler, "_module", counting)
+    ours = _both(image, grid, grad_out, lambda img, pts: _kernel(img, pts, padding), image_gradient)
+    assert counting.calls == (0 if image_gradient else 1)
     for name, a, b in zip(("values", "image gradient", "point gradient"), ref, ours):
+        if a is None:
+            continue
         scale = a.abs().max().clamp_min(1)
         assert float((a - b).abs().max() / scale) < tolerance, name
+
+
+def test_many_channels_without_an_image_gradient_take_the_backward_pass(kernel, monkeypatch):
+    """Above DERIVATIVES_IN_FORWARD_CHANNELS the forward stores no derivatives; the same point gradient."""
+    generator = torch.Generator().manual_seed(8)
+    channels = native_sampler.DERIVATIVES_IN_FORWARD_CHANNELS + 1
+    image = torch.randn(1, channels, 7, 8, 9, generator=generator)
+    grid = torch.rand(1, 4, 5, 6, 3, generator=generator) * 2.4 - 1.2
+    grad_out = torch.randn(1, channels, 4, 5, 6, generator=generator)
+    counting = _CountingModule(native_sampler._module, "sample_forward_with_derivatives")
+    monkeypatch.setattr(native_sampler, "_module", counting)
+    for padding in ("border", "zeros"):
+        ours = _both(image, grid, grad_out, lambda img, pts: _kernel(img, pts, padding), False)
+        ref = _both(image, grid, grad_out, lambda img, pts: _reference(img, pts, padding), False)
+        assert torch.allclose(ours[2], ref[2], rtol=1e-5, atol=1e-5)
+    assert counting.calls == 0
 
 
 def test_broadcast_image_and_non_contiguous_grid(kernel):
@@ -144,6 +184,12 @@ def test_non_finite_points_give_finite_values_and_a_nan_point_no_gradient(kernel
     ref_image = torch.autograd.grad(_reference(image, grid.detach()[:, 2:], "zeros").sum(), image)[0]
     assert torch.allclose(grad_image, ref_image)
     assert torch.equal(grad_grid[0, :2], torch.zeros(2, 1, 1, 3))
+    # an image without gradient (the derivatives computed in the forward): the same point gradients
+    for padding in ("border", "zeros"):
+        value = _kernel(image.detach(), grid, padding)
+        (forward_derivatives,) = torch.autograd.grad(value.sum(), grid)
+        (backward_pass,) = torch.autograd.grad(_kernel(image, grid, padding).sum(), grid)
+        assert torch.equal(forward_derivatives, backward_pass)
 
 
 @pytest.mark.parametrize("padding", ["border", "zeros"])

@@ -2,14 +2,17 @@
 
 For each model (default: the hippocampus model's 36×48×36 grid and the brain model's 80×96×80 grid) the same image
 pair (smooth synthetic volumes on the model's grid) runs ``--iterations`` steps of each mode after one warm-up
-step; the table gives seconds per iteration, the ratio (target: field mode ≤ 1/10 of the weight mode) and the
-peak resident memory of each mode in GB (10⁹ bytes; each mode in its own process, so peaks do not mix).
+step; the table gives seconds per iteration (the median of ``--repeats`` runs per mode, the modes alternating, each
+run in a process of its own), the ratio of the medians (target: field mode ≤ 1/10 of the weight mode), the range of
+the runs' own ratios and the peak resident memory of each mode in GB (10⁹ bytes; the modes' peaks do not mix).
+Each process reuses freed memory as ``iconreg register`` does (``--allocator system``: glibc's defaults).
 
 Seconds per iteration = (time of ``--iterations`` steps − time of zero steps) / iterations. The field mode's network
 prediction runs once, before and outside both timed calls: timed inside each, its run-to-run spread (it costs more
 than a few field iterations) went straight into that difference.
 
     PYTHONPATH=ICONRegistration python benchmarks/bench_instance_optimization.py [--models a,b] [--iterations 5]
+        [--repeats 3] [--allocator keep|system]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -88,28 +92,41 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode, alternating (the median is reported)")
+    parser.add_argument("--allocator", choices=["keep", "system"], default="keep",
+                        help="keep: reuse freed memory, as `iconreg register` does (allocator.keep_freed_memory); "
+                             "system: glibc's defaults")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # "model,mode": run in this process, print JSON
     args = parser.parse_args(argv)
     if args.one:
+        if args.allocator == "keep":  # as the command line runs registrations (before torch allocates anything)
+            from ICONRegistrationLib.allocator import keep_freed_memory
+            keep_freed_memory()
         model, mode = args.one.split(",")
         print(json.dumps(run_one(model, mode, args.iterations, args.threads)))
         return 0
     rows = []
     for model in args.models.split(","):
-        results = {}
-        for mode in ("weights", "fields"):
-            output = subprocess.run([sys.executable, __file__, "--one", f"{model},{mode}", "--iterations",
-                                     str(args.iterations), "--threads", str(args.threads)],
-                                    capture_output=True, text=True, check=True).stdout
-            results[mode] = json.loads(output.strip().splitlines()[-1])
-        weights, fields = results["weights"], results["fields"]
-        rows.append(f"| {model} | {weights['grid']} | {weights['seconds_per_iteration']:.3f} s | "
-                    f"{fields['seconds_per_iteration']:.3f} s | 1/{weights['seconds_per_iteration'] / fields['seconds_per_iteration']:.1f} | "
-                    f"{weights['peak_gb']:.2f} / {fields['peak_gb']:.2f} GB |")
-    print(f"Instance optimisation, {args.iterations} iterations per mode, {args.threads} threads")
+        results = {"weights": [], "fields": []}
+        for _ in range(args.repeats):  # the two modes alternate, so that a slow spell of the machine hits both
+            for mode in ("weights", "fields"):
+                output = subprocess.run([sys.executable, __file__, "--one", f"{model},{mode}", "--iterations",
+                                         str(args.iterations), "--threads", str(args.threads),
+                                         "--allocator", args.allocator],
+                                        capture_output=True, text=True, check=True).stdout
+                results[mode].append(json.loads(output.strip().splitlines()[-1]))
+        seconds = {mode: statistics.median(r["seconds_per_iteration"] for r in runs) for mode, runs in results.items()}
+        peak = {mode: max(r["peak_gb"] for r in runs) for mode, runs in results.items()}
+        ratios = sorted(w["seconds_per_iteration"] / f["seconds_per_iteration"]
+                        for w, f in zip(results["weights"], results["fields"]))
+        rows.append(f"| {model} | {results['weights'][0]['grid']} | {seconds['weights']:.3f} s | "
+                    f"{seconds['fields']:.3f} s | 1/{seconds['weights'] / seconds['fields']:.1f} | "
+                    f"1/{ratios[0]:.1f} – 1/{ratios[-1]:.1f} | {peak['weights']:.2f} / {peak['fields']:.2f} GB |")
+    print(f"Instance optimisation, {args.iterations} iterations per mode, {args.threads} threads, median of "
+          f"{args.repeats} alternating runs per mode")
     print("| model | grid | weight mode per iteration | field mode per iteration | field / weight | "
-          "peak memory weights / fields |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "range over runs | peak memory weights / fields |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     return 0
 
