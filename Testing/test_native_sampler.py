@@ -222,6 +222,45 @@ def test_two_threads_split_the_points_and_batches_as_one_thread_does(kernel, pad
     assert torch.allclose(results[1][-1], ref[2], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.parametrize("channels", [1, 3, 5])
+def test_vector_path_gives_the_scalar_paths_bits(kernel, padding, channels):
+    """On a CPU with AVX-512 the float32 kernels take 16 points at a time with the scalar code's arithmetic in every
+    lane: values, forward derivatives and both gradients must be the scalar path's bits (the image gradient up
+    to the order of the threads' sum), on special points (nodes, faces, borders, one voxel outside, NaN, ±inf)
+    and a point count that leaves a partial group of 16."""
+    if not native_sampler._module.vectorized():
+        pytest.skip("this CPU has no AVX-512: only the scalar path runs")
+    generator = torch.Generator().manual_seed(20 + channels)
+    image_shape, out_shape = (9, 10, 11), (7, 5, 13)  # 455 points per batch element: 28 groups and 7 points
+    image = torch.randn(2, channels, *image_shape, generator=generator)
+    grid = _grid_with_special_points(2, out_shape, image_shape, torch.float32, generator)
+    nan, inf = float("nan"), float("inf")
+    grid.view(-1, 3)[-6:] = torch.tensor([[nan, 0.2, -0.3], [0.1, nan, 0.0], [0.4, 0.5, nan], [inf, 0.0, 0.0],
+                                          [0.0, -inf, 0.0], [0.3, 0.0, inf]])
+    points = _to_coordinates(grid).reshape(2, 3, -1).contiguous()
+    grad_out = torch.randn(2, channels, points.shape[2], generator=generator)
+    zeros = padding == "zeros"
+    module = native_sampler._module
+    results = []
+    try:
+        for vector in (True, False):
+            module.set_vectorized(vector)
+            results.append((module.sample_forward(image, points, zeros),
+                            *module.sample_forward_with_derivatives(image, points, zeros),
+                            *module.sample_backward(image, points, grad_out, True, True, zeros),
+                            module.sample_backward(image, points, grad_out, False, True, zeros)[1]))
+    finally:
+        module.set_vectorized(True)
+    names = ("values", "values with derivatives", "derivatives", "image gradient", "point gradient",
+             "point gradient alone")
+    for name, vector, scalar in zip(names, *results):
+        if name == "image gradient":
+            assert torch.allclose(vector, scalar, rtol=1e-6, atol=1e-6), name
+        else:
+            assert torch.equal(vector.nan_to_num(7.0), scalar.nan_to_num(7.0)), name
+
+
 def test_inference_mode_and_no_double_backward(kernel):
     image = torch.rand(1, 1, 4, 5, 6)
     grid = torch.rand(1, 3, 3, 3, 3) * 2 - 1

@@ -263,6 +263,287 @@ static void backward_kernel(const torch::Tensor& image, const Points<T>& pts, in
   });
 }
 
+
+// ---- AVX-512 path (float32): 16 points at a time, the same arithmetic as the scalar code lane by lane (no fused
+// multiply-adds, the same order of operations), so both give the same bits. Compiled for AVX-512 through target
+// attributes and chosen at run time when the CPU has it (the rest of the module stays baseline x86-64).
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define ICONREG_VECTOR 1
+#define ICONREG_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw")))
+
+static bool vector_enabled = true;  // set_vectorized() (tests compare both paths)
+
+static bool use_vector() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return supported && vector_enabled;
+}
+
+struct AxisV { __m512i i0, i1; __m512 f, mult; __mmask16 m0, m1, reach; };
+
+// locate() for 16 grid values: clamped voxel indices i0, i1 of the cell, whether each is inside (m0, m1), the
+// fraction and d x / d g (mult); reach: the zeros padding's "reaches a voxel" (all lanes for border padding).
+template <bool ZEROS>
+ICONREG_AVX512 static inline void locate_v(__m512 g, int n, AxisV& a) {
+  const __m512 limit = _mm512_set1_ps(static_cast<float>(n - 1));
+  const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps();
+  __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(g, one), half), limit);  // ((g + 1) / 2) * limit
+  if (!ZEROS) {
+    const __mmask16 inside = _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, limit, _CMP_LT_OQ);
+    a.mult = _mm512_maskz_mov_ps(inside, _mm512_mul_ps(limit, half));
+    x = _mm512_min_ps(_mm512_max_ps(zero, x), limit);  // a NaN becomes limit, as std::min(limit, std::max(x, 0))
+    const __m512i i = _mm512_min_epi32(_mm512_cvttps_epi32(x), _mm512_set1_epi32(n - 2));
+    a.f = _mm512_sub_ps(x, _mm512_cvtepi32_ps(i));
+    a.i0 = i;
+    a.i1 = _mm512_add_epi32(i, _mm512_set1_epi32(1));
+    a.m0 = a.m1 = a.reach = 0xFFFF;
+    return;
+  }
+  a.mult = _mm512_mul_ps(limit, half);
+  a.reach = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-1.f), _CMP_GE_OQ) &
+            _mm512_cmp_ps_mask(x, _mm512_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
+  const __m512 xs = _mm512_mask_blend_ps(a.reach, _mm512_set1_ps(-2.f), x);
+  __m512i i = _mm512_cvttps_epi32(xs);
+  i = _mm512_mask_sub_epi32(i, _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(i), xs, _CMP_GT_OQ), i,
+                            _mm512_set1_epi32(1));  // floor
+  a.f = _mm512_sub_ps(xs, _mm512_cvtepi32_ps(i));
+  const __m512i next = _mm512_add_epi32(i, _mm512_set1_epi32(1)), last = _mm512_set1_epi32(n - 1);
+  const __m512i none = _mm512_setzero_si512();
+  a.m0 = a.reach & _mm512_cmpge_epi32_mask(i, none);
+  a.m1 = a.reach & _mm512_cmple_epi32_mask(next, last);
+  a.i0 = _mm512_min_epi32(_mm512_max_epi32(i, none), last);
+  a.i1 = _mm512_min_epi32(_mm512_max_epi32(next, none), last);
+}
+
+// The eight corners of 16 cells: offsets into one channel, whether each is inside the image, the weights.
+struct CornersV { __m512i off[8]; __mmask16 in[8]; __m512 w[8]; };
+
+ICONREG_AVX512 static inline void corners_v(const AxisV& ax, const AxisV& ay, const AxisV& az, int W, int sD,
+                                             CornersV& k) {
+  const __m512i vW = _mm512_set1_epi32(W), vD = _mm512_set1_epi32(sD);
+  const __m512i z0 = _mm512_mullo_epi32(az.i0, vD), z1 = _mm512_mullo_epi32(az.i1, vD);
+  const __m512i y0 = _mm512_mullo_epi32(ay.i0, vW), y1 = _mm512_mullo_epi32(ay.i1, vW);
+  const __m512i zy[4] = {_mm512_add_epi32(z0, y0), _mm512_add_epi32(z0, y1), _mm512_add_epi32(z1, y0),
+                         _mm512_add_epi32(z1, y1)};
+  const __mmask16 mzy[4] = {static_cast<__mmask16>(az.m0 & ay.m0), static_cast<__mmask16>(az.m0 & ay.m1),
+                            static_cast<__mmask16>(az.m1 & ay.m0), static_cast<__mmask16>(az.m1 & ay.m1)};
+  for (int c = 0; c < 4; ++c) {
+    k.off[2 * c] = _mm512_add_epi32(zy[c], ax.i0);
+    k.off[2 * c + 1] = _mm512_add_epi32(zy[c], ax.i1);
+    k.in[2 * c] = mzy[c] & ax.m0;
+    k.in[2 * c + 1] = mzy[c] & ax.m1;
+  }
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 fx = ax.f, fy = ay.f, fz = az.f;
+  const __m512 gx = _mm512_sub_ps(one, fx), gy = _mm512_sub_ps(one, fy), gz = _mm512_sub_ps(one, fz);
+  // as corner_weights(): w[0] = gz * gy * gx, …
+  const __m512 zy00 = _mm512_mul_ps(gz, gy), zy01 = _mm512_mul_ps(gz, fy);
+  const __m512 zy10 = _mm512_mul_ps(fz, gy), zy11 = _mm512_mul_ps(fz, fy);
+  k.w[0] = _mm512_mul_ps(zy00, gx); k.w[1] = _mm512_mul_ps(zy00, fx);
+  k.w[2] = _mm512_mul_ps(zy01, gx); k.w[3] = _mm512_mul_ps(zy01, fx);
+  k.w[4] = _mm512_mul_ps(zy10, gx); k.w[5] = _mm512_mul_ps(zy10, fx);
+  k.w[6] = _mm512_mul_ps(zy11, gx); k.w[7] = _mm512_mul_ps(zy11, fx);
+}
+
+// cell_derivatives() for 16 cells
+ICONREG_AVX512 static inline void derivatives_v(const __m512* a, __m512 fx, __m512 fy, __m512 fz, __m512& dx,
+                                                 __m512& dy, __m512& dz) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 gx = _mm512_sub_ps(one, fx), gy = _mm512_sub_ps(one, fy), gz = _mm512_sub_ps(one, fz);
+#define ICONREG_D(p, q) _mm512_sub_ps(p, q)
+#define ICONREG_M(p, q) _mm512_mul_ps(p, q)
+#define ICONREG_A(p, q) _mm512_add_ps(p, q)
+  dx = ICONREG_A(ICONREG_M(gz, ICONREG_A(ICONREG_M(gy, ICONREG_D(a[1], a[0])), ICONREG_M(fy, ICONREG_D(a[3], a[2])))),
+                 ICONREG_M(fz, ICONREG_A(ICONREG_M(gy, ICONREG_D(a[5], a[4])), ICONREG_M(fy, ICONREG_D(a[7], a[6])))));
+  dy = ICONREG_A(ICONREG_M(gz, ICONREG_A(ICONREG_M(gx, ICONREG_D(a[2], a[0])), ICONREG_M(fx, ICONREG_D(a[3], a[1])))),
+                 ICONREG_M(fz, ICONREG_A(ICONREG_M(gx, ICONREG_D(a[6], a[4])), ICONREG_M(fx, ICONREG_D(a[7], a[5])))));
+  dz = ICONREG_A(ICONREG_M(gy, ICONREG_A(ICONREG_M(gx, ICONREG_D(a[4], a[0])), ICONREG_M(fx, ICONREG_D(a[5], a[1])))),
+                 ICONREG_M(fy, ICONREG_A(ICONREG_M(gx, ICONREG_D(a[6], a[2])), ICONREG_M(fx, ICONREG_D(a[7], a[3])))));
+#undef ICONREG_D
+#undef ICONREG_M
+#undef ICONREG_A
+}
+
+// The 16 (or fewer: mask) points from p of batch element n: grid values g = 2c - 1, as Points::grid.
+ICONREG_AVX512 static inline void grid_v(const Points<float>& pts, int64_t n, int64_t p, __mmask16 mask, __m512& gx,
+                                          __m512& gy, __m512& gz) {
+  const float* q = pts.base + n * pts.sN + p;
+  const __m512 two = _mm512_set1_ps(2.f), one = _mm512_set1_ps(1.f);
+  gz = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, q), two), one);
+  gy = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, q + pts.sC), two), one);
+  gx = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, q + 2 * pts.sC), two), one);
+}
+
+// Groups begin … end of 16 points (group k: batch element k / groups, points from 16 (k % groups)). A function of its
+// own: a lambda would not inherit the target attribute.
+template <bool ZEROS, bool DERIV>
+ICONREG_AVX512 static void forward_groups(const float* I, const Points<float>& pts, float* O, float* deriv, int64_t C,
+                                          int D, int H, int W, int64_t sN, int64_t P, int64_t begin, int64_t end) {
+  const int sD = H * W;
+  const int64_t sC = static_cast<int64_t>(D) * sD, groups = (P + 15) / 16;
+  {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t n = k / groups, p = (k - n * groups) * 16;
+      const __mmask16 mask = P - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - p)) - 1);
+      __m512 g[3];
+      grid_v(pts, n, p, mask, g[0], g[1], g[2]);
+      AxisV ax, ay, az;
+      locate_v<ZEROS>(g[0], W, ax);
+      locate_v<ZEROS>(g[1], H, ay);
+      locate_v<ZEROS>(g[2], D, az);
+      const __mmask16 reach = ax.reach & ay.reach & az.reach;
+      __mmask16 gradient = reach;
+      if (DERIV)  // as the backward: no point gradient at a NaN coordinate
+        gradient &= _mm512_cmp_ps_mask(g[0], g[0], _CMP_ORD_Q) & _mm512_cmp_ps_mask(g[1], g[1], _CMP_ORD_Q) &
+                    _mm512_cmp_ps_mask(g[2], g[2], _CMP_ORD_Q);
+      CornersV cv;
+      corners_v(ax, ay, az, W, sD, cv);
+      const float* q = I + n * sN;
+      float* o = O + n * C * P + p;
+      for (int64_t c = 0; c < C; ++c, q += sC, o += P) {
+        __m512 a[8];
+        for (int j = 0; j < 8; ++j)
+          a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cv.in[j] & reach, cv.off[j], q, 4);
+        __m512 v = _mm512_mul_ps(cv.w[0], a[0]);
+        for (int j = 1; j < 8; ++j) v = _mm512_add_ps(v, _mm512_mul_ps(cv.w[j], a[j]));
+        _mm512_mask_storeu_ps(o, mask, _mm512_maskz_mov_ps(reach, v));
+        if (DERIV) {
+          __m512 dx, dy, dz;
+          derivatives_v(a, ax.f, ay.f, az.f, dx, dy, dz);
+          const __m512 two = _mm512_set1_ps(2.f);
+          float* dc = deriv + (n * C + c) * 3 * P + p;
+          _mm512_mask_storeu_ps(dc, mask, _mm512_maskz_mul_ps(gradient, two, _mm512_mul_ps(dz, az.mult)));
+          _mm512_mask_storeu_ps(dc + P, mask, _mm512_maskz_mul_ps(gradient, two, _mm512_mul_ps(dy, ay.mult)));
+          _mm512_mask_storeu_ps(dc + 2 * P, mask, _mm512_maskz_mul_ps(gradient, two, _mm512_mul_ps(dx, ax.mult)));
+        }
+      }
+    }
+  }
+}
+
+template <bool ZEROS, bool DERIV>
+static void forward_vector(const torch::Tensor& image, const Points<float>& pts, int64_t P, torch::Tensor& out,
+                           float* deriv) {
+  const int64_t N = image.size(0), C = image.size(1), groups = (P + 15) / 16;
+  const float* I = image.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int D = image.size(2), H = image.size(3), W = image.size(4);
+  const int64_t sN = image.stride(0);
+  at::parallel_for(0, N * groups, 256, [&](int64_t begin, int64_t end) {
+    forward_groups<ZEROS, DERIV>(I, pts, O, deriv, C, D, H, W, sN, P, begin, end);
+  });
+}
+
+// Groups begin … end of 16 points; mine: this thread's image-gradient copy (or null), GG: the point gradient.
+template <bool ZEROS>
+ICONREG_AVX512 static void backward_groups(const float* I, const Points<float>& pts, const float* GO, float* mine,
+                                           float* GG, int64_t C, int D, int H, int W, int64_t sN, int64_t P,
+                                           int64_t begin, int64_t end) {
+  const int sD = H * W;
+  const int64_t sC = static_cast<int64_t>(D) * sD, groups = (P + 15) / 16;
+  {
+    alignas(64) int32_t offsets[8][16];
+    alignas(64) float products[8][16];
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t n = k / groups, p = (k - n * groups) * 16;
+      const __mmask16 mask = P - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - p)) - 1);
+      __m512 g[3];
+      grid_v(pts, n, p, mask, g[0], g[1], g[2]);
+      AxisV ax, ay, az;
+      locate_v<ZEROS>(g[0], W, ax);
+      locate_v<ZEROS>(g[1], H, ay);
+      locate_v<ZEROS>(g[2], D, az);
+      // as grid_sample's backward: a point that reaches no voxel or has a NaN coordinate gets no gradient
+      const __mmask16 live = mask & ax.reach & ay.reach & az.reach & _mm512_cmp_ps_mask(g[0], g[0], _CMP_ORD_Q) &
+                             _mm512_cmp_ps_mask(g[1], g[1], _CMP_ORD_Q) & _mm512_cmp_ps_mask(g[2], g[2], _CMP_ORD_Q);
+      CornersV cv;
+      corners_v(ax, ay, az, W, sD, cv);
+      const float* q = I + n * sN;
+      const float* go = GO + n * C * P + p;
+      __m512 dx = _mm512_setzero_ps(), dy = _mm512_setzero_ps(), dz = _mm512_setzero_ps();
+      if (mine)
+        for (int j = 0; j < 8; ++j) _mm512_store_si512(offsets[j], cv.off[j]);
+      for (int64_t c = 0; c < C; ++c, q += sC, go += P) {
+        const __m512 s = _mm512_maskz_loadu_ps(mask, go);
+        if (GG) {
+          __m512 a[8];
+          for (int j = 0; j < 8; ++j)
+            a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cv.in[j] & live, cv.off[j], q, 4);
+          __m512 cx, cy, cz;
+          derivatives_v(a, ax.f, ay.f, az.f, cx, cy, cz);
+          dx = _mm512_add_ps(dx, _mm512_mul_ps(s, cx));
+          dy = _mm512_add_ps(dy, _mm512_mul_ps(s, cy));
+          dz = _mm512_add_ps(dz, _mm512_mul_ps(s, cz));
+        }
+        if (mine) {  // scatter-add, lane by lane (neighbouring points share voxels)
+          for (int j = 0; j < 8; ++j) _mm512_store_ps(products[j], _mm512_mul_ps(s, cv.w[j]));
+          float* r = mine + (n * C + c) * sC;
+          for (int lane = 0; lane < 16; ++lane) {
+            if (!((live >> lane) & 1)) continue;
+            for (int j = 0; j < 8; ++j)
+              if ((cv.in[j] >> lane) & 1) r[offsets[j][lane]] += products[j][lane];
+          }
+        }
+      }
+      if (GG) {
+        const __m512 two = _mm512_set1_ps(2.f);
+        float* gg = GG + n * 3 * P + p;
+        _mm512_mask_storeu_ps(gg, mask, _mm512_maskz_mul_ps(live, two, _mm512_mul_ps(dz, az.mult)));
+        _mm512_mask_storeu_ps(gg + P, mask, _mm512_maskz_mul_ps(live, two, _mm512_mul_ps(dy, ay.mult)));
+        _mm512_mask_storeu_ps(gg + 2 * P, mask, _mm512_maskz_mul_ps(live, two, _mm512_mul_ps(dx, ax.mult)));
+      }
+    }
+  }
+}
+
+template <bool ZEROS>
+static void backward_vector(const torch::Tensor& image, const Points<float>& pts, int64_t P,
+                            const torch::Tensor& grad_out, torch::Tensor& grad_image, torch::Tensor& grad_coords) {
+  const int64_t N = image.size(0), C = image.size(1), groups = (P + 15) / 16;
+  const int D = image.size(2), H = image.size(3), W = image.size(4);
+  const int64_t sN = image.stride(0), image_size = N * C * D * H * W;
+  const float* I = image.data_ptr<float>();
+  const float* GO = grad_out.data_ptr<float>();
+  float* GI = grad_image.numel() ? grad_image.data_ptr<float>() : nullptr;
+  float* GG = grad_coords.numel() ? grad_coords.data_ptr<float>() : nullptr;
+  const int64_t copies = GI ? grad_image.size(0) : 1;
+  // as the scalar backward: each thread adds to its own image-gradient copy
+  at::parallel_for(0, N * groups, 256, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::in_parallel_region() ? at::get_thread_num() : 0;
+    TORCH_CHECK(!GI || thread < copies, "iconreg sampler: thread ", thread, " of ", copies);
+    backward_groups<ZEROS>(I, pts, GO, GI ? GI + thread * image_size : nullptr, GG, C, D, H, W, sN, P, begin, end);
+  });
+}
+
+// Whether the float32 AVX-512 kernels apply: a CPU with AVX-512, and int32 offsets within one batch element.
+static bool vector_applies(const torch::Tensor& image) {
+  return use_vector() && image.scalar_type() == at::kFloat &&
+         image.size(2) * image.size(3) * image.size(4) < (int64_t(1) << 31) - 1;
+}
+#else
+static bool vector_applies(const torch::Tensor&) { return false; }
+#endif
+
+bool set_vectorized(bool on) {
+#ifdef ICONREG_VECTOR
+  const bool before = vector_enabled;
+  vector_enabled = on;
+  return before;
+#else
+  (void)on;
+  return false;
+#endif
+}
+
+bool vectorized() {
+#ifdef ICONREG_VECTOR
+  return use_vector();
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 static Points<T> points_of(const torch::Tensor& coords) {
   return {coords.data_ptr<T>(), coords.stride(0), coords.stride(1)};
@@ -272,6 +553,14 @@ static Points<T> points_of(const torch::Tensor& coords) {
 torch::Tensor sample_forward(torch::Tensor image, torch::Tensor coords, bool zeros) {
   const int64_t P = coords.size(2);
   auto out = torch::empty({image.size(0), image.size(1), P}, image.options());
+#ifdef ICONREG_VECTOR
+  if (vector_applies(image)) {
+    const auto pts = points_of<float>(coords);
+    if (zeros) forward_vector<true, false>(image, pts, P, out, nullptr);
+    else forward_vector<false, false>(image, pts, P, out, nullptr);
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_forward", [&] {
     const auto pts = points_of<scalar_t>(coords);
     if (zeros) forward_kernel<scalar_t, true, false>(image, pts, P, out, nullptr);
@@ -285,6 +574,14 @@ std::vector<torch::Tensor> sample_forward_with_derivatives(torch::Tensor image, 
   const int64_t P = coords.size(2);
   auto out = torch::empty({image.size(0), image.size(1), P}, image.options());
   auto deriv = torch::empty({image.size(0), image.size(1), 3, P}, image.options());
+#ifdef ICONREG_VECTOR
+  if (vector_applies(image)) {
+    const auto pts = points_of<float>(coords);
+    if (zeros) forward_vector<true, true>(image, pts, P, out, deriv.data_ptr<float>());
+    else forward_vector<false, true>(image, pts, P, out, deriv.data_ptr<float>());
+    return {out, deriv};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_forward_with_derivatives", [&] {
     const auto pts = points_of<scalar_t>(coords);
     if (zeros) forward_kernel<scalar_t, true, true>(image, pts, P, out, deriv.data_ptr<scalar_t>());
@@ -297,13 +594,26 @@ std::vector<torch::Tensor> sample_forward_with_derivatives(torch::Tensor image, 
 std::vector<torch::Tensor> sample_backward(torch::Tensor image, torch::Tensor coords, torch::Tensor grad_out,
                                            bool image_gradient, bool coords_gradient, bool zeros) {
   const int64_t P = coords.size(2), N = image.size(0);
-  // as many gradient copies as at::parallel_for below uses threads (one when already inside a parallel region)
+  const bool vector = vector_applies(image);
+  // as many gradient copies as at::parallel_for below uses threads (one when already inside a parallel region):
+  // the scalar kernel splits N * P points in chunks of at least 4096, the vector one N * ceil(P / 16) groups of
+  // 16 points in chunks of at least 256 groups
+  const int64_t work = vector ? N * ((P + 15) / 16) : N * P, grain = vector ? 256 : 4096;
   const int64_t threads = at::in_parallel_region()
-      ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N * P + 4095) / 4096));
+      ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (work + grain - 1) / grain));
   auto grad_image = image_gradient
       ? torch::zeros({threads, N, image.size(1), image.size(2), image.size(3), image.size(4)}, image.options())
       : torch::empty({0}, image.options());
   auto grad_coords = coords_gradient ? torch::empty({N, 3, P}, coords.options()) : torch::empty({0}, coords.options());
+#ifdef ICONREG_VECTOR
+  if (vector) {
+    const auto pts = points_of<float>(coords);
+    if (zeros) backward_vector<true>(image, pts, P, grad_out, grad_image, grad_coords);
+    else backward_vector<false>(image, pts, P, grad_out, grad_image, grad_coords);
+    if (image_gradient) grad_image = threads == 1 ? grad_image.select(0, 0) : grad_image.sum(0);
+    return {grad_image, grad_coords};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_backward", [&] {
     const auto pts = points_of<scalar_t>(coords);
     if (zeros) backward_kernel<scalar_t, true>(image, pts, P, grad_out, grad_image, grad_coords);
@@ -318,6 +628,8 @@ std::vector<torch::Tensor> sample_backward(torch::Tensor image, torch::Tensor co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_forward", &sample_forward, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward_with_derivatives", &sample_forward_with_derivatives, py::call_guard<py::gil_scoped_release>());
+  m.def("set_vectorized", &set_vectorized);
+  m.def("vectorized", &vectorized);
   m.def("sample_backward", &sample_backward, py::call_guard<py::gil_scoped_release>());
 }
 """
@@ -343,7 +655,7 @@ _looked_in_cache = False  # a cached build is looked for once per process
 _warned_values: set[str] = set()  # unknown ICONREG_NATIVE_SAMPLER values already warned about
 
 #: compiler flags of the build (part of the cache key)
-_FLAGS = ("-O3", "-fopenmp")
+_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")  # no fused multiply-adds: the AVX-512 lanes keep the scalar bits
 #: a build lock older than this is left over from a killed build and is removed (a build takes about 30 s)
 _STALE_LOCK_SECONDS = 600
 
