@@ -348,6 +348,9 @@ def test_few_channel_convolution_gives_pytorchs_output_and_gradients(monkeypatch
         assert found.shape == reference.shape
         assert float((found - reference).abs().max() / reference.abs().max()) < 1e-12
     assert networks._memory_format(grads[0]) == networks._memory_format(x)
+    with pytest.raises(RuntimeError):  # no silent second derivative (once_differentiable)
+        first = torch.autograd.grad(networks._few_channel_conv(conv, x), x, grad, create_graph=True)[0]
+        torch.autograd.grad(first.sum(), conv.weight)
 
 
 def test_few_channel_convolution_in_bfloat16_is_as_accurate_as_pytorchs(monkeypatch):

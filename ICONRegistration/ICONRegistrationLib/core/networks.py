@@ -95,6 +95,7 @@ class _ConvToFewChannels(torch.autograd.Function):
         return F.conv3d(x, weight, bias, padding=padding)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises instead of going through the slabs
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         kernel = weight.shape[-1]
