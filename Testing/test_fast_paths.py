@@ -348,7 +348,7 @@ def test_few_channel_convolution_gives_pytorchs_output_and_gradients(monkeypatch
         assert found.shape == reference.shape
         assert float((found - reference).abs().max() / reference.abs().max()) < 1e-12
     assert networks._memory_format(grads[0]) == networks._memory_format(x)
-    with pytest.raises(RuntimeError):  # no silent second derivative (once_differentiable)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):  # no second derivative
         first = torch.autograd.grad(networks._few_channel_conv(conv, x), x, grad, create_graph=True)[0]
         torch.autograd.grad(first.sum(), conv.weight)
 
@@ -362,17 +362,18 @@ def test_few_channel_convolution_in_bfloat16_is_as_accurate_as_pytorchs(monkeypa
     x = torch.randn(2, 18, 20, 24, 20).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
     grad = torch.randn(2, 3, 20, 24, 20)
 
-    def weight_gradient(function):
+    def weight_gradient(function, few_channel_path):
         conv.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = function(x)
         assert out.dtype == torch.bfloat16
+        assert _graph_has(out, "_ConvToFewChannelsBackward") == few_channel_path
         out.float().backward(grad)
         return conv.weight.grad.double()
 
-    theirs = weight_gradient(conv)
+    theirs = weight_gradient(conv, False)
     monkeypatch.setattr(networks, "_SLAB_BYTES", 1)  # one plane per slab: the most roundings of partial sums
-    ours = weight_gradient(lambda t: networks._few_channel_conv(conv, t))
+    ours = weight_gradient(lambda t: networks._few_channel_conv(conv, t), True)
     exact = copy.deepcopy(conv).double()
     truth = torch.autograd.grad(exact(x.detach().double()), exact.weight, grad.double())[0]
     error = lambda g: float((g - truth).norm() / truth.norm())  # noqa: E731
@@ -381,6 +382,11 @@ def test_few_channel_convolution_in_bfloat16_is_as_accurate_as_pytorchs(monkeypa
         assert not _graph_has(networks._few_channel_conv(other, x), "_ConvToFewChannelsBackward")
     with torch.no_grad():
         assert torch.equal(networks._few_channel_conv(conv, x), conv(x))
+    # autocast leaves float64 alone, and without autocast mixed dtypes raise, as PyTorch's own convolution does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert networks._few_channel_conv(conv.double(), x.double()).dtype == torch.float64
+    with pytest.raises(RuntimeError):
+        networks._few_channel_conv(conv.float(), x.double())
 
 
 def test_unet_trains_through_the_few_channel_last_convolution(monkeypatch):

@@ -246,6 +246,7 @@ def test_vector_path_gives_the_scalar_paths_bits(kernel, padding, channels):
     try:
         for vector in (True, False):
             module.set_vectorized(vector)
+            assert module.vectorized() == vector
             results.append((module.sample_forward(image, points, zeros),
                             *module.sample_forward_with_derivatives(image, points, zeros),
                             *module.sample_backward(image, points, grad_out, True, True, zeros),
@@ -254,11 +255,38 @@ def test_vector_path_gives_the_scalar_paths_bits(kernel, padding, channels):
         module.set_vectorized(True)
     names = ("values", "values with derivatives", "derivatives", "image gradient", "point gradient",
              "point gradient alone")
-    for name, vector, scalar in zip(names, *results):
-        if name == "image gradient":
-            assert torch.allclose(vector, scalar, rtol=1e-6, atol=1e-6), name
-        else:
-            assert torch.equal(vector.nan_to_num(7.0), scalar.nan_to_num(7.0)), name
+    for name, vector, scalar in zip(names, *results):  # (one thread's chunk: the image gradient too, in order)
+        assert torch.equal(vector.nan_to_num(7.0), scalar.nan_to_num(7.0)), name
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_forward_derivatives_give_no_gradient_where_the_kernel_gives_none(kernel, padding):
+    """A point outside the zeros padding's reach or with a NaN coordinate gets a zero point gradient even when its
+    output gradient is NaN or inf (as grid_sample and the backward kernel give), while a NaN output gradient at a
+    point that reaches voxels still propagates. The derivatives are saved tensors, freed after the backward."""
+    image = torch.arange(4 * 5 * 6, dtype=torch.float32).view(1, 1, 4, 5, 6)
+    coordinates = torch.tensor([[2.0, 0.5, 0.5], [float("nan"), 0.5, 0.5], [0.5, 0.5, 0.5], [0.4, 0.3, 0.2]])
+    coordinates = coordinates.t().reshape(1, 3, 4, 1, 1).contiguous().requires_grad_(True)
+    grad_out = torch.tensor([float("nan"), float("inf"), float("nan"), 1.0]).view(1, 1, 4, 1, 1)
+    out = native_sampler.sample(image, coordinates, padding)
+    (ours,) = torch.autograd.grad(out, coordinates, grad_out)
+    (kernel_path,) = torch.autograd.grad(native_sampler.sample(image.clone().requires_grad_(True), coordinates,
+                                                                padding), coordinates, grad_out)
+    reference = torch.autograd.grad(_reference(image, _to_grid(coordinates), padding), coordinates, grad_out)[0]
+    for found in (ours, kernel_path):
+        assert torch.equal(found[0, :, 1], torch.zeros(3, 1, 1))  # NaN coordinate
+        if padding == "zeros":
+            assert torch.equal(found[0, :, 0], torch.zeros(3, 1, 1))  # out of reach
+        assert torch.isnan(found[0, :, 2]).any()  # reaches voxels: a NaN output gradient propagates
+        assert torch.allclose(found[0, :, 3], reference[0, :, 3])
+    assert torch.equal(ours.nan_to_num(7.0), kernel_path.nan_to_num(7.0))
+    with pytest.raises(RuntimeError, match="freed|backward through the graph a second time"):
+        out.grad_fn.saved_tensors  # noqa: B018 (the derivatives are saved tensors: freed after the backward)
+
+
+def _to_grid(coordinates):
+    """The inverse of :func:`_to_coordinates`: ``[N, 3, *T]`` unit cube (z, y, x) → ``[N, *T, 3]`` (x, y, z) in [−1, 1]."""
+    return (coordinates * 2 - 1).movedim(1, -1).flip(-1)
 
 
 def test_inference_mode_and_no_double_backward(kernel):

@@ -98,6 +98,8 @@ def main(argv=None) -> int:
                              "system: glibc's defaults")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # "model,mode": run in this process, print JSON
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.iterations < 1:
+        parser.error("--repeats and --iterations must be at least 1")
     if args.one:
         if args.allocator == "keep":  # as the command line runs registrations (before torch allocates anything)
             from ICONRegistrationLib.allocator import keep_freed_memory

@@ -7,6 +7,7 @@ optional mask ``[B, 1, *S]`` (non-zero = counted) on the reference image. Penalt
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 
@@ -67,7 +68,11 @@ class _GaussianBlur(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, sigma: float, kernel_size: Optional[int], transposed: bool):
         ctx.sigma, ctx.kernel_size, ctx.transposed = sigma, kernel_size, transposed
-        return _separable_blur(tensor, sigma, kernel_size, transposed)
+        # every product in the input's dtype, also inside an autocast region (CPU and CUDA have one)
+        off = (torch.autocast(tensor.device.type, enabled=False) if tensor.device.type in ("cpu", "cuda")
+               else contextlib.nullcontext())
+        with off:
+            return _separable_blur(tensor, sigma, kernel_size, transposed)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

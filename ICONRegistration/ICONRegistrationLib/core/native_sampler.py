@@ -816,11 +816,12 @@ class _SampleTrilinear(torch.autograd.Function):
         if points.stride(2) != 1:
             points = points.contiguous()
         if derivatives:
-            out, ctx.derivatives = _module.sample_forward_with_derivatives(image, points, zeros)
+            out, derivative = _module.sample_forward_with_derivatives(image, points, zeros)
+            ctx.save_for_backward(derivative, points)
         else:
             out = _module.sample_forward(image, points, zeros)
             ctx.save_for_backward(image, points)
-            ctx.derivatives = None
+        ctx.derivatives, ctx.image_shape = derivatives, tuple(image.shape[2:])
         ctx.shape, ctx.zeros = coordinates.shape, zeros
         return out.reshape(batch, channels, *coordinates.shape[2:])
 
@@ -828,16 +829,32 @@ class _SampleTrilinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         want_image, want_points = ctx.needs_input_grad[:2]
-        if ctx.derivatives is not None:  # [N, C, 3, P]: the image needs no gradient
-            grad = grad_out.reshape(*ctx.derivatives.shape[:2], 1, -1)
-            grad_points = (grad * ctx.derivatives).sum(dim=1) if want_points else None
-            return None, grad_points.reshape(ctx.shape) if want_points else None, None, None
+        if ctx.derivatives:  # derivative [N, C, 3, P] from the forward: the image needs no gradient
+            derivative, points = ctx.saved_tensors
+            if not want_points:
+                return None, None, None, None
+            grad_points = (grad_out.reshape(*derivative.shape[:2], 1, -1) * derivative).sum(dim=1)
+            if not bool(torch.isfinite(grad_out).all()):  # as the backward kernel: a point that reaches no voxel,
+                # or has a NaN coordinate, gets 0 whatever its output gradient (0 × NaN would be NaN)
+                grad_points = grad_points.masked_fill(~_live(points, ctx.image_shape, ctx.zeros)[:, None], 0)
+            return None, grad_points.reshape(ctx.shape), None, None
         image, points = ctx.saved_tensors
         grad_image, grad_points = _module.sample_backward(
             image, points, grad_out.reshape(image.shape[0], image.shape[1], -1).contiguous(), want_image,
             want_points, ctx.zeros)
         return (grad_image if want_image else None,
                 grad_points.reshape(ctx.shape) if want_points else None, None, None)
+
+
+def _live(points: torch.Tensor, shape: tuple, zeros: bool) -> torch.Tensor:
+    """``[N, P]``: whether each point ``[N, 3, P]`` (unit cube, (z, y, x)) gets a point gradient from the kernel —
+    no NaN coordinate and, with zeros padding, within reach of a voxel on every axis (the kernel's arithmetic)."""
+    grid = points * 2 - 1
+    limit = torch.tensor([n - 1 for n in shape], dtype=points.dtype, device=points.device).view(1, 3, 1)
+    x = ((grid + 1) / 2) * limit
+    if zeros:  # a NaN fails both comparisons
+        return ((x >= -1) & (x < limit + 1)).all(dim=1)
+    return ~torch.isnan(grid).any(dim=1)
 
 
 def sample(image: torch.Tensor, coordinates: torch.Tensor, padding: str = "border") -> torch.Tensor:

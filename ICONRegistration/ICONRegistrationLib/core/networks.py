@@ -168,10 +168,25 @@ def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.float64, torch.bfloat16))
     if not eligible:
         return conv(x)
-    if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would convolve in
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    autocast = _autocast_dtype(x.device.type)
+    if autocast is not None and x.dtype != torch.float64:  # autocast's dtype (it leaves float64 alone)
+        x = x.to(autocast)
+    elif conv.weight.dtype != x.dtype:  # without autocast PyTorch refuses mixed dtypes: so does this
+        return conv(x)
     bias = conv.bias.to(x.dtype) if conv.bias is not None else None
     return _ConvToFewChannels.apply(x, conv.weight.to(x.dtype), bias)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes convolutions in on ``device_type``, or None when it is off (PyTorch 2.1+)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except (TypeError, AttributeError):  # before PyTorch 2.4: per-device functions
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
