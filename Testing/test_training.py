@@ -1250,3 +1250,59 @@ def test_preparing_data_alone_with_mixed_precision_is_not_refused_on_any_cpu(tmp
     code = main(["train", "--spec", str(tmp_path / "small.json"), "--data", str(data), "--out", str(tmp_path / "run"),
                  "--steps", "0", "--save-prepared", "--val-fraction", "0.5", "--mixed-precision", "--device", "cpu"])
     assert code == 0 and (tmp_path / "run" / "train_prepared.npz").is_file()
+
+
+def test_fold_penalty_measures_folded_voxels_and_its_gradient_unfolds_them():
+    """relu(0.1 − det J) per voxel, det J as jacobian_determinant reports it: 0 for the identity and any map keeping
+    ≥ 0.1 of each voxel's volume, 0.1 − det A for an affine map x ↦ A x (on any grid), and gradient steps on a
+    folded map remove every folded voxel that jacobian_determinant counts."""
+    from ICONRegistrationLib.core.coordinates import identity_map, jacobian_determinant
+    from ICONRegistrationLib.core.losses import fold_penalty
+    grid = identity_map((6, 7, 9), dtype=torch.float64)
+    assert float(fold_penalty(grid)) == 0.0
+    for matrix in ([[1.0, 0.2, 0.0], [0.0, -0.5, 0.0], [0.1, 0.0, 1.0]], [[0.3, 0.0, 0.0], [0.0, 0.5, 0.0],
+                                                                         [0.0, 0.0, 0.5]]):
+        A = torch.tensor(matrix, dtype=torch.float64)
+        mapped = torch.einsum("rc,bc...->br...", A, grid)
+        assert float(fold_penalty(mapped)) == pytest.approx(max(0.0, 0.1 - float(torch.det(A))), abs=1e-12)
+    generator = torch.Generator().manual_seed(0)
+    bump = torch.zeros(1, 3, 6, 7, 9, dtype=torch.float64)
+    bump[0, 2, 2:4, 3:5, 4] = 0.3  # a sharp step along the last axis: cells fold
+    folded = (grid + bump + 0.002 * torch.randn(grid.shape, generator=generator, dtype=torch.float64))
+    determinant = jacobian_determinant(folded)
+    assert int((determinant <= 0).sum()) > 0
+    assert float(fold_penalty(folded)) == pytest.approx(float(torch.relu(0.1 - determinant).mean()), abs=1e-12)
+    maps = folded.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([maps], lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        fold_penalty(maps).backward()
+        optimizer.step()
+    assert float(fold_penalty(maps)) < 0.01 * float(fold_penalty(folded))
+    assert int((jacobian_determinant(maps.detach()) <= 0).sum()) == 0
+    with pytest.raises(ValueError):
+        fold_penalty(grid[:, :2, :, :, 0])
+
+
+def test_fold_weight_is_checked_and_logged(tmp_path):
+    from ICONRegistrationLib.errors import UserError
+    data = synthetic_set()
+    config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=2, validate_every=100, fold_weight=5.0)
+    train(small_spec(), data, tmp_path / "run", config, device="cpu")
+    with (tmp_path / "run" / "train_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(float(r["fold_penalty"]) >= 0.0 for r in rows)
+    with pytest.raises(UserError, match="fold-weight"):
+        train(small_spec(), data, tmp_path / "bad", dataclasses.replace(config, fold_weight=-1.0), device="cpu")
+    assert "--fold-weight" in subprocess_help()
+
+
+def subprocess_help() -> str:
+    """``iconreg train --help`` as text (the option is on the command line)."""
+    import contextlib
+    import io
+    from ICONRegistrationLib import cli
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    return buffer.getvalue()

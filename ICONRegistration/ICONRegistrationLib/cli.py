@@ -375,7 +375,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             checkpoint_every=args.checkpoint_every, keep_every=args.keep_every, seed=args.seed,
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
                             icon_weight=args.icon_weight, icon_label_weight=args.icon_label_weight,
-                            self_pair_fraction=args.self_pairs,
+                            fold_weight=args.fold_weight, self_pair_fraction=args.self_pairs,
                             label_loss=args.label_loss, label_weight=args.label_weight,
                             label_downsample=args.label_downsample, freeze_inner=args.freeze_inner,
                             symmetric_label_loss=args.symmetric_label_loss, weight_decay=args.weight_decay,
@@ -691,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--icon-weight", type=float, default=0.0,
                      help="add this weight × the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² (voxels²) to the "
                           "GradICON penalty, which does not see a constant offset of the round trip (default 0)")
+    trn.add_argument("--fold-weight", type=float, default=0.0,
+                     help="add this weight × the mean over the network grid's cells of relu(0.1 − det J) of both "
+                          "directions' maps: a penalty on folded and nearly folded cells (default 0)")
     trn.add_argument("--icon-label-weight", type=float, default=0.0,
                      help="make the --icon-weight term a weighted mean, weight 1 + this inside the labels of the image "
                           "where each round trip starts, 1 elsewhere (--icon-weight keeps its strength; needs label "

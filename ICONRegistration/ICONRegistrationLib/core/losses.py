@@ -278,6 +278,39 @@ def jittered_identity(shape, batch: int = 1, *, dtype=torch.float32, device=None
     return base + noise / shape[-1]
 
 
+#: The fold penalty's margin: cells whose Jacobian determinant is below it are pushed up (1 = volume kept).
+FOLD_MARGIN = 0.1
+
+
+def fold_penalty(maps: torch.Tensor, margin: float = FOLD_MARGIN) -> torch.Tensor:
+    """Mean over the grid's voxels of ``relu(margin − det J)``: zero where every voxel keeps at least ``margin`` of
+    its volume, growing with how far voxels are folded (det J ≤ 0) or nearly so.
+
+    ``maps`` ``[B, 3, *S]`` in the unit-cube map convention on the identity grid ``S`` (as the objective's
+    ``maps``); J by central differences inside and one-sided ones at the faces, in index units (the identity has
+    det J = 1 on any grid): the determinant that
+    :func:`~ICONRegistrationLib.core.coordinates.jacobian_determinant` reports (and counts folds with), in a
+    differentiable form.
+    """
+    if maps.dim() != 5 or maps.shape[1] != 3:
+        raise ValueError(f"fold_penalty takes 3-D maps [B, 3, D, H, W], got {tuple(maps.shape)}")
+    columns = []
+    for axis in range(3):
+        dim, n = 2 + axis, maps.shape[2 + axis]
+        if n < 2:
+            raise ValueError(f"fold_penalty needs at least 2 voxels along each axis, got {tuple(maps.shape[2:])}")
+        parts = [maps.narrow(dim, 1, 1) - maps.narrow(dim, 0, 1)]
+        if n > 2:
+            parts.append((maps.narrow(dim, 2, n - 2) - maps.narrow(dim, 0, n - 2)) * 0.5)
+        parts.append(maps.narrow(dim, n - 1, 1) - maps.narrow(dim, n - 2, 1))
+        columns.append(torch.cat(parts, dim=dim) * (n - 1))  # per index step, in units of the axis' extent
+    a, b, c = columns
+    determinant = (a[:, 0] * (b[:, 1] * c[:, 2] - b[:, 2] * c[:, 1])
+                   - a[:, 1] * (b[:, 0] * c[:, 2] - b[:, 2] * c[:, 0])
+                   + a[:, 2] * (b[:, 0] * c[:, 1] - b[:, 1] * c[:, 0]))
+    return torch.relu(margin - determinant).mean()
+
+
 def icon_penalty(phi_AB: Transform, phi_BA: Transform, samples: torch.Tensor) -> torch.Tensor:
     """ICON: mean ‖Φ_AB(Φ_BA(x)) − x‖² over the sample coordinates ``x`` (unit cube)."""
     return torch.mean((samples - phi_AB(phi_BA(samples))) ** 2)

@@ -27,7 +27,7 @@ from ..core.coordinates import identity_map, jacobian_determinant, sample_at, ve
 from ..core.inversion import symmetrize_maps
 from ..core import native_sampler
 from ..core.networks import low_precision
-from ..core.losses import (label_fractions, label_indices, make_similarity, soft_dice_loss,
+from ..core.losses import (fold_penalty, label_fractions, label_indices, make_similarity, soft_dice_loss,
                            soft_dice_loss_of_warped_labels)
 from ..core.objective import both_directions, symmetric_objective
 from ..core.registration_modules import TwoStep
@@ -98,6 +98,9 @@ class TrainingConfig:
     # round trip starts, 1 elsewhere (0: uniform; μ keeps the term's overall strength). Needs icon_weight > 0 and
     # label maps; asks for inverse consistency on the structures.
     icon_label_weight: float = 0.0
+    # weight of a fold penalty on both directions' maps (core.losses.fold_penalty: mean relu(0.1 − det J) over the
+    # network grid's cells; 0: off). Aims at the few folded voxels directly, where a larger λ smooths everything.
+    fold_weight: float = 0.0
     # fraction of the batch's pairs that are a volume with itself (each copy still augmented independently): the
     # network then also sees pairs whose answer is the augmentation alone, and learns not to deform identical
     # images (0: pairs of two different volumes only, the draws of earlier versions)
@@ -165,6 +168,8 @@ def check_config(config: TrainingConfig) -> None:
         raise UserError(f"The self-pair fraction must be in [0, 1], got {config.self_pair_fraction}.")
     if not (math.isfinite(config.icon_weight) and config.icon_weight >= 0):
         raise UserError(f"The ICON weight must be a number ≥ 0, got {config.icon_weight}.")
+    if not (math.isfinite(config.fold_weight) and config.fold_weight >= 0):
+        raise UserError(f"--fold-weight must be a number ≥ 0, got {config.fold_weight}.")
     if not (math.isfinite(config.icon_label_weight) and config.icon_label_weight >= 0):
         raise UserError(f"--icon-label-weight must be a number ≥ 0, got {config.icon_label_weight}.")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
@@ -810,6 +815,9 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                 label_term = training_label_loss(terms.maps, labels[0].to(torch_device),
                                                  labels[1].to(torch_device), values.to(torch_device), config)
                 loss = loss + config.label_weight * label_term
+            if config.fold_weight:
+                fold_term = fold_penalty(terms.maps)
+                loss = loss + config.fold_weight * fold_term
         if not torch.isfinite(loss.detach()):
             raise UserError(f"The loss became {loss.item()} at step {step + 1}; lower the learning rate.")
         loss.backward()
@@ -819,6 +827,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             "step": step, "loss": f"{loss.item():.6f}", "similarity": f"{terms.similarity.item():.6f}",
             "penalty": f"{terms.penalty.item():.6f}",
             **({"label_loss": f"{label_term.item():.6f}"} if config.label_loss else {}),
+            **({"fold_penalty": f"{fold_term.item():.6f}"} if config.fold_weight else {}),
             "seconds": f"{time.perf_counter() - step_start:.3f}", "learning_rate": f"{rate:.4g}",
             **({"round_trip_voxels": f"{terms.round_trip.sqrt().item():.4f}"} if terms.round_trip is not None
                else {})})
