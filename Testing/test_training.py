@@ -949,9 +949,7 @@ def test_icon_weight_is_checked_and_a_gradicon_run_logs_its_round_trip_error(tmp
     from ICONRegistrationLib.errors import UserError
     data = synthetic_set()
     config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=2, validate_every=100, icon_weight=0.1)
-    train(small_spec(), data, tmp_path / "run", config, device="cpu")
-    with (tmp_path / "run" / "train_log.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _log_of_two_steps(tmp_path / "run", data, config)
     assert len(rows) == 2 and all(0.0 <= float(r["round_trip_voxels"]) < 5.0 for r in rows)
     for weight, penalty, logged in ((0.0, None, True), (0.0, "diffusion", False)):  # every GradICON run logs it
         run = tmp_path / f"run-{penalty}"
@@ -1288,9 +1286,7 @@ def test_fold_weight_is_checked_and_logged(tmp_path):
     from ICONRegistrationLib.errors import UserError
     data = synthetic_set()
     config = TrainingConfig(steps=2, batch_size=2, checkpoint_every=2, validate_every=100, fold_weight=5.0)
-    train(small_spec(), data, tmp_path / "run", config, device="cpu")
-    with (tmp_path / "run" / "train_log.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _log_of_two_steps(tmp_path / "run", data, config)
     assert len(rows) == 2 and all(float(r["fold_penalty"]) >= 0.0 for r in rows)
     with pytest.raises(UserError, match="fold-weight"):
         train(small_spec(), data, tmp_path / "bad", dataclasses.replace(config, fold_weight=-1.0), device="cpu")
@@ -1306,3 +1302,10 @@ def subprocess_help() -> str:
     with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     return buffer.getvalue()
+
+
+def _log_of_two_steps(run, data, config) -> list:
+    """Train ``small_spec()`` with ``config`` into ``run``; the rows of its ``train_log.csv``."""
+    train(small_spec(), data, run, config, device="cpu")
+    with (run / "train_log.csv").open() as handle:
+        return list(csv.DictReader(handle))

@@ -375,6 +375,21 @@ ICONREG_AVX512 static inline void grid_v(const Points<float>& pts, int64_t n, in
   gx = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, q + 2 * pts.sC), two), one);
 }
 
+// Group k of 16 points (batch element k / groups, points from 16 (k % groups); mask: the points that exist): their
+// grid values and their cells along the three axes.
+template <bool ZEROS>
+ICONREG_AVX512 static inline void locate_group(const Points<float>& pts, int64_t k, int64_t groups, int64_t P, int D,
+                                                int H, int W, int64_t& n, int64_t& p, __mmask16& mask, __m512* g,
+                                                AxisV& ax, AxisV& ay, AxisV& az) {
+  n = k / groups;
+  p = (k - n * groups) * 16;
+  mask = P - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - p)) - 1);
+  grid_v(pts, n, p, mask, g[0], g[1], g[2]);
+  locate_v<ZEROS>(g[0], W, ax);
+  locate_v<ZEROS>(g[1], H, ay);
+  locate_v<ZEROS>(g[2], D, az);
+}
+
 // Groups begin … end of 16 points (group k: batch element k / groups, points from 16 (k % groups)). A function of its
 // own: a lambda would not inherit the target attribute.
 template <bool ZEROS, bool DERIV>
@@ -384,14 +399,11 @@ ICONREG_AVX512 static void forward_groups(const float* I, const Points<float>& p
   const int64_t sC = static_cast<int64_t>(D) * sD, groups = (P + 15) / 16;
   {
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t n = k / groups, p = (k - n * groups) * 16;
-      const __mmask16 mask = P - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - p)) - 1);
+      int64_t n, p;
+      __mmask16 mask;
       __m512 g[3];
-      grid_v(pts, n, p, mask, g[0], g[1], g[2]);
       AxisV ax, ay, az;
-      locate_v<ZEROS>(g[0], W, ax);
-      locate_v<ZEROS>(g[1], H, ay);
-      locate_v<ZEROS>(g[2], D, az);
+      locate_group<ZEROS>(pts, k, groups, P, D, H, W, n, p, mask, g, ax, ay, az);
       const __mmask16 reach = ax.reach & ay.reach & az.reach;
       __mmask16 gradient = reach;
       if (DERIV)  // as the backward: no point gradient at a NaN coordinate
@@ -446,14 +458,11 @@ ICONREG_AVX512 static void backward_groups(const float* I, const Points<float>& 
     alignas(64) int32_t offsets[8][16];
     alignas(64) float products[8][16];
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t n = k / groups, p = (k - n * groups) * 16;
-      const __mmask16 mask = P - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - p)) - 1);
+      int64_t n, p;
+      __mmask16 mask;
       __m512 g[3];
-      grid_v(pts, n, p, mask, g[0], g[1], g[2]);
       AxisV ax, ay, az;
-      locate_v<ZEROS>(g[0], W, ax);
-      locate_v<ZEROS>(g[1], H, ay);
-      locate_v<ZEROS>(g[2], D, az);
+      locate_group<ZEROS>(pts, k, groups, P, D, H, W, n, p, mask, g, ax, ay, az);
       // as grid_sample's backward: a point that reaches no voxel or has a NaN coordinate gets no gradient
       const __mmask16 live = mask & ax.reach & ay.reach & az.reach & _mm512_cmp_ps_mask(g[0], g[0], _CMP_ORD_Q) &
                              _mm512_cmp_ps_mask(g[1], g[1], _CMP_ORD_Q) & _mm512_cmp_ps_mask(g[2], g[2], _CMP_ORD_Q);
