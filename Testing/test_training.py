@@ -1271,6 +1271,7 @@ def test_fold_penalty_measures_folded_voxels_and_its_gradient_unfolds_them():
     assert int((determinant <= 0).sum()) > 0
     assert float(fold_penalty(folded)) == pytest.approx(float(torch.relu(0.1 - determinant).mean()), abs=1e-12)
     maps = folded.clone().requires_grad_(True)
+    assert torch.equal(jacobian_determinant(maps).detach(), determinant)  # the differentiable path: the same numbers
     optimizer = torch.optim.SGD([maps], lr=0.05)
     for _ in range(200):
         optimizer.zero_grad()

@@ -692,8 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add this weight × the mean squared round-trip error ‖Φ_AB(Φ_BA(x)) − x‖² (voxels²) to the "
                           "GradICON penalty, which does not see a constant offset of the round trip (default 0)")
     trn.add_argument("--fold-weight", type=float, default=0.0,
-                     help="add this weight × the mean over the network grid's cells of relu(0.1 − det J) of both "
-                          "directions' maps: a penalty on folded and nearly folded cells (default 0)")
+                     help="add this weight × the mean over the network grid's voxels of relu(0.1 − det J) of both "
+                          "directions' maps: a penalty on folded and nearly folded voxels (default 0)")
     trn.add_argument("--icon-label-weight", type=float, default=0.0,
                      help="make the --icon-weight term a weighted mean, weight 1 + this inside the labels of the image "
                           "where each round trip starts, 1 elsewhere (--icon-weight keeps its strength; needs label "

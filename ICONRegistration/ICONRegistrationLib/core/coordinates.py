@@ -201,8 +201,15 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 
 
 def _finite_difference(field: torch.Tensor, axis: int) -> torch.Tensor:
-    """Derivative along tensor ``axis`` per index step: central inside, one-sided at the two ends."""
+    """Derivative along tensor ``axis`` per index step: central inside, one-sided at the two ends. Differentiable
+    when ``field`` needs a gradient (the same numbers; otherwise written into one buffer)."""
     n = field.shape[axis]
+    if n >= 2 and field.requires_grad and torch.is_grad_enabled():
+        parts = [field.narrow(axis, 1, 1) - field.narrow(axis, 0, 1)]
+        if n > 2:
+            parts.append((field.narrow(axis, 2, n - 2) - field.narrow(axis, 0, n - 2)) * 0.5)
+        parts.append(field.narrow(axis, n - 1, 1) - field.narrow(axis, n - 2, 1))
+        return torch.cat(parts, dim=axis)
     out = torch.empty_like(field)
     if n < 2:
         return out.zero_()

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .coordinates import identity_map
+from .coordinates import identity_map, jacobian_determinant
 from .registration_modules import Transform
 
 
@@ -278,7 +278,7 @@ def jittered_identity(shape, batch: int = 1, *, dtype=torch.float32, device=None
     return base + noise / shape[-1]
 
 
-#: The fold penalty's margin: cells whose Jacobian determinant is below it are pushed up (1 = volume kept).
+#: The fold penalty's margin: voxels whose Jacobian determinant is below it are pushed up (1 = volume kept).
 FOLD_MARGIN = 0.1
 
 
@@ -287,28 +287,13 @@ def fold_penalty(maps: torch.Tensor, margin: float = FOLD_MARGIN) -> torch.Tenso
     its volume, growing with how far voxels are folded (det J ≤ 0) or nearly so.
 
     ``maps`` ``[B, 3, *S]`` in the unit-cube map convention on the identity grid ``S`` (as the objective's
-    ``maps``); J by central differences inside and one-sided ones at the faces, in index units (the identity has
-    det J = 1 on any grid): the determinant that
-    :func:`~ICONRegistrationLib.core.coordinates.jacobian_determinant` reports (and counts folds with), in a
-    differentiable form.
+    ``maps``); det J is :func:`~ICONRegistrationLib.core.coordinates.jacobian_determinant`'s (central differences
+    inside, one-sided at the faces; the identity has det J = 1 on any grid), the one folds are counted with.
     """
-    if maps.dim() != 5 or maps.shape[1] != 3:
-        raise ValueError(f"fold_penalty takes 3-D maps [B, 3, D, H, W], got {tuple(maps.shape)}")
-    columns = []
-    for axis in range(3):
-        dim, n = 2 + axis, maps.shape[2 + axis]
-        if n < 2:
-            raise ValueError(f"fold_penalty needs at least 2 voxels along each axis, got {tuple(maps.shape[2:])}")
-        parts = [maps.narrow(dim, 1, 1) - maps.narrow(dim, 0, 1)]
-        if n > 2:
-            parts.append((maps.narrow(dim, 2, n - 2) - maps.narrow(dim, 0, n - 2)) * 0.5)
-        parts.append(maps.narrow(dim, n - 1, 1) - maps.narrow(dim, n - 2, 1))
-        columns.append(torch.cat(parts, dim=dim) * (n - 1))  # per index step, in units of the axis' extent
-    a, b, c = columns
-    determinant = (a[:, 0] * (b[:, 1] * c[:, 2] - b[:, 2] * c[:, 1])
-                   - a[:, 1] * (b[:, 0] * c[:, 2] - b[:, 2] * c[:, 0])
-                   + a[:, 2] * (b[:, 0] * c[:, 1] - b[:, 1] * c[:, 0]))
-    return torch.relu(margin - determinant).mean()
+    if maps.dim() != 5 or maps.shape[1] != 3 or min(maps.shape[2:]) < 2:
+        raise ValueError(f"fold_penalty takes 3-D maps [B, 3, D, H, W] with 2+ voxels per axis, got "
+                         f"{tuple(maps.shape)}")
+    return torch.relu(margin - jacobian_determinant(maps)).mean()
 
 
 def icon_penalty(phi_AB: Transform, phi_BA: Transform, samples: torch.Tensor) -> torch.Tensor:

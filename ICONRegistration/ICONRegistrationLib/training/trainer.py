@@ -99,7 +99,7 @@ class TrainingConfig:
     # label maps; asks for inverse consistency on the structures.
     icon_label_weight: float = 0.0
     # weight of a fold penalty on both directions' maps (core.losses.fold_penalty: mean relu(0.1 − det J) over the
-    # network grid's cells; 0: off). Aims at the few folded voxels directly, where a larger λ smooths everything.
+    # network grid's voxels; 0: off). Aims at the few folded voxels directly, where a larger λ smooths everything.
     fold_weight: float = 0.0
     # fraction of the batch's pairs that are a volume with itself (each copy still augmented independently): the
     # network then also sees pairs whose answer is the augmentation alone, and learns not to deform identical
