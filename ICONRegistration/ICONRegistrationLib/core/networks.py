@@ -168,7 +168,7 @@ def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.float64, torch.bfloat16))
     if not eligible:
         return conv(x)
-    autocast = _autocast_dtype(x.device.type)
+    autocast = _cpu_autocast_dtype()
     if autocast is not None and x.dtype != torch.float64:  # autocast's dtype (it leaves float64 alone)
         x = x.to(autocast)
     elif conv.weight.dtype != x.dtype:  # without autocast PyTorch refuses mixed dtypes: so does this
@@ -177,16 +177,12 @@ def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _ConvToFewChannels.apply(x, conv.weight.to(x.dtype), bias)
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast computes convolutions in on ``device_type``, or None when it is off (PyTorch 2.1+)."""
+def _cpu_autocast_dtype() -> Optional[torch.dtype]:
+    """The dtype CPU autocast computes convolutions in, or None when it is off (PyTorch 2.1+)."""
     try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return None
-    except (TypeError, AttributeError):  # before PyTorch 2.4: per-device functions
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    except (TypeError, AttributeError):  # before PyTorch 2.4: CPU-specific functions
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
