@@ -811,7 +811,8 @@ _PADDINGS = ("border", "zeros")
 
 #: A sampling whose image needs no gradient but whose points do, with at most this many channels, computes the
 #: derivatives with respect to the points in its forward (the backward is then one product per point): for one
-#: channel at 80×96×80 the forward grew by about a fifth and the backward became ~10× cheaper.
+#: channel, batch 2, at 80×96×80 the forward grew by 10 % (AVX-512 path; 40 % scalar) and the points-only backward
+#: kernel (4–15 ms with 2 threads) became an element-wise product.
 DERIVATIVES_IN_FORWARD_CHANNELS = 3
 
 
