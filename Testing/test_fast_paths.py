@@ -251,6 +251,60 @@ def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(mo
     assert float((fast_grad - plain_grad).norm() / plain_grad.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dimension, shape, precision", [(3, (17, 20, 18), None), (2, (21, 26), None),
+                                                       (3, (17, 20, 18), torch.bfloat16)])
+def test_transposed_convolution_bias_added_before_upsampling_is_the_modules_own_bias(monkeypatch, dimension, shape,
+                                                                                     precision, training):
+    """The UNet adds each transposed convolution's bias to the coarse path before the trilinear upsampling (oneDNN's
+    bfloat16 bias gradient is a slow reference kernel): output and every gradient equal the modules' own bias,
+    float64 to rounding, and under bfloat16 autocast to bfloat16's precision. In training mode the batch norm after
+    each transposed convolution removes the bias (its gradient is zero); with running statistics it matters."""
+    torch.manual_seed(0)
+    net = UNet2(5, [[2, 8, 16, 16, 16, 16], [8, 16, 16, 16, 16]], dimension=dimension).train(training)
+    for conv in net.upConvs:
+        torch.nn.init.normal_(conv.bias, std=0.3)  # a fresh bias is small: make it matter
+    torch.nn.init.normal_(net.lastConv.weight, std=0.05)
+    if precision is None:
+        net = net.double()
+    dtype = torch.float32 if precision else torch.float64
+    a, b = (torch.rand(2, 1, *shape, dtype=dtype, requires_grad=True) for _ in range(2))
+    weights = torch.linspace(-1, 1, 2 * dimension * math.prod(shape), dtype=dtype).view(2, dimension, *shape)
+    state = copy.deepcopy(net.state_dict())
+
+    def output_and_gradients(dtype=precision):
+        net.load_state_dict(state)  # the same running statistics for both
+        net.zero_grad(set_to_none=True)
+        a.grad = b.grad = None
+        with networks.low_precision(net, dtype):
+            out = net(a, b)
+        (out * weights).sum().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in (*net.parameters(), a, b)]), net.upConvs[0].bias.grad
+
+    def relative(x, y):
+        return float((x - y).norm() / y.norm())
+
+    fast, fast_grad, fast_bias_grad = output_and_gradients()
+    monkeypatch.setattr(networks, "_transposed_convolution_without_bias", lambda conv, x: conv(x))
+    monkeypatch.setattr(networks, "_per_channel", lambda values, dim: torch.zeros((), dtype=values.dtype))
+    plain, plain_grad, plain_bias_grad = output_and_gradients()
+    if training and precision is None:
+        assert float(plain_bias_grad.abs().max()) < 1e-9 and float(fast_bias_grad.abs().max()) < 1e-9
+    elif not training:
+        assert float(plain_bias_grad.abs().max()) > 1e-3  # the bias matters
+    if precision is None:
+        assert relative(fast, plain) < 1e-10 and relative(fast_grad, plain_grad) < 1e-10
+        if not training:
+            assert relative(fast_bias_grad, plain_bias_grad) < 1e-10
+        return
+    # bfloat16: no further from the float32 network than the modules' own bias (which rounds the bias in bfloat16)
+    exact, exact_grad, exact_bias_grad = output_and_gradients(None)
+    assert relative(fast, exact) < 1.25 * relative(plain, exact) + 1e-3
+    assert relative(fast_grad, exact_grad) < 1.25 * relative(plain_grad, exact_grad) + 1e-3
+    if not training:
+        assert relative(fast_bias_grad, exact_bias_grad) < 1.25 * relative(plain_bias_grad, exact_bias_grad) + 1e-3
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_channels_last_training_batch_norm_is_accurate_and_updates_running_statistics(momentum):
     """Against float64: PyTorch's own channels-last CPU batch norm is off by 2.5e-4 (output) and 8e-4 (input
