@@ -251,6 +251,27 @@ def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(mo
     assert float((fast_grad - plain_grad).norm() / plain_grad.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 4), (1, 2, 1, 3, 2), (2, 3, 7, 5), (1, 1, 2, 1)])
+def test_linear_upsampling_by_two_is_pytorchs_interpolation(shape):
+    """The UNet's separable upsampling of contiguous inputs = ``F.interpolate(scale_factor=2, align_corners=False)``
+    (trilinear or bilinear, axes of length 1 and 2 included), values and gradients, in float64."""
+    mode = "trilinear" if len(shape) == 5 else "bilinear"
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ours = networks._upsample_twice(x, mode)
+    theirs = F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
+    assert ours.shape == theirs.shape and ours.is_contiguous()
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+    weights = torch.randn(theirs.shape, dtype=torch.float64)
+    grad_ours, = torch.autograd.grad(ours, x, weights)
+    grad_theirs, = torch.autograd.grad(theirs, x, weights)
+    assert torch.allclose(grad_ours, grad_theirs, rtol=0, atol=1e-12)
+    cl = x.detach().contiguous(memory_format=torch.channels_last_3d) if len(shape) == 5 else None
+    if cl is not None and not cl.is_contiguous():  # channels-last input: PyTorch's own kernel, layout kept
+        out = networks._upsample_twice(cl, mode)
+        assert torch.allclose(out, theirs.detach(), rtol=0, atol=1e-12)
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dimension, shape, precision", [(3, (17, 20, 18), None), (2, (21, 26), None),
                                                        (3, (17, 20, 18), torch.bfloat16)])
