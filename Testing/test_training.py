@@ -624,6 +624,49 @@ def test_weight_decay_shrinks_only_the_convolution_weights_by_the_decoupled_fact
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 0
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_training_adam_is_fused_and_takes_pytorchs_default_steps_also_from_an_unfused_checkpoint(weight_decay):
+    """The training optimiser is PyTorch's fused Adam on a CPU: the same parameters as the default (foreach) Adam
+    after several steps, and a checkpoint of the default Adam (earlier versions) resumes fused with the same
+    steps (PyTorch's own load_state_dict would switch the optimiser back to the default implementation)."""
+    from ICONRegistrationLib.core.optimizers import load_optimizer_state
+
+    config = TrainingConfig(learning_rate=1e-2, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(3)
+    start = [torch.randn(4, 3, 3, generator=generator), torch.randn(4, generator=generator)]
+    gradients = [[torch.randn(p.shape, generator=generator) for p in start] for _ in range(6)]
+
+    def run(steps, optimizer_of, state=None):
+        parameters = [torch.nn.Parameter(p.clone()) for p in (state["parameters"] if state else start)]
+        optimizer = optimizer_of(parameters)
+        if state:
+            load_optimizer_state(optimizer, state["optimizer"])
+        for gradient in steps:
+            for p, g in zip(parameters, gradient):
+                p.grad = g.clone()
+            optimizer.step()
+        return parameters, optimizer
+
+    def plain(parameters):  # PyTorch's default implementation, as make_optimizer built it before
+        if not weight_decay:
+            return torch.optim.Adam(parameters, lr=config.learning_rate)
+        return torch.optim.Adam([{"params": parameters[:1], "weight_decay": weight_decay},
+                                 {"params": parameters[1:], "weight_decay": 0.0}], lr=config.learning_rate,
+                                decoupled_weight_decay=True)
+
+    fused, optimizer = run(gradients, lambda parameters: make_optimizer(parameters, config))
+    assert all(group["fused"] for group in optimizer.param_groups)
+    reference, _ = run(gradients, plain)
+    for ours, theirs in zip(fused, reference):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=1e-6)
+    halfway, unfused = run(gradients[:3], plain)  # an earlier version's checkpoint after 3 steps
+    state = {"parameters": [p.detach() for p in halfway], "optimizer": unfused.state_dict()}
+    resumed, optimizer = run(gradients[3:], lambda parameters: make_optimizer(parameters, config), state)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    for ours, theirs in zip(resumed, reference):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=1e-6)
+
+
 def test_weight_decay_is_checked_reaches_the_checkpoint_and_a_resume_must_keep_it(tmp_path, capsys):
     data = synthetic_set()
     data.save(tmp_path / "train.npz")

@@ -180,7 +180,11 @@ def time_method(config: Config, method: str, repeats: int, device) -> dict:
             with low_precision(net, precision):
                 return symmetric_objective(net, image_A, image_B, similarity=LNCC(5), lmbda=1.5, padding="border",
                                            penalty_fraction=fraction).loss
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-5)
+    if method.startswith("ref"):
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-5)  # icon_registration's training loop's optimiser
+    else:  # `iconreg train`'s (fused Adam where PyTorch has it)
+        from ICONRegistrationLib.training.trainer import TrainingConfig, make_optimizer
+        optimizer = make_optimizer(list(module.parameters()), TrainingConfig(learning_rate=1e-5))
     parameters = sum(p.numel() for p in module.parameters())
 
     def step():

@@ -22,6 +22,7 @@ import torch
 from ..core.coordinates import box_resample_displacement, identity_map, voxel_scale, sample_at
 from ..core.losses import gaussian_blur, gradicon_penalty, jittered_identity
 from ..core.objective import symmetric_objective
+from ..core.optimizers import adam
 from ..core.registration_modules import displacement_transform
 from ..progress import ProgressCallback, report
 
@@ -51,7 +52,7 @@ def optimize_instance(net: torch.nn.Module, image_A: torch.Tensor, image_B: torc
     history: list[float] = []
     net.eval()  # batch-norm statistics stay those of the trained model, as in uniGradICON
     try:
-        optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
+        optimizer = adam(net.parameters(), lr=learning_rate)
         for step in range(iterations):
             optimizer.zero_grad(set_to_none=True)
             terms = symmetric_objective(net, image_A, image_B, similarity=similarity, lmbda=lmbda,
@@ -129,7 +130,7 @@ def optimize_fields(maps: torch.Tensor, image_A: torch.Tensor, image_B: torch.Te
     scale = voxel_scale(shape, dtype=maps.dtype, device=maps.device)
     # Optimised in voxels, so that one learning rate means the same step along every axis and grid size.
     voxels = ((maps.detach() - grid) * scale).requires_grad_(True)
-    optimizer = torch.optim.Adam([voxels], lr=learning_rate)
+    optimizer = adam([voxels], lr=learning_rate)
     history: list[float] = []
     generator = torch.Generator().manual_seed(0)  # the same result for the same inputs
     for step in range(iterations):

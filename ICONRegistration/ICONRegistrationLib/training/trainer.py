@@ -30,6 +30,7 @@ from ..core.networks import low_precision
 from ..core.losses import (fold_penalty, label_fractions, label_indices, make_similarity, soft_dice_loss,
                            soft_dice_loss_of_warped_labels)
 from ..core.objective import both_directions, symmetric_objective
+from ..core.optimizers import adam, load_optimizer_state
 from ..core.registration_modules import TwoStep
 from ..device import choose_device, device_description, has_native_bfloat16
 from ..errors import UserError
@@ -224,13 +225,14 @@ def trainable_parameters(net: torch.nn.Module, freeze_inner: bool) -> list[torch
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Adam:
-    """Adam over ``parameters`` (from :func:`trainable_parameters`), with ``config.weight_decay`` > 0 decoupled
-    weight decay on the parameters with more than one dimension (convolution kernels) in a second group."""
+    """Adam over ``parameters`` (from :func:`trainable_parameters`; fused where PyTorch has it, see
+    :mod:`~ICONRegistrationLib.core.optimizers`), with ``config.weight_decay`` > 0 decoupled weight decay on the
+    parameters with more than one dimension (convolution kernels) in a second group."""
     if not config.weight_decay:
-        return torch.optim.Adam(parameters, lr=config.learning_rate)
+        return adam(parameters, lr=config.learning_rate)
     groups = [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": config.weight_decay},
               {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.Adam(groups, lr=config.learning_rate, decoupled_weight_decay=True)
+    return adam(groups, lr=config.learning_rate, decoupled_weight_decay=True)
 
 
 def set_training_mode(net: torch.nn.Module, freeze_inner: bool) -> None:
@@ -761,7 +763,7 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                                 "start a new run (another --out, or --restart).")
         _check_same_data(out_dir, saved.get("data"), data_identity)
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])
         # the state dict restores the saved rate; this command's rate (and schedule) applies from the next step
         generator.set_state(saved["generator"])
         step = int(saved["step"])
