@@ -359,13 +359,17 @@ class _CropAndConcatenateChannelsLast(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         channels = ctx.x_shape[1]
         grad_x_part, grad_skip = grad[:, :channels], grad[:, channels:]
-        if tuple(ctx.x_shape[2:]) == tuple(grad.shape[2:]):
+        grad_x = None
+        if not ctx.needs_input_grad[0]:
+            pass
+        elif tuple(ctx.x_shape[2:]) == tuple(grad.shape[2:]):
             grad_x = grad_x_part.contiguous(memory_format=ctx.x_format)
         else:
             grad_x = torch.empty(ctx.x_shape, dtype=grad.dtype, device=grad.device,
                                  memory_format=ctx.x_format).zero_()
             _crop_to(grad_x, grad.shape[2:]).copy_(grad_x_part)
-        return grad_x, grad_skip.contiguous(memory_format=ctx.skip_format)
+        # the skip of the last level is the input pair: the first step's images need no gradient
+        return grad_x, grad_skip.contiguous(memory_format=ctx.skip_format) if ctx.needs_input_grad[1] else None
 
 
 def _crop_and_concatenate(x: torch.Tensor, skip: torch.Tensor, channels_last: bool) -> torch.Tensor:
