@@ -356,20 +356,19 @@ class _CropAndConcatenateChannelsLast(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         channels = ctx.x_shape[1]
-        grad_x_part, grad_skip = grad[:, :channels], grad[:, channels:]
-        grad_x = None
-        if not ctx.needs_input_grad[0]:
-            pass
-        elif tuple(ctx.x_shape[2:]) == tuple(grad.shape[2:]):
-            grad_x = grad_x_part.contiguous(memory_format=ctx.x_format)
-        else:
-            grad_x = torch.empty(ctx.x_shape, dtype=grad.dtype, device=grad.device,
-                                 memory_format=ctx.x_format).zero_()
-            _crop_to(grad_x, grad.shape[2:]).copy_(grad_x_part)
-        # the skip of the last level is the input pair: the first step's images need no gradient
-        return grad_x, grad_skip.contiguous(memory_format=ctx.skip_format) if ctx.needs_input_grad[1] else None
+        grad_x = grad_skip = None  # only for the inputs that need one (the first step's image pair does not)
+        if ctx.needs_input_grad[0]:
+            if tuple(ctx.x_shape[2:]) == tuple(grad.shape[2:]):
+                grad_x = grad[:, :channels].contiguous(memory_format=ctx.x_format)
+            else:
+                grad_x = torch.empty(ctx.x_shape, dtype=grad.dtype, device=grad.device,
+                                     memory_format=ctx.x_format).zero_()
+                _crop_to(grad_x, grad.shape[2:]).copy_(grad[:, :channels])
+        if ctx.needs_input_grad[1]:
+            grad_skip = grad[:, channels:].contiguous(memory_format=ctx.skip_format)
+        return grad_x, grad_skip
 
 
 def _crop_and_concatenate(x: torch.Tensor, skip: torch.Tensor, channels_last: bool) -> torch.Tensor:
