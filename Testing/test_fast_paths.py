@@ -399,12 +399,16 @@ def test_small_convolutions_padded_onto_onednn_give_the_same_output_and_gradient
 
 
 @pytest.mark.parametrize("batch, shape, kernel, channels_last", [(2, (7, 9, 6), 3, False), (1, (7, 9, 6), 3, True),
-                                                                 (1, (6, 5, 8), 5, False), (2, (6, 5, 8), 1, True)])
+                                                                 (1, (6, 5, 8), 5, False), (2, (6, 5, 8), 1, True),
+                                                                 (2, (6, 5, 8), 5, True), (1, (2, 5, 4), 5, True),
+                                                                 (1, (1, 4, 3), 3, True)])
 @pytest.mark.parametrize("slab_bytes", [1, 2**24])  # one plane per slab; all planes in one
 def test_few_channel_convolution_gives_pytorchs_output_and_gradients(monkeypatch, batch, shape, kernel,
                                                                      channels_last, slab_bytes):
-    """The last convolution's own backward (weight gradient as one matrix product per slab of planes, input
-    gradient as a forward convolution): PyTorch's numbers in float64, the input gradient in the input's order."""
+    """The last convolution's own forward (plane by plane for a channels-last input, fewer planes than the kernel
+    included) and backward (weight gradient as one matrix product per slab of planes, input gradient as a forward
+    convolution): PyTorch's numbers in float64, the input gradient in the input's order; without a gradient the
+    same forward."""
     monkeypatch.setattr(networks, "_SLAB_BYTES", slab_bytes)
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(5, 3, kernel, padding=kernel // 2).double()
@@ -426,37 +430,67 @@ def test_few_channel_convolution_gives_pytorchs_output_and_gradients(monkeypatch
     with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):  # no second derivative
         first = torch.autograd.grad(networks._few_channel_conv(conv, x), x, grad, create_graph=True)[0]
         torch.autograd.grad(first.sum(), conv.weight)
+    with torch.no_grad():
+        assert float((networks._few_channel_conv(conv, x) - expected).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_few_channel_convolution_of_a_channels_last_float32_input_matches_float64(kernel):
+    """A channels-last float32 input takes the plane-by-plane forward and oneDNN's weight gradient with the channel
+    roles swapped: output and all gradients within float32 rounding of the float64 convolution."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(18, 3, kernel, padding=kernel // 2)
+    x = torch.randn(2, 18, 9, 12, 10).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    grad = torch.randn(2, 3, 9, 12, 10)
+    out = networks._few_channel_conv(conv, x)
+    assert _graph_has(out, "_ConvToFewChannelsBackward")
+    found = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    exact = copy.deepcopy(conv).double()
+    x64 = x.detach().double().requires_grad_(True)
+    exact_out = exact(x64)
+    expected = torch.autograd.grad(exact_out, (x64, exact.weight, exact.bias), grad.double())
+    assert float((out.double() - exact_out).norm() / exact_out.norm()) < 1e-6
+    for ours, reference in zip(found, expected):
+        assert ours.shape == reference.shape
+        assert float((ours.double() - reference).norm() / reference.norm()) < 1e-5
+    assert networks._memory_format(found[0]) == torch.channels_last_3d
 
 
 def test_few_channel_convolution_in_bfloat16_is_as_accurate_as_pytorchs(monkeypatch):
-    """Under autocast (training with bfloat16 UNets) the weight gradient's slabs are summed in float32: its error
-    against float64 must stay at PyTorch's own bfloat16 level. Wider or strided convolutions keep PyTorch's path,
-    and so does a network in evaluation without gradients."""
+    """Under autocast (training with bfloat16 UNets) the weight gradient (oneDNN's, channel roles swapped, for this
+    channels-last input) and the forward's kernel planes are summed in float32: their errors against float64 must stay at PyTorch's own bfloat16 level (the forward returns
+    the float32 sum, without rounding it to bfloat16 again), with and without gradients. Wider or strided
+    convolutions keep PyTorch's path."""
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(18, 3, 3, padding=1)
     x = torch.randn(2, 18, 20, 24, 20).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
     grad = torch.randn(2, 3, 20, 24, 20)
+    exact = copy.deepcopy(conv).double()
+    exact_out = exact(x.detach().double())
+    truth = torch.autograd.grad(exact_out, exact.weight, grad.double())[0]
 
-    def weight_gradient(function, few_channel_path):
+    def output_and_weight_gradient(function, few_channel_path):
         conv.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = function(x)
-        assert out.dtype == torch.bfloat16
+        assert out.dtype == (torch.float32 if few_channel_path else torch.bfloat16)
         assert _graph_has(out, "_ConvToFewChannelsBackward") == few_channel_path
         out.float().backward(grad)
-        return conv.weight.grad.double()
+        return out.detach().double(), conv.weight.grad.double()
 
-    theirs = weight_gradient(conv, False)
+    their_out, theirs = output_and_weight_gradient(conv, False)
     monkeypatch.setattr(networks, "_SLAB_BYTES", 1)  # one plane per slab: the most roundings of partial sums
-    ours = weight_gradient(lambda t: networks._few_channel_conv(conv, t), True)
-    exact = copy.deepcopy(conv).double()
-    truth = torch.autograd.grad(exact(x.detach().double()), exact.weight, grad.double())[0]
-    error = lambda g: float((g - truth).norm() / truth.norm())  # noqa: E731
+    our_out, ours = output_and_weight_gradient(lambda t: networks._few_channel_conv(conv, t), True)
+    error = lambda g, reference=truth: float((g - reference).norm() / reference.norm())  # noqa: E731
     assert error(ours) < max(3 * error(theirs), 5e-3), (error(ours), error(theirs))
+    assert error(our_out, exact_out) <= error(their_out, exact_out), (error(our_out, exact_out),
+                                                                      error(their_out, exact_out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(networks._few_channel_conv(conv, x), our_out.float())
     for other in (torch.nn.Conv3d(18, 16, 3, padding=1), torch.nn.Conv3d(18, 3, 3, padding=1, stride=2)):
         assert not _graph_has(networks._few_channel_conv(other, x), "_ConvToFewChannelsBackward")
     with torch.no_grad():
-        assert torch.equal(networks._few_channel_conv(conv, x), conv(x))
+        assert torch.allclose(networks._few_channel_conv(conv, x), conv(x), rtol=0, atol=1e-5)
     # autocast leaves float64 alone, and without autocast mixed dtypes raise, as PyTorch's own convolution does
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert networks._few_channel_conv(conv.double(), x.double()).dtype == torch.float64
