@@ -434,14 +434,19 @@ def test_few_channel_convolution_gives_pytorchs_output_and_gradients(monkeypatch
         assert float((networks._few_channel_conv(conv, x) - expected).abs().max()) < 1e-12
 
 
-@pytest.mark.parametrize("kernel", [3, 5])
-def test_few_channel_convolution_of_a_channels_last_float32_input_matches_float64(kernel):
+@pytest.mark.parametrize("kernel, batch, shape", [(3, 2, (9, 12, 10)), (5, 2, (9, 12, 10)), (3, 1, (40, 64, 6))])
+def test_few_channel_convolution_of_a_channels_last_float32_input_matches_float64(monkeypatch, kernel, batch, shape):
     """A channels-last float32 input takes the plane-by-plane forward and oneDNN's weight gradient with the channel
-    roles swapped: output and all gradients within float32 rounding of the float64 convolution."""
+    roles swapped, or, for a batch-1 gradient that PyTorch would convolve on its slow native path, the slab weight
+    gradient and an input gradient zero-padded onto oneDNN: output and all gradients within float32 rounding of the
+    float64 convolution."""
     torch.manual_seed(0)
+    padded = []
+    pad_depth = networks._pad_depth
+    monkeypatch.setattr(networks, "_pad_depth", lambda x, depth: padded.append(depth) or pad_depth(x, depth))
     conv = torch.nn.Conv3d(18, 3, kernel, padding=kernel // 2)
-    x = torch.randn(2, 18, 9, 12, 10).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
-    grad = torch.randn(2, 3, 9, 12, 10)
+    x = torch.randn(batch, 18, *shape).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    grad = torch.randn(batch, 3, *shape)
     out = networks._few_channel_conv(conv, x)
     assert _graph_has(out, "_ConvToFewChannelsBackward")
     found = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
@@ -454,6 +459,7 @@ def test_few_channel_convolution_of_a_channels_last_float32_input_matches_float6
         assert ours.shape == reference.shape
         assert float((ours.double() - reference).norm() / reference.norm()) < 1e-5
     assert networks._memory_format(found[0]) == torch.channels_last_3d
+    assert padded == ([] if batch > 1 else [networks._NATIVE_CONV_MAX_SIZE // (3 * shape[1]) + 1])
 
 
 def test_few_channel_convolution_in_bfloat16_is_as_accurate_as_pytorchs(monkeypatch):

@@ -44,28 +44,48 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 _NATIVE_CONV_MAX_SIZE = 20480
 
 
+def _onednn_depth(x: torch.Tensor) -> Optional[int]:
+    """For a batch-1 CPU float32 5-D input that PyTorch would convolve on its slow native path (N·C·D·H ≤
+    ``_NATIVE_CONV_MAX_SIZE``), the depth it must be zero-padded to along its first spatial axis for PyTorch to
+    choose oneDNN; None for any other input (PyTorch already takes oneDNN, or the test does not apply)."""
+    if x.dim() != 5 or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] != 1:
+        return None
+    channels, depth, height = x.shape[1:4]
+    if channels * depth * height > _NATIVE_CONV_MAX_SIZE:
+        return None
+    return _NATIVE_CONV_MAX_SIZE // (channels * height) + 1
+
+
+def _pad_depth(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """``x`` with zero planes appended at the far end of its first spatial axis up to ``depth``, channels-last."""
+    return F.pad(x, (0, 0, 0, 0, 0, depth - x.shape[2])).contiguous(memory_format=torch.channels_last_3d)
+
+
 def _convolve(conv: nn.Module, x: torch.Tensor, max_growth: float) -> torch.Tensor:
     """``conv(x)`` for a 3-D convolution with padding ``k // 2``, on oneDNN where PyTorch would take its slow path.
 
     A small batch-1 CPU float32 input is padded at the far end of the first spatial axis with zero planes until
-    PyTorch's size test chooses oneDNN, if that grows the volume by at most ``max_growth``; the output is cropped
-    to the planes of the unpadded input. The conv's own zero padding makes the result the same up to the order of
-    summation (float32 rounding). Any other input goes to ``conv`` unchanged. A convolution to a few channels
-    (the last one) runs through :func:`_few_channel_conv` either way.
+    PyTorch's size test chooses oneDNN (:func:`_onednn_depth`), if that grows the volume by at most
+    ``max_growth``; the output is cropped to the planes of the unpadded input. The conv's own zero padding makes
+    the result the same up to the order of summation (float32 rounding). Any other input goes to ``conv``
+    unchanged. A convolution to a few channels (the last one) runs through :func:`_few_channel_conv` either way.
     """
-    if x.dim() != 5 or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] != 1:
-        return _few_channel_conv(conv, x)
-    channels, depth, height = x.shape[1:4]
-    size = channels * depth * height
-    if size > _NATIVE_CONV_MAX_SIZE:
-        return _few_channel_conv(conv, x)
-    padded_depth = _NATIVE_CONV_MAX_SIZE // (channels * height) + 1
-    if padded_depth > max_growth * depth:
+    padded_depth = _onednn_depth(x)
+    if padded_depth is None or padded_depth > max_growth * x.shape[2]:
         return _few_channel_conv(conv, x)
     kernel, stride, padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    out_depth = (depth + 2 * padding - kernel) // stride + 1
-    padded = F.pad(x, (0, 0, 0, 0, 0, padded_depth - depth)).contiguous(memory_format=torch.channels_last_3d)
-    return _few_channel_conv(conv, padded)[:, :, :out_depth]
+    out_depth = (x.shape[2] + 2 * padding - kernel) // stride + 1
+    return _few_channel_conv(conv, _pad_depth(x, padded_depth))[:, :, :out_depth]
+
+
+def _same_convolution(x: torch.Tensor, weight: torch.Tensor, max_growth: float = 4.0) -> torch.Tensor:
+    """``F.conv3d(x, weight, padding=k // 2)`` (stride 1, odd kernel ``k``), on oneDNN where PyTorch would take its
+    slow path, as :func:`_convolve` does (the padded planes are cropped from the output)."""
+    padding = weight.shape[-1] // 2
+    padded_depth = _onednn_depth(x)
+    if padded_depth is None or padded_depth > max_growth * x.shape[2]:
+        return F.conv3d(x, weight, padding=padding)
+    return F.conv3d(_pad_depth(x, padded_depth), weight, padding=padding)[:, :, :x.shape[2]]
 
 
 #: At most this many output channels take :class:`_ConvToFewChannels` (the last convolution: 2 or 3).
@@ -98,7 +118,6 @@ class _ConvToFewChannels(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         kernel = weight.shape[-1]
-        padding = kernel // 2
         grad_x = grad_weight = grad_bias = None
         if ctx.has_bias and ctx.needs_input_grad[2]:  # from the incoming gradient (float32 under autocast)
             grad_bias = grad.sum(dim=(0, 2, 3, 4), dtype=_accumulator(grad.dtype)).to(weight.dtype)
@@ -106,9 +125,11 @@ class _ConvToFewChannels(torch.autograd.Function):
         grad = grad.to(x.dtype).contiguous(memory_format=_memory_format(x))
         if ctx.needs_input_grad[0]:
             flipped = weight.transpose(0, 1).flip(2, 3, 4).contiguous()
-            grad_x = F.conv3d(grad, flipped, padding=padding).contiguous(memory_format=_memory_format(x))
+            grad_x = _same_convolution(grad, flipped).contiguous(memory_format=_memory_format(x))
         if ctx.needs_input_grad[1]:
-            if x.dtype != torch.float64 and _memory_format(x) == torch.channels_last_3d:
+            # oneDNN's swapped weight gradient where PyTorch runs it on oneDNN (its native path is 3× slower)
+            if (x.dtype != torch.float64 and _memory_format(x) == torch.channels_last_3d
+                    and _onednn_depth(grad) is None):
                 grad_weight = _few_channel_weight_gradient_swapped(x, grad, kernel)
             else:
                 grad_weight = _few_channel_weight_gradient(x, grad, kernel)
