@@ -100,11 +100,14 @@ class _ConvToFewChannels(torch.autograd.Function):
 
     oneDNN's weight gradient for so few output channels ran at a tenth of its usual rate on a CPU (65 ms of a
     79 ms backward for 18 → 3 channels at 80×96×80 in bfloat16, the largest single layer of a training step).
-    Here the weight gradient is one matrix product per slab of planes: the output gradient ``g`` ``[O, *S]`` is
-    copied at the ``k³`` shifts into ``[k³·O, slab]`` and multiplied by the input's ``[slab, C]`` rows (a few
-    ms for the copies, the product at BLAS speed; the slabs' products are summed in float32). The input gradient
-    is the forward convolution of ``g`` with the transposed, flipped kernel (oneDNN's forward path; the same
-    numbers as its backward-data path). Same values as PyTorch's backward up to the order of summation.
+    Here the weight gradient of a channels-last float32 or bfloat16 input is oneDNN's with the channel roles
+    swapped (:func:`_few_channel_weight_gradient_swapped`) where PyTorch runs that on oneDNN, and otherwise one
+    matrix product per slab of planes (:func:`_few_channel_weight_gradient`: the output gradient ``g`` ``[O, *S]``
+    copied at the ``k³`` shifts into ``[k³·O, slab]`` and multiplied by the input's ``[slab, C]`` rows, the slabs'
+    products summed in float32). The input gradient is the forward convolution of ``g`` with the transposed,
+    flipped kernel (oneDNN's forward path, zero-padded onto it where PyTorch would take its slow one; the same
+    numbers as its backward-data path). The forward is :func:`_few_channel_forward`. Same values as PyTorch's
+    backward up to the order of summation.
     """
 
     @staticmethod
