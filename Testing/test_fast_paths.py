@@ -71,6 +71,7 @@ def _conv_blur(tensor, sigma, kernel_size=None):
 def test_matrix_blur_equals_depthwise_convolution(monkeypatch, sigma, kernel_size, block):
     from ICONRegistrationLib.core import losses
     monkeypatch.setattr(losses, "BLUR_BLOCK", block)
+    monkeypatch.setattr(losses, "NATIVE_BLUR", False)  # the matrix products (the compiled blur: the test below)
     image = torch.rand(2, 3, 19, 20, 44, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     length = gaussian_kernel1d(sigma, kernel_size).numel()
     assert block > 1 or losses._banded(image.shape[-1], length // 2, length // 2)
@@ -84,6 +85,7 @@ def test_banded_blur_gradients_are_the_transposed_blur(monkeypatch, sigma, kerne
     finite differences, first and second order, and against the whole-matrix blur's autograd."""
     from ICONRegistrationLib.core import losses
     monkeypatch.setattr(losses, "BLUR_BLOCK", 1)  # one row + the band ≤ half of every axis: banded everywhere
+    monkeypatch.setattr(losses, "NATIVE_BLUR", False)
     image = torch.rand(1, 1, 12, 13, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
                        requires_grad=True)
     length = gaussian_kernel1d(sigma, kernel_size).numel()
@@ -96,6 +98,35 @@ def test_banded_blur_gradients_are_the_transposed_blur(monkeypatch, sigma, kerne
     monkeypatch.setattr(losses, "BLUR_BLOCK", 10**6)  # one product with the whole matrix per axis
     whole = torch.autograd.grad((blur(image) * weights).sum(), image)[0]
     assert torch.allclose(banded, whole, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,sigma,kernel_size", [((2, 3, 19, 20, 44), 2, None), ((1, 2, 5, 4, 3), 2, None),
+                                                     ((2, 1, 12, 13, 14), 1.5, 6), ((1, 3, 9, 7, 16), 5, None)])
+def test_compiled_blur_equals_the_convolution_and_its_gradient_the_transposed_blur(monkeypatch, dtype, shape, sigma,
+                                                                                    kernel_size):
+    """The compiled per-axis blur (``native_sampler.blur_axis``): the depthwise convolution's numbers, axes shorter
+    than the kernel and an even kernel's lopsided band included, and as gradient the transposed blur — the same as
+    the matrix products' (float64 to rounding, float32 to its precision)."""
+    from ICONRegistrationLib.core import losses, native_sampler
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    image = torch.rand(shape, dtype=dtype, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    weights = torch.rand(shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    tolerance = 1e-13 if dtype == torch.float64 else 2e-6
+    called = []
+    blur_axis = native_sampler.blur_axis
+    monkeypatch.setattr(native_sampler, "blur_axis", lambda *args: called.append(1) or blur_axis(*args))
+    out = gaussian_blur(image, sigma, kernel_size)
+    grad, = torch.autograd.grad((out * weights).sum(), image)
+    assert len(called) == 6  # three axes forward, three backward
+    expected = _conv_blur(image.detach().double(), sigma, kernel_size)
+    assert float((out.double() - expected).abs().max()) < tolerance
+    monkeypatch.setattr(losses, "NATIVE_BLUR", False)
+    matrix_out = gaussian_blur(image, sigma, kernel_size)
+    matrix_grad, = torch.autograd.grad((matrix_out * weights).sum(), image)
+    assert float((grad - matrix_grad).abs().max() / matrix_grad.abs().max()) < tolerance
 
 
 def _unfused_gradicon(phi_AB, phi_BA, samples, delta=1e-3):
