@@ -861,8 +861,8 @@ def status() -> NativeSamplerStatus:
 def blur_eligible(tensor: torch.Tensor) -> bool:
     """Whether :func:`blur_axis` can take this tensor's blur (CPU, float32 or float64, the library loaded): the same
     compiled library carries the separable Gaussian blur's per-axis step for ``losses.gaussian_blur``."""
-    return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and _mode() != "0"
-            and _module_or_none() is not None)
+    return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > 0
+            and _mode() != "0" and _module_or_none() is not None)
 
 
 def blur_axis(rows: torch.Tensor, taps: torch.Tensor, offset: int) -> torch.Tensor:
