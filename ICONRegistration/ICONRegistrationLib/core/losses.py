@@ -93,28 +93,24 @@ def _separable_blur(tensor: torch.Tensor, sigma: float, kernel_size: Optional[in
     below, above = (length - 1) // 2, length - 1 - (length - 1) // 2  # row i reaches columns i − below … i + above
     if transposed:
         below, above = above, below
-    if NATIVE_BLUR and native_sampler.blur_eligible(tensor):
-        # the matrix's rows as taps: G[i, j] = kernel[j − i + half]; transposed, the kernel reversed
+    native = NATIVE_BLUR and native_sampler.blur_eligible(tensor)
+    if native:  # the matrix's rows as taps: G[i, j] = kernel[j − i + half]; transposed, the kernel reversed
         taps = gaussian_kernel1d(sigma, kernel_size, dtype=torch.float64).to(tensor.dtype)
         if transposed:
             taps = taps.flip(0)
-        out = tensor.contiguous()
-        for axis in range(tensor.dim() - 2):
-            size = tensor.shape[2 + axis]
-            trailing = math.prod(tensor.shape[3 + axis:])
-            out = native_sampler.blur_axis(out.reshape(-1, size, trailing), taps, below)
-        return out.reshape(tensor.shape)
     out = tensor
     for axis in range(tensor.dim() - 2):
         size = tensor.shape[2 + axis]
-        matrix = gaussian_matrix(size, sigma, kernel_size, dtype=tensor.dtype, device=tensor.device)
-        if transposed:
-            matrix = matrix.t()
-        trailing = 1
-        for n in tensor.shape[3 + axis:]:
-            trailing *= n
-        rows = out.reshape(-1, size) if trailing == 1 else out.reshape(-1, size, trailing)
-        out = _blur_rows(rows, matrix, below, above).reshape(tensor.shape)
+        trailing = math.prod(tensor.shape[3 + axis:])
+        if native:
+            out = native_sampler.blur_axis(out.reshape(-1, size, trailing), taps, below)
+        else:
+            matrix = gaussian_matrix(size, sigma, kernel_size, dtype=tensor.dtype, device=tensor.device)
+            if transposed:
+                matrix = matrix.t()
+            rows = out.reshape(-1, size) if trailing == 1 else out.reshape(-1, size, trailing)
+            out = _blur_rows(rows, matrix, below, above)
+        out = out.reshape(tensor.shape)
     return out
 
 
