@@ -303,6 +303,48 @@ def test_linear_upsampling_by_two_is_pytorchs_interpolation(shape):
         assert out.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 16, 5, 6, 4), (1, 3, 1, 3, 2), (1, 5, 2, 1, 7)])
+def test_compiled_upsample_and_add_is_pytorchs_interpolation_and_addition(monkeypatch, shape, y_dtype):
+    """The last level's ``y + upsample(coarse)`` through the compiled kernels: PyTorch's trilinear interpolation and
+    addition to float32 rounding (axes of length 1 and 2 included), the gradients those of PyTorch's (``y``'s
+    rounded to its own dtype), output and gradients channels-last."""
+    from ICONRegistrationLib.core import native_sampler
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    calls = []
+    for name in ("upsample_add", "upsample_adjoint"):
+        kernel = getattr(native_sampler, name)
+
+        def watched(*args, kernel=kernel, name=name):
+            calls.append(name)
+            return kernel(*args)
+        monkeypatch.setattr(native_sampler, name, watched)
+    generator = torch.Generator().manual_seed(7)
+    coarse = torch.randn(shape, generator=generator).contiguous(memory_format=torch.channels_last_3d)
+    y = torch.randn(*shape[:2], *(2 * n for n in shape[2:]), generator=generator).to(y_dtype)
+    y = y.contiguous(memory_format=torch.channels_last_3d)
+    weights = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+
+    def run(fast):
+        c, v = coarse.clone().requires_grad_(), y.clone().requires_grad_()
+        out = networks._add_upsampled_twice(v, c, "trilinear") if fast else \
+            v + F.interpolate(c, scale_factor=2, mode="trilinear", align_corners=False)
+        (out.double() * weights).sum().backward()
+        return out, c.grad, v.grad
+
+    out, grad_coarse, grad_y = run(True)
+    assert calls == ["upsample_add", "upsample_adjoint"]
+    ref, ref_coarse, ref_y = run(False)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert grad_coarse.is_contiguous(memory_format=torch.channels_last_3d)
+    assert float((out - ref).detach().abs().max()) < 2e-6
+    assert float((grad_coarse - ref_coarse).abs().max() / ref_coarse.abs().max()) < 2e-6
+    assert grad_y.dtype == y_dtype and torch.equal(grad_y, ref_y)
+    exact = y.double() + F.interpolate(coarse.double(), scale_factor=2, mode="trilinear", align_corners=False)
+    assert float((out.detach().double() - exact).abs().max()) <= 2 * float((ref.detach().double() - exact).abs().max()) + 1e-7
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dimension, shape, precision", [(3, (17, 20, 18), None), (2, (21, 26), None),
                                                        (3, (17, 20, 18), torch.bfloat16)])
@@ -357,11 +399,27 @@ def test_transposed_convolution_bias_added_before_upsampling_is_the_modules_own_
         assert relative(fast_bias_grad, exact_bias_grad) < 1.25 * relative(plain_bias_grad, exact_bias_grad) + 1e-3
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_channels_last_training_batch_norm_is_accurate_and_updates_running_statistics(momentum):
+def test_channels_last_training_batch_norm_is_accurate_and_updates_running_statistics(monkeypatch, momentum,
+                                                                                      compiled):
     """Against float64: PyTorch's own channels-last CPU batch norm is off by 2.5e-4 (output) and 8e-4 (input
-    gradient) on this input; the last level's replacement must be as accurate as the default memory order."""
+    gradient) on this input; the last level's replacement must be as accurate as the default memory order, with the
+    compiled library's per-channel kernels and with tensor operations."""
+    from ICONRegistrationLib.core import native_sampler
     from ICONRegistrationLib.core.networks import _batch_norm
+    calls = []
+    if compiled:
+        if not native_sampler.enable().available:
+            pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+        for name in ("channel_sums", "channel_affine"):
+            kernel = getattr(native_sampler, name)
+            def watched(*args, kernel=kernel, name=name, **kwargs):
+                calls.append(name)
+                return kernel(*args, **kwargs)
+            monkeypatch.setattr(native_sampler, name, watched)
+    else:
+        monkeypatch.setattr(native_sampler, "kernels_eligible", lambda tensor: False)
     torch.manual_seed(0)
     x = (torch.randn(1, 4, 64, 64, 64) * 0.3 + 1.7).contiguous(memory_format=torch.channels_last_3d)
     grad = torch.randn(1, 4, 64, 64, 64).contiguous(memory_format=torch.channels_last_3d)
@@ -380,6 +438,7 @@ def test_channels_last_training_batch_norm_is_accurate_and_updates_running_stati
         return out, inputs.grad, norm
 
     out, grad_x, norm = run(torch.float32, True)
+    assert calls == ["channel_sums", "channel_affine"] * 4 if compiled else not calls  # two steps, each both ways
     out_ref, grad_x_ref, norm_ref = run(torch.float64, False)
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     assert float((out.double() - out_ref).abs().max()) < 1e-5

@@ -93,7 +93,7 @@ def _separable_blur(tensor: torch.Tensor, sigma: float, kernel_size: Optional[in
     below, above = (length - 1) // 2, length - 1 - (length - 1) // 2  # row i reaches columns i − below … i + above
     if transposed:
         below, above = above, below
-    native = NATIVE_BLUR and native_sampler.blur_eligible(tensor)
+    native = NATIVE_BLUR and native_sampler.kernels_eligible(tensor)
     if native:  # the matrix's rows as taps: G[i, j] = kernel[j − i + half]; transposed, the kernel reversed
         taps = gaussian_kernel1d(sigma, kernel_size, dtype=torch.float64).to(tensor.dtype)
         if transposed:

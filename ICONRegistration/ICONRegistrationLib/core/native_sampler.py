@@ -16,8 +16,11 @@ wholly outside. Values and gradients agree to float rounding (the corner weights
 forward and the backward split the points over the threads; with an image gradient each thread adds to its own copy
 of it, summed at the end, so threads never write to the same memory.
 
-The same library carries one more kernel, the per-axis step of ``losses.gaussian_blur`` on a CPU (:func:`blur_axis`,
-used where :func:`blur_eligible` holds): LNCC's moments and instance optimisation's smoothing are such blurs.
+The same library carries array kernels, used where :func:`kernels_eligible` holds: the per-axis step of
+``losses.gaussian_blur`` on a CPU (:func:`blur_axis`; LNCC's moments and instance optimisation's smoothing are such
+blurs), and for the UNet's channels-last last level the per-channel sums and affine maps of its batch norm
+(:func:`channel_sums`, :func:`channel_affine`) and its upsampling-and-addition (:func:`upsample_add`,
+:func:`upsample_adjoint`).
 
 Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
 in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
@@ -53,6 +56,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 // One axis of one point: grid value g in [-1, 1] (align_corners=True) on an axis of n >= 2 voxels, as PyTorch:
 // x = ((g + 1) / 2) * (n - 1), the cell [i, i + 1] with i = floor(x), the fraction f = x - i, and d x / d g.
@@ -693,10 +697,227 @@ torch::Tensor blur_axis(torch::Tensor input, torch::Tensor taps, int64_t offset)
   return out;
 }
 
+// ---- Per-channel sums and per-channel affine maps of channels-last activations, seen as [rows, C] row-major (the
+// channels of one voxel adjacent): the batch norm of the UNet's channels-last last level (networks.py). The sums are
+// accumulated in double, per block of rows and then over the blocks in a fixed order, so they do not depend on the
+// thread count: out[0, c] = sum_r a[r, c], out[1, c] = sum_r a[r, c] * a[r, c] (b empty) or a[r, c] * b[r, c].
+static constexpr int64_t ICONREG_ROW_BLOCK = 2048;
+
+template <typename T>
+ICONREG_BLUR_CLONES static void block_channel_sums(const T* a, const T* b, int64_t rows, int64_t C, double* s0,
+                                                   double* s1) {
+  for (int64_t c = 0; c < C; ++c) { s0[c] = 0; s1[c] = 0; }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ar = a + r * C;
+    if (b) {
+      const T* br = b + r * C;
+      for (int64_t c = 0; c < C; ++c) { const double x = ar[c]; s0[c] += x; s1[c] += x * static_cast<double>(br[c]); }
+    } else {
+      for (int64_t c = 0; c < C; ++c) { const double x = ar[c]; s0[c] += x; s1[c] += x * x; }
+    }
+  }
+}
+
+template <typename T>
+static void channel_sums_of(const T* a, const T* b, int64_t R, int64_t C, double* out) {
+  const int64_t blocks = (R + ICONREG_ROW_BLOCK - 1) / ICONREG_ROW_BLOCK;
+  std::vector<double> partial(blocks * 2 * C);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r0 = k * ICONREG_ROW_BLOCK, n = std::min(ICONREG_ROW_BLOCK, R - r0);
+      block_channel_sums<T>(a + r0 * C, b ? b + r0 * C : nullptr, n, C, &partial[k * 2 * C], &partial[k * 2 * C + C]);
+    }
+  });
+  std::fill(out, out + 2 * C, 0.0);
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t j = 0; j < 2 * C; ++j) out[j] += partial[k * 2 * C + j];
+}
+
+// a, b: [R, C] contiguous float32 or float64 (b may be empty) -> [2, C] float64
+torch::Tensor channel_sums(torch::Tensor a, torch::Tensor b) {
+  const int64_t R = a.size(0), C = a.size(1);
+  auto out = torch::empty({2, C}, a.options().dtype(torch::kFloat64));
+  const bool second = b.numel() > 0;
+  if (a.scalar_type() == at::kFloat) {
+    channel_sums_of<float>(a.data_ptr<float>(), second ? b.data_ptr<float>() : nullptr, R, C, out.data_ptr<double>());
+  } else {
+    channel_sums_of<double>(a.data_ptr<double>(), second ? b.data_ptr<double>() : nullptr, R, C,
+                            out.data_ptr<double>());
+  }
+  return out;
+}
+
+// out[r, c] = (a[r, c] - m[c]) * s[c] + b[r, c] * t[c] + u[c] (the middle term only where b is not empty), in that
+// order: the batch norm's output (a the input, m its mean) and its input gradient (b the output gradient)
+template <typename T>
+ICONREG_BLUR_CLONES static void affine_rows(const T* a, const T* m, const T* s, const T* b, const T* t, const T* u,
+                                            T* out, int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ar = a + r * C;
+    T* o = out + r * C;
+    if (b) {
+      const T* br = b + r * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = (ar[c] - m[c]) * s[c] + br[c] * t[c] + u[c];
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = (ar[c] - m[c]) * s[c] + u[c];
+    }
+  }
+}
+
+template <typename T>
+static void channel_affine_of(torch::Tensor a, torch::Tensor m, torch::Tensor s, torch::Tensor b, torch::Tensor t,
+                              torch::Tensor u, torch::Tensor out) {
+  const int64_t R = a.size(0), C = a.size(1);
+  const T* pa = a.data_ptr<T>();
+  const T* pm = m.data_ptr<T>();
+  const T* pb = b.numel() > 0 ? b.data_ptr<T>() : nullptr;
+  const T* ps = s.data_ptr<T>();
+  const T* pt = pb ? t.data_ptr<T>() : nullptr;
+  const T* pu = u.data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  at::parallel_for(0, R, ICONREG_ROW_BLOCK, [&](int64_t begin, int64_t end) {
+    affine_rows<T>(pa + begin * C, pm, ps, pb ? pb + begin * C : nullptr, pt, pu, po + begin * C, end - begin, C);
+  });
+}
+
+// a, b: [R, C] contiguous (b may be empty), m, s, t, u: [C], all of a's dtype -> [R, C]
+torch::Tensor channel_affine(torch::Tensor a, torch::Tensor m, torch::Tensor s, torch::Tensor b, torch::Tensor t,
+                             torch::Tensor u) {
+  auto out = torch::empty_like(a);
+  if (a.scalar_type() == at::kFloat) channel_affine_of<float>(a, m, s, b, t, u, out);
+  else channel_affine_of<double>(a, m, s, b, t, u, out);
+  return out;
+}
+
+// ---- Linear upsampling by 2 (align_corners=False, PyTorch's trilinear at scale 2) of a channels-last float32 tensor
+// seen as [N, D, H, W, C], plus an optional addend of the output's shape (float32 or bfloat16), and its adjoint. Along
+// each axis fine 2i is 3/4 x[i] + 1/4 x[i - 1] and fine 2i + 1 is 3/4 x[i] + 1/4 x[i + 1], the neighbour clamped to
+// the axis (the UNet's last level: y + upsample(coarse) before its batch norm, networks.py).
+struct Taps { int64_t near, far; };
+static inline Taps upsample_taps(int64_t fine, int64_t n) {
+  const int64_t i = fine / 2;
+  return {i, (fine % 2 == 0) ? std::max<int64_t>(i - 1, 0) : std::min<int64_t>(i + 1, n - 1)};
+}
+
+ICONREG_BLUR_CLONES static void mix_run(float* dst, const float* a, const float* b, float wa, float wb, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = wa * a[i] + wb * b[i];
+}
+
+template <typename A>
+ICONREG_BLUR_CLONES static void expand_row(const float* row, const A* add, float* out, int64_t W, int64_t C) {
+  for (int64_t x = 0; x < W; ++x) {
+    const float* here = row + x * C;
+    const float* before = row + std::max<int64_t>(x - 1, 0) * C;
+    const float* after = row + std::min<int64_t>(x + 1, W - 1) * C;
+    float* even = out + 2 * x * C;
+    float* odd = even + C;
+    if (add) {
+      const A* add_even = add + 2 * x * C;
+      const A* add_odd = add_even + C;
+      for (int64_t c = 0; c < C; ++c) {
+        even[c] = static_cast<float>(add_even[c]) + (0.75f * here[c] + 0.25f * before[c]);
+        odd[c] = static_cast<float>(add_odd[c]) + (0.75f * here[c] + 0.25f * after[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        even[c] = 0.75f * here[c] + 0.25f * before[c];
+        odd[c] = 0.75f * here[c] + 0.25f * after[c];
+      }
+    }
+  }
+}
+
+template <typename A>
+static void upsample_add_of(const float* coarse, const A* add, float* out, int64_t N, int64_t D, int64_t H, int64_t W,
+                            int64_t C) {
+  const int64_t row = W * C, plane = H * row, fine_row = 2 * row, fine_plane = 2 * H * fine_row;
+  at::parallel_for(0, N * 2 * D, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zplane(plane), yrow(row);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / (2 * D), fz = task % (2 * D);
+      const Taps tz = upsample_taps(fz, D);
+      const float* volume = coarse + n * D * plane;
+      mix_run(zplane.data(), volume + tz.near * plane, volume + tz.far * plane, 0.75f, 0.25f, plane);
+      for (int64_t fy = 0; fy < 2 * H; ++fy) {
+        const Taps ty = upsample_taps(fy, H);
+        mix_run(yrow.data(), zplane.data() + ty.near * row, zplane.data() + ty.far * row, 0.75f, 0.25f, row);
+        const int64_t offset = (n * 2 * D + fz) * fine_plane + fy * fine_row;
+        expand_row<A>(yrow.data(), add ? add + offset : nullptr, out + offset, W, C);
+      }
+    }
+  });
+}
+
+// coarse [N, D, H, W, C] contiguous float32, add [N, 2D, 2H, 2W, C] contiguous float32 or bfloat16 or empty -> float32
+torch::Tensor upsample_add(torch::Tensor coarse, torch::Tensor add) {
+  const int64_t N = coarse.size(0), D = coarse.size(1), H = coarse.size(2), W = coarse.size(3), C = coarse.size(4);
+  auto out = torch::empty({N, 2 * D, 2 * H, 2 * W, C}, coarse.options());
+  const float* pc = coarse.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  if (add.numel() == 0) upsample_add_of<float>(pc, nullptr, po, N, D, H, W, C);
+  else if (add.scalar_type() == at::kFloat) upsample_add_of<float>(pc, add.data_ptr<float>(), po, N, D, H, W, C);
+  else upsample_add_of<at::BFloat16>(pc, add.data_ptr<at::BFloat16>(), po, N, D, H, W, C);
+  return out;
+}
+
+ICONREG_BLUR_CLONES static void add_scaled_run(float* dst, const float* src, float w, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] += w * src[i];
+}
+
+// the fine indices that reach coarse index i and their summed weights (at most 4; both taps of a border voxel merge)
+static int64_t adjoint_taps(int64_t i, int64_t n, int64_t* fine, float* weight) {
+  int64_t count = 0;
+  for (int64_t f = std::max<int64_t>(2 * i - 1, 0); f <= std::min<int64_t>(2 * i + 2, 2 * n - 1); ++f) {
+    const Taps t = upsample_taps(f, n);
+    const float w = (t.near == i ? 0.75f : 0.0f) + (t.far == i ? 0.25f : 0.0f);
+    if (w != 0.0f) { fine[count] = f; weight[count] = w; ++count; }
+  }
+  return count;
+}
+
+// grad [N, 2D, 2H, 2W, C] contiguous float32 -> [N, D, H, W, C]: the adjoint of upsample_add's upsampling
+torch::Tensor upsample_adjoint(torch::Tensor grad) {
+  const int64_t N = grad.size(0), D = grad.size(1) / 2, H = grad.size(2) / 2, W = grad.size(3) / 2, C = grad.size(4);
+  auto out = torch::empty({N, D, H, W, C}, grad.options());
+  const float* pg = grad.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t fine_row = 2 * W * C, fine_plane = 2 * H * fine_row, row = W * C;
+  at::parallel_for(0, N * D, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zplane(fine_plane), yrow(fine_row);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / D, z = task % D;
+      int64_t fz[4], fy[4];
+      float wz[4], wy[4];
+      const int64_t kz = adjoint_taps(z, D, fz, wz);
+      std::fill(zplane.begin(), zplane.end(), 0.0f);
+      for (int64_t k = 0; k < kz; ++k) add_scaled_run(zplane.data(), pg + (n * 2 * D + fz[k]) * fine_plane, wz[k], fine_plane);
+      for (int64_t y = 0; y < H; ++y) {
+        const int64_t ky = adjoint_taps(y, H, fy, wy);
+        std::fill(yrow.begin(), yrow.end(), 0.0f);
+        for (int64_t k = 0; k < ky; ++k) add_scaled_run(yrow.data(), zplane.data() + fy[k] * fine_row, wy[k], fine_row);
+        float* dst = po + ((n * D + z) * H + y) * row;
+        for (int64_t x = 0; x < W; ++x) {
+          int64_t fx[4];
+          float wx[4];
+          const int64_t kx = adjoint_taps(x, W, fx, wx);
+          float* d = dst + x * C;
+          std::fill(d, d + C, 0.0f);
+          for (int64_t k = 0; k < kx; ++k) add_scaled_run(d, yrow.data() + fx[k] * C, wx[k], C);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // The GIL is released while a kernel runs, as for PyTorch's own operators (the QA statistics sample in two Python
 // threads side by side).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blur_axis", &blur_axis, py::call_guard<py::gil_scoped_release>());
+  m.def("channel_sums", &channel_sums, py::call_guard<py::gil_scoped_release>());
+  m.def("channel_affine", &channel_affine, py::call_guard<py::gil_scoped_release>());
+  m.def("upsample_add", &upsample_add, py::call_guard<py::gil_scoped_release>());
+  m.def("upsample_adjoint", &upsample_adjoint, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward", &sample_forward, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward_with_derivatives", &sample_forward_with_derivatives, py::call_guard<py::gil_scoped_release>());
   m.def("set_vectorized", &set_vectorized);
@@ -858,9 +1079,10 @@ def status() -> NativeSamplerStatus:
     return NativeSamplerStatus(mode, False, reason)
 
 
-def blur_eligible(tensor: torch.Tensor) -> bool:
-    """Whether :func:`blur_axis` can take this tensor's blur (CPU, float32 or float64, the library loaded): the same
-    compiled library carries the separable Gaussian blur's per-axis step for ``losses.gaussian_blur``."""
+def kernels_eligible(tensor: torch.Tensor) -> bool:
+    """Whether the library's array kernels (:func:`blur_axis`, :func:`channel_sums`, :func:`channel_affine`,
+    :func:`upsample_add`, :func:`upsample_adjoint`) can take this tensor: CPU, float32 or float64, not empty, the
+    library loaded (each kernel's own dtype limits are in its docstring)."""
     return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
 
@@ -869,8 +1091,45 @@ def blur_axis(rows: torch.Tensor, taps: torch.Tensor, offset: int) -> torch.Tens
     """``out[o, i, t] = Σ_k taps[k] · rows[o, i − offset + k, t]`` over the ``k`` that stay inside the axis (zero
     padding), for ``rows`` ``[outer, n, inner]`` (made contiguous) and ``taps`` of its dtype: one axis of a
     separable blur, 1.7–2.9× faster than the banded matrix products on two threads at 80×96×80 for σ 2–3 (1.1× at
-    σ 5). Call it where :func:`blur_eligible` holds."""
+    σ 5). Call it where :func:`kernels_eligible` holds."""
     return _module.blur_axis(rows.contiguous(), taps.to(rows.dtype).contiguous(), int(offset))
+
+
+def channel_sums(rows: torch.Tensor, other: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-channel sums of ``rows`` ``[R, C]`` (float32 or float64, row-major: a channels-last tensor's voxels),
+    accumulated in float64 in a fixed order whatever the thread count: ``[2, C]`` float64, row 0 ``Σ_r rows[r, c]``
+    and row 1 ``Σ_r rows[r, c]²``, or ``Σ_r rows[r, c] · other[r, c]`` when ``other`` (same shape and dtype) is
+    given. Call it where :func:`kernels_eligible` holds for ``rows``."""
+    empty = rows.new_empty(0)
+    return _module.channel_sums(rows.contiguous(), empty if other is None else other.contiguous())
+
+
+def channel_affine(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                   other: Optional[torch.Tensor] = None, other_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(rows − shift) · scale + other · other_scale + offset`` per channel, in one pass, for ``rows`` (and
+    ``other``, same shape and dtype) ``[R, C]`` and the per-channel vectors ``[C]`` (cast to ``rows``' dtype): a new
+    ``[R, C]`` tensor. Call it where :func:`kernels_eligible` holds for ``rows``."""
+    if (other is None) != (other_scale is None):
+        raise ValueError("channel_affine needs both other and other_scale, or neither")
+
+    def vector(values: Optional[torch.Tensor]) -> torch.Tensor:
+        return rows.new_empty(0) if values is None else values.to(rows.dtype).contiguous()
+    return _module.channel_affine(rows.contiguous(), vector(shift), vector(scale),
+                                  rows.new_empty(0) if other is None else other.contiguous(), vector(other_scale),
+                                  vector(offset))
+
+
+def upsample_add(coarse: torch.Tensor, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Linear upsampling by 2 along the three spatial axes (``align_corners=False``: PyTorch's ``trilinear`` at scale
+    2) of ``coarse`` ``[N, D, H, W, C]`` float32 (a channels-last tensor with its channels moved last), plus
+    ``addend`` ``[N, 2D, 2H, 2W, C]`` (float32 or bfloat16) when given: a new float32 ``[N, 2D, 2H, 2W, C]``. Call it
+    where :func:`kernels_eligible` holds for ``coarse``."""
+    return _module.upsample_add(coarse.contiguous(), coarse.new_empty(0) if addend is None else addend.contiguous())
+
+
+def upsample_adjoint(grad: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`upsample_add`'s upsampling: ``[N, 2D, 2H, 2W, C]`` float32 → ``[N, D, H, W, C]``."""
+    return _module.upsample_adjoint(grad.contiguous())
 
 
 def eligible(image: torch.Tensor, coordinates: torch.Tensor, mode: str, padding: str) -> bool:
