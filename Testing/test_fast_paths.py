@@ -982,3 +982,25 @@ def test_low_precision_unets_stay_close_to_float32_and_restore():
     with pytest.raises(ValueError):
         with networks.low_precision(net, torch.float64):
             pass
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 1, 5), (1, 3, 2, 3, 4), (1, 3, 9, 10, 11)])
+def test_compiled_displacement_jacobian_is_the_tensor_formula(monkeypatch, shape):
+    """The QA stage's Jacobian determinant through the compiled one-pass kernel: the tensor operations' numbers to
+    float32 rounding against float64 (axes of one and two voxels included, an oblique grid matrix), and it is the
+    kernel that ran."""
+    from ICONRegistrationLib.core import coordinates, native_sampler
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    calls = []
+    kernel = native_sampler.displacement_jacobian
+    monkeypatch.setattr(native_sampler, "displacement_jacobian", lambda *args: calls.append(1) or kernel(*args))
+    grid_matrix = torch.tensor([[1.2, 0.1, 0.0], [0.0, 0.9, 0.05], [0.02, 0.0, 1.1]], dtype=torch.float64)
+    displacement = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.3
+    fast = coordinates.displacement_jacobian_determinant(displacement, grid_matrix)
+    assert calls == [1] and fast.shape == (shape[0], 1, *shape[2:]) and fast.dtype == torch.float32
+    exact = coordinates.displacement_jacobian_determinant(displacement.double(), grid_matrix)
+    monkeypatch.setattr(native_sampler, "kernels_eligible", lambda tensor: False)
+    tensor_path = coordinates.displacement_jacobian_determinant(displacement, grid_matrix)
+    assert float((fast.double() - exact).abs().max()) < 1e-6
+    assert float((fast - tensor_path).abs().max()) < 1e-6

