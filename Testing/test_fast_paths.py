@@ -1004,3 +1004,54 @@ def test_compiled_displacement_jacobian_is_the_tensor_formula(monkeypatch, shape
     tensor_path = coordinates.displacement_jacobian_determinant(displacement, grid_matrix)
     assert float((fast.double() - exact).abs().max()) < 1e-6
     assert float((fast - tensor_path).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("with_ic", [True, False])
+def test_compiled_qa_fields_give_the_tensor_paths_displacement_ic_error_and_outside_mask(monkeypatch, with_ic):
+    """register()'s QA fields on the network grid through the compiled one-pass kernel: the tensor path's
+    displacement in mm, IC error and outside mask (grids of different shapes, oblique directions and origins, a
+    map that leaves the other box), a non-finite displacement stays non-finite, and it is the kernel that ran."""
+    import SimpleITK as sitk
+
+    from ICONRegistrationLib.core import native_sampler
+    from ICONRegistrationLib.pipeline import registration
+    from ICONRegistrationLib.pipeline.grid import Grid
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    fixed = sitk.Image(30, 26, 22, sitk.sitkFloat32)
+    fixed.SetSpacing((1.2, 0.9, 1.5))
+    fixed.SetOrigin((3.0, -4.0, 7.0))
+    angle = 0.3
+    fixed.SetDirection((math.cos(angle), -math.sin(angle), 0.0, math.sin(angle), math.cos(angle), 0.0, 0.0, 0.0, 1.0))
+    moving = sitk.Image(25, 31, 20, sitk.sitkFloat32)
+    moving.SetSpacing((1.0, 1.1, 1.3))
+    moving.SetOrigin((-2.0, 1.0, 4.0))
+    grid_B = Grid.over_image(fixed, [9, 11, 8])
+    grid_A = Grid.over_image(moving, [9, 11, 8], align_to=grid_B)
+    generator = torch.Generator().manual_seed(5)
+    displacement = torch.randn(1, 3, 9, 11, 8, generator=generator) * 0.08
+    back = torch.randn(1, 3, 9, 11, 8, generator=generator) * 0.08 if with_ic else None
+    calls = []
+    kernel = native_sampler.qa_fields
+    monkeypatch.setattr(native_sampler, "qa_fields", lambda *args: calls.append(1) or kernel(*args))
+    fast = registration._sample_fields(displacement, back, grid_B, grid_A, grid_B)
+    assert calls == [1]
+    monkeypatch.setattr(native_sampler, "kernels_eligible", lambda tensor: False)
+    tensor_path = registration._sample_fields(displacement, back, grid_B, grid_A, grid_B)
+    assert calls == [1]
+    for found, expected in zip(fast, tensor_path):
+        if expected is None:
+            assert found is None
+            continue
+        assert found.shape == expected.shape and found.dtype == expected.dtype
+        if expected.dtype == torch.bool:
+            assert bool(expected.any()) and torch.equal(found, expected)  # some points leave the other box
+        else:
+            assert float((found - expected).abs().max()) < 1e-4 * max(1.0, float(expected.abs().max()))
+    monkeypatch.undo()
+    broken = displacement.clone()
+    broken[0, 1, 4, 5, 3] = float("nan")
+    outputs = registration._sample_fields(broken, back, grid_B, grid_A, grid_B)
+    assert not bool(torch.isfinite(outputs[0]).all())
+    if with_ic:
+        assert not bool(torch.isfinite(outputs[2]).all())

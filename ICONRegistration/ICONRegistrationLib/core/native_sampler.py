@@ -20,7 +20,8 @@ The same library carries array kernels, used where :func:`kernels_eligible` hold
 ``losses.gaussian_blur`` on a CPU (:func:`blur_axis`; LNCC's moments and instance optimisation's smoothing are such
 blurs), and for the UNet's channels-last last level the per-channel sums and affine maps of its batch norm
 (:func:`channel_sums`, :func:`channel_affine`) and its upsampling-and-addition (:func:`upsample_add`,
-:func:`upsample_adjoint`), and the QA stage's Jacobian determinant of a displacement (:func:`displacement_jacobian`).
+:func:`upsample_adjoint`), and the QA stage's Jacobian determinant of a displacement (:func:`displacement_jacobian`) and its displacement in mm,
+IC error and outside mask (:func:`qa_fields`).
 
 Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
 in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
@@ -961,6 +962,104 @@ torch::Tensor displacement_jacobian(torch::Tensor u, torch::Tensor inverse) {
   return out;
 }
 
+// ---- register()'s QA fields in one pass over the network grid (pipeline/registration.py, _sample_fields with the
+// field grid equal to the network grid): for the identity point w = (z / (D - 1), y / (H - 1), x / (W - 1)) and the
+// displacement u (unit cube of the own grid -> the other's), mapped = w + u, the displacement in mm
+// U_other mapped + t - U_own w, and with the reverse displacement v (on the other grid) the IC error
+// |U_own (u + v(mapped))| (trilinear, border padding: coordinates clamped to the grid, a NaN coordinate to its last
+// voxel as the sampler does) and whether mapped leaves the unit cube. float32 [3, D, H, W] in, float32 out.
+// The trilinear cell of unit-cube coordinates (cz, cy, cx) on a D x H x W grid with border padding: the offset of
+// its first corner, the steps to the second corner along each axis (0 on a one-voxel axis), and the fractions.
+struct BorderCell { int64_t base, dz, dy, dx; float fz, fy, fx; };
+
+static inline void border_axis(float c, int64_t n, int64_t& i, int64_t& step, float& f) {
+  const float limit = static_cast<float>(n - 1);
+  float x = c * limit;
+  x = (x == x) ? std::min(std::max(x, 0.0f), limit) : limit;  // a NaN coordinate: the last voxel
+  i = std::min<int64_t>(static_cast<int64_t>(x), std::max<int64_t>(n - 2, 0));
+  step = n > 1 ? 1 : 0;
+  f = x - static_cast<float>(i);
+}
+
+static inline BorderCell border_cell(int64_t D, int64_t H, int64_t W, float cz, float cy, float cx) {
+  int64_t iz, iy, ix, sz, sy, sx;
+  BorderCell cell;
+  border_axis(cz, D, iz, sz, cell.fz);
+  border_axis(cy, H, iy, sy, cell.fy);
+  border_axis(cx, W, ix, sx, cell.fx);
+  cell.base = (iz * H + iy) * W + ix;
+  cell.dz = sz * H * W;
+  cell.dy = sy * W;
+  cell.dx = sx;
+  return cell;
+}
+
+// the three channels of a channels-interleaved [D, H, W, 3] field at the cell (offsets in voxels), added to r
+static inline void border_sample3(const float* p, const BorderCell& c, float* r) {
+  const float* q = p + 3 * c.base;
+  const int64_t dx = 3 * c.dx, dy = 3 * c.dy, dz = 3 * c.dz;
+  const float gx = 1.0f - c.fx, gy = 1.0f - c.fy, gz = 1.0f - c.fz;
+  for (int i = 0; i < 3; ++i) {
+    const float c000 = q[i], c001 = q[dx + i], c010 = q[dy + i], c011 = q[dy + dx + i];
+    const float c100 = q[dz + i], c101 = q[dz + dx + i], c110 = q[dz + dy + i], c111 = q[dz + dy + dx + i];
+    r[i] += gz * (gy * (gx * c000 + c.fx * c001) + c.fy * (gx * c010 + c.fx * c011)) +
+            c.fz * (gy * (gx * c100 + c.fx * c101) + c.fy * (gx * c110 + c.fx * c111));
+  }
+}
+
+// u [3, D, H, W]; v [3, D2, H2, W2] or empty; matrices [9] row-major U_other, U_own, offset [3] -> {mm [3, D, H, W],
+// ic [D, H, W], outside [D, H, W] (bool)} (the last two empty without v)
+std::vector<torch::Tensor> qa_fields(torch::Tensor u, torch::Tensor v, torch::Tensor other_matrix,
+                                     torch::Tensor offset, torch::Tensor own_matrix) {
+  const int64_t D = u.size(1), H = u.size(2), W = u.size(3), V = D * H * W;
+  const bool with_ic = v.numel() > 0;
+  auto mm = torch::empty_like(u);
+  auto ic = with_ic ? torch::empty({D, H, W}, u.options()) : torch::empty({0}, u.options());
+  auto outside = with_ic ? torch::empty({D, H, W}, u.options().dtype(torch::kBool)) : torch::empty({0}, u.options());
+  const auto Uo64 = other_matrix.to(torch::kFloat64).contiguous(), Un64 = own_matrix.to(torch::kFloat64).contiguous();
+  const auto t64 = offset.to(torch::kFloat64).contiguous();
+  float Uo[9], Un[9], t[3];
+  for (int k = 0; k < 9; ++k) { Uo[k] = static_cast<float>(Uo64.data_ptr<double>()[k]); Un[k] = static_cast<float>(Un64.data_ptr<double>()[k]); }
+  for (int k = 0; k < 3; ++k) t[k] = static_cast<float>(t64.data_ptr<double>()[k]);
+  const float* pu = u.data_ptr<float>();
+  // the reverse field with its channels interleaved: the eight corners' three values share cache lines
+  const auto interleaved = with_ic ? v.permute({1, 2, 3, 0}).contiguous() : v;
+  const float* pv = with_ic ? interleaved.data_ptr<float>() : nullptr;
+  const int64_t D2 = with_ic ? v.size(1) : 0, H2 = with_ic ? v.size(2) : 0, W2 = with_ic ? v.size(3) : 0;
+  const int64_t V2 = D2 * H2 * W2;
+  float* pm = mm.data_ptr<float>();
+  float* pic = with_ic ? ic.data_ptr<float>() : nullptr;
+  bool* pout = with_ic ? outside.data_ptr<bool>() : nullptr;
+  const float sz = D > 1 ? 1.0f / static_cast<float>(D - 1) : 0.0f, sy = H > 1 ? 1.0f / static_cast<float>(H - 1) : 0.0f;
+  const float sx = W > 1 ? 1.0f / static_cast<float>(W - 1) : 0.0f;
+  at::parallel_for(0, D * H, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t z = row / H, y = row % H;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t k = row * W + x;
+        const float w[3] = {static_cast<float>(z) * sz, static_cast<float>(y) * sy, static_cast<float>(x) * sx};
+        const float d[3] = {pu[k], pu[V + k], pu[2 * V + k]};
+        const float m[3] = {w[0] + d[0], w[1] + d[1], w[2] + d[2]};
+        for (int i = 0; i < 3; ++i)
+          pm[i * V + k] = (t[i] + Uo[3 * i] * m[0] + Uo[3 * i + 1] * m[1] + Uo[3 * i + 2] * m[2]) -
+                          (Un[3 * i] * w[0] + Un[3 * i + 1] * w[1] + Un[3 * i + 2] * w[2]);
+        if (!with_ic) continue;
+        const BorderCell cell = border_cell(D2, H2, W2, m[0], m[1], m[2]);
+        float r[3] = {d[0], d[1], d[2]};
+        border_sample3(pv, cell, r);
+        float length = 0.0f;
+        for (int i = 0; i < 3; ++i) {
+          const float e = Un[3 * i] * r[0] + Un[3 * i + 1] * r[1] + Un[3 * i + 2] * r[2];
+          length += e * e;
+        }
+        pic[k] = std::sqrt(length);
+        pout[k] = (m[0] < 0.0f) || (m[0] > 1.0f) || (m[1] < 0.0f) || (m[1] > 1.0f) || (m[2] < 0.0f) || (m[2] > 1.0f);
+      }
+    }
+  });
+  return {mm, ic, outside};
+}
+
 // The GIL is released while a kernel runs, as for PyTorch's own operators (the QA statistics sample in two Python
 // threads side by side).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -970,6 +1069,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_add", &upsample_add, py::call_guard<py::gil_scoped_release>());
   m.def("upsample_adjoint", &upsample_adjoint, py::call_guard<py::gil_scoped_release>());
   m.def("displacement_jacobian", &displacement_jacobian, py::call_guard<py::gil_scoped_release>());
+  m.def("qa_fields", &qa_fields, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward", &sample_forward, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward_with_derivatives", &sample_forward_with_derivatives, py::call_guard<py::gil_scoped_release>());
   m.def("set_vectorized", &set_vectorized);
@@ -1133,8 +1233,9 @@ def status() -> NativeSamplerStatus:
 
 def kernels_eligible(tensor: torch.Tensor) -> bool:
     """Whether the library's array kernels (:func:`blur_axis`, :func:`channel_sums`, :func:`channel_affine`,
-    :func:`upsample_add`, :func:`upsample_adjoint`, :func:`displacement_jacobian`) can take this tensor: CPU, float32 or float64, not empty, the
-    library loaded (each kernel's own dtype limits are in its docstring)."""
+    :func:`upsample_add`, :func:`upsample_adjoint`, :func:`displacement_jacobian`, :func:`qa_fields`) can take this
+    tensor: CPU, float32 or float64, not empty, the library loaded (each kernel's own dtype limits are in its
+    docstring)."""
     return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
 
@@ -1189,6 +1290,23 @@ def displacement_jacobian(displacement: torch.Tensor, inverse_grid_matrix: torch
     ``inverse_grid_matrix`` the 3×3 ``G⁻¹`` → ``[B, 1, D, H, W]`` float32 (the same operations per voxel, to float
     rounding; no gradient). Call it where :func:`kernels_eligible` holds for ``displacement``."""
     return _module.displacement_jacobian(displacement.contiguous(), inverse_grid_matrix.double().contiguous())
+
+
+def qa_fields(displacement: torch.Tensor, back_displacement: Optional[torch.Tensor], other_matrix: torch.Tensor,
+              offset: torch.Tensor, own_matrix: torch.Tensor
+              ) -> "tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]":
+    """``register()``'s QA fields on the network grid in one pass: for ``displacement`` ``[1, 3, *S]`` (float32, the
+    own grid's unit cube → the other's) the displacement in mm ``[1, 3, *S]``, and with ``back_displacement``
+    ``[1, 3, *S']`` (the reverse map's, on the other grid) the IC error in mm ``[1, *S]`` and whether the mapped
+    point leaves the other unit cube ``[1, 1, *S]`` (bool); the matrices and offset as in
+    ``pipeline.registration._sample_fields``. Call it where :func:`kernels_eligible` holds."""
+    empty = displacement.new_empty(0)
+    mm, ic, outside = _module.qa_fields(displacement[0].contiguous(),
+                                        empty if back_displacement is None else back_displacement[0].contiguous(),
+                                        other_matrix, offset, own_matrix)
+    if back_displacement is None:
+        return mm[None], None, None
+    return mm[None], ic[None], outside[None, None]
 
 
 def eligible(image: torch.Tensor, coordinates: torch.Tensor, mode: str, padding: str) -> bool:

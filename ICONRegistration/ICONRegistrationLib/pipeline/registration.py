@@ -22,6 +22,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from ..core import native_sampler
 from ..core.coordinates import compose, identity_map, map_to_displacement, sample_at, vector_length
 from ..core.inversion import InversionWarning, symmetrize_maps
 from ..core.losses import make_similarity
@@ -191,6 +192,15 @@ def _scalar_image(values: torch.Tensor, grid: Grid) -> sitk.Image:
     return grid.apply_to(sitk.GetImageFromArray(values.reshape(grid.shape).detach().cpu().float().numpy()))
 
 
+def _qa_kernel_applies(displacement: torch.Tensor, back_displacement: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`native_sampler.qa_fields` takes these displacements: float32 ``[1, 3, *S]`` on a CPU with the
+    compiled library loaded (and the same for the reverse displacement, if any)."""
+    fields = [displacement] + ([] if back_displacement is None else [back_displacement])
+    return (all(f.dtype == torch.float32 and f.dim() == 5 and f.shape[:2] == (1, 3) and min(f.shape[2:]) >= 1
+                for f in fields) and native_sampler.kernels_eligible(displacement)
+            and (back_displacement is None or back_displacement.device == displacement.device))
+
+
 def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch.Tensor], own: Grid, other: Grid,
                    field_grid: Grid, with_jacobian: bool = True
                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -202,6 +212,14 @@ def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch
     IC error) marks the points whose image Φ(x) lies outside ``other``'s network grid (the box of its outermost voxel
     centres), where the reverse map is only extended from its border.
     """
+    offset = np.array(other.origin) - np.array(own.origin)
+    if field_grid == own and _qa_kernel_applies(displacement, back_displacement):
+        # the same quantities in one compiled pass over the grid (no identity map, no temporaries)
+        displacement_mm, ic_error, outside = native_sampler.qa_fields(
+            displacement, back_displacement, torch.as_tensor(other.unit_matrix), torch.as_tensor(offset),
+            torch.as_tensor(own.unit_matrix))
+        jacobian = physical_jacobian(displacement_mm, field_grid.index_matrix) if with_jacobian else None
+        return displacement_mm, jacobian, ic_error, outside
     if field_grid == own:
         where = identity_map(own.shape, device=displacement.device)
         moved = displacement
@@ -210,8 +228,7 @@ def _sample_fields(displacement: torch.Tensor, back_displacement: Optional[torch
         moved = sample_at(displacement, where, padding="border")
     # Φ(x) − x in mm = U_other·(where + moved) − U_own·where + (origin_other − origin_own)
     mapped = where + moved
-    displacement_mm = add_linear_(apply_affine(other.unit_matrix, np.array(other.origin) - np.array(own.origin),
-                                               mapped), -own.unit_matrix, where)
+    displacement_mm = add_linear_(apply_affine(other.unit_matrix, offset, mapped), -own.unit_matrix, where)
     jacobian = physical_jacobian(displacement_mm, field_grid.index_matrix) if with_jacobian else None
     ic_error = outside = None
     if back_displacement is not None:
