@@ -342,7 +342,8 @@ def test_compiled_upsample_and_add_is_pytorchs_interpolation_and_addition(monkey
     assert float((grad_coarse - ref_coarse).abs().max() / ref_coarse.abs().max()) < 2e-6
     assert grad_y.dtype == y_dtype and torch.equal(grad_y, ref_y)
     exact = y.double() + F.interpolate(coarse.double(), scale_factor=2, mode="trilinear", align_corners=False)
-    assert float((out.detach().double() - exact).abs().max()) <= 2 * float((ref.detach().double() - exact).abs().max()) + 1e-7
+    error, reference_error = (float((t.detach().double() - exact).abs().max()) for t in (out, ref))
+    assert error <= 2 * reference_error + 1e-7
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -20,8 +20,8 @@ The same library carries array kernels, used where :func:`kernels_eligible` hold
 ``losses.gaussian_blur`` on a CPU (:func:`blur_axis`; LNCC's moments and instance optimisation's smoothing are such
 blurs), and for the UNet's channels-last last level the per-channel sums and affine maps of its batch norm
 (:func:`channel_sums`, :func:`channel_affine`) and its upsampling-and-addition (:func:`upsample_add`,
-:func:`upsample_adjoint`), and the QA stage's Jacobian determinant of a displacement (:func:`displacement_jacobian`) and its displacement in mm,
-IC error and outside mask (:func:`qa_fields`).
+:func:`upsample_adjoint`), and for ``register()``'s QA stage the Jacobian determinant of a displacement
+(:func:`displacement_jacobian`) and the displacement in mm, IC error and outside mask (:func:`qa_fields`).
 
 Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
 in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
@@ -891,7 +891,8 @@ torch::Tensor upsample_adjoint(torch::Tensor grad) {
       float wz[4], wy[4];
       const int64_t kz = adjoint_taps(z, D, fz, wz);
       std::fill(zplane.begin(), zplane.end(), 0.0f);
-      for (int64_t k = 0; k < kz; ++k) add_scaled_run(zplane.data(), pg + (n * 2 * D + fz[k]) * fine_plane, wz[k], fine_plane);
+      for (int64_t k = 0; k < kz; ++k)
+        add_scaled_run(zplane.data(), pg + (n * 2 * D + fz[k]) * fine_plane, wz[k], fine_plane);
       for (int64_t y = 0; y < H; ++y) {
         const int64_t ky = adjoint_taps(y, H, fy, wy);
         std::fill(yrow.begin(), yrow.end(), 0.0f);
@@ -1019,7 +1020,10 @@ std::vector<torch::Tensor> qa_fields(torch::Tensor u, torch::Tensor v, torch::Te
   const auto Uo64 = other_matrix.to(torch::kFloat64).contiguous(), Un64 = own_matrix.to(torch::kFloat64).contiguous();
   const auto t64 = offset.to(torch::kFloat64).contiguous();
   float Uo[9], Un[9], t[3];
-  for (int k = 0; k < 9; ++k) { Uo[k] = static_cast<float>(Uo64.data_ptr<double>()[k]); Un[k] = static_cast<float>(Un64.data_ptr<double>()[k]); }
+  for (int k = 0; k < 9; ++k) {
+    Uo[k] = static_cast<float>(Uo64.data_ptr<double>()[k]);
+    Un[k] = static_cast<float>(Un64.data_ptr<double>()[k]);
+  }
   for (int k = 0; k < 3; ++k) t[k] = static_cast<float>(t64.data_ptr<double>()[k]);
   const float* pu = u.data_ptr<float>();
   // the reverse field with its channels interleaved: the eight corners' three values share cache lines
@@ -1030,7 +1034,8 @@ std::vector<torch::Tensor> qa_fields(torch::Tensor u, torch::Tensor v, torch::Te
   float* pm = mm.data_ptr<float>();
   float* pic = with_ic ? ic.data_ptr<float>() : nullptr;
   bool* pout = with_ic ? outside.data_ptr<bool>() : nullptr;
-  const float sz = D > 1 ? 1.0f / static_cast<float>(D - 1) : 0.0f, sy = H > 1 ? 1.0f / static_cast<float>(H - 1) : 0.0f;
+  const float sz = D > 1 ? 1.0f / static_cast<float>(D - 1) : 0.0f;
+  const float sy = H > 1 ? 1.0f / static_cast<float>(H - 1) : 0.0f;
   const float sx = W > 1 ? 1.0f / static_cast<float>(W - 1) : 0.0f;
   at::parallel_for(0, D * H, 8, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {

@@ -402,7 +402,8 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
     channels of 2×80×96×80, forward and backward, two threads; float32 only: in float64 the sums Σx² and Σg·x of
     an input far from zero mean would lose digits to cancellation that float64 inputs are used to avoid) — and
     otherwise as ``torch.sum`` (cascaded, accurate in either memory order) of the input, of the squared centred
-    input, of the gradient and of its product with the centred input. Returns the output and the batch mean and (biased) variance, for the running statistics.
+    input, of the gradient and of its product with the centred input. Returns the output and the batch mean and
+    (biased) variance, for the running statistics.
     """
 
     @staticmethod
