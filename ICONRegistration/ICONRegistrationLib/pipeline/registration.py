@@ -196,8 +196,8 @@ def _qa_kernel_applies(displacement: torch.Tensor, back_displacement: Optional[t
     """Whether :func:`native_sampler.qa_fields` takes these displacements: float32 ``[1, 3, *S]`` on a CPU with the
     compiled library loaded (and the same for the reverse displacement, if any)."""
     fields = [displacement] + ([] if back_displacement is None else [back_displacement])
-    return (all(f.dtype == torch.float32 and f.dim() == 5 and f.shape[:2] == (1, 3) and min(f.shape[2:]) >= 1
-                for f in fields) and native_sampler.kernels_eligible(displacement)
+    return (all(f.dtype == torch.float32 and f.dim() == 5 and f.shape[:2] == (1, 3) for f in fields)
+            and native_sampler.kernels_eligible(displacement)
             and (back_displacement is None or back_displacement.device == displacement.device))
 
 
