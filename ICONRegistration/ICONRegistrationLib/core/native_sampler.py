@@ -861,10 +861,6 @@ torch::Tensor upsample_add(torch::Tensor coarse, torch::Tensor add) {
   return out;
 }
 
-ICONREG_BLUR_CLONES static void add_scaled_run(float* dst, const float* src, float w, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) dst[i] += w * src[i];
-}
-
 // the fine indices that reach coarse index i and their summed weights (at most 4; both taps of a border voxel merge)
 static int64_t adjoint_taps(int64_t i, int64_t n, int64_t* fine, float* weight) {
   int64_t count = 0;
@@ -892,11 +888,11 @@ torch::Tensor upsample_adjoint(torch::Tensor grad) {
       const int64_t kz = adjoint_taps(z, D, fz, wz);
       std::fill(zplane.begin(), zplane.end(), 0.0f);
       for (int64_t k = 0; k < kz; ++k)
-        add_scaled_run(zplane.data(), pg + (n * 2 * D + fz[k]) * fine_plane, wz[k], fine_plane);
+        axpy_run(zplane.data(), pg + (n * 2 * D + fz[k]) * fine_plane, wz[k], fine_plane);
       for (int64_t y = 0; y < H; ++y) {
         const int64_t ky = adjoint_taps(y, H, fy, wy);
         std::fill(yrow.begin(), yrow.end(), 0.0f);
-        for (int64_t k = 0; k < ky; ++k) add_scaled_run(yrow.data(), zplane.data() + fy[k] * fine_row, wy[k], fine_row);
+        for (int64_t k = 0; k < ky; ++k) axpy_run(yrow.data(), zplane.data() + fy[k] * fine_row, wy[k], fine_row);
         float* dst = po + ((n * D + z) * H + y) * row;
         for (int64_t x = 0; x < W; ++x) {
           int64_t fx[4];
@@ -904,7 +900,7 @@ torch::Tensor upsample_adjoint(torch::Tensor grad) {
           const int64_t kx = adjoint_taps(x, W, fx, wx);
           float* d = dst + x * C;
           std::fill(d, d + C, 0.0f);
-          for (int64_t k = 0; k < kx; ++k) add_scaled_run(d, yrow.data() + fx[k] * C, wx[k], C);
+          for (int64_t k = 0; k < kx; ++k) axpy_run(d, yrow.data() + fx[k] * C, wx[k], C);
         }
       }
     }
@@ -1030,7 +1026,6 @@ std::vector<torch::Tensor> qa_fields(torch::Tensor u, torch::Tensor v, torch::Te
   const auto interleaved = with_ic ? v.permute({1, 2, 3, 0}).contiguous() : v;
   const float* pv = with_ic ? interleaved.data_ptr<float>() : nullptr;
   const int64_t D2 = with_ic ? v.size(1) : 0, H2 = with_ic ? v.size(2) : 0, W2 = with_ic ? v.size(3) : 0;
-  const int64_t V2 = D2 * H2 * W2;
   float* pm = mm.data_ptr<float>();
   float* pic = with_ic ? ic.data_ptr<float>() : nullptr;
   bool* pout = with_ic ? outside.data_ptr<bool>() : nullptr;
