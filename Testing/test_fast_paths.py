@@ -1056,3 +1056,77 @@ def test_compiled_qa_fields_give_the_tensor_paths_displacement_ic_error_and_outs
     assert not bool(torch.isfinite(outputs[0]).all())
     if with_ic:
         assert not bool(torch.isfinite(outputs[2]).all())
+
+
+def test_compiled_clamp_and_scale_is_the_float64_formula_bit_for_bit(monkeypatch):
+    """The intensity normalisation's clamp and scale through the compiled kernel: the tensor expression's bits
+    (bounds that float32 cannot hold, values on and beyond them, a NaN), and it is the kernel that ran."""
+    import numpy as np
+
+    from ICONRegistrationLib.core import native_sampler
+    from ICONRegistrationLib.pipeline.preprocessing import normalize_intensities
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    values = (torch.randn(300_001, generator=torch.Generator().manual_seed(4)) * 100).float()
+    values[7] = float("nan")
+    for low, high in ((0.1, 57.3), (-3.3333333333, 99.123456789), (float(values[:6].min()), float(values[:6].max()))):
+        expected = values.clamp(low, high).to(torch.float64).sub_(low).div_(high - low).to(torch.float32)
+        found = native_sampler.clamp_scale(values, low, high)
+        assert torch.equal(found.view(torch.int32), expected.view(torch.int32))
+    calls = []
+    kernel = native_sampler.clamp_scale
+    monkeypatch.setattr(native_sampler, "clamp_scale", lambda *args: calls.append(1) or kernel(*args))
+    image = np.random.default_rng(9).gamma(3.0, 50.0, size=(40, 30, 20)).astype(np.float32)
+    fast = normalize_intensities(image, "mri", {"mri_percentile": 99})
+    assert calls == [1]
+    monkeypatch.setattr(native_sampler, "kernels_eligible", lambda tensor: False)
+    assert np.array_equal(normalize_intensities(image, "mri", {"mri_percentile": 99}), fast) and calls == [1]
+
+
+@pytest.mark.parametrize("moving_size", [(25, 31, 20), (2, 17, 9)])
+def test_compiled_warp_gives_the_tensor_paths_warped_image(monkeypatch, moving_size):
+    """register()'s warped moving image through the compiled kernel: the tensor path's values to float32 rounding
+    and its zeros outside the moving image (oblique, anisotropic grids with different origins, a displacement that
+    takes points out of the moving image, a moving axis of two voxels), the AVX-512 and scalar paths the same bits,
+    and it is the kernel that ran."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ICONRegistrationLib.core import native_sampler
+    from ICONRegistrationLib.pipeline import registration
+    from ICONRegistrationLib.pipeline.grid import Grid
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    fixed = sitk.Image(30, 26, 22, sitk.sitkFloat32)
+    fixed.SetSpacing((1.2, 0.9, 1.5))
+    fixed.SetOrigin((3.0, -4.0, 7.0))
+    angle = 0.3
+    fixed.SetDirection((math.cos(angle), -math.sin(angle), 0.0, math.sin(angle), math.cos(angle), 0.0, 0.0, 0.0, 1.0))
+    moving = sitk.Image(*moving_size, sitk.sitkFloat32)
+    moving.SetSpacing((1.0, 1.1, 1.3))
+    moving.SetOrigin((-2.0, 1.0, 4.0))
+    moving.SetDirection((1.0, 0.0, 0.0, 0.0, math.cos(-angle), -math.sin(-angle), 0.0, math.sin(-angle),
+                         math.cos(-angle)))
+    grid_B = Grid.over_image(fixed, [9, 11, 8])
+    grid_A = Grid.over_image(moving, [9, 11, 8], align_to=grid_B)
+    voxels = np.random.default_rng(6).gamma(3.0, 50.0, size=moving_size[::-1]).astype(np.float32)
+    displacement = torch.randn(1, 3, 9, 11, 8, generator=torch.Generator().manual_seed(5)) * 0.1
+    calls = []
+    kernel = native_sampler.warp_image
+    monkeypatch.setattr(native_sampler, "warp_image", lambda *args: calls.append(1) or kernel(*args))
+    fixed_grid, moving_grid = Grid.of_image(fixed), Grid.of_image(moving)
+    fast = registration._warp_moving(voxels, displacement, grid_B, grid_A, fixed_grid, moving_grid)
+    before = native_sampler._module.set_vectorized(False)
+    try:
+        scalar = registration._warp_moving(voxels, displacement, grid_B, grid_A, fixed_grid, moving_grid)
+    finally:
+        native_sampler._module.set_vectorized(before)
+    assert calls == [1, 1] and np.array_equal(fast, scalar)
+    monkeypatch.setattr(native_sampler, "kernels_eligible", lambda tensor: False)
+    expected = registration._warp_moving(voxels, displacement, grid_B, grid_A, fixed_grid, moving_grid)
+    assert calls == [1, 1] and fast.shape == expected.shape and fast.dtype == expected.dtype
+    outside = expected == 0
+    assert 0.05 < outside.mean() < 0.95  # some points leave the moving image, most do not
+    assert np.count_nonzero((fast == 0) != outside) <= 2  # rounding at the inside test's edge
+    both = (fast != 0) & ~outside
+    assert np.abs(fast[both] - expected[both]).max() < 1e-4 * np.abs(expected).max()

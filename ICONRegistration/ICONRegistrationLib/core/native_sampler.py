@@ -44,7 +44,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -1060,6 +1060,129 @@ std::vector<torch::Tensor> qa_fields(torch::Tensor u, torch::Tensor v, torch::Te
   return {mm, ic, outside};
 }
 
+// ---- register()'s warped image, one row of the fixed image at a time (pipeline/registration.py, _warp_moving): at
+// fixed voxel (z, y, x) the network-grid point w = A (z, y, x) + a (unit cube of the network grid over the fixed
+// image), the displacement u(w) by the box-aligned resize of the network-grid field u [3, S0, S1, S2] (per-axis tables
+// of the lower and upper source index and the upper weight; the rows along z and y blended once per fixed row), the
+// moving image's unit-cube point m = M (w + u) + t, and the moving image [Dm, Hm, Wm] there (trilinear, border
+// padding, as sample_at) if |m - 1/2| <= h along every axis (ITK's rule: within half a voxel of the outer voxel
+// centres), else 0. All float32, written into out [D, H, W].
+void warp_image(torch::Tensor out, torch::Tensor moving, torch::Tensor field, std::vector<torch::Tensor> lower,
+                std::vector<torch::Tensor> upper, std::vector<torch::Tensor> weight, torch::Tensor where_matrix,
+                torch::Tensor where_offset, torch::Tensor to_moving_matrix, torch::Tensor to_moving_offset,
+                torch::Tensor half_width) {
+  const int64_t D = out.size(0), H = out.size(1), W = out.size(2);
+  const int64_t Dm = moving.size(0), Hm = moving.size(1), Wm = moving.size(2);
+  const int64_t S1 = field.size(2), S2 = field.size(3), V = field.size(1) * S1 * S2;
+  float A[9], a[3], M[9], t[3], h[3];
+  const auto A64 = where_matrix.to(torch::kFloat64).contiguous(), a64 = where_offset.to(torch::kFloat64).contiguous();
+  const auto M64 = to_moving_matrix.to(torch::kFloat64).contiguous();
+  const auto t64 = to_moving_offset.to(torch::kFloat64).contiguous(), h64 = half_width.to(torch::kFloat64).contiguous();
+  for (int k = 0; k < 9; ++k) {
+    A[k] = static_cast<float>(A64.data_ptr<double>()[k]);
+    M[k] = static_cast<float>(M64.data_ptr<double>()[k]);
+  }
+  for (int k = 0; k < 3; ++k) {
+    a[k] = static_cast<float>(a64.data_ptr<double>()[k]);
+    t[k] = static_cast<float>(t64.data_ptr<double>()[k]);
+    h[k] = static_cast<float>(h64.data_ptr<double>()[k]);
+  }
+  const int64_t* lz = lower[0].data_ptr<int64_t>();
+  const int64_t* uz = upper[0].data_ptr<int64_t>();
+  const int64_t* ly = lower[1].data_ptr<int64_t>();
+  const int64_t* uy = upper[1].data_ptr<int64_t>();
+  const int64_t* lx = lower[2].data_ptr<int64_t>();
+  const int64_t* ux = upper[2].data_ptr<int64_t>();
+  const float* wz = weight[0].data_ptr<float>();
+  const float* wy = weight[1].data_ptr<float>();
+  const float* wx = weight[2].data_ptr<float>();
+  const float* pf = field.data_ptr<float>();
+  const float* pm = moving.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+#ifdef ICONREG_VECTOR
+  const bool vector = use_vector() && Dm * Hm * Wm < (int64_t(1) << 31) - 1;
+#endif
+  at::parallel_for(0, D * H, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> blended(S2), displacement(3 * W), coordinates(3 * W);
+    float* cz = coordinates.data();
+    float* cy = cz + W;
+    float* cx = cy + W;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t z = row / H, y = row % H;
+      const float fz = wz[z], gz = 1.0f - fz, fy = wy[y], gy = 1.0f - fy;
+      const float c00 = gz * gy, c01 = gz * fy, c10 = fz * gy, c11 = fz * fy;
+      for (int i = 0; i < 3; ++i) {
+        const float* r00 = pf + i * V + (lz[z] * S1 + ly[y]) * S2;
+        const float* r01 = pf + i * V + (lz[z] * S1 + uy[y]) * S2;
+        const float* r10 = pf + i * V + (uz[z] * S1 + ly[y]) * S2;
+        const float* r11 = pf + i * V + (uz[z] * S1 + uy[y]) * S2;
+        float* b = blended.data();
+        for (int64_t k = 0; k < S2; ++k) b[k] = c00 * r00[k] + c01 * r01[k] + c10 * r10[k] + c11 * r11[k];
+        float* d = displacement.data() + i * W;
+        for (int64_t x = 0; x < W; ++x) d[x] = (1.0f - wx[x]) * b[lx[x]] + wx[x] * b[ux[x]];
+      }
+      float base[3];
+      for (int i = 0; i < 3; ++i)
+        base[i] = (a[i] + A[3 * i] * static_cast<float>(z)) + A[3 * i + 1] * static_cast<float>(y);
+      const float* dz = displacement.data();
+      const float* dy = dz + W;
+      const float* dx = dy + W;
+      for (int64_t x = 0; x < W; ++x) {
+        const float ix = static_cast<float>(x);
+        const float p0 = (base[0] + A[2] * ix) + dz[x], p1 = (base[1] + A[5] * ix) + dy[x];
+        const float p2 = (base[2] + A[8] * ix) + dx[x];
+        cz[x] = t[0] + (M[0] * p0 + M[1] * p1 + M[2] * p2);
+        cy[x] = t[1] + (M[3] * p0 + M[4] * p1 + M[5] * p2);
+        cx[x] = t[2] + (M[6] * p0 + M[7] * p1 + M[8] * p2);
+      }
+      float* o = po + row * W;
+#ifdef ICONREG_VECTOR
+      if (vector) {
+        const Points<float> points{coordinates.data(), 0, W};
+        forward_groups<false, false>(pm, points, o, nullptr, 1, static_cast<int>(Dm), static_cast<int>(Hm),
+                                     static_cast<int>(Wm), 0, W, 0, (W + 15) / 16);
+      } else
+#endif
+      {
+        for (int64_t x = 0; x < W; ++x) {
+          Axis<float> ax, ay, az;
+          locate<float, false>(cx[x] * 2.0f - 1.0f, Wm, ax);
+          locate<float, false>(cy[x] * 2.0f - 1.0f, Hm, ay);
+          locate<float, false>(cz[x] * 2.0f - 1.0f, Dm, az);
+          float w[8], c[8];
+          corner_weights(ax, ay, az, w);
+          corners(pm + (az.i * Hm + ay.i) * Wm + ax.i, Hm * Wm, Wm, ax, ay, az, true, c);
+          float value = w[0] * c[0];
+          for (int j = 1; j < 8; ++j) value = value + w[j] * c[j];
+          o[x] = value;
+        }
+      }
+      for (int64_t x = 0; x < W; ++x)
+        if (!(std::abs(cz[x] - 0.5f) <= h[0] && std::abs(cy[x] - 0.5f) <= h[1] && std::abs(cx[x] - 0.5f) <= h[2]))
+          o[x] = 0.0f;
+    }
+  });
+}
+
+// ---- intensity normalisation (pipeline/preprocessing.py): (clamp(x, low, high) - low) / (high - low) for float32 x,
+// the clamp in float32 against the bounds rounded to float32 (as torch.clamp of a float32 tensor), the rest in
+// float64, rounded to float32 once: the tensor expression's bits. A NaN stays NaN.
+torch::Tensor clamp_scale(torch::Tensor values, double low, double high) {
+  auto out = torch::empty_like(values);
+  const float lo = static_cast<float>(low), hi = static_cast<float>(high);
+  const double range = high - low;
+  const float* pv = values.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, values.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const float v = pv[k];
+      const float c = v < lo ? lo : (v > hi ? hi : v);
+      po[k] = static_cast<float>((static_cast<double>(c) - low) / range);
+    }
+  });
+  return out;
+}
+
 // The GIL is released while a kernel runs, as for PyTorch's own operators (the QA statistics sample in two Python
 // threads side by side).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1070,6 +1193,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_adjoint", &upsample_adjoint, py::call_guard<py::gil_scoped_release>());
   m.def("displacement_jacobian", &displacement_jacobian, py::call_guard<py::gil_scoped_release>());
   m.def("qa_fields", &qa_fields, py::call_guard<py::gil_scoped_release>());
+  m.def("warp_image", &warp_image, py::call_guard<py::gil_scoped_release>());
+  m.def("clamp_scale", &clamp_scale, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward", &sample_forward, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward_with_derivatives", &sample_forward_with_derivatives, py::call_guard<py::gil_scoped_release>());
   m.def("set_vectorized", &set_vectorized);
@@ -1233,9 +1358,9 @@ def status() -> NativeSamplerStatus:
 
 def kernels_eligible(tensor: torch.Tensor) -> bool:
     """Whether the library's array kernels (:func:`blur_axis`, :func:`channel_sums`, :func:`channel_affine`,
-    :func:`upsample_add`, :func:`upsample_adjoint`, :func:`displacement_jacobian`, :func:`qa_fields`) can take this
-    tensor: CPU, float32 or float64, not empty, the library loaded (each kernel's own dtype limits are in its
-    docstring)."""
+    :func:`upsample_add`, :func:`upsample_adjoint`, :func:`displacement_jacobian`, :func:`qa_fields`,
+    :func:`warp_image`, :func:`clamp_scale`) can take this tensor: CPU, float32 or float64, not empty, the library loaded (each kernel's
+    own dtype limits are in its docstring)."""
     return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
 
@@ -1307,6 +1432,33 @@ def qa_fields(displacement: torch.Tensor, back_displacement: Optional[torch.Tens
     if back_displacement is None:
         return mm[None], None, None
     return mm[None], ic[None], outside[None, None]
+
+
+def warp_image(out: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor,
+               tables: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], where_matrix: torch.Tensor,
+               where_offset: torch.Tensor, to_moving_matrix: torch.Tensor, to_moving_offset: torch.Tensor,
+               half_width: torch.Tensor) -> torch.Tensor:
+    """``register()``'s warped moving image in one pass over the fixed image's voxels, written into ``out``
+    ``[D, H, W]`` (float32, contiguous; returned). ``moving`` ``[Dm, Hm, Wm]`` float32; ``displacement``
+    ``[1, 3, *S]`` float32 on the network grid over the fixed image; ``tables`` per axis of ``out`` the box-aligned
+    resize's ``(lower, upper, weight)`` (source indices into ``S`` and the upper one's weight); the fixed voxel index
+    → network unit cube ``where_matrix`` / ``where_offset``, the network point → moving unit cube
+    ``to_moving_matrix`` / ``to_moving_offset``, and the half widths of the moving image's inside test (as in
+    ``pipeline.registration._warp_moving``). Call it where :func:`kernels_eligible` holds for ``moving``."""
+    _module.warp_image(out, moving.contiguous(), displacement[0].contiguous(),
+                       [t[0].to(torch.int64).contiguous() for t in tables],
+                       [t[1].to(torch.int64).contiguous() for t in tables],
+                       [t[2].to(torch.float32).contiguous() for t in tables], where_matrix.contiguous(),
+                       where_offset.contiguous(), to_moving_matrix.contiguous(), to_moving_offset.contiguous(),
+                       half_width.contiguous())
+    return out
+
+
+def clamp_scale(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``((values.clamp(low, high).double() − low) / (high − low)).float()`` for float32 ``values`` in one pass and
+    no float64 copy: the same bits (the clamp against the bounds rounded to float32, as ``torch.clamp`` does, the
+    rest in float64). Call it where :func:`kernels_eligible` holds for ``values``."""
+    return _module.clamp_scale(values.contiguous(), float(low), float(high))
 
 
 def eligible(image: torch.Tensor, coordinates: torch.Tensor, mode: str, padding: str) -> bool:

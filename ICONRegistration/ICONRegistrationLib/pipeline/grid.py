@@ -140,16 +140,21 @@ class Grid:
         to_other = np.linalg.inv(other.unit_matrix)
         return to_other @ self.unit_matrix, to_other @ (np.array(self.origin) - np.array(other.origin))
 
+    def index_affine_of(self, other: "Grid") -> tuple[np.ndarray, np.ndarray]:
+        """``(A, a)`` with ``A @ i + a`` = the unit-cube coordinates in *this* grid of ``other``'s voxel index ``i``
+        (tensor order)."""
+        to_self = np.linalg.inv(self.unit_matrix)
+        return to_self @ other.index_matrix, to_self @ (np.array(other.origin) - np.array(self.origin))
+
     def unit_coordinates_of(self, other: "Grid", *, dtype=torch.float32, device=None,
                             slab: Optional[slice] = None) -> torch.Tensor:
         """Unit-cube coordinates in *this* grid of the voxel centres of ``other`` (``[1, 3, *other.shape]``).
 
         ``slab`` restricts to a range of ``other``'s first tensor axis (to bound memory on large grids).
         """
-        to_self = np.linalg.inv(self.unit_matrix)
-        affine = torch.as_tensor(to_self @ other.index_matrix, dtype=dtype, device=device)  # index -> unit cube
-        offset = torch.as_tensor(to_self @ (np.array(other.origin) - np.array(self.origin)), dtype=dtype,
-                                 device=device)
+        index_affine = self.index_affine_of(other)
+        affine = torch.as_tensor(index_affine[0], dtype=dtype, device=device)
+        offset = torch.as_tensor(index_affine[1], dtype=dtype, device=device)
         shape = list(other.shape)
         first = range(shape[0])[slab] if slab is not None else range(shape[0])
         axes = [torch.arange(first.start, first.stop, first.step, dtype=dtype, device=device)]

@@ -58,18 +58,26 @@ def _without_padding(array: np.ndarray, minimum: float) -> np.ndarray:
     return image
 
 
+def _warning_sample(image: np.ndarray) -> np.ndarray:
+    """Every k-th voxel of ``image``, about 2^16 of them: enough for a warning (not a result), at a fraction of the
+    cost of a pass over a large image."""
+    flat = image.reshape(-1)
+    return flat[::max(1, flat.size // (1 << 16))]
+
+
 def _check_modality_fits(image: np.ndarray, minimum: float, modality: str, role: str) -> None:
     """Warn when the intensities of ``image`` (the voxels without padding; smallest ``minimum``) contradict
     ``modality``: a "CT" without a single voxel below 0 HU (no air, lung or fat: not Hounsfield units — an MRI, or CT
     stored without its rescale intercept, whose tissue then saturates at the window's top), or an "MRI" that looks
     like CT in HU (:func:`guess_modality`; its min…percentile range is then used instead of the model's CT window).
-    Allowed, but the network then sees inputs unlike those it was trained on."""
+    Allowed, but the network then sees inputs unlike those it was trained on. The MRI check looks at a strided
+    sample (:func:`_warning_sample`)."""
     if modality == "ct" and minimum >= 0.0:
         warnings.warn(f"The {role} image was given as CT but has no voxel below 0 HU (its minimum is "
                       f"{minimum:g}): no air, lung or fat, so it is probably not in Hounsfield units "
                       "(an MRI, or CT stored without its rescale intercept) and the CT window saturates it; "
                       "choose the modality mri, or convert it to HU.", UserWarning, stacklevel=3)
-    elif modality == "mri" and guess_modality(image) == "ct":
+    elif modality == "mri" and guess_modality(_warning_sample(image)) == "ct":
         warnings.warn(f"The {role} image was given as MRI but looks like CT in Hounsfield units (1 % of its voxels "
                       "are below -200, like air): MRI normalisation ignores the model's CT window; choose the "
                       "modality ct (or auto) for CT.", UserWarning, stacklevel=3)
@@ -84,8 +92,7 @@ def _check_foreground_share(image: np.ndarray, low: float, high: float, role: st
     above ``low``: the percentile is taken over all voxels, so a background at the minimum that fills more than ~96 %
     of the image (a small object in a large field of view) puts it inside the anatomy, which then looks flat. Estimated
     on a strided sample of about 2^16 voxels (a warning, not a result)."""
-    flat = image.reshape(-1)
-    sample = flat[::max(1, flat.size // (1 << 16))]
+    sample = _warning_sample(image)
     foreground = int(np.count_nonzero(sample > low))
     saturated = int(np.count_nonzero(sample > high))
     if foreground and saturated > SATURATED_FOREGROUND_WARNING * foreground:
@@ -129,8 +136,13 @@ def normalize_intensities(array: np.ndarray, modality: str, rules: dict, mask: O
             array = array.astype(np.float64)
         elif not array.dtype.isnative:  # torch reads native byte order only
             array = array.astype(array.dtype.newbyteorder("="))
-        values = torch.from_numpy(np.ascontiguousarray(array)).clamp(low, high)
-        result = values.to(torch.float64).sub_(low).div_(high - low).to(torch.float32).numpy()
+        from ..core import native_sampler
+
+        values = torch.from_numpy(np.ascontiguousarray(array))
+        if values.dtype == torch.float32 and native_sampler.kernels_eligible(values):
+            result = native_sampler.clamp_scale(values, low, high).numpy()  # the same bits, no float64 copy
+        else:
+            result = values.clamp(low, high).to(torch.float64).sub_(low).div_(high - low).to(torch.float32).numpy()
     result = result.astype(np.float32, copy=False)
     if mask is not None:
         result = result * mask

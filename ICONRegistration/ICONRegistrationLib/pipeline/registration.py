@@ -257,6 +257,18 @@ def _exact_inverse(forward_field: sitk.Image, grid: Grid) -> tuple[sitk.Image, I
                                       invertible=solved.invertible)
 
 
+def _resize_table(source: int, target: int, start: int = 0, stop: Optional[int] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the box-aligned linear resize of an axis of ``source`` voxels to ``target`` voxels
+    (``align_corners=False``, edges clamped) reads for the target voxels ``start``…``stop``: the lower and the upper
+    source index (int64) and the upper one's weight (float32); the positions are computed in float64."""
+    rows = torch.arange(start, target if stop is None else stop, dtype=torch.float64)
+    position = ((rows + 0.5) * (source / target) - 0.5).clamp_(min=0.0)
+    lower = position.floor().long().clamp_(max=source - 1)
+    upper = (lower + 1).clamp_(max=source - 1)
+    return lower, upper, (position - lower).float()
+
+
 def _resize_slab(field: torch.Tensor, shape: tuple[int, int, int], slab: slice) -> torch.Tensor:
     """Rows ``slab`` of ``F.interpolate(field, size=shape, mode="trilinear", align_corners=False)``.
 
@@ -265,17 +277,14 @@ def _resize_slab(field: torch.Tensor, shape: tuple[int, int, int], slab: slice) 
     separably — rows along the first axis by hand, the other two by a bilinear ``F.interpolate`` — it is several
     times cheaper than ``grid_sample`` at every voxel, and a slab of rows bounds the memory.
     """
-    source = field.shape[2]
-    rows = torch.arange(slab.start, slab.stop, device=field.device, dtype=torch.float64)
-    position = ((rows + 0.5) * (source / shape[0]) - 0.5).clamp_(min=0.0)
-    lower = position.floor().long().clamp_(max=source - 1)
-    upper = (lower + 1).clamp_(max=source - 1)
-    weight = (position - lower).to(field.dtype).view(1, 1, -1, 1, 1)
-    blended = torch.lerp(field.index_select(2, lower), field.index_select(2, upper), weight)
+    lower, upper, weight = (t.to(field.device)
+                            for t in _resize_table(field.shape[2], shape[0], slab.start, slab.stop))
+    blended = torch.lerp(field.index_select(2, lower), field.index_select(2, upper),
+                         weight.to(field.dtype).view(1, 1, -1, 1, 1))
     channels = field.shape[1]
-    planes = blended.reshape(1, channels * len(rows), *field.shape[3:])  # rows become channels: a 2-D resize
+    planes = blended.reshape(1, channels * len(lower), *field.shape[3:])  # rows become channels: a 2-D resize
     resized = F.interpolate(planes, size=tuple(shape[1:]), mode="bilinear", align_corners=False)
-    return resized.view(1, channels, len(rows), *shape[1:])
+    return resized.view(1, channels, len(lower), *shape[1:])
 
 
 def _warp_moving(moving: np.ndarray, displacement: torch.Tensor, grid_B: Grid, grid_A: Grid, fixed_grid: Grid,
@@ -293,6 +302,14 @@ def _warp_moving(moving: np.ndarray, displacement: torch.Tensor, grid_B: Grid, g
     half_width = torch.as_tensor([0.5 + 0.5 / max(n - 1, 1) for n in moving_grid.shape], device=device)
     out = np.empty(fixed_grid.shape, dtype=np.float32)
     out_tensor = torch.from_numpy(out)  # the same memory: copies into it use every thread
+    if (moving_tensor.dtype == torch.float32 and displacement.dtype == torch.float32 and min(moving.shape) >= 2
+            and native_sampler.kernels_eligible(moving_tensor)):
+        # the same per voxel in one compiled pass, a row at a time: no coordinate, field or mask temporaries
+        tables = [_resize_table(n, m) for n, m in zip(displacement.shape[2:], fixed_grid.shape)]
+        matrices = (*grid_B.index_affine_of(fixed_grid), *to_moving)
+        native_sampler.warp_image(out_tensor, moving_tensor[0, 0], displacement, tables,
+                                  *(torch.as_tensor(m, dtype=torch.float64) for m in matrices), half_width.double())
+        return out
     rows = max(1, _SLAB_VOXELS // (fixed_grid.shape[1] * fixed_grid.shape[2]))
     for start in range(0, fixed_grid.shape[0], rows):
         slab = slice(start, min(start + rows, fixed_grid.shape[0]))
