@@ -706,41 +706,34 @@ def test_keep_freed_memory_applies_to_its_own_process_only_and_can_be_switched_o
     assert off.stdout.strip() == "False"
 
 
-def test_side_by_side_keeps_order_and_raises_the_first_error_with_any_thread_count(monkeypatch):
-    from ICONRegistrationLib.concurrency import side_by_side
-    from ICONRegistrationLib.errors import UserError
-
-    def fail(message):
-        raise UserError(message)
-
-    for threads in (1, 2, 4):
-        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
-        assert side_by_side(lambda: 1, lambda: "two", lambda: [3]) == [1, "two", [3]]
-        with pytest.raises(UserError, match="first"):
-            side_by_side(lambda: 1, lambda: fail("first"), lambda: fail("second"))
-
-
-def test_quality_summary_in_threads_equals_one_thread_and_normalisation_clips_at_the_percentile(monkeypatch):
+def test_quality_summary_is_numpys_with_any_thread_count_and_normalisation_clips_at_the_percentile():
     import dataclasses
 
     import numpy as np
 
+    from ICONRegistrationLib.core import native_sampler
     from ICONRegistrationLib.pipeline.preprocessing import normalize_intensities
     from ICONRegistrationLib.pipeline.qa import summarize_quality
 
+    native_sampler.enable()  # the percentiles' bands through the compiled kernel where it builds
     rng = np.random.default_rng(3)
-    jacobian = rng.normal(1.0, 0.4, size=(20, 21, 22)).astype(np.float32)
-    ic_error = rng.gamma(2.0, 0.3, size=(20, 21, 22)).astype(np.float32)
+    jacobian = rng.normal(1.0, 0.4, size=(70, 64, 60)).astype(np.float32)  # large enough for the banded selection
+    ic_error = rng.gamma(2.0, 0.3, size=(70, 64, 60)).astype(np.float32)
     image = rng.gamma(3.0, 50.0, size=(20, 21, 22)).astype(np.float32)
     results = {}
-    for threads in (1, 2):
-        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
-        results[threads] = dataclasses.asdict(summarize_quality(jacobian, ic_error))
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results[threads] = dataclasses.asdict(summarize_quality(jacobian, ic_error))
+    finally:
+        torch.set_num_threads(threads_before)
     assert results[1] == results[2]
     summary = results[2]
     assert summary["folds"] == int((jacobian <= 0).sum()) > 0
-    assert summary["jacobian_p5"] == pytest.approx(float(np.percentile(jacobian, 5)))
-    assert summary["ic_error_p95_mm"] == pytest.approx(float(np.percentile(ic_error, 95)))
+    for key, q in (("p1", 1), ("p5", 5), ("median", 50), ("p95", 95), ("p99", 99)):
+        assert summary[f"jacobian_{key}"] == float(np.percentile(jacobian, q))
+    assert summary["ic_error_p95_mm"] == float(np.percentile(ic_error, 95))
     normalised = normalize_intensities(image, "mri", {"mri_percentile": 99})
     high = np.percentile(image, 99)
     assert normalised.dtype == np.float32 and normalised.min() == 0.0 and normalised.max() == 1.0
@@ -770,21 +763,30 @@ def _percentile_cases():
     yield "±inf among the values", np.concatenate([rng.random(n, dtype=np.float32), [np.inf, -np.inf]])
 
 
+@pytest.mark.parametrize("compiled_band", [True, False])
 @pytest.mark.parametrize("case", list(range(11)))
-def test_banded_percentile_is_numpys_bit_for_bit(case):
-    """The same bits as np.percentile, but for the sign of a zero (partitioning may pick either zero)."""
+def test_banded_percentile_is_numpys_bit_for_bit(monkeypatch, case, compiled_band):
+    """The same bits as np.percentile, but for the sign of a zero (partitioning may pick either zero), one quantile
+    at a time and several from one sorted sample, with the band gathered by the compiled kernel or by NumPy."""
     import numpy as np
 
-    from ICONRegistrationLib.pipeline.percentile import percentile
+    from ICONRegistrationLib.core import native_sampler
+    from ICONRegistrationLib.pipeline import percentile as module
 
+    if compiled_band and not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    if not compiled_band:
+        monkeypatch.setattr(module, "_compiled_band", lambda *args: None)
     name, values = list(_percentile_cases())[case]
-    for q in (0.0, 0.5, 1, 5, 30.5, 37.3, 50, 95, 99, 99.5, 100, np.float64(12.345), np.float32(87.5)):
+    qs = (0.0, 0.5, 1, 5, 30.5, 37.3, 50, 95, 99, 99.5, 100, np.float64(12.345), np.float32(87.5))
+    together = module.percentiles(values, qs)
+    for q, from_several in zip(qs, together):
         expected = float(np.percentile(values, q))
-        got = percentile(values, q)
-        if expected == 0.0:
-            assert got == 0.0, (name, q, got, expected)
-        else:
-            assert np.float64(got).tobytes() == np.float64(expected).tobytes(), (name, q, got, expected)
+        for got in (module.percentile(values, q), from_several):
+            if expected == 0.0:
+                assert got == 0.0, (name, q, got, expected)
+            else:
+                assert np.float64(got).tobytes() == np.float64(expected).tobytes(), (name, q, got, expected)
 
 
 def test_banded_percentile_selects_from_the_band_without_numpys_percentile(monkeypatch):
@@ -801,6 +803,12 @@ def test_banded_percentile_selects_from_the_band_without_numpys_percentile(monke
 
     monkeypatch.setattr(module.np, "percentile", refuse)
     assert {q: module.percentile(values, q) for q in (1, 50, 99)} == expected
+    from ICONRegistrationLib.core import native_sampler
+    if native_sampler.enable().available:  # and the compiled kernel gathered the bands
+        calls = []
+        kernel = native_sampler.band_of
+        monkeypatch.setattr(native_sampler, "band_of", lambda *args: calls.append(1) or kernel(*args))
+        assert dict(zip((1, 50, 99), module.percentiles(values, (1, 50, 99)))) == expected and len(calls) == 3
 
 
 def test_normalisation_is_the_float64_numpy_formula_bit_for_bit_and_guessing_a_modality_needs_no_torch():

@@ -1164,6 +1164,55 @@ void warp_image(torch::Tensor out, torch::Tensor moving, torch::Tensor field, st
   });
 }
 
+// ---- the band of an exact percentile (pipeline/percentile.py, _band_values): for a 1-D array, how many values lie
+// below low, in [low, high] and above high (a NaN in none of them), and the values in [low, high] in their order.
+// Two passes over fixed chunks (the same result for any thread count): the counts per chunk, then each chunk's band
+// values copied to its offset.
+template <typename T>
+static std::vector<torch::Tensor> band_of_t(const torch::Tensor& values, double low_bound, double high_bound) {
+  const int64_t n = values.numel(), chunk = 1 << 16, chunks = (n + chunk - 1) / chunk;
+  const T low = static_cast<T>(low_bound), high = static_cast<T>(high_bound);
+  const T* pv = values.data_ptr<T>();
+  std::vector<int64_t> below(chunks), inside(chunks), above(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t b = 0, i = 0, a = 0;
+      for (int64_t k = c * chunk, stop = std::min(n, (c + 1) * chunk); k < stop; ++k) {
+        const T v = pv[k];
+        b += v < low;
+        a += v > high;
+        i += (v >= low) & (v <= high);
+      }
+      below[c] = b; inside[c] = i; above[c] = a;
+    }
+  });
+  std::vector<int64_t> offset(chunks + 1, 0);
+  int64_t total_below = 0, total_above = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    offset[c + 1] = offset[c] + inside[c];
+    total_below += below[c];
+    total_above += above[c];
+  }
+  auto band = torch::empty({offset[chunks]}, values.options());
+  T* pb = band.data_ptr<T>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      T* out = pb + offset[c];
+      for (int64_t k = c * chunk, stop = std::min(n, (c + 1) * chunk); k < stop; ++k) {
+        const T v = pv[k];
+        if (v >= low && v <= high) *out++ = v;
+      }
+    }
+  });
+  auto counts = torch::tensor({total_below, offset[chunks], total_above}, torch::kInt64);
+  return {counts, band};
+}
+
+std::vector<torch::Tensor> band_of(torch::Tensor values, double low, double high) {
+  if (values.scalar_type() == at::kDouble) return band_of_t<double>(values, low, high);
+  return band_of_t<float>(values, low, high);
+}
+
 // ---- intensity normalisation (pipeline/preprocessing.py): (clamp(x, low, high) - low) / (high - low) for float32 x,
 // the clamp in float32 against the bounds rounded to float32 (as torch.clamp of a float32 tensor), the rest in
 // float64, rounded to float32 once: the tensor expression's bits. A NaN stays NaN.
@@ -1195,6 +1244,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qa_fields", &qa_fields, py::call_guard<py::gil_scoped_release>());
   m.def("warp_image", &warp_image, py::call_guard<py::gil_scoped_release>());
   m.def("clamp_scale", &clamp_scale, py::call_guard<py::gil_scoped_release>());
+  m.def("band_of", &band_of, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward", &sample_forward, py::call_guard<py::gil_scoped_release>());
   m.def("sample_forward_with_derivatives", &sample_forward_with_derivatives, py::call_guard<py::gil_scoped_release>());
   m.def("set_vectorized", &set_vectorized);
@@ -1359,8 +1409,8 @@ def status() -> NativeSamplerStatus:
 def kernels_eligible(tensor: torch.Tensor) -> bool:
     """Whether the library's array kernels (:func:`blur_axis`, :func:`channel_sums`, :func:`channel_affine`,
     :func:`upsample_add`, :func:`upsample_adjoint`, :func:`displacement_jacobian`, :func:`qa_fields`,
-    :func:`warp_image`, :func:`clamp_scale`) can take this tensor: CPU, float32 or float64, not empty, the library loaded (each kernel's
-    own dtype limits are in its docstring)."""
+    :func:`warp_image`, :func:`clamp_scale`, :func:`band_of`) can take this tensor: CPU, float32 or float64, not
+    empty, the library loaded (each kernel's own dtype limits are in its docstring)."""
     return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
 
@@ -1452,6 +1502,16 @@ def warp_image(out: torch.Tensor, moving: torch.Tensor, displacement: torch.Tens
                        where_offset.contiguous(), to_moving_matrix.contiguous(), to_moving_offset.contiguous(),
                        half_width.contiguous())
     return out
+
+
+def band_of(values: torch.Tensor, low: float, high: float) -> tuple[int, torch.Tensor, int]:
+    """For a 1-D float32 or float64 tensor (made contiguous) and bounds of its dtype: ``(how many values are below
+    low, the values in [low, high] in their order, how many are above high)``; a NaN counts in none of them. Two
+    compiled passes instead of five array operations (``pipeline.percentile``'s band). Call it where
+    :func:`kernels_eligible` holds for ``values``."""
+    counts, band = _module.band_of(values.contiguous(), float(low), float(high))
+    below, _, above = (int(c) for c in counts)
+    return below, band, above
 
 
 def clamp_scale(values: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -12,6 +12,8 @@ always NumPy's.
 from __future__ import annotations
 
 import math
+import sys
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -23,7 +25,22 @@ def percentile(values: np.ndarray, q: float) -> float:
     """``float(np.percentile(values, q))`` for an array of any shape and ``0 ≤ q ≤ 100`` (a number; its NumPy type,
     if any, is kept as NumPy's own call would keep it). The banded selection serves float32 arrays of 2^18 to 2^24
     values and float64 arrays of at least 2^18; NumPy itself answers otherwise."""
+    return percentiles(values, [q])[0]
+
+
+def percentiles(values: np.ndarray, qs: "list[float] | tuple[float, ...]") -> list[float]:
+    """``[percentile(values, q) for q in qs]``, the strided sample sorted once for all of them."""
     flat = np.asarray(values).reshape(-1)
+    sample: list[Optional[np.ndarray]] = [None]  # sorted on first use
+
+    def sorted_sample() -> np.ndarray:
+        if sample[0] is None:
+            sample[0] = np.sort(flat[::max(1, flat.size // _SAMPLE)])
+        return sample[0]
+    return [_one_percentile(flat, q, sorted_sample) for q in qs]
+
+
+def _one_percentile(flat: np.ndarray, q: float, sorted_sample: Callable[[], np.ndarray]) -> float:
     count = flat.size
     # NumPy does the index arithmetic below in float32 for float32 arrays: beyond 2^24 values it is inexact
     inexact_index = flat.dtype == np.float32 and count > (1 << 24)
@@ -37,7 +54,7 @@ def percentile(values: np.ndarray, q: float) -> float:
         return float(np.percentile(flat, q))
     previous = int(np.floor(virtual))
     gamma = np.asarray(virtual - previous, dtype=np.asarray(virtual).dtype)
-    band = _band_values(flat, previous)
+    band = _band_values(flat, previous, sorted_sample())
     if band is None:
         return float(np.percentile(flat, q))
     below, inside = band
@@ -53,12 +70,11 @@ def percentile(values: np.ndarray, q: float) -> float:
     return float(result)
 
 
-def _band_values(flat: np.ndarray, rank: int) -> "tuple[int, np.ndarray] | None":
+def _band_values(flat: np.ndarray, rank: int, sample: np.ndarray) -> "tuple[int, np.ndarray] | None":
     """``(number of values below the band, the values in the band)`` for a band that surely holds the values of
-    sorted ranks ``rank`` and ``rank + 1``; ``None`` when the sample's band misses them or a value is not finite."""
+    sorted ranks ``rank`` and ``rank + 1``, bracketed by ``sample`` (the sorted strided sample of ``flat``);
+    ``None`` when the sample's band misses them or a value is not finite."""
     count = flat.size
-    stride = max(1, count // _SAMPLE)
-    sample = np.sort(flat[::stride])
     if not (np.isfinite(sample[0]) and np.isfinite(sample[-1])):
         return None
     size = sample.size
@@ -67,12 +83,33 @@ def _band_values(flat: np.ndarray, rank: int) -> "tuple[int, np.ndarray] | None"
     margin = int(math.ceil(8.0 * math.sqrt(size * fraction * (1.0 - fraction)))) + 16  # ≫ the sample's spread
     low = sample[max(0, int(math.floor(centre)) - margin)]
     high = sample[min(size - 1, int(math.ceil(centre)) + margin)]
-    inside_mask = flat >= low
-    inside_mask &= flat <= high
-    inside = flat[inside_mask]
-    below = int(np.count_nonzero(flat < low))
+    compiled = _compiled_band(flat, low, high)
+    if compiled is not None:
+        below, inside, above = compiled
+    else:
+        inside_mask = flat >= low
+        inside_mask &= flat <= high
+        inside = flat[inside_mask]
+        below = int(np.count_nonzero(flat < low))
+        above = int(np.count_nonzero(flat > high))
     if not (below <= rank and rank + 1 < below + inside.size):
         return None
-    if below + inside.size + int(np.count_nonzero(flat > high)) != count:  # NaN values: let NumPy decide
+    if below + inside.size + above != count:  # NaN values: let NumPy decide
         return None
     return below, inside
+
+
+def _compiled_band(flat: np.ndarray, low, high) -> "tuple[int, np.ndarray, int] | None":
+    """The band's counts and values in two compiled passes (``core.native_sampler.band_of``), or ``None`` where that
+    does not apply: torch not loaded by the caller (the Slicer form's modality guess stays NumPy only), the library
+    not built, or an array torch cannot share (read-only, non-native byte order)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not flat.flags.writeable or not flat.flags.c_contiguous or not flat.dtype.isnative:
+        return None
+    from ..core import native_sampler
+
+    values = torch.from_numpy(flat)
+    if not native_sampler.kernels_eligible(values):
+        return None
+    below, band, above = native_sampler.band_of(values, float(low), float(high))
+    return below, band.numpy(), above
