@@ -775,11 +775,19 @@ def test_banded_percentile_is_numpys_bit_for_bit(monkeypatch, case, compiled_ban
 
     if compiled_band and not native_sampler.enable().available:
         pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
-    if not compiled_band:
+    calls = []
+    if compiled_band:
+        kernel = native_sampler.band_of
+        monkeypatch.setattr(native_sampler, "band_of", lambda *args: calls.append(1) or kernel(*args))
+    else:
         monkeypatch.setattr(module, "_compiled_band", lambda *args: None)
     name, values = list(_percentile_cases())[case]
     qs = (0.0, 0.5, 1, 5, 30.5, 37.3, 50, 95, 99, 99.5, 100, np.float64(12.345), np.float32(87.5))
     together = module.percentiles(values, qs)
+    if compiled_band and values.size >= module._SMALL and bool(np.isfinite(values).all()):
+        assert calls, name  # the compiled kernel gathered the bands
+    if not compiled_band or values.size < module._SMALL:
+        assert not calls, name
     for q, from_several in zip(qs, together):
         expected = float(np.percentile(values, q))
         for got in (module.percentile(values, q), from_several):
@@ -906,6 +914,12 @@ def test_a_modality_that_contradicts_the_intensities_warns():
             normalize_intensities(image, "ct", rules, role="fixed")
     with pytest.warns(UserWarning, match="given as MRI but looks like CT"):
         normalize_intensities(ct, "mri", rules)
+    # a large CT whose axes are powers of two, with air inside but none in the plane x = 0: the check looks at a
+    # sample of the voxels, which must not be a few planes (a stride of 16 on rows of 64 voxels would be)
+    cropped_ct = rng.normal(40.0, 20.0, size=(256, 64, 64)).astype(np.float32)
+    cropped_ct[:, 20:40, 1:16] = -900.0  # between the columns 0 and 16 that a stride of 16 would see
+    with pytest.warns(UserWarning, match="given as MRI but looks like CT"):
+        normalize_intensities(cropped_ct, "mri", rules)
     padded_ct = ct.copy()
     padded_ct[:2] = -3024  # padding is not evidence either way
     with warnings.catch_warnings():
@@ -1077,7 +1091,9 @@ def test_compiled_clamp_and_scale_is_the_float64_formula_bit_for_bit(monkeypatch
         pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
     values = (torch.randn(300_001, generator=torch.Generator().manual_seed(4)) * 100).float()
     values[7] = float("nan")
-    for low, high in ((0.1, 57.3), (-3.3333333333, 99.123456789), (float(values[:6].min()), float(values[:6].max()))):
+    values[8], values[9], values[10], values[11] = float("inf"), float("-inf"), -0.0, 0.0
+    for low, high in ((0.1, 57.3), (-3.3333333333, 99.123456789), (float(values[:6].min()), float(values[:6].max())),
+                      (0.0, 1.0), (-0.0, 2.5), (5.0, -5.0)):  # a zero bound of either sign; bounds the wrong way
         expected = values.clamp(low, high).to(torch.float64).sub_(low).div_(high - low).to(torch.float32)
         found = native_sampler.clamp_scale(values, low, high)
         assert torch.equal(found.view(torch.int32), expected.view(torch.int32))
@@ -1124,12 +1140,13 @@ def test_compiled_warp_gives_the_tensor_paths_warped_image(monkeypatch, moving_s
     monkeypatch.setattr(native_sampler, "warp_image", lambda *args: calls.append(1) or kernel(*args))
     fixed_grid, moving_grid = Grid.of_image(fixed), Grid.of_image(moving)
     fast = registration._warp_moving(voxels, displacement, grid_B, grid_A, fixed_grid, moving_grid)
+    vectorized = native_sampler._module.vectorized()  # without AVX-512 both calls take the scalar path
     before = native_sampler._module.set_vectorized(False)
     try:
         scalar = registration._warp_moving(voxels, displacement, grid_B, grid_A, fixed_grid, moving_grid)
     finally:
         native_sampler._module.set_vectorized(before)
-    assert calls == [1, 1] and np.array_equal(fast, scalar)
+    assert calls == [1, 1] and np.array_equal(fast, scalar), f"AVX-512 path: {vectorized}"
     monkeypatch.setattr(native_sampler, "kernels_eligible", lambda tensor: False)
     expected = registration._warp_moving(voxels, displacement, grid_B, grid_A, fixed_grid, moving_grid)
     assert calls == [1, 1] and fast.shape == expected.shape and fast.dtype == expected.dtype

@@ -20,8 +20,10 @@ The same library carries array kernels, used where :func:`kernels_eligible` hold
 ``losses.gaussian_blur`` on a CPU (:func:`blur_axis`; LNCC's moments and instance optimisation's smoothing are such
 blurs), and for the UNet's channels-last last level the per-channel sums and affine maps of its batch norm
 (:func:`channel_sums`, :func:`channel_affine`) and its upsampling-and-addition (:func:`upsample_add`,
-:func:`upsample_adjoint`), and for ``register()``'s QA stage the Jacobian determinant of a displacement
-(:func:`displacement_jacobian`) and the displacement in mm, IC error and outside mask (:func:`qa_fields`).
+:func:`upsample_adjoint`), for ``register()``'s QA stage the Jacobian determinant of a displacement
+(:func:`displacement_jacobian`) and the displacement in mm, IC error and outside mask (:func:`qa_fields`), for its
+export the warped moving image (:func:`warp_image`), for the intensity normalisation its clamp and scale
+(:func:`clamp_scale`), and for ``pipeline.percentile`` the band of an exact percentile (:func:`band_of`).
 
 Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
 in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
@@ -1071,6 +1073,16 @@ void warp_image(torch::Tensor out, torch::Tensor moving, torch::Tensor field, st
                 std::vector<torch::Tensor> upper, std::vector<torch::Tensor> weight, torch::Tensor where_matrix,
                 torch::Tensor where_offset, torch::Tensor to_moving_matrix, torch::Tensor to_moving_offset,
                 torch::Tensor half_width) {
+  TORCH_CHECK(out.dim() == 3 && out.is_contiguous() && out.scalar_type() == at::kFloat, "warp_image: out [D, H, W]");
+  TORCH_CHECK(moving.dim() == 3 && moving.is_contiguous() && moving.scalar_type() == at::kFloat &&
+              moving.size(0) >= 2 && moving.size(1) >= 2 && moving.size(2) >= 2,
+              "warp_image: moving [Dm, Hm, Wm], float32, every axis at least 2 voxels");
+  TORCH_CHECK(field.dim() == 4 && field.size(0) == 3 && field.is_contiguous() && field.scalar_type() == at::kFloat,
+              "warp_image: field [3, S0, S1, S2]");
+  TORCH_CHECK(lower.size() == 3 && upper.size() == 3 && weight.size() == 3, "warp_image: three tables");
+  for (int axis = 0; axis < 3; ++axis)
+    TORCH_CHECK(lower[axis].numel() == out.size(axis) && upper[axis].numel() == out.size(axis) &&
+                weight[axis].numel() == out.size(axis), "warp_image: a table's length is not its axis'");
   const int64_t D = out.size(0), H = out.size(1), W = out.size(2);
   const int64_t Dm = moving.size(0), Hm = moving.size(1), Wm = moving.size(2);
   const int64_t S1 = field.size(2), S2 = field.size(3), V = field.size(1) * S1 * S2;
@@ -1224,16 +1236,16 @@ torch::Tensor clamp_scale(torch::Tensor values, double low, double high) {
   float* po = out.data_ptr<float>();
   at::parallel_for(0, values.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const float v = pv[k];
-      const float c = v < lo ? lo : (v > hi ? hi : v);
+      float c = pv[k];
+      c = c < lo ? lo : c;  // torch.clamp's order: the lower bound, then the upper one (a NaN stays NaN)
+      c = c > hi ? hi : c;
       po[k] = static_cast<float>((static_cast<double>(c) - low) / range);
     }
   });
   return out;
 }
 
-// The GIL is released while a kernel runs, as for PyTorch's own operators (the QA statistics sample in two Python
-// threads side by side).
+// The GIL is released while a kernel runs, as for PyTorch's own operators.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blur_axis", &blur_axis, py::call_guard<py::gil_scoped_release>());
   m.def("channel_sums", &channel_sums, py::call_guard<py::gil_scoped_release>());
@@ -1494,7 +1506,8 @@ def warp_image(out: torch.Tensor, moving: torch.Tensor, displacement: torch.Tens
     resize's ``(lower, upper, weight)`` (source indices into ``S`` and the upper one's weight); the fixed voxel index
     → network unit cube ``where_matrix`` / ``where_offset``, the network point → moving unit cube
     ``to_moving_matrix`` / ``to_moving_offset``, and the half widths of the moving image's inside test (as in
-    ``pipeline.registration._warp_moving``). Call it where :func:`kernels_eligible` holds for ``moving``."""
+    ``pipeline.registration._warp_moving``). Every axis of ``moving`` needs at least two voxels. Call it where
+    :func:`kernels_eligible` holds for ``moving``."""
     _module.warp_image(out, moving.contiguous(), displacement[0].contiguous(),
                        [t[0].to(torch.int64).contiguous() for t in tables],
                        [t[1].to(torch.int64).contiguous() for t in tables],

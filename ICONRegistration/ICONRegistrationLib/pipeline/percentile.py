@@ -4,7 +4,8 @@ the sign of a zero), several times faster on large volumes.
 ``np.percentile`` partitions the whole array (every voxel moved, one core) and also finds its minimum and maximum.
 For one ``q`` only a narrow band of values matters: a strided sample of about 2^16 values brackets the wanted
 ranks; one pass counts the values below the band and gathers the band, and only the band (typically < 1 % of a
-volume) is partitioned. Whenever the band does not hold the wanted ranks (unlucky sample, many equal values), or
+volume) is partitioned; where the package's compiled library is loaded, one compiled kernel counts and gathers the
+band in two passes. Whenever the band does not hold the wanted ranks (unlucky sample, many equal values), or
 the values are not finite, or the array is small, it falls back to ``np.percentile`` itself, so the result is
 always NumPy's.
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 _SAMPLE = 1 << 16  # values in the strided sample
 _SMALL = 1 << 18  # below this many values np.percentile is already fast
+_NATIVE_MODULE = __name__.rsplit(".", 2)[0] + ".core.native_sampler"  # used only once something imported it
 
 
 def percentile(values: np.ndarray, q: float) -> float:
@@ -101,13 +103,14 @@ def _band_values(flat: np.ndarray, rank: int, sample: np.ndarray) -> "tuple[int,
 
 def _compiled_band(flat: np.ndarray, low, high) -> "tuple[int, np.ndarray, int] | None":
     """The band's counts and values in two compiled passes (``core.native_sampler.band_of``), or ``None`` where that
-    does not apply: torch not loaded by the caller (the Slicer form's modality guess stays NumPy only), the library
-    not built, or an array torch cannot share (read-only, non-native byte order)."""
+    does not apply: the compiled library's module not imported already (this never imports torch or the network
+    code: the Slicer form's modality guess stays NumPy only), the library not built, or an array torch cannot share
+    (read-only, non-contiguous, non-native byte order)."""
     torch = sys.modules.get("torch")
-    if torch is None or not flat.flags.writeable or not flat.flags.c_contiguous or not flat.dtype.isnative:
+    native_sampler = sys.modules.get(_NATIVE_MODULE)
+    if (torch is None or native_sampler is None or not flat.flags.writeable or not flat.flags.c_contiguous
+            or not flat.dtype.isnative):
         return None
-    from ..core import native_sampler
-
     values = torch.from_numpy(flat)
     if not native_sampler.kernels_eligible(values):
         return None

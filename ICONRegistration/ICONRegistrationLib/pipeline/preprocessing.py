@@ -12,6 +12,7 @@ Rules read from ``spec.preprocessing``:
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -60,9 +61,13 @@ def _without_padding(array: np.ndarray, minimum: float) -> np.ndarray:
 
 def _warning_sample(image: np.ndarray) -> np.ndarray:
     """Every k-th voxel of ``image``, about 2^16 of them: enough for a warning (not a result), at a fraction of the
-    cost of a pass over a large image."""
+    cost of a pass over a large image. ``k`` shares no factor with the lengths of the trailing axes, so the sample
+    walks through every row and column instead of one plane (256³: every 256th voxel would all lie at x = 0)."""
     flat = image.reshape(-1)
-    return flat[::max(1, flat.size // (1 << 16))]
+    step = max(1, flat.size // (1 << 16))
+    while step > 1 and any(math.gcd(step, n) > 1 for n in image.shape[1:]):
+        step += 1
+    return flat[::step]
 
 
 def _check_modality_fits(image: np.ndarray, minimum: float, modality: str, role: str) -> None:

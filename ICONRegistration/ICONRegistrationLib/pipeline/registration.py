@@ -261,12 +261,12 @@ def _resize_table(source: int, target: int, start: int = 0, stop: Optional[int] 
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where the box-aligned linear resize of an axis of ``source`` voxels to ``target`` voxels
     (``align_corners=False``, edges clamped) reads for the target voxels ``start``…``stop``: the lower and the upper
-    source index (int64) and the upper one's weight (float32); the positions are computed in float64."""
+    source index (int64) and the upper one's weight (float64)."""
     rows = torch.arange(start, target if stop is None else stop, dtype=torch.float64)
     position = ((rows + 0.5) * (source / target) - 0.5).clamp_(min=0.0)
     lower = position.floor().long().clamp_(max=source - 1)
     upper = (lower + 1).clamp_(max=source - 1)
-    return lower, upper, (position - lower).float()
+    return lower, upper, position - lower
 
 
 def _resize_slab(field: torch.Tensor, shape: tuple[int, int, int], slab: slice) -> torch.Tensor:
@@ -304,7 +304,8 @@ def _warp_moving(moving: np.ndarray, displacement: torch.Tensor, grid_B: Grid, g
     out_tensor = torch.from_numpy(out)  # the same memory: copies into it use every thread
     if (moving_tensor.dtype == torch.float32 and displacement.dtype == torch.float32 and min(moving.shape) >= 2
             and native_sampler.kernels_eligible(moving_tensor)):
-        # the same per voxel in one compiled pass, a row at a time: no coordinate, field or mask temporaries
+        # the same steps per voxel (to float rounding) in one compiled pass, a row at a time: no coordinate,
+        # field or mask temporaries
         tables = [_resize_table(n, m) for n, m in zip(displacement.shape[2:], fixed_grid.shape)]
         matrices = (*grid_B.index_affine_of(fixed_grid), *to_moving)
         native_sampler.warp_image(out_tensor, moving_tensor[0, 0], displacement, tables,
