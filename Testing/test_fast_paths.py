@@ -1029,28 +1029,39 @@ def test_compiled_displacement_jacobian_is_the_tensor_formula(monkeypatch, shape
     assert float((fast - tensor_path).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("with_ic", [True, False])
-def test_compiled_qa_fields_give_the_tensor_paths_displacement_ic_error_and_outside_mask(monkeypatch, with_ic):
-    """register()'s QA fields on the network grid through the compiled one-pass kernel: the tensor path's
-    displacement in mm, IC error and outside mask (grids of different shapes, oblique directions and origins, a
-    map that leaves the other box), a non-finite displacement stays non-finite, and it is the kernel that ran."""
+def _oblique_pair(moving_size=(25, 31, 20), moving_rotation=0.0):
+    """A fixed image 30×26×22 rotated by 0.3 rad about z and a moving image of ``moving_size`` (rotated by
+    ``moving_rotation`` about x), anisotropic spacings and different origins; and the 9×11×8 network grids over them
+    (``grid_B`` over fixed, ``grid_A`` over moving)."""
     import SimpleITK as sitk
 
-    from ICONRegistrationLib.core import native_sampler
-    from ICONRegistrationLib.pipeline import registration
     from ICONRegistrationLib.pipeline.grid import Grid
-    if not native_sampler.enable().available:
-        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+
     fixed = sitk.Image(30, 26, 22, sitk.sitkFloat32)
     fixed.SetSpacing((1.2, 0.9, 1.5))
     fixed.SetOrigin((3.0, -4.0, 7.0))
     angle = 0.3
     fixed.SetDirection((math.cos(angle), -math.sin(angle), 0.0, math.sin(angle), math.cos(angle), 0.0, 0.0, 0.0, 1.0))
-    moving = sitk.Image(25, 31, 20, sitk.sitkFloat32)
+    moving = sitk.Image(*moving_size, sitk.sitkFloat32)
     moving.SetSpacing((1.0, 1.1, 1.3))
     moving.SetOrigin((-2.0, 1.0, 4.0))
+    c, s_ = math.cos(moving_rotation), math.sin(moving_rotation)
+    moving.SetDirection((1.0, 0.0, 0.0, 0.0, c, -s_, 0.0, s_, c))
     grid_B = Grid.over_image(fixed, [9, 11, 8])
     grid_A = Grid.over_image(moving, [9, 11, 8], align_to=grid_B)
+    return fixed, moving, grid_B, grid_A
+
+
+@pytest.mark.parametrize("with_ic", [True, False])
+def test_compiled_qa_fields_give_the_tensor_paths_displacement_ic_error_and_outside_mask(monkeypatch, with_ic):
+    """register()'s QA fields on the network grid through the compiled one-pass kernel: the tensor path's
+    displacement in mm, IC error and outside mask (grids of different shapes, oblique directions and origins, a
+    map that leaves the other box), a non-finite displacement stays non-finite, and it is the kernel that ran."""
+    from ICONRegistrationLib.core import native_sampler
+    from ICONRegistrationLib.pipeline import registration
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    _, _, grid_B, grid_A = _oblique_pair()
     generator = torch.Generator().manual_seed(5)
     displacement = torch.randn(1, 3, 9, 11, 8, generator=generator) * 0.08
     back = torch.randn(1, 3, 9, 11, 8, generator=generator) * 0.08 if with_ic else None
@@ -1114,25 +1125,13 @@ def test_compiled_warp_gives_the_tensor_paths_warped_image(monkeypatch, moving_s
     takes points out of the moving image, a moving axis of two voxels), the AVX-512 and scalar paths the same bits,
     and it is the kernel that ran."""
     import numpy as np
-    import SimpleITK as sitk
 
     from ICONRegistrationLib.core import native_sampler
     from ICONRegistrationLib.pipeline import registration
     from ICONRegistrationLib.pipeline.grid import Grid
     if not native_sampler.enable().available:
         pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
-    fixed = sitk.Image(30, 26, 22, sitk.sitkFloat32)
-    fixed.SetSpacing((1.2, 0.9, 1.5))
-    fixed.SetOrigin((3.0, -4.0, 7.0))
-    angle = 0.3
-    fixed.SetDirection((math.cos(angle), -math.sin(angle), 0.0, math.sin(angle), math.cos(angle), 0.0, 0.0, 0.0, 1.0))
-    moving = sitk.Image(*moving_size, sitk.sitkFloat32)
-    moving.SetSpacing((1.0, 1.1, 1.3))
-    moving.SetOrigin((-2.0, 1.0, 4.0))
-    moving.SetDirection((1.0, 0.0, 0.0, 0.0, math.cos(-angle), -math.sin(-angle), 0.0, math.sin(-angle),
-                         math.cos(-angle)))
-    grid_B = Grid.over_image(fixed, [9, 11, 8])
-    grid_A = Grid.over_image(moving, [9, 11, 8], align_to=grid_B)
+    fixed, moving, grid_B, grid_A = _oblique_pair(moving_size, moving_rotation=-0.3)
     voxels = np.random.default_rng(6).gamma(3.0, 50.0, size=moving_size[::-1]).astype(np.float32)
     displacement = torch.randn(1, 3, 9, 11, 8, generator=torch.Generator().manual_seed(5)) * 0.1
     calls = []
