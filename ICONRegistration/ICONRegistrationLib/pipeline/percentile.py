@@ -12,9 +12,10 @@ always NumPy's.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -33,12 +34,10 @@ def percentile(values: np.ndarray, q: float) -> float:
 def percentiles(values: np.ndarray, qs: "list[float] | tuple[float, ...]") -> list[float]:
     """``[percentile(values, q) for q in qs]``, the strided sample sorted once for all of them."""
     flat = np.asarray(values).reshape(-1)
-    sample: list[Optional[np.ndarray]] = [None]  # sorted on first use
 
+    @functools.cache  # sorted on first use: small arrays and out-of-range quantiles never need it
     def sorted_sample() -> np.ndarray:
-        if sample[0] is None:
-            sample[0] = np.sort(flat[::max(1, flat.size // _SAMPLE)])
-        return sample[0]
+        return np.sort(flat[::max(1, flat.size // _SAMPLE)])
     return [_one_percentile(flat, q, sorted_sample) for q in qs]
 
 

@@ -35,8 +35,8 @@ def summarize_quality(jacobian: np.ndarray, ic_error_mm: np.ndarray,
     return QualitySummary(
         folds=folds, folds_percent=100.0 * folds / max(jacobian.size, 1), jacobian_min=float(jacobian.min()),
         jacobian_p1=jacobian_percentiles[0], jacobian_p5=jacobian_percentiles[1],
-        jacobian_median=jacobian_percentiles[2],
-        jacobian_p95=jacobian_percentiles[3], jacobian_p99=jacobian_percentiles[4], jacobian_max=float(jacobian.max()),
+        jacobian_median=jacobian_percentiles[2], jacobian_p95=jacobian_percentiles[3],
+        jacobian_p99=jacobian_percentiles[4], jacobian_max=float(jacobian.max()),
         ic_error_mean_mm=float(ic_error_mm.mean()), ic_error_p95_mm=float(ic_p95),
         ic_error_max_mm=float(ic_error_mm.max()), ic_outside_percent=100.0 * float(outside.mean()),
         ic_error_overlap_mean_mm=float(ic_error_mm[~outside].mean()) if inside_count else None)

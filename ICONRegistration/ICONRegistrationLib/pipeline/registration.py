@@ -277,10 +277,10 @@ def _resize_slab(field: torch.Tensor, shape: tuple[int, int, int], slab: slice) 
     separably — rows along the first axis by hand, the other two by a bilinear ``F.interpolate`` — it is several
     times cheaper than ``grid_sample`` at every voxel, and a slab of rows bounds the memory.
     """
-    lower, upper, weight = (t.to(field.device)
-                            for t in _resize_table(field.shape[2], shape[0], slab.start, slab.stop))
-    blended = torch.lerp(field.index_select(2, lower), field.index_select(2, upper),
-                         weight.to(field.dtype).view(1, 1, -1, 1, 1))
+    lower, upper, weight = _resize_table(field.shape[2], shape[0], slab.start, slab.stop)
+    lower, upper = lower.to(field.device), upper.to(field.device)
+    weight = weight.to(field.dtype).to(field.device).view(1, 1, -1, 1, 1)
+    blended = torch.lerp(field.index_select(2, lower), field.index_select(2, upper), weight)
     channels = field.shape[1]
     planes = blended.reshape(1, channels * len(lower), *field.shape[3:])  # rows become channels: a 2-D resize
     resized = F.interpolate(planes, size=tuple(shape[1:]), mode="bilinear", align_corners=False)
