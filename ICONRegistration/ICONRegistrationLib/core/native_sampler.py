@@ -922,15 +922,21 @@ static inline float axis_difference(const float* u, int64_t i, int64_t n, int64_
   return (u[stride] - u[-stride]) * 0.5f;
 }
 
+// The n numbers of a small parameter tensor (a matrix, an offset; any float dtype) as float32, in order.
+static void floats_of(const torch::Tensor& values, float* out, int n) {
+  const auto wide = values.to(torch::kFloat64).contiguous();
+  TORCH_CHECK(wide.numel() == n, "iconreg kernels: expected ", n, " parameters, got ", wide.numel());
+  const double* p = wide.data_ptr<double>();
+  for (int k = 0; k < n; ++k) out[k] = static_cast<float>(p[k]);
+}
+
 torch::Tensor displacement_jacobian(torch::Tensor u, torch::Tensor inverse) {
   const int64_t B = u.size(0), D = u.size(2), H = u.size(3), W = u.size(4), V = D * H * W;
   auto out = torch::empty({B, 1, D, H, W}, u.options());
   const float* pu = u.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  auto inv64 = inverse.to(torch::kFloat64).contiguous();
-  const double* g = inv64.data_ptr<double>();
   float m[3][3];
-  for (int k = 0; k < 3; ++k) for (int s = 0; s < 3; ++s) m[k][s] = static_cast<float>(g[k * 3 + s]);
+  floats_of(inverse, &m[0][0], 9);
   at::parallel_for(0, B * D * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (D * H), z = (row / H) % D, y = row % H;
@@ -1015,14 +1021,10 @@ std::vector<torch::Tensor> qa_fields(torch::Tensor u, torch::Tensor v, torch::Te
   auto mm = torch::empty_like(u);
   auto ic = with_ic ? torch::empty({D, H, W}, u.options()) : torch::empty({0}, u.options());
   auto outside = with_ic ? torch::empty({D, H, W}, u.options().dtype(torch::kBool)) : torch::empty({0}, u.options());
-  const auto Uo64 = other_matrix.to(torch::kFloat64).contiguous(), Un64 = own_matrix.to(torch::kFloat64).contiguous();
-  const auto t64 = offset.to(torch::kFloat64).contiguous();
   float Uo[9], Un[9], t[3];
-  for (int k = 0; k < 9; ++k) {
-    Uo[k] = static_cast<float>(Uo64.data_ptr<double>()[k]);
-    Un[k] = static_cast<float>(Un64.data_ptr<double>()[k]);
-  }
-  for (int k = 0; k < 3; ++k) t[k] = static_cast<float>(t64.data_ptr<double>()[k]);
+  floats_of(other_matrix, Uo, 9);
+  floats_of(own_matrix, Un, 9);
+  floats_of(offset, t, 3);
   const float* pu = u.data_ptr<float>();
   // the reverse field with its channels interleaved: the eight corners' three values share cache lines
   const auto interleaved = with_ic ? v.permute({1, 2, 3, 0}).contiguous() : v;
@@ -1087,18 +1089,11 @@ void warp_image(torch::Tensor out, torch::Tensor moving, torch::Tensor field, st
   const int64_t Dm = moving.size(0), Hm = moving.size(1), Wm = moving.size(2);
   const int64_t S1 = field.size(2), S2 = field.size(3), V = field.size(1) * S1 * S2;
   float A[9], a[3], M[9], t[3], h[3];
-  const auto A64 = where_matrix.to(torch::kFloat64).contiguous(), a64 = where_offset.to(torch::kFloat64).contiguous();
-  const auto M64 = to_moving_matrix.to(torch::kFloat64).contiguous();
-  const auto t64 = to_moving_offset.to(torch::kFloat64).contiguous(), h64 = half_width.to(torch::kFloat64).contiguous();
-  for (int k = 0; k < 9; ++k) {
-    A[k] = static_cast<float>(A64.data_ptr<double>()[k]);
-    M[k] = static_cast<float>(M64.data_ptr<double>()[k]);
-  }
-  for (int k = 0; k < 3; ++k) {
-    a[k] = static_cast<float>(a64.data_ptr<double>()[k]);
-    t[k] = static_cast<float>(t64.data_ptr<double>()[k]);
-    h[k] = static_cast<float>(h64.data_ptr<double>()[k]);
-  }
+  floats_of(where_matrix, A, 9);
+  floats_of(where_offset, a, 3);
+  floats_of(to_moving_matrix, M, 9);
+  floats_of(to_moving_offset, t, 3);
+  floats_of(half_width, h, 3);
   const int64_t* lz = lower[0].data_ptr<int64_t>();
   const int64_t* uz = upper[0].data_ptr<int64_t>();
   const int64_t* ly = lower[1].data_ptr<int64_t>();

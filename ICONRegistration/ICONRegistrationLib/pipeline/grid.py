@@ -152,9 +152,7 @@ class Grid:
 
         ``slab`` restricts to a range of ``other``'s first tensor axis (to bound memory on large grids).
         """
-        index_affine = self.index_affine_of(other)
-        affine = torch.as_tensor(index_affine[0], dtype=dtype, device=device)
-        offset = torch.as_tensor(index_affine[1], dtype=dtype, device=device)
+        affine, offset = (torch.as_tensor(a, dtype=dtype, device=device) for a in self.index_affine_of(other))
         shape = list(other.shape)
         first = range(shape[0])[slab] if slab is not None else range(shape[0])
         axes = [torch.arange(first.start, first.stop, first.step, dtype=dtype, device=device)]
