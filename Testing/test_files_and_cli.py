@@ -223,9 +223,12 @@ def test_cli_models_list_info_install(tmp_path, tiny_model_files, capsys):
     for name in ("unigradicon", "multigradicon", "gradicon-lung", "gradicon-brain", "gradicon-knee"):
         assert name in listing
     assert "not downloaded" in listing
-    # the shipped hippocampus model says that it averages over one flip; official models list none
+    # the shipped models say which flips they average over (the hippocampus model all eight, the brain model one);
+    # official models list none
     hippocampus = listing[listing.index("gradicon-hippocampus"):].split("validation:")[0]
-    assert "averaged over flips of network axes 2" in hippocampus
+    assert "averaged over flips of network axes 0, 1, 2" in hippocampus
+    brain = listing[listing.index("gradicon-brain-lpba40"):].split("validation:")[0]
+    assert "averaged over flips of network axes 2" in brain
     assert listing[listing.index("gradicon-knee"):].split("\n")[1].strip().startswith("gradicon-")
     assert main(["models", "info", "gradicon-brain"]) == 0
     info = json.loads(capsys.readouterr().out)
