@@ -467,21 +467,25 @@ def _cmd_convert_weights(args: argparse.Namespace) -> int:
     from .io import check_output_file
     from .models import load_model, sha256_of
     from .models.build import build_network
-    from .models.convert import constricon_from_gradicon
+    from .models.convert import constricon_from_gradicon, widen_gradicon
     from .models.weights import write_state_dict
     from .models.zoo import resolve_spec
 
     check_output_file(args.out, "--out")
     target = resolve_spec(args.to)
-    if target.architecture != "constricon":
-        raise UserError(f"--to must be a ConstrICON spec; '{target.name}' is {target.architecture}.")
+    if target.architecture not in ("constricon", "gradicon"):
+        raise UserError(f"--to must be a ConstrICON spec or a wider GradICON spec; '{target.name}' is "
+                        f"{target.architecture}.")
     source = load_model(args.source, args.weights, device="cpu", download=False)
     if source.spec.architecture != "gradicon":
         raise UserError(f"--from must be a GradICON model; '{source.spec.name}' is {source.spec.architecture}.")
     if list(source.spec.input_shape) != list(target.input_shape):
         print(f"warning: the networks' grids differ ({source.spec.input_shape} against {target.input_shape}); "
               "the copied steps were trained on the first", file=sys.stderr)
-    net = constricon_from_gradicon(source.net, build_network(target))
+    if target.architecture == "constricon":
+        net = constricon_from_gradicon(source.net, build_network(target))
+    else:
+        net = widen_gradicon(source.net, build_network(target), noise=args.noise, seed=args.seed)
     out = write_state_dict(net.state_dict(), args.out)
     print(json.dumps({"from": source.spec.name, "from_sha256": source.weights_sha256, "to": target.name,
                       "out": str(out), "sha256": sha256_of(out)}, indent=2))
@@ -771,11 +775,18 @@ def build_parser() -> argparse.ArgumentParser:
     avg.set_defaults(func=_cmd_average_weights)
 
     cnv = commands.add_parser("convert-weights",
-                              help="start a ConstrICON network from a trained GradICON one (for 'train --init')")
+                              help="start a ConstrICON network, or a wider GradICON network, from a trained GradICON "
+                                   "one (for 'train --init')")
     cnv.add_argument("--from", dest="source", required=True, help="GradICON zoo name or spec JSON")
     cnv.add_argument("--weights", help="its weights file (default: the bundled or installed weights)")
     cnv.add_argument("--to", required=True,
-                     help="ConstrICON spec JSON whose SVF steps are pooled as the GradICON steps (svf_downsample)")
+                     help="ConstrICON spec JSON whose SVF steps are pooled as the GradICON steps (svf_downsample), "
+                          "or a GradICON spec JSON with the same steps and wider UNets (unet.channels)")
+    cnv.add_argument("--noise", type=float, default=1e-2,
+                     help="widening: weights touching added channels start as normal noise of this fraction of "
+                          "each layer's weights' standard deviation (0: the same function exactly, but the added "
+                          "channels start dead)")
+    cnv.add_argument("--seed", type=int, default=0, help="widening: seed of that noise")
     cnv.add_argument("--out", required=True, help="weights file to write (float16)")
     cnv.set_defaults(func=_cmd_convert_weights)
 
