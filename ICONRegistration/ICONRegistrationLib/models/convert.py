@@ -1,4 +1,5 @@
-"""Start a ConstrICON network from a trained GradICON network of the same UNets (a warm start for training).
+"""Warm starts for training from a trained GradICON network: a ConstrICON network of the same UNets
+(:func:`constricon_from_gradicon`), or the same GradICON steps with wider UNets (:func:`widen_gradicon`).
 
 GradICON's ``TwoStep(TwoStep(Down(Ψ1), Ψ2), Ψ3)`` predicts displacements ``u_i = N_i(A, B)`` step by step; the
 ConstrICON network ``TSC{Ξ1, TSC{Ξ2, Ξ3}}`` whose SVF steps see the images pooled the same number of times
@@ -118,7 +119,8 @@ def widen_unet(source: UNet2, target: UNet2, noise: float = 1e-2, generator: tor
         else:
             inputs[depth] = up[depth + 1] + [up_n[depth + 1] + index for index in down[depth + 1]]
         if len(inputs[depth]) < up_o[depth]:
-            raise UserError("A transposed convolution that widens its input cannot keep the residual path's pairing.")
+            raise UserError("A transposed convolution with more output than input channels (a zero-padded residual) "
+                            "is not supported for widening.")
         # the residual adds the input's first channels: old channel j of the output receives old input channel j
         up[depth] = inputs[depth][:up_o[depth]]
         if max(up[depth]) >= up_n[depth]:
