@@ -121,3 +121,15 @@ def test_cli_widens_a_gradicon_model_that_the_wider_spec_loads(tmp_path, capsys)
     assert float(expected.abs().mean()) > 1e-4
     # float16 weights on both sides; the same function to float16 rounding
     torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-4)
+
+
+def test_loading_narrower_weights_into_a_wider_spec_names_the_widening_command():
+    from ICONRegistrationLib.models.weights import load_state_dict_strict
+
+    narrow, wide = _trained_like(SMALL), UNet2(4, WIDE)
+    with pytest.raises(UserError, match="convert-weights") as error:
+        load_state_dict_strict(wide, narrow.state_dict(), source="initial weights")
+    assert "wrong shape" in str(error.value)
+    with pytest.raises(UserError) as error:  # wider weights into a narrower network: no such hint
+        load_state_dict_strict(narrow, wide.state_dict(), source="initial weights")
+    assert "convert-weights" not in str(error.value)

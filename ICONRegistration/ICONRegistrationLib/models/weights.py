@@ -272,8 +272,14 @@ def load_state_dict_strict(net: torch.nn.Module, state: dict[str, torch.Tensor],
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if items:
                 parts.append(f"{len(items)} {label} (first: {'; '.join(items[:3])})")
+        narrower = not missing and not unexpected and all(
+            state[k].dim() == v.dim() and all(a <= b for a, b in zip(state[k].shape, v.shape))
+            for k, v in expected.items())
+        hint = (" These weights are narrower than the spec's network in every differing layer: to start a wider "
+                "GradICON network from them, write its initial weights with 'iconreg convert-weights --from "
+                "THEIR_SPEC --weights FILE --to THIS_SPEC --out W.pt'." if narrower else "")
         raise UserError(f"The {source} does not match the model's architecture: {', '.join(parts)}. "
-                        "Check that the spec (unet channels, levels, last_step) belongs to these weights.")
+                        "Check that the spec (unet channels, levels, last_step) belongs to these weights." + hint)
     net.load_state_dict(state, strict=True)
 
 
