@@ -259,6 +259,75 @@ def test_vector_path_gives_the_scalar_paths_bits(kernel, padding, channels):
         assert torch.equal(vector.nan_to_num(7.0), scalar.nan_to_num(7.0)), name
 
 
+def _finite_difference_quads(batch, out_shape, image_shape, generator, delta=1e-3):
+    """GradICON's penalty points: each point followed by its copies shifted by ``delta`` along each axis (quads side by
+    side, ``gradicon_and_round_trip``'s layout) as unit-cube coordinates ``[batch, 3, 4·ΠT]``; most quads lie in one
+    cell. Some quads are spoiled: one copy moved to another cell, one NaN copy, quads reaching outside the image
+    (clamped or beyond the zeros padding), and a point count that leaves a partial quad and a partial group of 16."""
+    base = torch.rand(batch, 3, *out_shape, generator=generator) * 1.2 - 0.1  # some cells hang over the borders
+    steps = torch.zeros(4, 1, 3, *[1] * len(out_shape))
+    for axis in range(3):
+        steps[axis + 1, 0, axis] = delta
+    points = torch.stack([base + step for step in steps], dim=-1).reshape(batch, 3, -1)[..., :-2].contiguous()
+    cell = 1.0 / (image_shape[2] - 1)
+    points[0, 2, 4 * 5 + 1] += cell  # a copy in the next cell along x
+    points[0, 0, 4 * 9 + 3] = float("nan")
+    points[-1, 1, 4 * 11:4 * 12] = 1.0  # a quad on the last face
+    return points
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.parametrize("image_gradient", [True, False])
+def test_finite_difference_quads_merge_their_scatter_adds_exactly(kernel, padding, image_gradient):
+    """Four points in one cell (an aligned quad: a GradICON point and its shifted copies) add their image-gradient
+    products to each corner as one sum. The image gradient still equals grid_sample's to float rounding, the point
+    gradient exactly the unmerged kernel's. The AVX-512 path, which reads a group of four such quads with one two-float
+    load per corner pair instead of gathers, gives the scalar path's bits (values, forward derivatives, gradients);
+    two threads give one thread's."""
+    generator = torch.Generator().manual_seed(41)
+    image_shape = (9, 10, 11)
+    image = torch.randn(2, 3, *image_shape, generator=generator)
+    points = _finite_difference_quads(2, (7, 5, 13), image_shape, generator)
+    grad_out = torch.randn(2, 3, points.shape[2], generator=generator)
+    zeros = padding == "zeros"
+    module = native_sampler._module
+    results = {}
+    before = torch.get_num_threads()
+    try:
+        for vector in ((True, False) if module.vectorized() else (False,)):
+            module.set_vectorized(vector)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results[vector, threads] = (
+                    *module.sample_backward(image, points, grad_out, image_gradient, True, zeros),
+                    module.sample_forward(image, points, zeros),
+                    *module.sample_forward_with_derivatives(image, points, zeros))
+    finally:
+        module.set_vectorized(True)
+        torch.set_num_threads(before)
+    first = results[next(iter(results))]
+    for key, (grad_image, grad_points, *forward) in results.items():
+        assert torch.equal(grad_points.nan_to_num(7.0), first[1].nan_to_num(7.0)), key
+        for mine, theirs in zip(forward, first[2:]):  # values (twice) and the forward's point derivatives
+            assert torch.equal(mine.nan_to_num(7.0), theirs.nan_to_num(7.0)), key
+        if image_gradient and key[1] == 1:  # one thread: the same additions in the same order
+            assert torch.equal(grad_image, first[0]), key
+        elif image_gradient:  # the threads' copies are summed
+            assert torch.allclose(grad_image, first[0], rtol=1e-6, atol=1e-6), key
+    # against grid_sample (the points as its grid; a NaN point gets no gradient on either side)
+    coords = points.reshape(2, 3, 1, 1, -1)
+    img = image.clone().requires_grad_(True)
+    pts = coords.clone().requires_grad_(True)
+    grid = grid_sample_grid(pts)
+    ref = F.grid_sample(img, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+    ref_image, ref_points = torch.autograd.grad(ref, (img, pts), grad_out.reshape(ref.shape))
+    if image_gradient:
+        assert torch.allclose(first[0], ref_image, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(first[2].nan_to_num(7.0), ref.detach().reshape(first[2].shape).nan_to_num(7.0), atol=1e-6)
+    finite = ~torch.isnan(points).any(dim=1, keepdim=True).expand_as(points)
+    assert torch.allclose(first[1][finite], ref_points.reshape(points.shape)[finite], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("padding", ["border", "zeros"])
 def test_forward_derivatives_give_no_gradient_where_the_kernel_gives_none(kernel, padding):
     """A point outside the zeros padding's reach or with a NaN coordinate gets a zero point gradient even when its

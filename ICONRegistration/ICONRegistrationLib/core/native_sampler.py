@@ -14,7 +14,11 @@ float32 or float64, CPU, spatial sizes ≥ 2 — with its own backward (image an
 gradient through a clamped (border) coordinate, none at all for a NaN coordinate or (zeros) a point whose cell lies
 wholly outside. Values and gradients agree to float rounding (the corner weights are formed in another order). The
 forward and the backward split the points over the threads; with an image gradient each thread adds to its own copy
-of it, summed at the end, so threads never write to the same memory.
+of it, summed at the end, so threads never write to the same memory. Four consecutive points in one cell (an aligned
+quad: GradICON's point and its three finite-difference copies, side by side) add their image-gradient products to each
+corner as one sum, and on AVX-512 a group of four such quads reads each corner pair with one two-float load instead of
+gathers: in a float32 uniGradICON-width training step at 80×96×80 the penalty's samplings (4.9 M points) went from
+92 to 56 ms (backward) and from 46 to 39 ms (forward) each, the step from 4.80 to 4.60 s.
 
 The same library carries array kernels, used where :func:`kernels_eligible` holds: the per-axis step of
 ``losses.gaussian_blur`` on a CPU (:func:`blur_axis`; LNCC's moments and instance optimisation's smoothing are such
@@ -197,55 +201,103 @@ static void forward_kernel(const torch::Tensor& image, const Points<T>& pts, int
   });
 }
 
-// GI: the image gradient [N, C, D, H, W] this thread adds to; GG: the coordinates' gradient [N, 3, P] (contiguous)
+// One point's located cell for the backward: whether it gets a gradient at all (reaches a voxel, no NaN
+// coordinate), whether all eight corners lie inside the image, its corner weights and its offset in one channel.
+template <typename T>
+struct Located { Axis<T> ax, ay, az; bool live, all_inside; T w[8]; int64_t offset; };
+
+template <typename T, bool ZEROS>
+static inline void locate_point(const Points<T>& pts, int64_t n, int64_t p, int64_t D, int64_t H, int64_t W,
+                                Located<T>& l) {
+  T g[3];
+  pts.grid(n, p, g[0], g[1], g[2]);
+  const bool reaches = locate<T, ZEROS>(g[0], W, l.ax) & locate<T, ZEROS>(g[1], H, l.ay) &
+                       locate<T, ZEROS>(g[2], D, l.az);
+  // as grid_sample's backward: a point that reaches no voxel or has a NaN coordinate gets no gradient
+  l.live = reaches && !std::isnan(g[0]) && !std::isnan(g[1]) && !std::isnan(g[2]);
+  if (!l.live) return;
+  l.all_inside = l.ax.lo && l.ax.hi && l.ay.lo && l.ay.hi && l.az.lo && l.az.hi;
+  corner_weights(l.ax, l.ay, l.az, l.w);
+  l.offset = l.az.i * H * W + l.ay.i * W + l.ax.i;
+}
+
+// The point gradient of one located point (GG [N, 3, P] at n, p; zero for a point that is not live) and, with GI,
+// its image-gradient scatter-adds.
+template <typename T>
+static inline void point_backward(const T* I, const T* GO, T* GI, T* GG, const Located<T>& l, int64_t n,
+                                  int64_t p, int64_t P, int64_t C, int64_t D, int64_t H, int64_t W, int64_t sN) {
+  const int64_t sC = D * H * W, sD = H * W;
+  T* gg = GG ? GG + n * 3 * P + p : nullptr;
+  if (!l.live) {
+    if (gg) { gg[0] = gg[P] = gg[2 * P] = T(0); }
+    return;
+  }
+  const T* q = I + n * sN + l.offset;
+  const T* go = GO + n * C * P + p;
+  T a[8];
+  T dx = 0, dy = 0, dz = 0;
+  for (int64_t c = 0; c < C; ++c, q += sC, go += P) {
+    const T s = *go;
+    if (GG) {
+      corners(q, sD, W, l.ax, l.ay, l.az, l.all_inside, a);
+      T cx, cy, cz;
+      cell_derivatives(a, l.ax.f, l.ay.f, l.az.f, cx, cy, cz);
+      dx += s * cx; dy += s * cy; dz += s * cz;
+    }
+    if (GI) {
+      T* r = GI + (n * C + c) * sC + l.offset;
+      const T* w = l.w;
+      if (l.all_inside) {
+        r[0] += s * w[0]; r[1] += s * w[1]; r[W] += s * w[2]; r[W + 1] += s * w[3];
+        r[sD] += s * w[4]; r[sD + 1] += s * w[5]; r[sD + W] += s * w[6]; r[sD + W + 1] += s * w[7];
+      } else {
+        for (int corner = 0; corner < 8; ++corner)
+          if (corner_inside(corner, l.ax, l.ay, l.az))
+            r[(corner >> 2) * sD + ((corner >> 1) & 1) * W + (corner & 1)] += s * w[corner];
+      }
+    }
+  }
+  if (gg) {  // d/dc = 2 d/dg, channels (z, y, x)
+    gg[0] = T(2) * (dz * l.az.mult); gg[P] = T(2) * (dy * l.ay.mult); gg[2 * P] = T(2) * (dx * l.ax.mult);
+  }
+}
+
+// GI: the image gradient [N, C, D, H, W] this thread adds to; GG: the coordinates' gradient [N, 3, P] (contiguous).
+// With GI, an aligned quad of points (p = 4k … 4k + 3 of one batch element) that are live, lie in one cell and have
+// every corner inside the image — GradICON's finite-difference copies of a point, side by side, usually do — adds
+// its four products to each corner as one sum, (s0 w0 + s1 w1) + (s2 w2 + s3 w3): a quarter of the scatter-adds,
+// the same bits as the AVX-512 path, whose 128-bit lanes are these quads.
 template <typename T, bool ZEROS>
 static void backward_points(const T* I, const Points<T>& pts, const T* GO, T* GI, T* GG, int64_t n, int64_t p_begin,
                             int64_t p_end, int64_t P, int64_t C, int64_t D, int64_t H, int64_t W, int64_t sN) {
   const int64_t sC = D * H * W, sD = H * W;
-  T a[8];
-  for (int64_t p = p_begin; p < p_end; ++p) {
-    T g[3];
-    pts.grid(n, p, g[0], g[1], g[2]);
-    T* gg = GG ? GG + n * 3 * P + p : nullptr;
-    Axis<T> ax, ay, az;
-    const bool reaches = locate<T, ZEROS>(g[0], W, ax) & locate<T, ZEROS>(g[1], H, ay) &
-                         locate<T, ZEROS>(g[2], D, az);
-    if (!reaches || std::isnan(g[0]) || std::isnan(g[1]) || std::isnan(g[2])) {
-      // as grid_sample's backward: such a point reaches no voxel (no image gradient, a zero point gradient)
-      if (gg) { gg[0] = gg[P] = gg[2 * P] = T(0); }
+  Located<T> l[4];
+  for (int64_t p = p_begin; p < p_end;) {
+    if (!GI || p % 4 != 0 || p + 4 > p_end) {
+      locate_point<T, ZEROS>(pts, n, p, D, H, W, l[0]);
+      point_backward(I, GO, GI, GG, l[0], n, p, P, C, D, H, W, sN);
+      ++p;
       continue;
     }
-    const bool all_inside = ax.lo && ax.hi && ay.lo && ay.hi && az.lo && az.hi;
-    const T fx = ax.f, fy = ay.f, fz = az.f;
-    T w[8];  // once per point, for every channel's image gradient
-    corner_weights(ax, ay, az, w);
-    const int64_t offset = az.i * sD + ay.i * W + ax.i;
-    const T* q = I + n * sN + offset;
+    bool quad = true;
+    for (int i = 0; i < 4; ++i) {
+      locate_point<T, ZEROS>(pts, n, p + i, D, H, W, l[i]);
+      quad = quad && l[i].live && l[i].all_inside && l[i].offset == l[0].offset;
+    }
+    if (!quad) {
+      for (int i = 0; i < 4; ++i) point_backward(I, GO, GI, GG, l[i], n, p + i, P, C, D, H, W, sN);
+      p += 4;
+      continue;
+    }
+    for (int i = 0; i < 4; ++i) point_backward<T>(I, GO, nullptr, GG, l[i], n, p + i, P, C, D, H, W, sN);
     const T* go = GO + n * C * P + p;
-    T dx = 0, dy = 0, dz = 0;
-    for (int64_t c = 0; c < C; ++c, q += sC, go += P) {
-      const T s = *go;
-      if (GG) {
-        corners(q, sD, W, ax, ay, az, all_inside, a);
-        T cx, cy, cz;
-        cell_derivatives(a, fx, fy, fz, cx, cy, cz);
-        dx += s * cx; dy += s * cy; dz += s * cz;
-      }
-      if (GI) {
-        T* r = GI + (n * C + c) * sC + offset;
-        if (all_inside) {
-          r[0] += s * w[0]; r[1] += s * w[1]; r[W] += s * w[2]; r[W + 1] += s * w[3];
-          r[sD] += s * w[4]; r[sD + 1] += s * w[5]; r[sD + W] += s * w[6]; r[sD + W + 1] += s * w[7];
-        } else {
-          for (int corner = 0; corner < 8; ++corner)
-            if (corner_inside(corner, ax, ay, az))
-              r[(corner >> 2) * sD + ((corner >> 1) & 1) * W + (corner & 1)] += s * w[corner];
-        }
-      }
+    for (int64_t c = 0; c < C; ++c, go += P) {
+      T* r = GI + (n * C + c) * sC + l[0].offset;
+      const int64_t at[8] = {0, 1, W, W + 1, sD, sD + 1, sD + W, sD + W + 1};
+      for (int j = 0; j < 8; ++j)
+        r[at[j]] += (go[0] * l[0].w[j] + go[1] * l[1].w[j]) + (go[2] * l[2].w[j] + go[3] * l[3].w[j]);
     }
-    if (gg) {  // d/dc = 2 d/dg, channels (z, y, x)
-      gg[0] = T(2) * (dz * az.mult); gg[P] = T(2) * (dy * ay.mult); gg[2 * P] = T(2) * (dx * ax.mult);
-    }
+    p += 4;
   }
 }
 
@@ -400,6 +452,37 @@ ICONREG_AVX512 static inline void locate_group(const Points<float>& pts, int64_t
   locate_v<ZEROS>(g[2], D, az);
 }
 
+// Aligned quads of lanes (4q … 4q + 3: one 128-bit lane) whose points are live, lie in one cell and have every
+// corner inside the image: the first lane of each such quad. Such a quad's corner values are the same for its four
+// points (GradICON's finite-difference copies of a point, side by side, usually form one).
+ICONREG_AVX512 static inline __mmask16 quad_leaders(const CornersV& cv, __mmask16 live) {
+  unsigned whole = live;
+  for (int j = 0; j < 8; ++j) whole &= cv.in[j];
+  whole &= _mm512_cmpeq_epi32_mask(cv.off[0], _mm512_shuffle_epi32(cv.off[0], _MM_PERM_AAAA));
+  __mmask16 leaders = 0;
+  for (int quad = 0; quad < 4; ++quad)
+    if (((whole >> (4 * quad)) & 0xF) == 0xF) leaders |= static_cast<__mmask16>(1u << (4 * quad));
+  return leaders;
+}
+
+//: every lane of a group of 16 in a quad of one cell (quad_leaders() == ALL_QUADS)
+static constexpr __mmask16 ALL_QUADS = 0x1111;
+
+// The eight corner values of 16 points in four one-cell quads from one channel (image q; corner 0 of quad k at
+// offset first[4 k]): each corner pair (x0, x1) of each quad is one two-float load, broadcast over the quad's lanes —
+// 16 loads where eight gathers read 128 values (the gathers are the forward's largest cost).
+ICONREG_AVX512 static inline void quad_corners(const float* q, const int32_t* first, int W, int sD, __m512* a) {
+  const int rows[4] = {0, W, sD, sD + W};  // corners (2r, 2r + 1): the x pair of row r
+  for (int r = 0; r < 4; ++r) {
+    __m512 v = _mm512_castps128_ps512(_mm_maskz_loadu_ps(0x3, q + first[0] + rows[r]));
+    v = _mm512_insertf32x4(v, _mm_maskz_loadu_ps(0x3, q + first[4] + rows[r]), 1);
+    v = _mm512_insertf32x4(v, _mm_maskz_loadu_ps(0x3, q + first[8] + rows[r]), 2);
+    v = _mm512_insertf32x4(v, _mm_maskz_loadu_ps(0x3, q + first[12] + rows[r]), 3);
+    a[2 * r] = _mm512_permute_ps(v, 0x00);
+    a[2 * r + 1] = _mm512_permute_ps(v, 0x55);
+  }
+}
+
 // Groups begin … end of 16 points (group k: batch element k / groups, points from 16 (k % groups)). A function of its
 // own: a lambda would not inherit the target attribute.
 template <bool ZEROS, bool DERIV>
@@ -421,12 +504,18 @@ ICONREG_AVX512 static void forward_groups(const float* I, const Points<float>& p
                     _mm512_cmp_ps_mask(g[2], g[2], _CMP_ORD_Q);
       CornersV cv;
       corners_v(ax, ay, az, W, sD, cv);
+      alignas(64) int32_t first[16];
+      const bool quads = quad_leaders(cv, reach & mask) == ALL_QUADS;
+      if (quads) _mm512_store_si512(first, cv.off[0]);
       const float* q = I + n * sN;
       float* o = O + n * C * P + p;
       for (int64_t c = 0; c < C; ++c, q += sC, o += P) {
         __m512 a[8];
-        for (int j = 0; j < 8; ++j)
-          a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cv.in[j] & reach, cv.off[j], q, 4);
+        if (quads)
+          quad_corners(q, first, W, sD, a);
+        else
+          for (int j = 0; j < 8; ++j)
+            a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cv.in[j] & reach, cv.off[j], q, 4);
         __m512 v = _mm512_mul_ps(cv.w[0], a[0]);
         for (int j = 1; j < 8; ++j) v = _mm512_add_ps(v, _mm512_mul_ps(cv.w[j], a[j]));
         _mm512_mask_storeu_ps(o, mask, _mm512_maskz_mov_ps(reach, v));
@@ -481,25 +570,41 @@ ICONREG_AVX512 static void backward_groups(const float* I, const Points<float>& 
       const float* q = I + n * sN;
       const float* go = GO + n * C * P + p;
       __m512 dx = _mm512_setzero_ps(), dy = _mm512_setzero_ps(), dz = _mm512_setzero_ps();
+      // the first lanes of the quads whose products are summed before one scatter-add (see backward_points)
+      const __mmask16 quads = quad_leaders(cv, live);
       if (mine)
         for (int j = 0; j < 8; ++j) _mm512_store_si512(offsets[j], cv.off[j]);
+      else if (quads == ALL_QUADS)
+        _mm512_store_si512(offsets[0], cv.off[0]);
       for (int64_t c = 0; c < C; ++c, q += sC, go += P) {
         const __m512 s = _mm512_maskz_loadu_ps(mask, go);
         if (GG) {
           __m512 a[8];
-          for (int j = 0; j < 8; ++j)
-            a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cv.in[j] & live, cv.off[j], q, 4);
+          if (quads == ALL_QUADS)
+            quad_corners(q, offsets[0], W, sD, a);
+          else
+            for (int j = 0; j < 8; ++j)
+              a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cv.in[j] & live, cv.off[j], q, 4);
           __m512 cx, cy, cz;
           derivatives_v(a, ax.f, ay.f, az.f, cx, cy, cz);
           dx = _mm512_add_ps(dx, _mm512_mul_ps(s, cx));
           dy = _mm512_add_ps(dy, _mm512_mul_ps(s, cy));
           dz = _mm512_add_ps(dz, _mm512_mul_ps(s, cz));
         }
-        if (mine) {  // scatter-add, lane by lane (neighbouring points share voxels)
-          for (int j = 0; j < 8; ++j) _mm512_store_ps(products[j], _mm512_mul_ps(s, cv.w[j]));
+        if (mine) {  // scatter-add: a merged quad once (its four lanes' products summed), other lanes one by one
+          for (int j = 0; j < 8; ++j) {
+            const __m512 v = _mm512_mul_ps(s, cv.w[j]);
+            const __m512 pairs = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // (p0 + p1), (p2 + p3)
+            _mm512_store_ps(products[j], _mm512_mask_blend_ps(quads, v, _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0x4E))));
+          }
           float* r = mine + (n * C + c) * sC;
           for (int lane = 0; lane < 16; ++lane) {
             if (!((live >> lane) & 1)) continue;
+            if ((quads >> lane) & 1) {
+              for (int j = 0; j < 8; ++j) r[offsets[j][lane]] += products[j][lane];
+              lane += 3;
+              continue;
+            }
             for (int j = 0; j < 8; ++j)
               if ((cv.in[j] >> lane) & 1) r[offsets[j][lane]] += products[j][lane];
           }
