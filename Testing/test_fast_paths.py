@@ -248,9 +248,10 @@ def test_unet_channels_last_convolutions_give_the_same_output(monkeypatch):
 
 @pytest.mark.parametrize("batch, shape", [(1, (33, 35, 33)), (2, (18, 20, 22))])
 def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(monkeypatch, batch, shape):
-    """The last level (batch norm, crop, concatenation) runs channels-last in training: the batch norm must get
-    its gradient channels-last (with a default-order gradient PyTorch's CPU batch-norm backward ran 8× slower),
-    and the output and every gradient must equal PyTorch's own modules in the default memory order."""
+    """The last two levels (upsampling addition, batch norm, crop, concatenation) run channels-last in training: each
+    of their batch norms must get its gradient channels-last (with a default-order gradient PyTorch's CPU batch-norm
+    backward ran 8× slower), and the output and every gradient must equal PyTorch's own modules in the default memory
+    order."""
     torch.manual_seed(0)
     net = UNet2(5, [[2, 8, 16, 16, 16, 16], [8, 16, 16, 16, 16]]).train()
     torch.nn.init.normal_(net.lastConv.weight, std=0.05)
@@ -273,11 +274,11 @@ def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(mo
 
     monkeypatch.setattr(networks, "_batch_norm", watched_batch_norm)
     fast, fast_grad = output_and_gradients()
-    assert seen == [True]
+    assert seen == [True] * networks._CHANNELS_LAST_LEVELS
     monkeypatch.setattr(networks, "_channels_last", lambda x: x)
     monkeypatch.setattr(networks, "_crop_and_concatenate", _plain_crop_and_concatenate)
     plain, plain_grad = output_and_gradients()
-    assert seen == [True], "the default-order path has no channels-last batch norm"
+    assert seen == [True] * networks._CHANNELS_LAST_LEVELS, "the default-order path has no channels-last batch norm"
     assert torch.allclose(fast, plain, atol=1e-6)
     assert float((fast_grad - plain_grad).norm() / plain_grad.norm()) < 1e-5
 
