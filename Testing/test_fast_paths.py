@@ -454,8 +454,10 @@ def test_channels_last_training_batch_norm_is_accurate_and_updates_running_stati
 
 
 @pytest.mark.parametrize("shape", [(33, 33, 33), (18, 24, 18), (17, 20, 23)])
-def test_small_convolutions_padded_onto_onednn_give_the_same_output_and_gradients(monkeypatch, shape):
-    """Batch-1 inputs below PyTorch's oneDNN size test are zero-padded along the first axis and cropped."""
+def test_small_convolutions_in_two_slabs_give_the_same_output_and_gradients(monkeypatch, shape):
+    """Batch-1 inputs below PyTorch's oneDNN size test are convolved as a batch of two slabs of planes (odd depths,
+    strided convolutions and the last convolution's 'same' padding included): the output and every gradient as
+    PyTorch's own path."""
     from ICONRegistrationLib.core.networks import _convolve
     torch.manual_seed(0)
     net = UNet2(5, [[2, 16, 32, 32, 64, 64], [16, 32, 32, 32, 64]]).train()
@@ -468,26 +470,29 @@ def test_small_convolutions_padded_onto_onednn_give_the_same_output_and_gradient
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         return out.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
 
-    depths = []  # the depth of every input the last convolution sees
+    batches = []  # the batch size of every input the last convolution sees
     few_channel_conv = networks._few_channel_conv
 
     def watched(conv, x):
         if conv is net.lastConv:
-            depths.append(x.shape[2])
+            batches.append(x.shape[0])
         return few_channel_conv(conv, x)
 
     monkeypatch.setattr(networks, "_few_channel_conv", watched)
     fast, fast_grad = output_and_gradient()
-    assert max(depths) > shape[0], "the last convolution never took the padded path"
+    assert batches == [2], "the last convolution did not take the two slabs"
     monkeypatch.setattr(networks, "_NATIVE_CONV_MAX_SIZE", 0)  # every convolution as PyTorch chooses
     plain, plain_grad = output_and_gradient()
     assert fast.shape == plain.shape == (1, 3, *shape) and fast.is_contiguous()
     assert torch.allclose(fast, plain, atol=1e-6, rtol=1e-5)
     assert float((fast_grad - plain_grad).norm() / plain_grad.norm()) < 1e-5
-    # a strided convolution keeps exactly the output planes of the unpadded input
-    conv = torch.nn.Conv3d(16, 32, 3, padding=1, stride=2)
-    x = torch.rand(1, 16, 33, 33, 31)
-    assert torch.allclose(_convolve(conv, x, max_growth=1.25), conv(x), atol=1e-5)
+    # strided convolutions of odd and even depths, and kernels larger than the stride, keep exactly the output planes
+    monkeypatch.undo()
+    for kernel, stride, padding, depth in [(3, 2, 1, 33), (3, 2, 1, 32), (4, 2, 1, 9), (5, 1, 2, 7), (3, 2, 1, 2)]:
+        conv = torch.nn.Conv3d(2, 16, kernel, padding=padding, stride=stride)
+        x = torch.rand(1, 2, depth, 33, 31)
+        assert networks._slow_path(x)
+        assert torch.allclose(_convolve(conv, x), conv(x), atol=1e-5), (kernel, stride, padding, depth)
 
 
 @pytest.mark.parametrize("batch, shape, kernel, channels_last", [(2, (7, 9, 6), 3, False), (1, (7, 9, 6), 3, True),
@@ -529,13 +534,14 @@ def test_few_channel_convolution_gives_pytorchs_output_and_gradients(monkeypatch
 @pytest.mark.parametrize("kernel, batch, shape", [(3, 2, (9, 12, 10)), (5, 2, (9, 12, 10)), (3, 1, (40, 64, 6))])
 def test_few_channel_convolution_of_a_channels_last_float32_input_matches_float64(monkeypatch, kernel, batch, shape):
     """A channels-last float32 input takes the plane-by-plane forward and oneDNN's weight gradient with the channel
-    roles swapped, or, for a batch-1 gradient that PyTorch would convolve on its slow native path, the slab weight
-    gradient and an input gradient zero-padded onto oneDNN: output and all gradients within float32 rounding of the
+    roles swapped — for a batch-1 gradient that PyTorch would convolve on its slow native path, both that and the
+    input gradient as a batch of two slabs of planes: output and all gradients within float32 rounding of the
     float64 convolution."""
     torch.manual_seed(0)
-    padded = []
-    pad_depth = networks._pad_depth
-    monkeypatch.setattr(networks, "_pad_depth", lambda x, depth: padded.append(depth) or pad_depth(x, depth))
+    slabs = []
+    depth_slabs = networks._depth_slabs
+    monkeypatch.setattr(networks, "_depth_slabs", lambda x, starts, length: slabs.append(length) or depth_slabs(
+        x, starts, length))
     conv = torch.nn.Conv3d(18, 3, kernel, padding=kernel // 2)
     x = torch.randn(batch, 18, *shape).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
     grad = torch.randn(batch, 3, *shape)
@@ -551,7 +557,8 @@ def test_few_channel_convolution_of_a_channels_last_float32_input_matches_float6
         assert ours.shape == reference.shape
         assert float((ours.double() - reference).norm() / reference.norm()) < 1e-5
     assert networks._memory_format(found[0]) == torch.channels_last_3d
-    assert padded == ([] if batch > 1 else [networks._NATIVE_CONV_MAX_SIZE // (3 * shape[1]) + 1])
+    half, padding = (shape[0] + 1) // 2, kernel // 2  # the input gradient's slabs, then the weight gradient's
+    assert slabs == ([] if batch > 1 else [half + 2 * padding, half, half + 2 * padding])
 
 
 def test_few_channel_convolution_in_bfloat16_is_as_accurate_as_pytorchs(monkeypatch):

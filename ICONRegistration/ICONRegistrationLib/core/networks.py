@@ -52,48 +52,68 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 _NATIVE_CONV_MAX_SIZE = 20480
 
 
-def _onednn_depth(x: torch.Tensor) -> Optional[int]:
-    """For a batch-1 CPU float32 5-D input that PyTorch would convolve on its slow native path (N·C·D·H ≤
-    ``_NATIVE_CONV_MAX_SIZE``), the depth it must be zero-padded to along its first spatial axis for PyTorch to
-    choose oneDNN; None for any other input (PyTorch already takes oneDNN, or the test does not apply)."""
-    if x.dim() != 5 or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] != 1:
-        return None
-    channels, depth, height = x.shape[1:4]
-    if channels * depth * height > _NATIVE_CONV_MAX_SIZE:
-        return None
-    return _NATIVE_CONV_MAX_SIZE // (channels * height) + 1
+def _slow_path(x: torch.Tensor) -> bool:
+    """Whether PyTorch's CPU convolution would take its slow native path for ``x``: a batch-1 float32 5-D CPU input
+    with N·C·D·H ≤ ``_NATIVE_CONV_MAX_SIZE`` (a batch of two or more always goes to oneDNN)."""
+    return (x.dim() == 5 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1
+            and x.shape[2] >= 2 and x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_CONV_MAX_SIZE)
 
 
-def _pad_depth(x: torch.Tensor, depth: int) -> torch.Tensor:
-    """``x`` with zero planes appended at the far end of its first spatial axis up to ``depth``, channels-last."""
-    return F.pad(x, (0, 0, 0, 0, 0, depth - x.shape[2])).contiguous(memory_format=torch.channels_last_3d)
+def _depth_slabs(x: torch.Tensor, starts: Sequence[int], length: int) -> torch.Tensor:
+    """The planes ``starts[i] … starts[i] + length − 1`` of batch-1 ``x`` ``[1, C, D, H, W]`` along its first spatial
+    axis (zero planes outside ``0 … D − 1``) as a batch ``[len(starts), C, length, H, W]`` in ``x``'s memory order."""
+    before = max(0, -min(starts))
+    after = max(0, max(starts) + length - x.shape[2])
+    padded = F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
+    slabs = torch.cat([padded[:, :, start + before:start + before + length] for start in starts])
+    return slabs.contiguous(memory_format=_memory_format(x))
 
 
-def _convolve(conv: nn.Module, x: torch.Tensor, max_growth: float) -> torch.Tensor:
-    """``conv(x)`` for a 3-D convolution with padding ``k // 2``, on oneDNN where PyTorch would take its slow path.
+def _in_two_slabs(x: torch.Tensor, kernel: int, stride: int, padding: int,
+                  convolve) -> torch.Tensor:
+    """A convolution along the first spatial axis (``kernel``, ``stride``, zero ``padding``) of batch-1 ``x``, run as a
+    batch of two: ``convolve`` (the convolution with no padding along that axis) takes the two slabs of planes that
+    the first and second half of the output planes read, and the two outputs are put back together."""
+    out_depth = (x.shape[2] + 2 * padding - kernel) // stride + 1
+    first = (out_depth + 1) // 2
+    y = convolve(_depth_slabs(x, [-padding, first * stride - padding], (first - 1) * stride + kernel))
+    return torch.cat([y[:1], y[1:, :, :out_depth - first]], dim=2)
 
-    A small batch-1 CPU float32 input is padded at the far end of the first spatial axis with zero planes until
-    PyTorch's size test chooses oneDNN (:func:`_onednn_depth`), if that grows the volume by at most
-    ``max_growth``; the output is cropped to the planes of the unpadded input. The conv's own zero padding makes
-    the result the same up to the order of summation (float32 rounding). Any other input goes to ``conv``
-    unchanged. A convolution to a few channels (the last one) runs through :func:`_few_channel_conv` either way.
+
+def _convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 3-D convolution (cubic kernel, no dilation or groups), on oneDNN where PyTorch would take
+    its slow path.
+
+    A small batch-1 CPU float32 input (:func:`_slow_path`) is cut along its first spatial axis into two slabs, each
+    with the planes its half of the output reads (:func:`_in_two_slabs`), convolved as a batch of two, which PyTorch
+    always gives to oneDNN: at most ``kernel − stride`` planes more work. A zero-padded deeper volume, the way before,
+    did 1.6× the work for the last convolution's input gradient at 65³, and was out of reach for the UNet's first
+    convolution (2 input channels). The same numbers up to the order of summation (float32 rounding). Any other
+    input goes to ``conv`` unchanged. A convolution to a few channels (the last one) runs through
+    :func:`_few_channel_conv` either way (its 'same' padding kept: each slab then carries ``k // 2`` planes of the
+    other half, or zeros, on each side, and those output planes are dropped).
     """
-    padded_depth = _onednn_depth(x)
-    if padded_depth is None or padded_depth > max_growth * x.shape[2]:
+    if not _slow_path(x) or _cpu_autocast_dtype() is not None or not isinstance(conv, nn.Conv3d) \
+            or conv.groups != 1 or conv.padding_mode != "zeros" or tuple(conv.dilation) != (1, 1, 1) \
+            or len(set(conv.kernel_size)) != 1:  # (under autocast the convolution computes in bfloat16 on oneDNN)
         return _few_channel_conv(conv, x)
     kernel, stride, padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    out_depth = (x.shape[2] + 2 * padding - kernel) // stride + 1
-    return _few_channel_conv(conv, _pad_depth(x, padded_depth))[:, :, :out_depth]
+    if _few_channel_eligible(conv, x):
+        half = (x.shape[2] + 1) // 2
+        y = _few_channel_conv(conv, _depth_slabs(x, [-padding, half - padding], half + 2 * padding))
+        return torch.cat([y[:1, :, padding:padding + half], y[1:, :, padding:padding + x.shape[2] - half]], dim=2)
+    return _in_two_slabs(x, kernel, stride, padding, lambda slabs: F.conv3d(
+        slabs, conv.weight, conv.bias, conv.stride, (0, *conv.padding[1:]), 1, 1))
 
 
-def _same_convolution(x: torch.Tensor, weight: torch.Tensor, max_growth: float = 4.0) -> torch.Tensor:
-    """``F.conv3d(x, weight, padding=k // 2)`` (stride 1, odd kernel ``k``), on oneDNN where PyTorch would take its
-    slow path, as :func:`_convolve` does (the padded planes are cropped from the output)."""
+def _same_convolution(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.conv3d(x, weight, padding=k // 2)`` (stride 1, odd cubic kernel ``k``), on oneDNN where PyTorch would take
+    its slow path, as :func:`_convolve` does."""
     padding = weight.shape[-1] // 2
-    padded_depth = _onednn_depth(x)
-    if padded_depth is None or padded_depth > max_growth * x.shape[2]:
+    if not _slow_path(x):
         return F.conv3d(x, weight, padding=padding)
-    return F.conv3d(_pad_depth(x, padded_depth), weight, padding=padding)[:, :, :x.shape[2]]
+    return _in_two_slabs(x, weight.shape[-1], 1, padding,
+                         lambda slabs: F.conv3d(slabs, weight, padding=(0, padding, padding)))
 
 
 #: At most this many output channels take :class:`_ConvToFewChannels` (the last convolution: 2 or 3).
@@ -139,9 +159,15 @@ class _ConvToFewChannels(torch.autograd.Function):
             grad_x = _same_convolution(grad, flipped).contiguous(memory_format=_memory_format(x))
         if ctx.needs_input_grad[1]:
             # oneDNN's swapped weight gradient where PyTorch runs it on oneDNN (its native path is 3× slower)
-            if (x.dtype != torch.float64 and _memory_format(x) == torch.channels_last_3d
-                    and _onednn_depth(grad) is None):
+            if x.dtype != torch.float64 and _memory_format(x) == torch.channels_last_3d and not _slow_path(grad):
                 grad_weight = _few_channel_weight_gradient_swapped(x, grad, kernel)
+            elif x.dtype == torch.float32 and _memory_format(x) == torch.channels_last_3d:
+                # a batch-1 volume PyTorch would convolve on its slow path: the same sum over two slabs of planes,
+                # x's halves against the gradient's planes they meet (k // 2 more, or zeros, on each side)
+                half, padding = (x.shape[2] + 1) // 2, kernel // 2
+                grad_weight = _few_channel_weight_gradient_swapped(
+                    _depth_slabs(x, [0, half], half), _depth_slabs(grad, [-padding, half - padding], half + 2 * padding),
+                    kernel, depth_padding=0)
             else:
                 grad_weight = _few_channel_weight_gradient(x, grad, kernel)
             grad_weight = grad_weight.to(weight.dtype)
@@ -224,17 +250,33 @@ def _few_channel_weight_gradient(x: torch.Tensor, grad: torch.Tensor, kernel: in
     return total.reshape(shifts, outputs, channels).permute(1, 2, 0).reshape(outputs, channels, *(kernel,) * 3)
 
 
-def _few_channel_weight_gradient_swapped(x: torch.Tensor, grad: torch.Tensor, kernel: int) -> torch.Tensor:
+def _few_channel_weight_gradient_swapped(x: torch.Tensor, grad: torch.Tensor, kernel: int,
+                                         depth_padding: Optional[int] = None) -> torch.Tensor:
     """:func:`_few_channel_weight_gradient` for channels-last float32 or bfloat16 ``x`` and ``grad``, by oneDNN with
     the roles swapped: the weight gradient of the convolution from ``grad``'s ``O`` channels to ``x``'s ``C`` (output
     gradient ``x``) is ``Σ_m x[c, m] · g[o, m + a − p]``, our gradient with the kernel flipped and its two channel
     axes exchanged. oneDNN's weight gradient is fast for ``C`` output channels where it is slow for ``O``: 35 against
-    84 ms (float32; bfloat16 55 against 63) for 18 → 3 channels at 2×80×96×80; accumulated in float32 by oneDNN."""
+    84 ms (float32; bfloat16 55 against 63) for 18 → 3 channels at 2×80×96×80; accumulated in float32 by oneDNN.
+    ``depth_padding`` (``k // 2`` by default) is the zero padding along the first spatial axis: 0 for slabs of
+    ``grad`` that carry ``k // 2`` more planes on each side than the matching slabs of ``x``."""
     padding = kernel // 2
+    depth_padding = padding if depth_padding is None else depth_padding
     template = torch.empty((x.shape[1], grad.shape[1]) + (kernel,) * 3, dtype=x.dtype, device=x.device)
-    _, swapped, _ = torch.ops.aten.convolution_backward(x, grad, template, None, [1, 1, 1], [padding] * 3, [1, 1, 1],
+    _, swapped, _ = torch.ops.aten.convolution_backward(x, grad, template, None, [1, 1, 1],
+                                                        [depth_padding, padding, padding], [1, 1, 1],
                                                         False, [0, 0, 0], 1, [False, True, False])
     return swapped.transpose(0, 1).flip(2, 3, 4)
+
+
+def _few_channel_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`_few_channel_conv` computes ``conv(x)`` itself (else it calls ``conv``)."""
+    kernel = conv.kernel_size[0] if isinstance(conv, nn.Conv3d) else 0
+    return (x.dim() == 5 and x.device.type == "cpu"
+            and isinstance(conv, nn.Conv3d) and conv.out_channels <= _FEW_CHANNELS and conv.groups == 1
+            and kernel % 2 == 1
+            and tuple(conv.kernel_size) == (kernel,) * 3 and tuple(conv.stride) == (1, 1, 1)
+            and tuple(conv.dilation) == (1, 1, 1) and tuple(conv.padding) == (kernel // 2,) * 3
+            and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.float64, torch.bfloat16))
 
 
 def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -243,14 +285,7 @@ def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     :func:`_few_channel_forward` alone. Under autocast the input is cast to autocast's dtype, and the weight and
     bias to the input's (as autocast does); the result may come in the accumulator's dtype (float32 for bfloat16).
     """
-    kernel = conv.kernel_size[0]
-    eligible = (x.dim() == 5 and x.device.type == "cpu"
-                and isinstance(conv, nn.Conv3d) and conv.out_channels <= _FEW_CHANNELS and conv.groups == 1
-                and kernel % 2 == 1
-                and tuple(conv.kernel_size) == (kernel,) * 3 and tuple(conv.stride) == (1, 1, 1)
-                and tuple(conv.dilation) == (1, 1, 1) and tuple(conv.padding) == (kernel // 2,) * 3
-                and conv.padding_mode == "zeros" and x.dtype in (torch.float32, torch.float64, torch.bfloat16))
-    if not eligible:
+    if not _few_channel_eligible(conv, x):
         return conv(x)
     autocast = _cpu_autocast_dtype()
     if autocast is not None and x.dtype != torch.float64:  # autocast's dtype (it leaves float64 alone)
@@ -618,7 +653,7 @@ class UNet2(nn.Module):
         skips = []
         for depth in range(self.num_layers):
             skips.append(x)
-            y = _convolve(self.downConvs[depth], F.leaky_relu(x), max_growth=1.25)
+            y = _convolve(self.downConvs[depth], F.leaky_relu(x))
             x = y + _match_channels(self._avg_pool(x, 2, ceil_mode=True), y.shape[1])
         for depth in reversed(range(self.num_layers)):
             y = _transposed_convolution_without_bias(self.upConvs[depth], _channels_last(F.leaky_relu(x)))
@@ -633,7 +668,7 @@ class UNet2(nn.Module):
             x = _add_upsampled_twice(y, coarse, self._interpolate_mode)
             x = _crop_and_concatenate(_batch_norm(self.batchNorms[depth], x), skips[depth],
                                       channels_last=depth < _CHANNELS_LAST_LEVELS)
-        return _convolve(self.lastConv, x, max_growth=4.0).contiguous() / 10
+        return _convolve(self.lastConv, x).contiguous() / 10
 
 
 @contextlib.contextmanager
