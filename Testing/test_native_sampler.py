@@ -539,3 +539,23 @@ def test_an_unknown_switch_value_is_auto_with_one_warning(monkeypatch, caplog):
             assert torch.allclose(sample_at(image, identity_map((5, 6, 7))), image, atol=1e-6)
     assert native_sampler.status().mode == "auto"
     assert sum("is not 0, 1 or auto" in record.getMessage() for record in caplog.records) == 1
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_sparse_points_take_two_passes_with_the_same_gradients(kernel, monkeypatch, padding):
+    """A backward with both gradients runs as two passes over sparse points (point gradients, then the image
+    gradient): the same bits as the one pass, whichever path a density takes."""
+    generator = torch.Generator().manual_seed(8)
+    image = torch.randn(2, 3, 12, 13, 14, generator=generator)
+    points = _finite_difference_quads(2, (5, 6, 7), (12, 13, 14), generator)  # 0.46 points per voxel
+    results = []
+    calls = _CountingModule(native_sampler._module, "sample_backward")
+    monkeypatch.setattr(native_sampler, "_module", calls)
+    for limit in (float("inf"), 0.0):  # two passes, then one
+        monkeypatch.setattr(native_sampler, "SEPARATE_PASSES_POINTS_PER_VOXEL", limit)
+        img, pts = image.clone().requires_grad_(True), points.reshape(2, 3, -1, 1, 1).clone().requires_grad_(True)
+        out = native_sampler.sample(img, pts, padding)
+        results.append(torch.autograd.grad(out, (img, pts), torch.ones_like(out).mul_(0.5) + out.detach()))
+    assert calls.calls == 3
+    for two, one in zip(*results):
+        assert torch.equal(two.nan_to_num(7.0), one.nan_to_num(7.0))

@@ -93,7 +93,8 @@ def field_objective(displacements: torch.Tensor, image_A: torch.Tensor, image_B:
     maps = grid + box_resample_displacement(displacements, shape)
     warped = sample_at(torch.cat([image_A, image_B]), maps, padding="zeros")
     similarity_value = similarity(warped[:1], image_B, mask_B) + similarity(warped[1:], image_A, mask_A)
-    phi_AB, phi_BA = displacement_transform(displacements[:1]), displacement_transform(displacements[1:])
+    # split, not sliced: the two slices' backward each filled a zero tensor of both fields and copied into it
+    phi_AB, phi_BA = (displacement_transform(field) for field in displacements.split(1))
     if penalty_direction is None:
         penalty = 0.5 * (gradicon_penalty(phi_AB, phi_BA, samples) + gradicon_penalty(phi_BA, phi_AB, samples))
     elif penalty_direction in (0, 1):
