@@ -14,7 +14,8 @@ float32 or float64, CPU, spatial sizes ≥ 2 — with its own backward (image an
 gradient through a clamped (border) coordinate, none at all for a NaN coordinate or (zeros) a point whose cell lies
 wholly outside. Values and gradients agree to float rounding (the corner weights are formed in another order). The
 forward and the backward split the points over the threads; with an image gradient each thread adds to its own copy
-of it, summed at the end, so threads never write to the same memory. Four consecutive points in one cell (an aligned
+of it, summed at the end, so threads never write to the same memory (a batch that divides evenly over the threads
+is split by batch elements instead, each writing its own part of one gradient: no copies, one thread's bits). Four consecutive points in one cell (an aligned
 quad: GradICON's point and its three finite-difference copies, side by side) add their image-gradient products to each
 corner as one sum, and on AVX-512 a group of four such quads reads each corner pair with one two-float load instead of
 gathers: in a float32 uniGradICON-width training step at 80×96×80 the penalty's samplings (4.9 M points) went from
@@ -314,7 +315,9 @@ static void backward_kernel(const torch::Tensor& image, const Points<T>& pts, in
   // The points are split over the threads; with an image gradient each thread adds to its own copy of it
   // (grad_image is [threads, N, C, D, H, W], summed by the caller), so no two threads write to the same memory.
   at::parallel_for(0, N * P, 4096, [&](int64_t begin, int64_t end) {
-    const int64_t thread = at::in_parallel_region() ? at::get_thread_num() : 0;
+    // one copy: a single thread adds to it (this call's only chunk, or one batch element of sample_backward's
+    // batch split, whose thread number counts the outer threads)
+    const int64_t thread = copies == 1 ? 0 : at::get_thread_num();
     TORCH_CHECK(!GI || thread < copies, "iconreg sampler: thread ", thread, " of ", copies);
     T* mine = GI ? GI + thread * image_size : nullptr;
     while (begin < end) {
@@ -641,7 +644,7 @@ static void backward_vector(const torch::Tensor& image, const Points<float>& pts
   const int64_t copies = GI ? grad_image.size(0) : 1;
   // as the scalar backward: each thread adds to its own image-gradient copy
   at::parallel_for(0, N * groups, 256, [&](int64_t begin, int64_t end) {
-    const int64_t thread = at::in_parallel_region() ? at::get_thread_num() : 0;
+    const int64_t thread = copies == 1 ? 0 : at::get_thread_num();  // as backward_kernel
     TORCH_CHECK(!GI || thread < copies, "iconreg sampler: thread ", thread, " of ", copies);
     backward_groups<ZEROS>(I, pts, GO, GI ? GI + thread * image_size : nullptr, GG, C, D, H, W, sN, P, begin, end);
   });
@@ -732,6 +735,36 @@ std::vector<torch::Tensor> sample_backward(torch::Tensor image, torch::Tensor co
   const int64_t work = vector ? N * ((P + 15) / 16) : N * P, grain = vector ? 256 : 4096;
   const int64_t threads = at::in_parallel_region()
       ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (work + grain - 1) / grain));
+  // Batch elements split evenly over the threads (batch 2 on two threads: both directions of a training step):
+  // each thread takes whole batch elements, which write to their own part of the image gradient, so one zeroed
+  // gradient serves all and nothing is summed. Each element's additions are the same, in the same order.
+  if (image_gradient && threads > 1 && N % threads == 0) {
+    auto grad_image = torch::zeros_like(image, at::MemoryFormat::Contiguous);
+    auto grad_coords = coords_gradient ? torch::empty({N, 3, P}, coords.options())
+                                       : torch::empty({0}, coords.options());
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        auto one = [&](const torch::Tensor& t) { return t.numel() ? t.narrow(0, n, 1) : t; };
+        auto gi = grad_image.narrow(0, n, 1).unsqueeze(0);  // [1 copy, 1, C, D, H, W]
+        auto gc = one(grad_coords);
+        const auto img = image.narrow(0, n, 1), pts_n = coords.narrow(0, n, 1), go = grad_out.narrow(0, n, 1);
+#ifdef ICONREG_VECTOR
+        if (vector) {
+          const auto pts = points_of<float>(pts_n);
+          if (zeros) backward_vector<true>(img, pts, P, go, gi, gc);
+          else backward_vector<false>(img, pts, P, go, gi, gc);
+          continue;
+        }
+#endif
+        AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_backward_batch", [&] {
+          const auto pts = points_of<scalar_t>(pts_n);
+          if (zeros) backward_kernel<scalar_t, true>(img, pts, P, go, gi, gc);
+          else backward_kernel<scalar_t, false>(img, pts, P, go, gi, gc);
+        });
+      }
+    });
+    return {grad_image, grad_coords};
+  }
   auto grad_image = image_gradient
       ? torch::zeros({threads, N, image.size(1), image.size(2), image.size(3), image.size(4)}, image.options())
       : torch::empty({0}, image.options());
