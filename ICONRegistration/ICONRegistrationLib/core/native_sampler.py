@@ -15,11 +15,13 @@ gradient through a clamped (border) coordinate, none at all for a NaN coordinate
 wholly outside. Values and gradients agree to float rounding (the corner weights are formed in another order). The
 forward and the backward split the points over the threads; with an image gradient each thread adds to its own copy
 of it, summed at the end, so threads never write to the same memory (a batch that divides evenly over the threads
-is split by batch elements instead, each writing its own part of one gradient: no copies, one thread's bits). Four consecutive points in one cell (an aligned
-quad: GradICON's point and its three finite-difference copies, side by side) add their image-gradient products to each
-corner as one sum, and on AVX-512 a group of four such quads reads each corner pair with one two-float load instead of
-gathers: in a float32 uniGradICON-width training step at 80×96×80 the penalty's samplings (4.9 M points) went from
-92 to 56 ms (backward) and from 46 to 39 ms (forward) each, the step from 4.80 to 4.60 s.
+is split by batch elements instead, each writing its own part of one gradient: no copies, one thread's bits). Four
+consecutive points in one cell (an aligned quad: GradICON's point and its three finite-difference copies, side by
+side) add their image-gradient products to each corner as one sum, and on AVX-512 a group of four such quads reads
+each corner pair with one two-float load instead of gathers: in a float32 uniGradICON-width training step at
+80×96×80 the penalty's samplings (4.9 M points) went from 92 to 56 ms (backward) and from 46 to 39 ms (forward)
+each, the step from 4.80 to 4.60 s. Sparse points take the backward in two passes
+(:data:`SEPARATE_PASSES_POINTS_PER_VOXEL`).
 
 The same library carries array kernels, used where :func:`kernels_eligible` holds: the per-axis step of
 ``losses.gaussian_blur`` on a CPU (:func:`blur_axis`; LNCC's moments and instance optimisation's smoothing are such
@@ -292,9 +294,9 @@ static void backward_points(const T* I, const Points<T>& pts, const T* GO, T* GI
     }
     for (int i = 0; i < 4; ++i) point_backward<T>(I, GO, nullptr, GG, l[i], n, p + i, P, C, D, H, W, sN);
     const T* go = GO + n * C * P + p;
+    const int64_t at[8] = {0, 1, W, W + 1, sD, sD + 1, sD + W, sD + W + 1};  // the corners, as corner_weights()
     for (int64_t c = 0; c < C; ++c, go += P) {
       T* r = GI + (n * C + c) * sC + l[0].offset;
-      const int64_t at[8] = {0, 1, W, W + 1, sD, sD + 1, sD + W, sD + W + 1};
       for (int j = 0; j < 8; ++j)
         r[at[j]] += (go[0] * l[0].w[j] + go[1] * l[1].w[j]) + (go[2] * l[2].w[j] + go[3] * l[3].w[j]);
     }
@@ -584,40 +586,38 @@ ICONREG_AVX512 static void backward_groups(const float* I, const Points<float>& 
       // 2x80x96x80 field, two threads)
       for (int64_t c = 0; GG && c < C; ++c, q += sC, go += P) {
         const __m512 s = _mm512_maskz_loadu_ps(mask, go);
-        {
-          __m512 a[8];
-          if (quads == ALL_QUADS)
-            quad_corners(q, offsets[0], W, sD, a);
-          else
-            for (int j = 0; j < 8; ++j)
-              a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cv.in[j] & live, cv.off[j], q, 4);
-          __m512 cx, cy, cz;
-          derivatives_v(a, ax.f, ay.f, az.f, cx, cy, cz);
-          dx = _mm512_add_ps(dx, _mm512_mul_ps(s, cx));
-          dy = _mm512_add_ps(dy, _mm512_mul_ps(s, cy));
-          dz = _mm512_add_ps(dz, _mm512_mul_ps(s, cz));
-        }
+        __m512 a[8];
+        if (quads == ALL_QUADS)
+          quad_corners(q, offsets[0], W, sD, a);
+        else
+          for (int j = 0; j < 8; ++j)
+            a[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cv.in[j] & live, cv.off[j], q, 4);
+        __m512 cx, cy, cz;
+        derivatives_v(a, ax.f, ay.f, az.f, cx, cy, cz);
+        dx = _mm512_add_ps(dx, _mm512_mul_ps(s, cx));
+        dy = _mm512_add_ps(dy, _mm512_mul_ps(s, cy));
+        dz = _mm512_add_ps(dz, _mm512_mul_ps(s, cz));
       }
+      // scatter-add: a merged quad once (its four lanes' products summed), other lanes one by one
       go = GO + n * C * P + p;
       for (int64_t c = 0; mine && c < C; ++c, go += P) {
         const __m512 s = _mm512_maskz_loadu_ps(mask, go);
-        {  // scatter-add: a merged quad once (its four lanes' products summed), other lanes one by one
-          for (int j = 0; j < 8; ++j) {
-            const __m512 v = _mm512_mul_ps(s, cv.w[j]);
-            const __m512 pairs = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // (p0 + p1), (p2 + p3)
-            _mm512_store_ps(products[j], _mm512_mask_blend_ps(quads, v, _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0x4E))));
+        for (int j = 0; j < 8; ++j) {
+          const __m512 v = _mm512_mul_ps(s, cv.w[j]);
+          const __m512 pairs = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // (p0 + p1), (p2 + p3)
+          const __m512 quad_sums = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0x4E));  // at each quad's lanes
+          _mm512_store_ps(products[j], _mm512_mask_blend_ps(quads, v, quad_sums));
+        }
+        float* r = mine + (n * C + c) * sC;
+        for (int lane = 0; lane < 16; ++lane) {
+          if (!((live >> lane) & 1)) continue;
+          if ((quads >> lane) & 1) {
+            for (int j = 0; j < 8; ++j) r[offsets[j][lane]] += products[j][lane];
+            lane += 3;
+            continue;
           }
-          float* r = mine + (n * C + c) * sC;
-          for (int lane = 0; lane < 16; ++lane) {
-            if (!((live >> lane) & 1)) continue;
-            if ((quads >> lane) & 1) {
-              for (int j = 0; j < 8; ++j) r[offsets[j][lane]] += products[j][lane];
-              lane += 3;
-              continue;
-            }
-            for (int j = 0; j < 8; ++j)
-              if ((cv.in[j] >> lane) & 1) r[offsets[j][lane]] += products[j][lane];
-          }
+          for (int j = 0; j < 8; ++j)
+            if ((cv.in[j] >> lane) & 1) r[offsets[j][lane]] += products[j][lane];
         }
       }
       if (GG) {
@@ -744,9 +744,8 @@ std::vector<torch::Tensor> sample_backward(torch::Tensor image, torch::Tensor co
                                        : torch::empty({0}, coords.options());
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        auto one = [&](const torch::Tensor& t) { return t.numel() ? t.narrow(0, n, 1) : t; };
         auto gi = grad_image.narrow(0, n, 1).unsqueeze(0);  // [1 copy, 1, C, D, H, W]
-        auto gc = one(grad_coords);
+        auto gc = grad_coords.numel() ? grad_coords.narrow(0, n, 1) : grad_coords;
         const auto img = image.narrow(0, n, 1), pts_n = coords.narrow(0, n, 1), go = grad_out.narrow(0, n, 1);
 #ifdef ICONREG_VECTOR
         if (vector) {

@@ -7,7 +7,7 @@ uniGradICON / GradICON checkpoints load with ``strict=True`` and give the same n
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ def _depth_slabs(x: torch.Tensor, starts: Sequence[int], length: int) -> torch.T
 
 
 def _in_two_slabs(x: torch.Tensor, kernel: int, stride: int, padding: int,
-                  convolve) -> torch.Tensor:
+                  convolve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """A convolution along the first spatial axis (``kernel``, ``stride``, zero ``padding``) of batch-1 ``x``, run as a
     batch of two: ``convolve`` (the convolution with no padding along that axis) takes the two slabs of planes that
     the first and second half of the output planes read, and the two outputs are put back together."""
@@ -90,20 +90,21 @@ def _convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     did 1.6× the work for the last convolution's input gradient at 65³, and was out of reach for the UNet's first
     convolution (2 input channels). The same numbers up to the order of summation (float32 rounding). Any other
     input goes to ``conv`` unchanged. A convolution to a few channels (the last one) runs through
-    :func:`_few_channel_conv` either way (its 'same' padding kept: each slab then carries ``k // 2`` planes of the
-    other half, or zeros, on each side, and those output planes are dropped).
+    :func:`_few_channel_conv` either way (with its 'same' padding: the outputs of each slab's ``k // 2`` outer planes
+    on each side are dropped).
     """
     if not _slow_path(x) or _cpu_autocast_dtype() is not None or not isinstance(conv, nn.Conv3d) \
             or conv.groups != 1 or conv.padding_mode != "zeros" or tuple(conv.dilation) != (1, 1, 1) \
             or len(set(conv.kernel_size)) != 1:  # (under autocast the convolution computes in bfloat16 on oneDNN)
         return _few_channel_conv(conv, x)
     kernel, stride, padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    if _few_channel_eligible(conv, x):
-        half = (x.shape[2] + 1) // 2
-        y = _few_channel_conv(conv, _depth_slabs(x, [-padding, half - padding], half + 2 * padding))
-        return torch.cat([y[:1, :, padding:padding + half], y[1:, :, padding:padding + x.shape[2] - half]], dim=2)
-    return _in_two_slabs(x, kernel, stride, padding, lambda slabs: F.conv3d(
-        slabs, conv.weight, conv.bias, conv.stride, (0, *conv.padding[1:]), 1, 1))
+    if _few_channel_eligible(conv, x):  # its own 'same' padding: the outputs of each slab's outer planes go
+        def convolve(slabs: torch.Tensor) -> torch.Tensor:
+            return _few_channel_conv(conv, slabs)[:, :, padding:slabs.shape[2] - padding]
+    else:
+        def convolve(slabs: torch.Tensor) -> torch.Tensor:
+            return F.conv3d(slabs, conv.weight, conv.bias, conv.stride, (0, *conv.padding[1:]), 1, 1)
+    return _in_two_slabs(x, kernel, stride, padding, convolve)
 
 
 def _same_convolution(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -165,9 +166,9 @@ class _ConvToFewChannels(torch.autograd.Function):
                 # a batch-1 volume PyTorch would convolve on its slow path: the same sum over two slabs of planes,
                 # x's halves against the gradient's planes they meet (k // 2 more, or zeros, on each side)
                 half, padding = (x.shape[2] + 1) // 2, kernel // 2
-                grad_weight = _few_channel_weight_gradient_swapped(
-                    _depth_slabs(x, [0, half], half), _depth_slabs(grad, [-padding, half - padding], half + 2 * padding),
-                    kernel, depth_padding=0)
+                x_halves = _depth_slabs(x, [0, half], half)
+                grad_slabs = _depth_slabs(grad, [-padding, half - padding], half + 2 * padding)
+                grad_weight = _few_channel_weight_gradient_swapped(x_halves, grad_slabs, kernel, depth_padding=0)
             else:
                 grad_weight = _few_channel_weight_gradient(x, grad, kernel)
             grad_weight = grad_weight.to(weight.dtype)
@@ -325,7 +326,7 @@ def _transposed_convolution_without_bias(conv: nn.ConvTranspose3d | nn.ConvTrans
     transpose = F.conv_transpose3d if x.dim() == 5 else F.conv_transpose2d
     weight = conv.weight
     if x.dim() == 5 and x.device.type == "cpu" and _memory_format(x) == torch.channels_last_3d:
-        # once here, not in the convolution's forward and again in its backward (three copies of the weight per use become two)
+        # once here, not in the convolution's forward and again in its backward (three copies per use become two)
         weight = weight.contiguous(memory_format=torch.channels_last_3d)
     return transpose(x, weight, None, conv.stride, conv.padding, conv.output_padding, conv.groups,
                      conv.dilation)
