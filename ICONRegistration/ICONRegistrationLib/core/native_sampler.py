@@ -738,51 +738,41 @@ std::vector<torch::Tensor> sample_backward(torch::Tensor image, torch::Tensor co
   // Batch elements split evenly over the threads (batch 2 on two threads: both directions of a training step):
   // each thread takes whole batch elements, which write to their own part of the image gradient, so one zeroed
   // gradient serves all and nothing is summed. Each element's additions are the same, in the same order.
-  if (image_gradient && threads > 1 && N % threads == 0) {
-    auto grad_image = torch::zeros_like(image, at::MemoryFormat::Contiguous);
-    auto grad_coords = coords_gradient ? torch::empty({N, 3, P}, coords.options())
-                                       : torch::empty({0}, coords.options());
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        auto gi = grad_image.narrow(0, n, 1).unsqueeze(0);  // [1 copy, 1, C, D, H, W]
-        auto gc = grad_coords.numel() ? grad_coords.narrow(0, n, 1) : grad_coords;
-        const auto img = image.narrow(0, n, 1), pts_n = coords.narrow(0, n, 1), go = grad_out.narrow(0, n, 1);
-#ifdef ICONREG_VECTOR
-        if (vector) {
-          const auto pts = points_of<float>(pts_n);
-          if (zeros) backward_vector<true>(img, pts, P, go, gi, gc);
-          else backward_vector<false>(img, pts, P, go, gi, gc);
-          continue;
-        }
-#endif
-        AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_backward_batch", [&] {
-          const auto pts = points_of<scalar_t>(pts_n);
-          if (zeros) backward_kernel<scalar_t, true>(img, pts, P, go, gi, gc);
-          else backward_kernel<scalar_t, false>(img, pts, P, go, gi, gc);
-        });
-      }
-    });
-    return {grad_image, grad_coords};
-  }
+  const bool batch_split = image_gradient && threads > 1 && N % threads == 0;
+  const int64_t copies = batch_split ? 1 : threads;
   auto grad_image = image_gradient
-      ? torch::zeros({threads, N, image.size(1), image.size(2), image.size(3), image.size(4)}, image.options())
+      ? torch::zeros({copies, N, image.size(1), image.size(2), image.size(3), image.size(4)}, image.options())
       : torch::empty({0}, image.options());
   auto grad_coords = coords_gradient ? torch::empty({N, 3, P}, coords.options()) : torch::empty({0}, coords.options());
+  // the kernel for these batch elements (gi: their image-gradient copies [copies, n, …] or empty)
+  auto run = [&](const torch::Tensor& img, const torch::Tensor& pts_t, const torch::Tensor& go, torch::Tensor& gi,
+                 torch::Tensor& gc) {
 #ifdef ICONREG_VECTOR
-  if (vector) {
-    const auto pts = points_of<float>(coords);
-    if (zeros) backward_vector<true>(image, pts, P, grad_out, grad_image, grad_coords);
-    else backward_vector<false>(image, pts, P, grad_out, grad_image, grad_coords);
-    if (image_gradient) grad_image = threads == 1 ? grad_image.select(0, 0) : grad_image.sum(0);
-    return {grad_image, grad_coords};
-  }
+    if (vector) {
+      const auto pts = points_of<float>(pts_t);
+      if (zeros) backward_vector<true>(img, pts, P, go, gi, gc);
+      else backward_vector<false>(img, pts, P, go, gi, gc);
+      return;
+    }
 #endif
-  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "iconreg_sample_backward", [&] {
-    const auto pts = points_of<scalar_t>(coords);
-    if (zeros) backward_kernel<scalar_t, true>(image, pts, P, grad_out, grad_image, grad_coords);
-    else backward_kernel<scalar_t, false>(image, pts, P, grad_out, grad_image, grad_coords);
-  });
-  if (image_gradient) grad_image = threads == 1 ? grad_image.select(0, 0) : grad_image.sum(0);
+    AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "iconreg_sample_backward", [&] {
+      const auto pts = points_of<scalar_t>(pts_t);
+      if (zeros) backward_kernel<scalar_t, true>(img, pts, P, go, gi, gc);
+      else backward_kernel<scalar_t, false>(img, pts, P, go, gi, gc);
+    });
+  };
+  if (batch_split) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        auto gi = grad_image.narrow(1, n, 1);  // [1 copy, 1, C, D, H, W]
+        auto gc = grad_coords.numel() ? grad_coords.narrow(0, n, 1) : grad_coords;
+        run(image.narrow(0, n, 1), coords.narrow(0, n, 1), grad_out.narrow(0, n, 1), gi, gc);
+      }
+    });
+  } else {
+    run(image, coords, grad_out, grad_image, grad_coords);
+  }
+  if (image_gradient) grad_image = copies == 1 ? grad_image.select(0, 0) : grad_image.sum(0);
   return {grad_image, grad_coords};
 }
 
