@@ -285,8 +285,8 @@ def _finite_difference_quads(batch, out_shape, image_shape, generator, delta=1e-
 @pytest.mark.parametrize("image_gradient", [True, False])
 def test_finite_difference_quads_merge_their_scatter_adds_exactly(kernel, padding, image_gradient):
     """Four points in one cell (an aligned quad: a GradICON point and its shifted copies) add their image-gradient
-    products to each corner as one sum. The image gradient still equals grid_sample's to float rounding, the point
-    gradient exactly the unmerged kernel's. The AVX-512 path, which reads a group of four such quads with one two-float
+    products to each corner as one sum. The image gradient, point gradient and values still equal grid_sample's to
+    float rounding. The AVX-512 path, which reads a group of four such quads with one two-float
     load per corner pair instead of gathers, gives the scalar path's bits (values, forward derivatives, gradients);
     two threads give one thread's."""
     generator = torch.Generator().manual_seed(41)
