@@ -246,6 +246,40 @@ def test_unet_channels_last_convolutions_give_the_same_output(monkeypatch):
     assert torch.allclose(fast, plain, atol=1e-6)
 
 
+def test_deep_transposed_convolutions_keep_the_default_order(monkeypatch):
+    """Below the channels-last levels, a transposed convolution's input goes channels-last only with at least
+    ``_CHANNELS_LAST_MIN_VOXELS`` voxels per channel (for fewer, converting the large weight costs more than the layout
+    saves); the last levels always do. Output and gradients equal those with every input channels-last."""
+    torch.manual_seed(0)
+    net = UNet2(5, [[2, 4, 4, 8, 8, 8], [4, 4, 8, 8, 8]]).train()
+    torch.nn.init.normal_(net.lastConv.weight, std=0.05)
+    a, b = torch.rand(1, 1, 80, 96, 96, requires_grad=True), torch.rand(1, 1, 80, 96, 96, requires_grad=True)
+    seen = []
+    transposed = networks._transposed_convolution_without_bias
+
+    def watched(conv, x):  # (voxels per channel, channels-last) of each transposed convolution's input, deepest first
+        seen.append((x[0, 0].numel(), x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()))
+        return transposed(conv, x)
+
+    def output_and_gradients():
+        net.zero_grad(set_to_none=True)
+        a.grad = b.grad = None
+        seen.clear()
+        out = net(a, b)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in (*net.parameters(), a, b)]), list(seen)
+
+    monkeypatch.setattr(networks, "_transposed_convolution_without_bias", watched)
+    fast, fast_grad, layouts = output_and_gradients()
+    # levels 40×48×48, 20×24×24, 10×12×12 (1440 voxels), 5×6×6 (180), 3×3×3: the two deepest stay in the default order
+    assert layouts == [(27, False), (180, False), (1440, True), (11520, True), (92160, True)]
+    monkeypatch.setattr(networks, "_CHANNELS_LAST_MIN_VOXELS", 0)
+    plain, plain_grad, layouts = output_and_gradients()
+    assert all(channels_last for _, channels_last in layouts)
+    assert torch.allclose(fast, plain, atol=1e-6)
+    assert float((fast_grad - plain_grad).norm() / plain_grad.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("batch, shape", [(1, (33, 35, 33)), (2, (18, 20, 22))])
 def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(monkeypatch, batch, shape):
     """The last two levels (upsampling addition, batch norm, crop, concatenation) run channels-last in training: each
