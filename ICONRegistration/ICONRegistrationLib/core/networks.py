@@ -158,10 +158,11 @@ class _ConvToFewChannels(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                weight_low: Optional[torch.Tensor] = None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _few_channel_forward(x, weight, bias)
+        return _few_channel_forward(x, weight, bias, weight_low)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a second derivative raises instead of going through the slabs
@@ -190,10 +191,11 @@ class _ConvToFewChannels(torch.autograd.Function):
             else:
                 grad_weight = _few_channel_weight_gradient(x, grad, kernel)
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None
 
 
-def _few_channel_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _few_channel_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         weight_low: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, padding=k // 2)`` for a convolution to a few output channels (stride 1, odd cubic
     kernel ``k``), plane by plane for a channels-last input.
 
@@ -203,15 +205,26 @@ def _few_channel_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     first spatial axis as separate outputs: 19 ms), and the ``k`` partial results are added, each shifted by its
     plane's offset along that axis, in the accumulator dtype (float32; float64 for float64): 29 ms in all, and 65
     against 95 ms in float32. Returns ``[N, O, *S]`` in the default memory order and the accumulator dtype (the sum
-    of the bfloat16 partial results is not rounded to bfloat16 again). Any other input takes ``F.conv3d``."""
+    of the bfloat16 partial results is not rounded to bfloat16 again). Any other input takes ``F.conv3d``.
+
+    ``weight_low`` (optional, ``weight``'s shape and dtype) is added to ``weight``: the part of a float32 weight that
+    its bfloat16 copy ``weight`` lost, so that the kernel keeps about 16 significant bits (see
+    :func:`_few_channel_conv`). Its planes are computed by the same convolution, as more output channels."""
     kernel = weight.shape[-1]
     padding = kernel // 2
+    accumulator = _accumulator(x.dtype)
     if _memory_format(x) != torch.channels_last_3d or kernel == 1:
-        return F.conv3d(x, weight, bias, padding=padding)
+        out = F.conv3d(x, weight, bias, padding=padding)
+        if weight_low is not None:
+            out = out.to(accumulator) + F.conv3d(x, weight_low, None, padding=padding)
+        return out
     outputs, depth = weight.shape[0], x.shape[2]
     planes = weight.permute(2, 0, 1, 3, 4).reshape(kernel * outputs, weight.shape[1], 1, kernel, kernel)
+    if weight_low is not None:  # its planes as more output channels of the same convolution, then summed
+        planes = torch.cat([planes, weight_low.permute(2, 0, 1, 3, 4).reshape(planes.shape)])
     partial = F.conv3d(x, planes.contiguous(), padding=(0, padding, padding)).contiguous()  # [N, k·O, *S]
-    accumulator = _accumulator(x.dtype)
+    if weight_low is not None:
+        partial = partial[:, :kernel * outputs].to(accumulator) + partial[:, kernel * outputs:]
     out = partial[:, padding * outputs:(padding + 1) * outputs].to(accumulator)  # the centre plane
     for a in range(kernel):
         shift = a - padding  # plane a reads x at depth d + shift
@@ -303,6 +316,12 @@ def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with 'same' zero padding): through :class:`_ConvToFewChannels` when a gradient will be needed, else
     :func:`_few_channel_forward` alone. Under autocast the input is cast to autocast's dtype, and the weight and
     bias to the input's (as autocast does); the result may come in the accumulator's dtype (float32 for bfloat16).
+
+    Under autocast the forward also convolves with what the weight lost in its rounding to autocast's dtype
+    (``weight_low`` of :func:`_few_channel_forward`), as more output channels of the same convolution: this layer's
+    output is the displacement, and the rounding of its weight was most of a bfloat16 training step's objective
+    difference (uniGradICON width, 80×96×80, random weights: 1.3e-4 relative to float32, 1.5e-5 with the split kernel;
+    its input's rounding alone gave 8e-6). Its gradients use the rounded weight, as autocast's would.
     """
     if not _few_channel_eligible(conv, x):
         return conv(x)
@@ -313,9 +332,13 @@ def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     weight = conv.weight.to(x.dtype)
     bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+    weight_low = None
+    if weight.dtype != conv.weight.dtype and weight.dtype != torch.float64:
+        with torch.no_grad():  # a constant correction of the forward's value
+            weight_low = (conv.weight - weight.to(conv.weight.dtype)).to(x.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _ConvToFewChannels.apply(x, weight, bias)
-    return _few_channel_forward(x, weight, bias)
+        return _ConvToFewChannels.apply(x, weight, bias, weight_low)
+    return _few_channel_forward(x, weight, bias, weight_low)
 
 
 def _cpu_autocast_dtype() -> Optional[torch.dtype]:
@@ -700,7 +723,7 @@ def low_precision(net: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[nn.M
     Everything outside the UNets — maps, composition, sampling, similarity, penalties — stays float32. Used for
     training (``iconreg train --mixed-precision``): on a CPU with native bfloat16 (AVX512-BF16) training steps were
     1.08–1.27× faster; the objective moved by at most 1.1e-4 (random weights) to 5.6e-4 (the trained hippocampus
-    model) relative, the gradient by 3 % to 23 % (cosine 0.974 on the trained model, where the float32 gradients of
+    model) relative (measured before the last convolution kept its weight's lost bits, see :func:`_few_channel_conv`), the gradient by 3 % to 23 % (cosine 0.974 on the trained model, where the float32 gradients of
     two batches have 0.855), and runs at equal steps reached the same validation Dice (``benchmarks/README.md``;
     keeping each UNet's first and last convolutions in float32 lost most of the gain). Inference stays float32: at
     175³ the uniGradICON network's forward pass was only 1.17× faster, and the shipped LPBA40 model's maps moved by
