@@ -280,6 +280,25 @@ def test_deep_transposed_convolutions_keep_the_default_order(monkeypatch):
     assert float((fast_grad - plain_grad).norm() / plain_grad.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("size, kernel, stride, padding", [((1, 1, 1), 4, 2, 1), ((2, 3, 1), 4, 2, 1),
+                                                           ((3, 3, 3), 3, 2, 1), ((2, 2, 2), 2, 2, 0)])
+def test_transposed_convolution_by_matrix_product_is_pytorchs(size, kernel, stride, padding):
+    """The deepest levels' transposed convolutions (a few voxels per channel) as one matrix product and a scatter-add:
+    PyTorch's values and gradients in float64, and the UNet takes this path exactly where the input is that small."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, 5, kernel, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    ours = networks._transposed_convolution_by_matrix_product(x, weight, stride, padding)
+    theirs = F.conv_transpose3d(x, weight, None, stride, padding)
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+    grad = torch.randn_like(theirs)
+    for a, b in zip(torch.autograd.grad(ours, (x, weight), grad), torch.autograd.grad(theirs, (x, weight), grad)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    conv = torch.nn.ConvTranspose3d(8, 5, kernel, stride, padding)
+    small, large = torch.randn(1, 8, *size), torch.randn(1, 8, 4, 4, 2)  # at most 27 voxels per channel, and 32
+    assert networks._by_matrix_product(conv, small) and not networks._by_matrix_product(conv, large)
+
+
 @pytest.mark.parametrize("batch, shape", [(1, (33, 35, 33)), (2, (18, 20, 22))])
 def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(monkeypatch, batch, shape):
     """The last two levels (upsampling addition, batch norm, crop, concatenation) run channels-last in training: each
