@@ -320,8 +320,9 @@ def _few_channel_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Under autocast the forward also convolves with what the weight lost in its rounding to autocast's dtype
     (``weight_low`` of :func:`_few_channel_forward`), as more output channels of the same convolution: this layer's
     output is the displacement, and the rounding of its weight was most of a bfloat16 training step's objective
-    difference (uniGradICON width, 80×96×80, random weights: 1.3e-4 relative to float32, 1.5e-5 with the split kernel;
-    its input's rounding alone gave 8e-6). Its gradients use the rounded weight, as autocast's would.
+    difference (uniGradICON width, 80×96×80, random weights, in one check: 1.3e-4 relative to float32, 7.3e-5 with the
+    split kernel; in a float32 last convolution its weight's rounding alone gave 9.5e-5, its input's 8e-6). Its
+    gradients use the rounded weight, as autocast's would.
     """
     if not _few_channel_eligible(conv, x):
         return conv(x)
@@ -765,8 +766,9 @@ def low_precision(net: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[nn.M
     Everything outside the UNets — maps, composition, sampling, similarity, penalties — stays float32. Used for
     training (``iconreg train --mixed-precision``): on a CPU with native bfloat16 (AVX512-BF16) training steps were
     1.08–1.27× faster; the objective moved by at most 1.1e-4 (random weights) to 5.6e-4 (the trained hippocampus
-    model) relative (measured before the last convolution kept its weight's lost bits, see :func:`_few_channel_conv`), the gradient by 3 % to 23 % (cosine 0.974 on the trained model, where the float32 gradients of
-    two batches have 0.855), and runs at equal steps reached the same validation Dice (``benchmarks/README.md``;
+    model) relative (measured before the last convolution kept its weight's lost bits, see :func:`_few_channel_conv`),
+    the gradient by 3 % to 23 % (cosine 0.974 on the trained model, where the float32 gradients of two batches have
+    0.855), and runs at equal steps reached the same validation Dice (``benchmarks/README.md``;
     keeping each UNet's first and last convolutions in float32 lost most of the gain). Inference stays float32: at
     175³ the uniGradICON network's forward pass was only 1.17× faster, and the shipped LPBA40 model's maps moved by
     up to 0.18 voxel.
