@@ -302,8 +302,8 @@ def test_transposed_convolution_by_matrix_product_is_pytorchs(size, kernel, stri
 @pytest.mark.parametrize("batch, shape", [(1, (33, 35, 33)), (2, (18, 20, 22))])
 def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(monkeypatch, batch, shape):
     """The last two levels (upsampling addition, batch norm, crop, concatenation) run channels-last in training: each
-    of their batch norms must get its gradient channels-last (with a default-order gradient PyTorch's CPU batch-norm
-    backward ran 8× slower), and the output and every gradient must equal PyTorch's own modules in the default memory
+    of their batch norms must get its gradient in channels-last order (with a default-order gradient PyTorch's CPU
+    batch-norm backward ran 8× slower, and a copy into channels-last order cost as much again), and the output and every gradient must equal PyTorch's own modules in the default memory
     order."""
     torch.manual_seed(0)
     net = UNet2(5, [[2, 8, 16, 16, 16, 16], [8, 16, 16, 16, 16]]).train()
@@ -312,10 +312,14 @@ def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(mo
     seen = []
     replacement = networks._batch_norm
 
+    def channels_last_ordered(grad):  # channels fastest, then W, H, D (a channel slice of a channels-last tensor too)
+        strides = grad.permute(0, 2, 3, 4, 1).stride()
+        return strides[-1] == 1 and all(strides[i] >= strides[i + 1] for i in range(1, 4))
+
     def watched_batch_norm(norm, x):  # records the memory order of the gradient of each channels-last output
         out = replacement(norm, x)
         if out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous():
-            out.register_hook(lambda grad: seen.append(grad.is_contiguous(memory_format=torch.channels_last_3d)))
+            out.register_hook(lambda grad: seen.append(channels_last_ordered(grad)))
         return out
 
     def output_and_gradients():
@@ -680,6 +684,126 @@ def test_few_channel_convolution_in_bfloat16_keeps_the_bits_its_weight_loses():
     plain = networks._ConvToFewChannels.apply(x.bfloat16(), weight.bfloat16(), conv.bias.bfloat16())
     plain_grads = torch.autograd.grad(plain, (x, weight), grad)
     assert all(torch.equal(a, b) for a, b in zip(ours_grads, plain_grads))
+
+
+@pytest.mark.parametrize("dtype, low, bias", [(torch.float32, False, True), (torch.bfloat16, True, True),
+                                             (torch.bfloat16, False, False), (torch.float32, False, False)])
+@pytest.mark.parametrize("shape, kernel", [((2, 18, 9, 7, 5), 3), ((2, 18, 1, 4, 3), 3), ((2, 5, 2, 3, 4), 3),
+                                           ((2, 4, 6, 5, 7), 5), ((1, 18, 5, 4, 3), 3)])
+def test_compiled_plane_sum_gives_the_tensor_paths_bits(monkeypatch, dtype, low, bias, shape, kernel):
+    """The few-channel convolution's plane sum in one compiled pass (``native_sampler.plane_sum``) over the
+    channels-last planes, without copying them to the default order: the same float32 values bit for bit as the
+    tensor path (centre plane, the others in order, then the bias), depths shorter than the kernel included. (A small
+    batch-1 input's planes come from PyTorch's native convolution in the default order: the tensor path.)"""
+    from ICONRegistrationLib.core import native_sampler
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    torch.manual_seed(0)
+    x = torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(3, shape[1], kernel, kernel, kernel).to(dtype)
+    weight_low = (torch.randn_like(weight.float()) * 1e-3).to(dtype) if low else None
+    bias_ = torch.randn(3).to(dtype) if bias else None
+    calls = []
+    plane_sum = native_sampler.plane_sum
+    monkeypatch.setattr(native_sampler, "plane_sum", lambda *args: calls.append(1) or plane_sum(*args))
+    fast = networks._few_channel_forward(x, weight, bias_, weight_low)
+    assert bool(calls) == (not networks._slow_path(x)) and fast.dtype == torch.float32 and fast.is_contiguous()
+    monkeypatch.setattr(native_sampler, "plane_sum_eligible", lambda partial: False)
+    plain = networks._few_channel_forward(x, weight, bias_, weight_low)
+    assert torch.equal(fast, plain)
+    exact = F.conv3d(x.double(), (weight.double() + (weight_low.double() if low else 0)),
+                     None if bias_ is None else bias_.double(), padding=kernel // 2)
+    assert float((fast.double() - exact).abs().max() / exact.abs().max()) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_compiled_channel_sums_and_affine_read_a_channel_slice_in_place(second):
+    """The batch norm's kernels take the rows of a channel slice of a channels-last tensor (rows further apart than
+    their channels: the last level's gradient, handed back by the concatenation without a copy) and give the numbers
+    of the same rows copied, bit for bit."""
+    from ICONRegistrationLib.core import native_sampler
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    torch.manual_seed(0)
+    whole = torch.randn(2, 18, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    rows = whole[:, :16].movedim(1, -1).reshape(-1, 16)
+    assert rows.stride() == (18, 1)  # a view, not a copy
+    other = torch.randn(2, 16, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d).movedim(1, -1).reshape(-1, 16)
+    first, then = (other, rows) if second else (rows, other)
+    copied = [t.contiguous() for t in (first, then)]
+    assert torch.equal(native_sampler.channel_sums(first, then), native_sampler.channel_sums(*copied))
+    shift, scale, other_scale, offset = (torch.randn(16) for _ in range(4))
+    assert torch.equal(native_sampler.channel_affine(first, shift, scale, offset, then, other_scale),
+                       native_sampler.channel_affine(*copied[:1], shift, scale, offset, copied[1], other_scale))
+    assert torch.equal(native_sampler.channel_affine(first, shift, scale, offset),
+                       native_sampler.channel_affine(copied[0], shift, scale, offset))
+
+
+def test_leading_channels_of_a_channels_last_input_give_a_channels_last_gradient():
+    """``_match_channels`` of a channels-last input that keeps its first channels: PyTorch's slice values, and the
+    gradient in channels-last order (PyTorch's slice backward writes it in the default order, which made the sum of
+    the input's gradients default-order and its consumers copy it)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    out = networks._match_channels(x, 16)
+    assert torch.equal(out, x[:, :16])
+    grad = torch.randn_like(out)
+    (found,) = torch.autograd.grad(out, x, grad)
+    expected = torch.zeros_like(x)
+    expected[:, :16] = grad
+    assert torch.equal(found, expected) and found.is_contiguous(memory_format=torch.channels_last_3d)
+    plain = torch.randn(2, 48, 4, 5, 6, requires_grad=True)  # the default order keeps PyTorch's slice
+    assert networks._match_channels(plain, 16).grad_fn.name() == "SliceBackward0"
+    assert torch.equal(networks._match_channels(plain, 50)[:, 2:], plain)  # zero-padded at the front
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 9, 8, 7), (1, 2, 10, 12, 10), (1, 1, 5, 6, 7), (3, 4, 6, 5, 4),
+                                   (1, 2, 1, 2, 3)])
+def test_polyphase_input_gradient_is_pytorchs(shape):
+    """The first convolution's input gradient as one convolution to the eight parities and their interleaving
+    (``_PolyphaseInputGradientConv``): PyTorch's output and gradients in float64, odd and even sizes, 1 to 4
+    channels, axes of one voxel."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(shape[1], 16, 3, stride=2, padding=1).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    expected = conv(x)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, conv.weight, conv.bias), grad)
+    found = networks._PolyphaseInputGradientConv.apply(x, conv.weight, conv.bias)
+    found_grads = torch.autograd.grad(found, (x, conv.weight, conv.bias), grad)
+    assert torch.equal(found, expected)
+    for a, b in zip(found_grads, expected_grads):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-14
+
+
+def test_polyphase_input_gradient_where_it_pays_and_under_autocast():
+    """Taken only for a strided 3×3×3 convolution from a few channels whose input needs a gradient, and whose
+    polyphase convolution PyTorch runs on oneDNN; under bfloat16 autocast it computes in bfloat16 as autocast's own
+    convolution does, with float32 weight and bias gradients equal to autocast's and an input gradient within
+    bfloat16 rounding of it."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(2, 16, 3, stride=2, padding=1)
+    x = torch.randn(2, 2, 20, 24, 18, requires_grad=True)
+    assert networks._polyphase_eligible(conv, x)
+    assert not networks._polyphase_eligible(conv, x.detach())  # no input gradient to take
+    wide = torch.randn(2, 16, 20, 24, 18, requires_grad=True)
+    assert not networks._polyphase_eligible(torch.nn.Conv3d(16, 16, 3, stride=2, padding=1), wide)
+    assert not networks._polyphase_eligible(torch.nn.Conv3d(2, 16, 3, padding=1), x)  # stride 1
+    small = torch.randn(1, 2, 33, 33, 33, requires_grad=True)  # its 16×18×18 polyphase input: PyTorch's slow path
+    assert not networks._polyphase_eligible(conv, small)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert networks._polyphase_eligible(conv, small)  # bfloat16 convolutions always run on oneDNN
+        expected = conv(x)
+        found = networks._convolve(conv, x)
+    assert found.dtype == expected.dtype == torch.bfloat16 and torch.equal(found, expected)
+    grad = torch.randn_like(expected.float())
+    expected_grads = torch.autograd.grad(expected.float(), (x, conv.weight, conv.bias), grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = networks._convolve(conv, x)
+    found_grads = torch.autograd.grad(found.float(), (x, conv.weight, conv.bias), grad)
+    assert [g.dtype for g in found_grads] == [torch.float32] * 3
+    assert torch.equal(found_grads[1], expected_grads[1]) and torch.equal(found_grads[2], expected_grads[2])
+    assert float((found_grads[0] - expected_grads[0]).abs().max() / expected_grads[0].abs().max()) < 1e-2
 
 
 def test_unet_trains_through_the_few_channel_last_convolution(monkeypatch):

@@ -841,13 +841,13 @@ torch::Tensor blur_axis(torch::Tensor input, torch::Tensor taps, int64_t offset)
 static constexpr int64_t ICONREG_ROW_BLOCK = 2048;
 
 template <typename T>
-ICONREG_BLUR_CLONES static void block_channel_sums(const T* a, const T* b, int64_t rows, int64_t C, double* s0,
-                                                   double* s1) {
+ICONREG_BLUR_CLONES static void block_channel_sums(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t rows,
+                                                   int64_t C, double* s0, double* s1) {
   for (int64_t c = 0; c < C; ++c) { s0[c] = 0; s1[c] = 0; }
   for (int64_t r = 0; r < rows; ++r) {
-    const T* ar = a + r * C;
+    const T* ar = a + r * lda;
     if (b) {
-      const T* br = b + r * C;
+      const T* br = b + r * ldb;
       for (int64_t c = 0; c < C; ++c) { const double x = ar[c]; s0[c] += x; s1[c] += x * static_cast<double>(br[c]); }
     } else {
       for (int64_t c = 0; c < C; ++c) { const double x = ar[c]; s0[c] += x; s1[c] += x * x; }
@@ -856,13 +856,14 @@ ICONREG_BLUR_CLONES static void block_channel_sums(const T* a, const T* b, int64
 }
 
 template <typename T>
-static void channel_sums_of(const T* a, const T* b, int64_t R, int64_t C, double* out) {
+static void channel_sums_of(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t R, int64_t C, double* out) {
   const int64_t blocks = (R + ICONREG_ROW_BLOCK - 1) / ICONREG_ROW_BLOCK;
   std::vector<double> partial(blocks * 2 * C);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * ICONREG_ROW_BLOCK, n = std::min(ICONREG_ROW_BLOCK, R - r0);
-      block_channel_sums<T>(a + r0 * C, b ? b + r0 * C : nullptr, n, C, &partial[k * 2 * C], &partial[k * 2 * C + C]);
+      block_channel_sums<T>(a + r0 * lda, lda, b ? b + r0 * ldb : nullptr, ldb, n, C, &partial[k * 2 * C],
+                            &partial[k * 2 * C + C]);
     }
   });
   std::fill(out, out + 2 * C, 0.0);
@@ -870,15 +871,18 @@ static void channel_sums_of(const T* a, const T* b, int64_t R, int64_t C, double
     for (int64_t j = 0; j < 2 * C; ++j) out[j] += partial[k * 2 * C + j];
 }
 
-// a, b: [R, C] contiguous float32 or float64 (b may be empty) -> [2, C] float64
+// a, b: [R, C] float32 or float64 rows (each row's C values adjacent; rows a.stride(0) apart, which may exceed C: a
+// channel slice of a channels-last tensor; b may be empty) -> [2, C] float64
 torch::Tensor channel_sums(torch::Tensor a, torch::Tensor b) {
   const int64_t R = a.size(0), C = a.size(1);
   auto out = torch::empty({2, C}, a.options().dtype(torch::kFloat64));
   const bool second = b.numel() > 0;
+  const int64_t ldb = second ? b.stride(0) : 0;
   if (a.scalar_type() == at::kFloat) {
-    channel_sums_of<float>(a.data_ptr<float>(), second ? b.data_ptr<float>() : nullptr, R, C, out.data_ptr<double>());
+    channel_sums_of<float>(a.data_ptr<float>(), a.stride(0), second ? b.data_ptr<float>() : nullptr, ldb, R, C,
+                           out.data_ptr<double>());
   } else {
-    channel_sums_of<double>(a.data_ptr<double>(), second ? b.data_ptr<double>() : nullptr, R, C,
+    channel_sums_of<double>(a.data_ptr<double>(), a.stride(0), second ? b.data_ptr<double>() : nullptr, ldb, R, C,
                             out.data_ptr<double>());
   }
   return out;
@@ -887,13 +891,13 @@ torch::Tensor channel_sums(torch::Tensor a, torch::Tensor b) {
 // out[r, c] = (a[r, c] - m[c]) * s[c] + b[r, c] * t[c] + u[c] (the middle term only where b is not empty), in that
 // order: the batch norm's output (a the input, m its mean) and its input gradient (b the output gradient)
 template <typename T>
-ICONREG_BLUR_CLONES static void affine_rows(const T* a, const T* m, const T* s, const T* b, const T* t, const T* u,
-                                            T* out, int64_t rows, int64_t C) {
+ICONREG_BLUR_CLONES static void affine_rows(const T* a, int64_t lda, const T* m, const T* s, const T* b, int64_t ldb,
+                                            const T* t, const T* u, T* out, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T* ar = a + r * C;
+    const T* ar = a + r * lda;
     T* o = out + r * C;
     if (b) {
-      const T* br = b + r * C;
+      const T* br = b + r * ldb;
       for (int64_t c = 0; c < C; ++c) o[c] = (ar[c] - m[c]) * s[c] + br[c] * t[c] + u[c];
     } else {
       for (int64_t c = 0; c < C; ++c) o[c] = (ar[c] - m[c]) * s[c] + u[c];
@@ -904,25 +908,83 @@ ICONREG_BLUR_CLONES static void affine_rows(const T* a, const T* m, const T* s, 
 template <typename T>
 static void channel_affine_of(torch::Tensor a, torch::Tensor m, torch::Tensor s, torch::Tensor b, torch::Tensor t,
                               torch::Tensor u, torch::Tensor out) {
-  const int64_t R = a.size(0), C = a.size(1);
+  const int64_t R = a.size(0), C = a.size(1), lda = a.stride(0);
   const T* pa = a.data_ptr<T>();
   const T* pm = m.data_ptr<T>();
   const T* pb = b.numel() > 0 ? b.data_ptr<T>() : nullptr;
+  const int64_t ldb = pb ? b.stride(0) : 0;
   const T* ps = s.data_ptr<T>();
   const T* pt = pb ? t.data_ptr<T>() : nullptr;
   const T* pu = u.data_ptr<T>();
   T* po = out.data_ptr<T>();
   at::parallel_for(0, R, ICONREG_ROW_BLOCK, [&](int64_t begin, int64_t end) {
-    affine_rows<T>(pa + begin * C, pm, ps, pb ? pb + begin * C : nullptr, pt, pu, po + begin * C, end - begin, C);
+    affine_rows<T>(pa + begin * lda, lda, pm, ps, pb ? pb + begin * ldb : nullptr, ldb, pt, pu, po + begin * C,
+                   end - begin, C);
   });
 }
 
-// a, b: [R, C] contiguous (b may be empty), m, s, t, u: [C], all of a's dtype -> [R, C]
+// a, b: [R, C] rows as for channel_sums (b may be empty), m, s, t, u: [C], all of a's dtype -> [R, C] contiguous
 torch::Tensor channel_affine(torch::Tensor a, torch::Tensor m, torch::Tensor s, torch::Tensor b, torch::Tensor t,
                              torch::Tensor u) {
-  auto out = torch::empty_like(a);
+  auto out = torch::empty({a.size(0), a.size(1)}, a.options());
   if (a.scalar_type() == at::kFloat) channel_affine_of<float>(a, m, s, b, t, u, out);
   else channel_affine_of<double>(a, m, s, b, t, u, out);
+  return out;
+}
+
+// ---- The last step of a convolution to a few channels computed plane by plane (networks._few_channel_forward):
+// partial [N, D, H, W, P] contiguous (a channels-last convolution output; float32 or bfloat16) holds, for each kernel
+// plane a < K along D, the O output channels a * O + o of that plane's 2-D convolution, and when `low` also the
+// planes of a second weight at K * O + a * O + o. out[n, o, d, h, w] (float32, the default memory order) is
+//   v(p) + sum over a != p, in order, of v(a) at depth d + a - p (inside the volume), then + bias[o],
+// with v(a) = float(main) + float(low) and p = K / 2: the same float32 operations in the same order as the tensor
+// path, so the same bits.
+template <typename T>
+static void plane_sum_of(const T* partial, const float* bias, float* out, int64_t N, int64_t D, int64_t H, int64_t W,
+                         int64_t P, int64_t O, int64_t K, bool low) {
+  const int64_t plane = H * W, p = K / 2;
+  at::parallel_for(0, N * D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / D, d = task % D;
+      float* o_base = out + (n * O * D + d) * plane;  // channel o's plane at o_base + o * D * plane
+      for (int64_t step = 0; step < K; ++step) {
+        const int64_t a = step == 0 ? p : (step <= p ? step - 1 : step);  // the centre first, then the others
+        const int64_t dd = d + a - p;
+        if (dd < 0 || dd >= D) continue;
+        const T* src = partial + (n * D + dd) * plane * P;
+        for (int64_t o = 0; o < O; ++o) {
+          float* dst = o_base + o * D * plane;
+          const T* s_main = src + a * O + o;
+          if (low) {
+            const T* s_low = s_main + K * O;
+            if (step == 0) for (int64_t v = 0; v < plane; ++v) dst[v] = static_cast<float>(s_main[v * P]) + static_cast<float>(s_low[v * P]);
+            else for (int64_t v = 0; v < plane; ++v) dst[v] += static_cast<float>(s_main[v * P]) + static_cast<float>(s_low[v * P]);
+          } else {
+            if (step == 0) for (int64_t v = 0; v < plane; ++v) dst[v] = static_cast<float>(s_main[v * P]);
+            else for (int64_t v = 0; v < plane; ++v) dst[v] += static_cast<float>(s_main[v * P]);
+          }
+        }
+      }
+      if (bias)
+        for (int64_t o = 0; o < O; ++o) {
+          float* dst = o_base + o * D * plane;
+          for (int64_t v = 0; v < plane; ++v) dst[v] += bias[o];
+        }
+    }
+  });
+}
+
+// partial [N, D, H, W, P] contiguous float32 or bfloat16, bias [O] float32 or empty -> [N, O, D, H, W] float32
+torch::Tensor plane_sum(torch::Tensor partial, int64_t O, int64_t K, bool low, torch::Tensor bias) {
+  const int64_t N = partial.size(0), D = partial.size(1), H = partial.size(2), W = partial.size(3),
+                P = partial.size(4);
+  TORCH_CHECK(P == (low ? 2 : 1) * K * O, "plane_sum: ", P, " channels for ", K, " planes of ", O, " outputs");
+  auto out = torch::empty({N, O, D, H, W}, partial.options().dtype(torch::kFloat32));
+  const float* pb = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
+  if (partial.scalar_type() == at::kFloat)
+    plane_sum_of<float>(partial.data_ptr<float>(), pb, out.data_ptr<float>(), N, D, H, W, P, O, K, low);
+  else
+    plane_sum_of<at::BFloat16>(partial.data_ptr<at::BFloat16>(), pb, out.data_ptr<float>(), N, D, H, W, P, O, K, low);
   return out;
 }
 
@@ -1379,6 +1441,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blur_axis", &blur_axis, py::call_guard<py::gil_scoped_release>());
   m.def("channel_sums", &channel_sums, py::call_guard<py::gil_scoped_release>());
   m.def("channel_affine", &channel_affine, py::call_guard<py::gil_scoped_release>());
+  m.def("plane_sum", &plane_sum, py::call_guard<py::gil_scoped_release>());
   m.def("upsample_add", &upsample_add, py::call_guard<py::gil_scoped_release>());
   m.def("upsample_adjoint", &upsample_adjoint, py::call_guard<py::gil_scoped_release>());
   m.def("displacement_jacobian", &displacement_jacobian, py::call_guard<py::gil_scoped_release>());
@@ -1564,28 +1627,59 @@ def blur_axis(rows: torch.Tensor, taps: torch.Tensor, offset: int) -> torch.Tens
     return _module.blur_axis(rows.contiguous(), taps.to(rows.dtype).contiguous(), int(offset))
 
 
+def _row_major(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``[R, C]`` itself when each row's values are adjacent (a channel slice of a channels-last tensor's
+    voxels qualifies: rows further apart than ``C``), else a contiguous copy."""
+    if rows.stride(1) == 1 and rows.stride(0) >= rows.shape[1]:
+        return rows
+    return rows.contiguous()
+
+
 def channel_sums(rows: torch.Tensor, other: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-channel sums of ``rows`` ``[R, C]`` (float32 or float64, row-major: a channels-last tensor's voxels),
-    accumulated in float64 in a fixed order whatever the thread count: ``[2, C]`` float64, row 0 ``Σ_r rows[r, c]``
-    and row 1 ``Σ_r rows[r, c]²``, or ``Σ_r rows[r, c] · other[r, c]`` when ``other`` (same shape and dtype) is
-    given. Call it where :func:`kernels_eligible` holds for ``rows``."""
+    """Per-channel sums of ``rows`` ``[R, C]`` (float32 or float64, row-major: a channels-last tensor's voxels, or a
+    slice of its channels; not copied when each row's values are adjacent), accumulated in float64 in a fixed order
+    whatever the thread count: ``[2, C]`` float64, row 0 ``Σ_r rows[r, c]`` and row 1 ``Σ_r rows[r, c]²``, or
+    ``Σ_r rows[r, c] · other[r, c]`` when ``other`` (same shape and dtype) is given. Call it where
+    :func:`kernels_eligible` holds for ``rows``."""
     empty = rows.new_empty(0)
-    return _module.channel_sums(rows.contiguous(), empty if other is None else other.contiguous())
+    return _module.channel_sums(_row_major(rows), empty if other is None else _row_major(other))
 
 
 def channel_affine(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                    other: Optional[torch.Tensor] = None, other_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(rows − shift) · scale + other · other_scale + offset`` per channel, in one pass, for ``rows`` (and
-    ``other``, same shape and dtype) ``[R, C]`` and the per-channel vectors ``[C]`` (cast to ``rows``' dtype): a new
-    ``[R, C]`` tensor. Call it where :func:`kernels_eligible` holds for ``rows``."""
+    ``other``, same shape and dtype) ``[R, C]`` (read as :func:`channel_sums` reads them) and the per-channel vectors
+    ``[C]`` (cast to ``rows``' dtype): a new contiguous ``[R, C]`` tensor. Call it where :func:`kernels_eligible`
+    holds for ``rows``."""
     if (other is None) != (other_scale is None):
         raise ValueError("channel_affine needs both other and other_scale, or neither")
 
     def vector(values: Optional[torch.Tensor]) -> torch.Tensor:
         return rows.new_empty(0) if values is None else values.to(rows.dtype).contiguous()
-    return _module.channel_affine(rows.contiguous(), vector(shift), vector(scale),
-                                  rows.new_empty(0) if other is None else other.contiguous(), vector(other_scale),
+    return _module.channel_affine(_row_major(rows), vector(shift), vector(scale),
+                                  rows.new_empty(0) if other is None else _row_major(other), vector(other_scale),
                                   vector(offset))
+
+
+def plane_sum_eligible(partial: torch.Tensor) -> bool:
+    """Whether :func:`plane_sum` can take ``partial``: CPU, float32 or bfloat16, not empty, the library loaded."""
+    return (partial.device.type == "cpu" and partial.dtype in (torch.float32, torch.bfloat16)
+            and partial.numel() > 0 and _mode() != "0" and _module_or_none() is not None)
+
+
+def plane_sum(partial: torch.Tensor, outputs: int, kernel: int, low: bool,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The last step of a convolution to ``outputs`` channels computed plane by plane (``networks._few_channel_forward``),
+    in one pass: ``partial`` ``[N, D, H, W, P]`` (float32 or bfloat16; a channels-last convolution output with its
+    channels moved last) holds for each of the ``kernel`` planes ``a`` along D the planes' outputs at channels
+    ``a·O + o`` (and, when ``low``, a second weight's at ``kernel·O + a·O + o``, added to them). Returns float32
+    ``[N, O, D, H, W]`` (default memory order): the centre plane's values plus each other plane's, shifted by its
+    offset ``a − kernel // 2`` along D (zero outside), then ``bias`` (``[O]``, cast to float32). The same float32
+    operations in the same order as the tensor path there, so the same values. Call it where
+    :func:`plane_sum_eligible` holds."""
+    empty = torch.empty(0, dtype=torch.float32)
+    return _module.plane_sum(partial.contiguous(), int(outputs), int(kernel), bool(low),
+                             empty if bias is None else bias.to(torch.float32).contiguous())
 
 
 def upsample_add(coarse: torch.Tensor, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
