@@ -789,6 +789,7 @@ def test_polyphase_input_gradient_where_it_pays_and_under_autocast():
     wide = torch.randn(2, 16, 20, 24, 18, requires_grad=True)
     assert not networks._polyphase_eligible(torch.nn.Conv3d(16, 16, 3, stride=2, padding=1), wide)
     assert not networks._polyphase_eligible(torch.nn.Conv3d(2, 16, 3, padding=1), x)  # stride 1
+    assert not networks._polyphase_eligible(conv, x.detach().bfloat16().requires_grad_())  # mixed dtypes: PyTorch's error
     small = torch.randn(1, 2, 33, 33, 33, requires_grad=True)  # its 16×18×18 polyphase input: PyTorch's slow path
     assert not networks._polyphase_eligible(conv, small)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -26,7 +26,8 @@ TALL_UNET2_CHANNELS = [[2, 16, 32, 64, 256, 512], [16, 32, 64, 128, 256]]
 
 def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """Keep the first ``channels`` channels of ``x``; if it has fewer, zero-pad at the front."""
-    if channels < x.shape[1] and x.requires_grad and _memory_format(x) == torch.channels_last_3d:
+    if (channels < x.shape[1] and torch.is_grad_enabled() and x.requires_grad
+            and _memory_format(x) == torch.channels_last_3d):
         return _LeadingChannels.apply(x, channels)
     y = x[:, :channels]
     missing = channels - x.shape[1]
@@ -172,6 +173,8 @@ def _polyphase_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
             and tuple(conv.stride) == (2, 2, 2) and tuple(conv.padding) == (1, 1, 1)
             and tuple(conv.dilation) == (1, 1, 1) and x.dtype in (torch.float32, torch.bfloat16)
             and conv.weight.dtype == torch.float32):
+        return False
+    if _cpu_autocast_dtype() is None and x.dtype != conv.weight.dtype:  # PyTorch refuses mixed dtypes: so does this
         return False
     padded = [(n + 1) // 2 + 1 for n in x.shape[2:]]  # the output gradient, zero-padded
     return not _slow_path_shape((x.shape[0], conv.out_channels, *padded), _cpu_autocast_dtype() or x.dtype)
