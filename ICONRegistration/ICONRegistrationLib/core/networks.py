@@ -185,7 +185,8 @@ class _PolyphaseInputGradientConv(torch.autograd.Function):
     is one stride-1 convolution and a reordering instead of oneDNN's backward-data.
 
     oneDNN's backward-data to 2 channels (the UNet's first convolution, whose image pair needs a gradient in every
-    step after the first) runs at a tenth of its usual rate: 15 ms for 16 → 2 channels at 2×80×96×80 float32.
+    registration step after the first: the moving image is warped by the earlier steps' map) runs at a tenth of its
+    usual rate: 15 ms for 16 → 2 channels at 2×80×96×80 float32.
     Along each axis, input voxel ``2m`` takes the gradient ``g[m]`` through kernel tap 1, and ``2m + 1`` takes
     ``g[m]`` through tap 2 plus ``g[m + 1]`` through tap 0. So all eight parities of the input gradient are one
     convolution of ``g`` (zero-padded by one voxel at the end of each axis) with a 2×2×2 kernel to ``8·C`` channels
