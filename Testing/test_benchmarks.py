@@ -67,7 +67,11 @@ def test_train_step_equivalence_check_agrees_with_the_reference_on_the_training_
     check = bench.check_equivalence(tiny, torch.device("cpu"))
     for key in ("full", "sparse"):
         assert check[key]["objective_rel"] < 1e-4, check
-        assert check[key]["gradient_rel"] < 1e-3, check
+        # 1e-3, or float32 rounding's own effect where that is larger: at 33³ near the identity the full penalty's
+        # finite differences move either implementation's float32 gradient by about 1.5e-3 from float64 on some CPUs
+        floor = check[key]["gradient_rel_float64"]
+        assert 0 < floor < 1e-2, check
+        assert check[key]["gradient_rel"] < max(1e-3, 2 * floor), check
 
 
 def test_train_step_bfloat16_row_is_compared_with_the_float32_reference(monkeypatch):

@@ -316,8 +316,8 @@ def test_last_level_in_channels_last_order_gives_the_default_orders_gradients(mo
         strides = grad.permute(0, 2, 3, 4, 1).stride()
         return strides[-1] == 1 and all(strides[i] >= strides[i + 1] for i in range(1, 4))
 
-    def watched_batch_norm(norm, x):  # records the memory order of the gradient of each channels-last output
-        out = replacement(norm, x)
+    def watched_batch_norm(norm, x, groups=1):  # records the memory order of the gradient of each channels-last output
+        out = replacement(norm, x, groups)
         if out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous():
             out.register_hook(lambda grad: seen.append(channels_last_ordered(grad)))
         return out
@@ -737,6 +737,146 @@ def test_compiled_channel_sums_and_affine_read_a_channel_slice_in_place(second):
                        native_sampler.channel_affine(*copied[:1], shift, scale, offset, copied[1], other_scale))
     assert torch.equal(native_sampler.channel_affine(first, shift, scale, offset),
                        native_sampler.channel_affine(copied[0], shift, scale, offset))
+
+
+def test_compiled_channel_affine_of_groups_of_rows_is_each_groups_own():
+    """Per-group vectors ``[G, C]``: each run of ``R / G`` rows gets its own, bit for bit the kernel on that run
+    alone; vectors of another shape are refused."""
+    from ICONRegistrationLib.core import native_sampler
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    torch.manual_seed(0)
+    rows, other = torch.randn(3 * 5000, 7), torch.randn(3 * 5000, 7)  # groups longer than a block of rows
+    shift, scale, offset, other_scale = (torch.randn(3, 7) for _ in range(4))
+    grouped = native_sampler.channel_affine(rows, shift, scale, offset, other, other_scale)
+    alone = native_sampler.channel_affine(rows, shift, scale, offset)
+    for g, part in enumerate(rows.chunk(3)):
+        assert torch.equal(grouped.chunk(3)[g], native_sampler.channel_affine(
+            part, shift[g], scale[g], offset[g], other.chunk(3)[g], other_scale[g]))
+        assert torch.equal(alone.chunk(3)[g], native_sampler.channel_affine(part, shift[g], scale[g], offset[g]))
+    for bad in (torch.randn(7, 7), torch.randn(3, 6), torch.randn(3, 7, 1)):  # 7 does not divide 15000 rows
+        with pytest.raises(ValueError):
+            native_sampler.channel_affine(rows, bad, bad, bad)
+    with pytest.raises(ValueError):
+        native_sampler.channel_affine(rows, shift, scale[0], offset)
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, True), (torch.float64, True),
+                                                  (torch.float32, False)])
+def test_grouped_batch_norm_is_one_call_per_group(monkeypatch, dtype, channels_last):
+    """A training-mode batch norm of a batch in two groups (both directions of a training step in one batch) must
+    be two calls, one per half: output, input and parameter gradients and running statistics — bit for bit with the
+    compiled kernels (float32 channels-last) and in the default memory order, to rounding with tensor operations
+    (float64)."""
+    from ICONRegistrationLib.core import native_sampler
+    from ICONRegistrationLib.core.networks import _batch_norm
+    if dtype == torch.float32 and channels_last and not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    torch.manual_seed(0)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = (torch.randn(4, 5, 9, 8, 7, dtype=dtype) * 0.3 + 1.7).contiguous(memory_format=layout)
+    grad = torch.randn(4, 5, 9, 8, 7, dtype=dtype).contiguous(memory_format=layout)
+    template = torch.nn.BatchNorm3d(5).to(dtype).train()
+    torch.nn.init.normal_(template.weight)
+    torch.nn.init.normal_(template.bias)
+
+    def run(grouped: bool):
+        norm = copy.deepcopy(template)
+        inputs = x.clone(memory_format=layout).requires_grad_()
+        for _ in range(2):  # two steps: the running statistics move part after part
+            inputs.grad = None
+            norm.zero_grad()
+            if grouped:
+                out = _batch_norm(norm, inputs, 2)
+            else:
+                out = torch.cat([_batch_norm(norm, inputs[:2]), _batch_norm(norm, inputs[2:])])
+            out.backward(grad)
+        return [out, inputs.grad, norm.weight.grad, norm.bias.grad, norm.running_mean, norm.running_var,
+                norm.num_batches_tracked]
+
+    grouped, separate = run(True), run(False)
+    assert int(grouped[-1]) == 4
+    if channels_last:
+        assert grouped[0].is_contiguous(memory_format=torch.channels_last_3d)
+    for found, expected in zip(grouped, separate):
+        if dtype == torch.float32:
+            assert torch.equal(found, expected)
+        else:
+            assert torch.allclose(found, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="equal parts"):
+        with networks.grouped_batch_norm(UNet2(2, [[2, 4, 4], [4, 4]]), 2) as odd:
+            odd(torch.rand(3, 1, 8, 8, 8), torch.rand(3, 1, 8, 8, 8))
+
+
+def _two_step_network(dtype: torch.dtype) -> torch.nn.Module:
+    """A small TwoStep(Down(Ψ1), Ψ2) of 3-layer UNets in training mode, non-zero last layers."""
+    from ICONRegistrationLib.core.registration_modules import (DownsampleRegistration, FunctionFromVectorField,
+                                                               TwoStepRegistration)
+    torch.manual_seed(0)
+    steps = [FunctionFromVectorField(UNet2(3, [[2, 8, 16, 16], [8, 16, 16]])) for _ in range(2)]
+    for step in steps:
+        torch.nn.init.normal_(step.net.lastConv.weight, std=0.02)
+    return TwoStepRegistration(DownsampleRegistration(steps[0]), steps[1]).to(dtype).train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("penalty_fraction", [1.0, 0.2])
+def test_both_directions_in_one_batch_give_the_two_calls_objective(dtype, penalty_fraction):
+    """The training objective runs a network's two directions as one batch ``[A; B]`` against ``[B; A]`` (batch
+    norms kept apart per direction): objective, every gradient and the running statistics must be those of two
+    calls — to rounding in float64, within float32's summation-order noise in float32."""
+    from ICONRegistrationLib.core.objective import runs_as_one_batch, symmetric_objective
+    net = _two_step_network(dtype)
+    assert runs_as_one_batch(net)
+    state = copy.deepcopy(net.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    shape = (18, 20, 22)
+    A, B = (F.avg_pool3d(torch.rand(2, 1, *shape, generator=generator), 5, 1, 2).to(dtype) for _ in range(2))
+
+    def run(one_batch: bool):
+        net.load_state_dict(state)
+        net.zero_grad(set_to_none=True)
+        terms = symmetric_objective(net, A, B, similarity=LNCC(2), lmbda=1.5, padding="border",
+                                    generator=torch.Generator().manual_seed(5), penalty_fraction=penalty_fraction,
+                                    one_batch=one_batch)
+        terms.loss.backward()
+        # the transposed convolutions' biases come before a batch norm: their gradients are rounding noise
+        grads = torch.cat([p.grad.flatten() for name, p in net.named_parameters()
+                           if not ("upConvs" in name and name.endswith("bias"))])
+        stats = torch.cat([v.flatten().double() for k, v in net.state_dict().items() if "running" in k])
+        return terms, grads, stats
+
+    (one, one_grads, one_stats), (two, two_grads, two_stats) = run(True), run(False)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    for name in ("loss", "similarity", "penalty", "maps"):
+        found, expected = getattr(one, name).detach().double(), getattr(two, name).detach().double()
+        assert float((found - expected).abs().max() / expected.abs().max()) < tolerance, name
+    assert float((one_grads - two_grads).norm() / two_grads.norm()) < tolerance
+    assert float((one_stats - two_stats).abs().max()) < tolerance
+    net.load_state_dict(state)
+    assert all(unet.batch_groups == 1 for unet in net.modules() if isinstance(unet, UNet2))
+    points = identity_map(shape, dtype=dtype).expand(2, -1, -1, -1, -1) + 0.01
+    with torch.no_grad():  # the stacked transform's rows are each direction's own transform (eval mode: no groups)
+        net.eval()
+        stacked = net(torch.cat([A, B]), torch.cat([B, A]))
+        assert torch.allclose(stacked(points, rows=slice(2, 4)), net(B, A)(points), atol=1e-12 if dtype ==
+                              torch.float64 else 1e-6)
+
+
+def test_only_networks_of_registration_steps_around_unets_run_as_one_batch():
+    """GradICON trees run as one batch; networks inverse consistent by construction (both directions from one pass
+    already), other modules and other callables do not."""
+    from ICONRegistrationLib.core.objective import runs_as_one_batch
+    from ICONRegistrationLib.core.registration_modules import FunctionFromVectorField
+    from ICONRegistrationLib.models.build import build_network
+    from ICONRegistrationLib.models.spec import ModelSpec
+    unet = {"num_layers": 3, "channels": [[2, 8, 16, 16], [8, 16, 16]]}
+    assert runs_as_one_batch(_two_step_network(torch.float32))
+    for architecture in ("gradicon", "constricon", "sitreg"):
+        spec = ModelSpec(name="n", architecture=architecture, unet=unet, input_shape=[32, 40, 36])
+        assert runs_as_one_batch(build_network(spec)) == (architecture == "gradicon")
+    assert not runs_as_one_batch(FunctionFromVectorField(torch.nn.Conv3d(2, 3, 3, padding=1)))
+    assert not runs_as_one_batch(torch.nn.Identity())
 
 
 def test_leading_channels_of_a_channels_last_input_give_a_channels_last_gradient():

@@ -905,10 +905,11 @@ ICONREG_BLUR_CLONES static void affine_rows(const T* a, int64_t lda, const T* m,
   }
 }
 
+// G groups of R / G consecutive rows, group g with the vectors' g-th C values
 template <typename T>
 static void channel_affine_of(torch::Tensor a, torch::Tensor m, torch::Tensor s, torch::Tensor b, torch::Tensor t,
-                              torch::Tensor u, torch::Tensor out) {
-  const int64_t R = a.size(0), C = a.size(1), lda = a.stride(0);
+                              torch::Tensor u, torch::Tensor out, int64_t G) {
+  const int64_t R = a.size(0), C = a.size(1), lda = a.stride(0), per_group = R / G;
   const T* pa = a.data_ptr<T>();
   const T* pm = m.data_ptr<T>();
   const T* pb = b.numel() > 0 ? b.data_ptr<T>() : nullptr;
@@ -917,18 +918,25 @@ static void channel_affine_of(torch::Tensor a, torch::Tensor m, torch::Tensor s,
   const T* pt = pb ? t.data_ptr<T>() : nullptr;
   const T* pu = u.data_ptr<T>();
   T* po = out.data_ptr<T>();
-  at::parallel_for(0, R, ICONREG_ROW_BLOCK, [&](int64_t begin, int64_t end) {
-    affine_rows<T>(pa + begin * lda, lda, pm, ps, pb ? pb + begin * ldb : nullptr, ldb, pt, pu, po + begin * C,
-                   end - begin, C);
-  });
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t v = g * C;
+    at::parallel_for(g * per_group, (g + 1) * per_group, ICONREG_ROW_BLOCK, [&](int64_t begin, int64_t end) {
+      affine_rows<T>(pa + begin * lda, lda, pm + v, ps + v, pb ? pb + begin * ldb : nullptr, ldb, pt ? pt + v : nullptr,
+                     pu + v, po + begin * C, end - begin, C);
+    });
+  }
 }
 
-// a, b: [R, C] rows as for channel_sums (b may be empty), m, s, t, u: [C], all of a's dtype -> [R, C] contiguous
+// a, b: [R, C] rows as for channel_sums (b may be empty), m, s, t, u: [G * C] (G groups of R / G consecutive rows,
+// G dividing R), all of a's dtype -> [R, C] contiguous
 torch::Tensor channel_affine(torch::Tensor a, torch::Tensor m, torch::Tensor s, torch::Tensor b, torch::Tensor t,
                              torch::Tensor u) {
+  const int64_t C = a.size(1), G = C > 0 ? m.numel() / C : 1;
+  TORCH_CHECK(G >= 1 && G * C == m.numel() && a.size(0) % G == 0 && s.numel() == m.numel() && u.numel() == m.numel()
+              && (b.numel() == 0 || t.numel() == m.numel()), "channel_affine: vectors of G * C values, G dividing R");
   auto out = torch::empty({a.size(0), a.size(1)}, a.options());
-  if (a.scalar_type() == at::kFloat) channel_affine_of<float>(a, m, s, b, t, u, out);
-  else channel_affine_of<double>(a, m, s, b, t, u, out);
+  if (a.scalar_type() == at::kFloat) channel_affine_of<float>(a, m, s, b, t, u, out, G);
+  else channel_affine_of<double>(a, m, s, b, t, u, out, G);
   return out;
 }
 
@@ -1649,13 +1657,19 @@ def channel_affine(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                    other: Optional[torch.Tensor] = None, other_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(rows − shift) · scale + other · other_scale + offset`` per channel, in one pass, for ``rows`` (and
     ``other``, same shape and dtype) ``[R, C]`` (read as :func:`channel_sums` reads them) and the per-channel vectors
-    ``[C]`` (cast to ``rows``' dtype): a new contiguous ``[R, C]`` tensor. Call it where :func:`kernels_eligible`
-    holds for ``rows``."""
+    ``[C]``, or ``[G, C]`` for ``G`` groups of ``R / G`` consecutive rows, each with its own row of values (the batch
+    norm of ``G`` batches stacked into one; cast to ``rows``' dtype): a new contiguous ``[R, C]`` tensor. Call it where
+    :func:`kernels_eligible` holds for ``rows``."""
     if (other is None) != (other_scale is None):
         raise ValueError("channel_affine needs both other and other_scale, or neither")
+    vectors = [v for v in (shift, scale, offset, other_scale) if v is not None]
+    if any(v.shape != shift.shape for v in vectors) or shift.dim() not in (1, 2) or shift.shape[-1] != rows.shape[1] \
+            or rows.shape[0] % (shift.shape[0] if shift.dim() == 2 else 1):
+        raise ValueError(f"channel_affine: vectors of shape [C] or [G, C] with G dividing the rows, for rows "
+                         f"{tuple(rows.shape)} and vectors {[tuple(v.shape) for v in vectors]}")
 
     def vector(values: Optional[torch.Tensor]) -> torch.Tensor:
-        return rows.new_empty(0) if values is None else values.to(rows.dtype).contiguous()
+        return rows.new_empty(0) if values is None else values.to(rows.dtype).contiguous().view(-1)
     return _module.channel_affine(_row_major(rows), vector(shift), vector(scale),
                                   rows.new_empty(0) if other is None else _row_major(other), vector(other_scale),
                                   vector(offset))

@@ -660,12 +660,19 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
     channels of 2×80×96×80, forward and backward, two threads; float32 only: in float64 the sums Σx² and Σg·x of
     an input far from zero mean would lose digits to cancellation that float64 inputs are used to avoid) — and
     otherwise as ``torch.sum`` (cascaded, accurate in either memory order) of the input, of the squared centred
-    input, of the gradient and of its product with the centred input. Returns the output and the batch mean and
-    (biased) variance, for the running statistics.
+    input, of the gradient and of its product with the centred input.
+
+    ``groups`` ``G`` splits the batch into ``G`` equal parts of consecutive samples, each normalised with its own
+    statistics as if it had its own call (both directions of a training step in one batch, see
+    :func:`grouped_batch_norm`): the compiled sums of a part are those of a separate call, bit for bit, and the
+    weight and bias gradients are the parts' float32 gradients added in order, as autograd adds those of separate
+    calls. Returns the output and each part's batch mean and (biased) variance ``[G, C]``, for the running
+    statistics.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, groups: int = 1):
+        ctx.groups = groups
         ctx.compiled = x.dtype == torch.float32 and native_sampler.kernels_eligible(x)
         if ctx.compiled:
             out, mean, var = _ChannelsLastBatchNorm.compiled_forward(ctx, x, weight, bias, eps)
@@ -677,8 +684,12 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_mean, _grad_var):
         if ctx.compiled:
-            return _ChannelsLastBatchNorm.compiled_backward(ctx, grad)
-        return _ChannelsLastBatchNorm.tensor_backward(ctx, grad)
+            grad_x, grad_weight, grad_bias = _ChannelsLastBatchNorm.compiled_backward(ctx, grad)
+        else:
+            grad_x, grad_weight, grad_bias = _ChannelsLastBatchNorm.tensor_backward(ctx, grad)
+        # [G, C] per part, in the parameters' dtype, then added in order as autograd adds separate calls' gradients
+        grad_weight, grad_bias = grad_weight.to(ctx.weight_dtype), grad_bias.to(ctx.weight_dtype)
+        return grad_x, _sum_in_order(grad_weight), _sum_in_order(grad_bias), None, None
 
     @staticmethod
     def rows(x: torch.Tensor) -> torch.Tensor:
@@ -686,17 +697,25 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
         return x.movedim(1, -1).reshape(-1, x.shape[1])
 
     @staticmethod
+    def part_sums(rows: torch.Tensor, groups: int, other: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``native_sampler.channel_sums`` of each of ``groups`` equal runs of ``rows`` (and ``other``): ``[G, 2, C]``."""
+        n = rows.shape[0] // groups
+        return torch.stack([native_sampler.channel_sums(rows[g * n:(g + 1) * n],
+                                                        None if other is None else other[g * n:(g + 1) * n])
+                            for g in range(groups)])
+
+    @staticmethod
     def compiled_forward(ctx, x, weight, bias, eps):
         rows = _ChannelsLastBatchNorm.rows(x)
-        count = rows.shape[0]
-        sums = native_sampler.channel_sums(rows)
-        mean = sums[0] / count
-        var = (sums[1] / count - mean.square()).clamp_min(0)
+        count = rows.shape[0] // ctx.groups
+        sums = _ChannelsLastBatchNorm.part_sums(rows, ctx.groups)
+        mean = sums[:, 0] / count
+        var = (sums[:, 1] / count - mean.square()).clamp_min(0)
         invstd = torch.rsqrt(var + eps)
         scale = weight.double() * invstd
-        out = native_sampler.channel_affine(rows, mean, scale, bias)
+        out = native_sampler.channel_affine(rows, mean, scale, bias.expand_as(scale))
         ctx.save_for_backward(x, weight)
-        ctx.mean, ctx.invstd = mean, invstd
+        ctx.mean, ctx.invstd, ctx.weight_dtype = mean, invstd, weight.dtype
         out = out.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
         return out, mean.to(x.dtype), var.to(x.dtype)
 
@@ -705,35 +724,38 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         mean, invstd = ctx.mean, ctx.invstd
         rows, grad_rows = _ChannelsLastBatchNorm.rows(x), _ChannelsLastBatchNorm.rows(grad)
-        count = rows.shape[0]
-        sums = native_sampler.channel_sums(grad_rows, rows)  # Σg, Σg·x
-        grad_bias = sums[0]
-        grad_weight = (sums[1] - mean * sums[0]) * invstd  # Σ g · x̂
+        count = rows.shape[0] // ctx.groups
+        sums = _ChannelsLastBatchNorm.part_sums(grad_rows, ctx.groups, rows)  # Σg, Σg·x per part
+        grad_bias = sums[:, 0]
+        grad_weight = (sums[:, 1] - mean * sums[:, 0]) * invstd  # Σ g · x̂
         # ∂x = w·σ⁻¹·(g − Σg/n − x̂·Σ(g x̂)/n) = scale·g + slope·(x − mean) + offset
         scale = weight.double() * invstd
         slope = -scale * invstd * grad_weight / count
         offset = -scale * grad_bias / count
         grad_x = native_sampler.channel_affine(rows, mean, slope, offset, other=grad_rows, other_scale=scale)
         grad_x = grad_x.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
-        return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+        return grad_x, grad_weight, grad_bias
 
     @staticmethod
     def tensor_forward(ctx, x, weight, bias, eps):
-        dims, per_channel = (0, 2, 3, 4), (1, -1, 1, 1, 1)
-        count = x.numel() // x.shape[1]
-        mean = x.sum(dim=dims) / count
-        centred = x - mean.view(per_channel)
+        parts = x.unflatten(0, (ctx.groups, -1))  # [G, B/G, C, *S]
+        dims, per_channel = (1, 3, 4, 5), (ctx.groups, 1, -1, 1, 1, 1)
+        count = parts[0].numel() // x.shape[1]
+        mean = parts.sum(dim=dims) / count
+        centred = parts - mean.view(per_channel)
         var = centred.square().sum(dim=dims) / count
         invstd = torch.rsqrt(var + eps)
-        out = torch.addcmul(bias.view(per_channel), centred, (weight * invstd).view(per_channel))
+        out = torch.addcmul(bias.view(1, 1, -1, 1, 1, 1), centred, (weight * invstd).view(per_channel))
         ctx.save_for_backward(centred, weight, invstd)
-        return out, mean, var
+        ctx.weight_dtype = weight.dtype
+        return out.flatten(0, 1), mean, var
 
     @staticmethod
     def tensor_backward(ctx, grad):
         centred, weight, invstd = ctx.saved_tensors
-        dims, per_channel = (0, 2, 3, 4), (1, -1, 1, 1, 1)
-        count = centred.numel() // centred.shape[1]
+        dims, per_channel = (1, 3, 4, 5), (ctx.groups, 1, -1, 1, 1, 1)
+        grad = grad.unflatten(0, (ctx.groups, -1))
+        count = centred[0].numel() // centred.shape[2]
         grad_bias = grad.sum(dim=dims)
         grad_weight = (grad * centred).sum(dim=dims) * invstd  # Σ g · x̂
         scale = weight * invstd
@@ -741,22 +763,35 @@ class _ChannelsLastBatchNorm(torch.autograd.Function):
         offset = -scale * grad_bias / count
         grad_x = torch.addcmul(offset.view(per_channel), centred, slope.view(per_channel))
         grad_x.addcmul_(grad, scale.view(per_channel))
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x.flatten(0, 1), grad_weight, grad_bias
 
 
-def _batch_norm(norm: nn.BatchNorm3d | nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)``; a channels-last 5-D CPU input in training mode goes through :class:`_ChannelsLastBatchNorm`
-    (same maths, accurate sums), with the running statistics updated as ``norm`` would."""
+def _sum_in_order(parts: torch.Tensor) -> torch.Tensor:
+    """``parts[0] + parts[1] + …`` along the first axis, left to right (autograd's order for separate calls)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _batch_norm(norm: nn.BatchNorm3d | nn.BatchNorm2d, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``norm(x)``; in training mode with ``groups`` > 1, ``norm`` of each of ``groups`` equal parts of the batch in
+    turn (their own statistics, the running statistics updated part after part), concatenated. A channels-last 5-D
+    CPU input in training mode goes through :class:`_ChannelsLastBatchNorm` (same maths, accurate sums, all parts in
+    one pass), with the running statistics updated as ``norm`` would."""
     if not (norm.training and x.dim() == 5 and x.device.type == "cpu" and norm.affine
             and norm.track_running_stats and _memory_format(x) == torch.channels_last_3d):
-        return norm(x)
-    out, mean, var = _ChannelsLastBatchNorm.apply(x, norm.weight, norm.bias, norm.eps)
+        if groups == 1 or not norm.training:
+            return norm(x)
+        return torch.cat([norm(part) for part in x.chunk(groups)])
+    out, means, variances = _ChannelsLastBatchNorm.apply(x, norm.weight, norm.bias, norm.eps, groups)
     with torch.no_grad():
-        norm.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-        count = x.numel() // x.shape[1]
-        norm.running_mean.lerp_(mean, momentum)
-        norm.running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
+        count = x.numel() // x.shape[1] // groups
+        for mean, var in zip(means, variances):
+            norm.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            norm.running_mean.lerp_(mean, momentum)
+            norm.running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
     return out
 
 
@@ -861,6 +896,9 @@ class UNet2(nn.Module):
         #: ``None``: float32. ``torch.bfloat16``: the UNet runs under autocast and returns float32 (see
         #: :func:`low_precision`). Not part of the state dict.
         self.low_precision: Optional[torch.dtype] = None
+        #: in training mode, the batch is this many equal parts of consecutive samples, each batch-normalised with
+        #: its own statistics (see :func:`grouped_batch_norm`). Not part of the state dict.
+        self.batch_groups = 1
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> torch.Tensor:
         if self.low_precision is None:
@@ -869,6 +907,8 @@ class UNet2(nn.Module):
             return self._forward(image_A, image_B).float()
 
     def _forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> torch.Tensor:
+        if image_A.shape[0] % self.batch_groups:
+            raise ValueError(f"a batch of {image_A.shape[0]} does not split into {self.batch_groups} equal parts")
         x = torch.cat([image_A, image_B], dim=1)
         skips = []
         for depth in range(self.num_layers):
@@ -887,7 +927,7 @@ class UNet2(nn.Module):
                 # convolution): two full-size copies fewer per level, and the compiled upsampling and batch norm
                 coarse = _channels_last(coarse)
             x = _add_upsampled_twice(y, coarse, self._interpolate_mode)
-            x = _crop_and_concatenate(_batch_norm(self.batchNorms[depth], x), skips[depth],
+            x = _crop_and_concatenate(_batch_norm(self.batchNorms[depth], x, self.batch_groups), skips[depth],
                                       channels_last=depth < _CHANNELS_LAST_LEVELS)
         return _convolve(self.lastConv, x).contiguous() / 10
 
@@ -919,6 +959,26 @@ def low_precision(net: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[nn.M
     finally:
         for unet, previous in zip(unets, before):
             unet.low_precision = previous
+
+
+@contextlib.contextmanager
+def grouped_batch_norm(net: nn.Module, groups: int) -> Iterator[nn.Module]:
+    """Within the block, every :class:`UNet2` in ``net`` treats its batch as ``groups`` equal parts of consecutive
+    samples: in training mode each part is batch-normalised with its own statistics, exactly as if each part ran
+    through the network in its own call (the running statistics are updated part after part). Used to run both
+    directions of a GradICON step as one batch ``[A; B]`` (``objective.symmetric_objective``) with the objective of
+    two calls. The previous setting comes back on leaving the block."""
+    if groups < 1:
+        raise ValueError(f"groups must be at least 1, not {groups}")
+    unets = [module for module in net.modules() if isinstance(module, UNet2)]
+    before = [unet.batch_groups for unet in unets]
+    for unet in unets:
+        unet.batch_groups = int(groups)
+    try:
+        yield net
+    finally:
+        for unet, previous in zip(unets, before):
+            unet.batch_groups = previous
 
 
 def tallUNet2(dimension: int = 3, input_channels: int = 1) -> UNet2:  # noqa: N802 (icon_registration's name)

@@ -7,6 +7,7 @@ Both directions are evaluated as one stacked transform ``[Φ_AB; Φ_BA]`` of the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -14,7 +15,9 @@ import torch
 from .constricon import velocity_bending_energy
 from .coordinates import identity_map, voxel_scale, sample_at
 from .losses import gradicon_and_round_trip, icon_penalty, jittered_identity
-from .registration_modules import Transform
+from .networks import UNet2, grouped_batch_norm
+from .registration_modules import (DownsampleRegistration, FunctionFromVectorField, RegistrationModule, Transform,
+                                   TwoStepRegistration)
 
 
 @dataclasses.dataclass
@@ -39,12 +42,36 @@ def directions(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor) -> t
 
     Networks that are inverse consistent by construction (``forward_and_inverse``) compute both from one pass on
     ``A, B``; others run twice, on ``(A, B)`` and on ``(B, A)``, as icon_registration's GradICON does (in training
-    mode each direction's batch norm sees its own batch; on a CPU two passes of ``b`` also run faster than one of
-    ``2b``, whose large temporaries cost page faults).
+    mode each direction's batch norm sees its own batch). The training objective runs those two calls as one batch
+    where it can (:func:`runs_as_one_batch`).
     """
     if hasattr(net, "forward_and_inverse"):
         return net.forward_and_inverse(image_A, image_B)
     return net(image_A, image_B), net(image_B, image_A)
+
+
+def runs_as_one_batch(net: Callable) -> bool:
+    """Whether ``net``'s two directions can run as one batch ``[A; B]`` against ``[B; A]`` with the objective of two
+    calls: a registration module tree of :class:`TwoStepRegistration`, :class:`DownsampleRegistration` and
+    :class:`FunctionFromVectorField` steps around :class:`UNet2` networks (each sample's output depends on that
+    sample alone, except through the batch norms, which :func:`grouped_batch_norm` keeps apart, and their transforms
+    evaluate batch rows)."""
+    if not isinstance(net, RegistrationModule) or hasattr(net, "forward_and_inverse"):
+        return False
+    steps = (TwoStepRegistration, DownsampleRegistration, FunctionFromVectorField)
+    return all(type(module) in steps and (type(module) is not FunctionFromVectorField or type(module.net) is UNet2)
+               for module in net.modules() if isinstance(module, RegistrationModule))
+
+
+def _in_one_batch(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor
+                  ) -> tuple[Transform, Transform, Transform]:
+    """``(Φ_AB, Φ_BA, [Φ_AB; Φ_BA])`` from one call of ``net`` (:func:`runs_as_one_batch`) on the batch ``[A; B]``
+    against ``[B; A]``, each direction's batch norms with their own statistics."""
+    batch = image_A.shape[0]
+    with grouped_batch_norm(net, 2):
+        stacked = net(torch.cat([image_A, image_B]), torch.cat([image_B, image_A]))
+    return (functools.partial(stacked, rows=slice(0, batch)), functools.partial(stacked, rows=slice(batch, 2 * batch)),
+            stacked)
 
 
 def stack_directions(forward: Transform, backward: Transform, batch: int) -> Transform:
@@ -78,7 +105,8 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
                         mask_B: Optional[torch.Tensor] = None, padding: str = "zeros",
                         generator: Optional[torch.Generator] = None, penalty_fraction: float = 1.0,
                         penalty_samples: Optional[torch.Tensor] = None, icon_weight: float = 0.0,
-                        icon_point_weights: Optional[torch.Tensor] = None) -> ObjectiveTerms:
+                        icon_point_weights: Optional[torch.Tensor] = None, one_batch: bool = True
+                        ) -> ObjectiveTerms:
     """``sim(A∘Φ_AB, B) + sim(B∘Φ_BA, A) + λ · penalty`` for batches ``image_A``, ``image_B`` ``[b, 1, *S]``.
 
     ``penalty``: ``"gradicon"`` (‖∇(Φ_AB∘Φ_BA) − I‖²_F), ``"icon"`` (‖Φ_AB∘Φ_BA − Id‖²) — on Φ_AB∘Φ_BA only,
@@ -100,6 +128,14 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
     makes that term a weighted mean, weights sampled linearly at the penalty's points (the batch's weighted mean, so
     they move the term's weight between points and μ alone sets its strength): for example 1 + κ inside ``A``'s
     labels, to ask for inverse consistency most where a user looks. ``round_trip`` stays the unweighted mean.
+
+    With ``one_batch`` (the default) a network that :func:`runs_as_one_batch` computes both directions in one call
+    on ``[A; B]`` against ``[B; A]``, its batch norms keeping each direction's statistics apart: the same objective
+    and gradients as two calls (up to the order of floating-point sums), in less time on a CPU where the batch is
+    small (larger convolutions, the weights read once). Objective and backward on 2 cores, medians of four: the
+    hippocampus model's architecture at 65³, batch 1, 0.80 instead of 0.92 s, at 80×96×80 1.42 instead of 1.60 s;
+    the uniGradICON width at 80×96×80, batch 2, 3.77 instead of 3.91 s; at the hippocampus model's own 36×48×36,
+    batch 4, the same time. ``one_batch=False`` runs the two calls.
     """
     if penalty not in PENALTIES:
         raise ValueError(f"unknown penalty '{penalty}': use one of {', '.join(PENALTIES)}")
@@ -110,8 +146,11 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
     batch = image_A.shape[0]
     shape = image_A.shape[2:]
     pair_moving = torch.cat([image_A, image_B], dim=0)
-    phi_AB, phi_BA = directions(net, image_A, image_B)
-    phi = stack_directions(phi_AB, phi_BA, batch)
+    if one_batch and runs_as_one_batch(net):
+        phi_AB, phi_BA, phi = _in_one_batch(net, image_A, image_B)
+    else:
+        phi_AB, phi_BA = directions(net, image_A, image_B)
+        phi = stack_directions(phi_AB, phi_BA, batch)
     grid = identity_map(shape, dtype=image_A.dtype, device=image_A.device)
     maps = phi(grid)
     warped = sample_at(pair_moving, maps, padding=padding)

@@ -2,14 +2,16 @@
 
 A transform is a Python callable taking a coordinate tensor ``[B, d, *S]`` (unit-cube map convention of
 :mod:`.coordinates`) to transformed coordinates of the same shape, with ``I_A ∘ Φ_AB ≈ I_B``
-(A = moving, B = fixed). The module tree and attribute names follow icon_registration so that
+(A = moving, B = fixed). The transforms of the modules here also take ``rows``, a slice of the batch: evaluated
+with it, a transform uses only those samples' fields (``[Φ_AB; Φ_BA]`` computed as one batch gives Φ_BA alone
+with ``rows=slice(b, 2b)``); the coordinates then have ``rows``' batch size (or 1). The module tree and attribute names follow icon_registration so that
 ``state_dict()`` keys match official checkpoints. Identity maps are derived from each input's shape,
 so a module works at any grid size (a downsampled level sees ``ceil(N / 2)`` voxels per axis).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +31,11 @@ class RegistrationModule(nn.Module):
 
 def displacement_transform(displacement: torch.Tensor) -> Transform:
     """The map ``x ↦ x + u(x)`` of a displacement sampled on its grid (trilinear, border-extended)."""
-    def transform(coordinates: torch.Tensor) -> torch.Tensor:
-        if is_identity(coordinates) and coordinates.shape[2:] == displacement.shape[2:]:
-            return coordinates + displacement  # exactly on the grid: no interpolation needed
-        return coordinates + sample_at(displacement, coordinates, padding="border")
+    def transform(coordinates: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
+        field = displacement if rows is None else displacement[rows]
+        if is_identity(coordinates) and coordinates.shape[2:] == field.shape[2:]:
+            return coordinates + field  # exactly on the grid: no interpolation needed
+        return coordinates + sample_at(field, coordinates, padding="border")
     return transform
 
 
@@ -72,7 +75,12 @@ class TwoStepRegistration(RegistrationModule):
         phi = self.netPhi(image_A, image_B)
         grid = identity_map(image_A.shape[2:], dtype=image_A.dtype, device=image_A.device)
         psi = self.netPsi(sample_at(image_A, phi(grid), padding="border"), image_B)
-        return lambda coordinates: phi(psi(coordinates))
+
+        def transform(coordinates: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
+            if rows is None:
+                return phi(psi(coordinates))
+            return phi(psi(coordinates, rows), rows)
+        return transform
 
 
 Down = DownsampleRegistration
