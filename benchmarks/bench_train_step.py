@@ -164,7 +164,6 @@ def _float32_error(net, state: dict, image_A, image_B, samples, gradient) -> flo
     """``|g − g64| / |g64|`` for our float32 gradient ``gradient`` and the same objective evaluated in float64 (same
     weights, images and penalty points)."""
     import copy
-    import torch
     from ICONRegistrationLib.core.losses import LNCC
     from ICONRegistrationLib.core.objective import symmetric_objective
     exact = copy.deepcopy(net).double()
