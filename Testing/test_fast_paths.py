@@ -1044,6 +1044,34 @@ def test_label_dice_without_one_hot_maps_equals_the_sampled_one_hot_maps(shape):
                                                  values.numel())) == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_label_dice_equals_the_tensor_operations(monkeypatch, dtype):
+    """The compiled overlap and warped-volume sums (3-D, CPU) against the tensor path: the same loss and gradient, for
+    points inside, on voxel centres, just outside and far outside the grid (background there)."""
+    from ICONRegistrationLib.core import native_sampler
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    generator = torch.Generator().manual_seed(3)
+    shape, channels = (7, 9, 6), 4
+    moving = torch.randint(0, channels + 1, (3, *shape), generator=generator)
+    fixed = torch.randint(0, channels + 1, (3, 5, 8, 4), generator=generator)  # points on another grid
+    maps = identity_map((5, 8, 4), dtype=torch.float64).expand(3, -1, -1, -1, -1).clone()
+    maps[0] += 0.2 * torch.randn(maps[0].shape, generator=generator, dtype=torch.float64)
+    maps[1, :, :, :2] = torch.round(maps[1, :, :, :2] * 6) / 6  # on voxel centres along every axis of a 7-voxel side
+    maps[2] += 0.6 * torch.randn(maps[2].shape, generator=generator, dtype=torch.float64)  # many far outside
+    maps = maps.to(dtype).requires_grad_(True)
+    compiled = soft_dice_loss_of_warped_labels(moving, fixed, maps, channels)
+    compiled_gradient, = torch.autograd.grad(compiled, maps)
+    monkeypatch.setattr(native_sampler, "kernels_eligible", lambda tensor: False)
+    tensors = soft_dice_loss_of_warped_labels(moving, fixed, maps, channels)
+    tensors_gradient, = torch.autograd.grad(tensors, maps)
+    assert compiled.dtype == dtype and 0.2 < float(tensors) < 1
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    assert float(compiled) == pytest.approx(float(tensors), rel=tolerance)
+    assert float((compiled_gradient - tensors_gradient).abs().max()) <= tolerance * float(tensors_gradient.abs().max())
+    assert float(tensors_gradient[2].abs().max()) > 0  # the points near the grid still move the loss
+
+
 def test_keep_freed_memory_applies_to_its_own_process_only_and_can_be_switched_off():
     import os
     import subprocess

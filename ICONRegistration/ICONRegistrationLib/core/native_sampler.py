@@ -29,8 +29,10 @@ blurs), and for the UNet's channels-last last level the per-channel sums and aff
 (:func:`channel_sums`, :func:`channel_affine`) and its upsampling-and-addition (:func:`upsample_add`,
 :func:`upsample_adjoint`), for ``register()``'s QA stage the Jacobian determinant of a displacement
 (:func:`displacement_jacobian`) and the displacement in mm, IC error and outside mask (:func:`qa_fields`), for its
-export the warped moving image (:func:`warp_image`), for the intensity normalisation its clamp and scale
-(:func:`clamp_scale`), and for ``pipeline.percentile`` the band of an exact percentile (:func:`band_of`).
+export the warped moving image (:func:`warp_image`), for training's label loss the overlaps and warped volumes of
+linearly warped label maps and their gradient (:func:`warped_label_sums`, :func:`warped_label_gradient`), for the
+intensity normalisation its clamp and scale (:func:`clamp_scale`), and for ``pipeline.percentile`` the band of an
+exact percentile (:func:`band_of`).
 
 Switching: the environment variable ``ICONREG_NATIVE_SAMPLER`` is ``auto`` (the default: load the build when one is
 in the cache — imported directly, no compiler — and build only where :func:`enable` asks: ``scripts/setup.sh``,
@@ -940,6 +942,162 @@ torch::Tensor channel_affine(torch::Tensor a, torch::Tensor m, torch::Tensor s, 
   return out;
 }
 
+// ---- The soft Dice of linearly warped label maps without one-hot maps (losses.soft_dice_loss_of_warped_labels):
+// moving [B, M] int64 channel numbers (0 = background) on the grid n[0..2] (M = n0 n1 n2), fixed [B, P] int64 the
+// channel numbers at the P points, c [B, 3, P] (float or double) the points in the unit cube of moving's grid. Each
+// point's eight trilinear corner weights go to the channel of their corner (background outside the grid): the warped
+// volume of channel k sums every weight that lands on k, the overlap of channel k the weights of corners whose channel
+// is the point's own fixed channel k. Positions, floors and fractions are formed in c's type as the tensor path forms
+// them; the sums are accumulated in double, per block of points and then over the blocks in order.
+static constexpr int64_t ICONREG_LABEL_BLOCK = 4096;
+
+// One point's eight corners: corner k (bits: axis 0 most significant, the order of itertools.product) has channel
+// channel[k] in moving (0 outside the grid) and trilinear weight weight[k] = (w0 * w1) * w2, each factor f or 1 - f
+// of its axis as the tensor path multiplies them; factor[a][s] is axis a's factor for corner bit s.
+template <typename T>
+struct LabelCorners {
+  int64_t channel[8];
+  T weight[8];
+  T factor[3][2];
+};
+
+template <typename T>
+static inline void label_corners(const T* c, int64_t P, int64_t p, const int64_t* n, const int64_t* moving,
+                                 LabelCorners<T>& q) {
+  int64_t at[3][2];
+  bool inside[3][2];
+  for (int a = 0; a < 3; ++a) {
+    const T position = c[a * P + p] * static_cast<T>(n[a] - 1);
+    // floor(position) by truncation within [-2, n + 1] (no libm call); beyond it, and for NaN, every corner along
+    // this axis is outside the grid (background, whose sums the loss never reads) and the fraction is 0 (NaN for NaN)
+    int64_t l;
+    T fraction;
+    if (position >= static_cast<T>(-2) && position <= static_cast<T>(n[a] + 1)) {
+      l = static_cast<int64_t>(position);
+      if (static_cast<T>(l) > position) --l;
+      fraction = position - static_cast<T>(l);
+    } else {
+      l = position > static_cast<T>(0) ? n[a] + 1 : -2;
+      fraction = position - position;
+    }
+    q.factor[a][0] = static_cast<T>(1) - fraction;
+    q.factor[a][1] = fraction;
+    for (int s = 0; s < 2; ++s) {
+      at[a][s] = l + s;
+      inside[a][s] = l + s >= 0 && l + s < n[a];
+    }
+  }
+  for (int k = 0; k < 8; ++k) {
+    const int s0 = (k >> 2) & 1, s1 = (k >> 1) & 1, s2 = k & 1;
+    q.channel[k] = inside[0][s0] && inside[1][s1] && inside[2][s2]
+                       ? moving[(at[0][s0] * n[1] + at[1][s1]) * n[2] + at[2][s2]] : 0;
+    q.weight[k] = (q.factor[0][s0] * q.factor[1][s1]) * q.factor[2][s2];
+  }
+}
+
+template <typename T>
+static void warped_label_sums_of(const int64_t* moving, const int64_t* fixed, const T* c, int64_t B, int64_t P,
+                                 const int64_t* n, int64_t bins, double* overlap, double* volume) {
+  const int64_t M = n[0] * n[1] * n[2], blocks = (P + ICONREG_LABEL_BLOCK - 1) / ICONREG_LABEL_BLOCK;
+  std::vector<double> partial(B * blocks * 2 * bins, 0.0);
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    LabelCorners<T> q;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, p0 = (task % blocks) * ICONREG_LABEL_BLOCK;
+      const int64_t p1 = std::min(P, p0 + ICONREG_LABEL_BLOCK);
+      double* ov = &partial[task * 2 * bins];
+      double* vol = ov + bins;
+      for (int64_t p = p0; p < p1; ++p) {
+        label_corners<T>(c + b * 3 * P, P, p, n, moving + b * M, q);
+        const int64_t own = fixed[b * P + p];
+        double here = 0.0;
+        for (int k = 0; k < 8; ++k) {
+          const double w = static_cast<double>(q.weight[k]);
+          vol[q.channel[k]] += w;
+          here += q.channel[k] == own ? w : 0.0;
+        }
+        ov[own] += here;
+      }
+    }
+  });
+  std::fill(overlap, overlap + B * bins, 0.0);
+  std::fill(volume, volume + B * bins, 0.0);
+  for (int64_t task = 0; task < B * blocks; ++task) {
+    const int64_t b = task / blocks;
+    for (int64_t k = 0; k < bins; ++k) {
+      overlap[b * bins + k] += partial[task * 2 * bins + k];
+      volume[b * bins + k] += partial[task * 2 * bins + bins + k];
+    }
+  }
+}
+
+// -> (overlap [B, bins], warped volume [B, bins]), float64
+std::vector<torch::Tensor> warped_label_sums(torch::Tensor moving, torch::Tensor fixed, torch::Tensor c,
+                                             std::vector<int64_t> sizes, int64_t bins) {
+  const int64_t B = c.size(0), P = c.size(2);
+  TORCH_CHECK(sizes.size() == 3 && c.dim() == 3 && c.size(1) == 3 && moving.size(0) == B && fixed.size(0) == B
+              && fixed.size(1) == P && moving.size(1) == sizes[0] * sizes[1] * sizes[2],
+              "warped_label_sums: moving [B, M], fixed [B, P], coordinates [B, 3, P]");
+  auto options = c.options().dtype(torch::kFloat64);
+  auto overlap = torch::empty({B, bins}, options), volume = torch::empty({B, bins}, options);
+  if (c.scalar_type() == at::kFloat)
+    warped_label_sums_of<float>(moving.data_ptr<int64_t>(), fixed.data_ptr<int64_t>(), c.data_ptr<float>(), B, P,
+                                sizes.data(), bins, overlap.data_ptr<double>(), volume.data_ptr<double>());
+  else
+    warped_label_sums_of<double>(moving.data_ptr<int64_t>(), fixed.data_ptr<int64_t>(), c.data_ptr<double>(), B, P,
+                                 sizes.data(), bins, overlap.data_ptr<double>(), volume.data_ptr<double>());
+  return {overlap, volume};
+}
+
+// the gradient of a function of warped_label_sums' sums with respect to c, given its gradients g_overlap and g_volume
+// [B, bins] (double): each corner weight's derivative along an axis is the product of the other axes' factors, signed
+template <typename T>
+static void warped_label_gradient_of(const int64_t* moving, const int64_t* fixed, const T* c, int64_t B, int64_t P,
+                                     const int64_t* n, int64_t bins, const double* g_overlap, const double* g_volume,
+                                     T* grad) {
+  const int64_t M = n[0] * n[1] * n[2];
+  at::parallel_for(0, B * P, ICONREG_LABEL_BLOCK, [&](int64_t begin, int64_t end) {
+    LabelCorners<T> q;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / P, p = i % P;
+      label_corners<T>(c + b * 3 * P, P, p, n, moving + b * M, q);
+      const int64_t own = fixed[b * P + p];
+      const double* go = g_overlap + b * bins;
+      const double* gv = g_volume + b * bins;
+      double f[3][2];
+      for (int a = 0; a < 3; ++a)
+        for (int s = 0; s < 2; ++s) f[a][s] = static_cast<double>(q.factor[a][s]);
+      double d0 = 0.0, d1 = 0.0, d2 = 0.0;
+      for (int k = 0; k < 8; ++k) {
+        const int s0 = (k >> 2) & 1, s1 = (k >> 1) & 1, s2 = k & 1;
+        const double g = gv[q.channel[k]] + (q.channel[k] == own ? go[own] : 0.0);
+        // d weight / d fraction_a: the other two factors, + for the upper corner along a, - for the lower
+        d0 += (s0 ? g : -g) * f[1][s1] * f[2][s2];
+        d1 += (s1 ? g : -g) * f[0][s0] * f[2][s2];
+        d2 += (s2 ? g : -g) * f[0][s0] * f[1][s1];
+      }
+      grad[(b * 3 + 0) * P + p] = static_cast<T>(d0 * static_cast<double>(n[0] - 1));
+      grad[(b * 3 + 1) * P + p] = static_cast<T>(d1 * static_cast<double>(n[1] - 1));
+      grad[(b * 3 + 2) * P + p] = static_cast<T>(d2 * static_cast<double>(n[2] - 1));
+    }
+  });
+}
+
+torch::Tensor warped_label_gradient(torch::Tensor moving, torch::Tensor fixed, torch::Tensor c,
+                                    std::vector<int64_t> sizes, torch::Tensor g_overlap, torch::Tensor g_volume) {
+  const int64_t B = c.size(0), P = c.size(2), bins = g_overlap.size(1);
+  auto grad = torch::empty_like(c);
+  if (c.scalar_type() == at::kFloat)
+    warped_label_gradient_of<float>(moving.data_ptr<int64_t>(), fixed.data_ptr<int64_t>(), c.data_ptr<float>(), B, P,
+                                    sizes.data(), bins, g_overlap.data_ptr<double>(), g_volume.data_ptr<double>(),
+                                    grad.data_ptr<float>());
+  else
+    warped_label_gradient_of<double>(moving.data_ptr<int64_t>(), fixed.data_ptr<int64_t>(), c.data_ptr<double>(), B,
+                                     P, sizes.data(), bins, g_overlap.data_ptr<double>(), g_volume.data_ptr<double>(),
+                                     grad.data_ptr<double>());
+  return grad;
+}
+
 // ---- The last step of a convolution to a few channels computed plane by plane (networks._few_channel_forward):
 // partial [N, D, H, W, P] contiguous (a channels-last convolution output; float32 or bfloat16) holds, for each kernel
 // plane a < K along D, the O output channels a * O + o of that plane's 2-D convolution, and when `low` also the
@@ -1453,6 +1611,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_add", &upsample_add, py::call_guard<py::gil_scoped_release>());
   m.def("upsample_adjoint", &upsample_adjoint, py::call_guard<py::gil_scoped_release>());
   m.def("displacement_jacobian", &displacement_jacobian, py::call_guard<py::gil_scoped_release>());
+  m.def("warped_label_sums", &warped_label_sums, py::call_guard<py::gil_scoped_release>());
+  m.def("warped_label_gradient", &warped_label_gradient, py::call_guard<py::gil_scoped_release>());
   m.def("qa_fields", &qa_fields, py::call_guard<py::gil_scoped_release>());
   m.def("warp_image", &warp_image, py::call_guard<py::gil_scoped_release>());
   m.def("clamp_scale", &clamp_scale, py::call_guard<py::gil_scoped_release>());
@@ -1621,7 +1781,8 @@ def status() -> NativeSamplerStatus:
 def kernels_eligible(tensor: torch.Tensor) -> bool:
     """Whether the library's array kernels (:func:`blur_axis`, :func:`channel_sums`, :func:`channel_affine`,
     :func:`upsample_add`, :func:`upsample_adjoint`, :func:`displacement_jacobian`, :func:`qa_fields`,
-    :func:`warp_image`, :func:`clamp_scale`, :func:`band_of`) can take this tensor: CPU, float32 or float64, not
+    :func:`warp_image`, :func:`warped_label_sums`, :func:`warped_label_gradient`, :func:`clamp_scale`,
+    :func:`band_of`) can take this tensor: CPU, float32 or float64, not
     empty, the library loaded (each kernel's own dtype limits are in its docstring)."""
     return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
@@ -1707,6 +1868,26 @@ def upsample_add(coarse: torch.Tensor, addend: Optional[torch.Tensor] = None) ->
 def upsample_adjoint(grad: torch.Tensor) -> torch.Tensor:
     """The adjoint of :func:`upsample_add`'s upsampling: ``[N, 2D, 2H, 2W, C]`` float32 → ``[N, D, H, W, C]``."""
     return _module.upsample_adjoint(grad.contiguous())
+
+
+def warped_label_sums(moving: torch.Tensor, fixed: torch.Tensor, coordinates: torch.Tensor, sizes: Sequence[int],
+                      bins: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Per sample and channel, the overlap and the warped volume of ``losses.soft_dice_loss_of_warped_labels``, in one
+    pass: ``moving`` ``[B, M]`` and ``fixed`` ``[B, P]`` int64 channel numbers (``M`` = the product of ``sizes``, the
+    moving grid), ``coordinates`` ``[B, 3, P]`` float32 or float64 (unit cube of the moving grid) →
+    ``(overlap, volume)`` ``[B, bins]`` float64 (accumulated in float64, in a fixed order whatever the thread count).
+    Call it where :func:`kernels_eligible` holds for ``coordinates``."""
+    return tuple(_module.warped_label_sums(moving.contiguous(), fixed.contiguous(), coordinates.contiguous(),
+                                           [int(n) for n in sizes], int(bins)))
+
+
+def warped_label_gradient(moving: torch.Tensor, fixed: torch.Tensor, coordinates: torch.Tensor,
+                          sizes: Sequence[int], grad_overlap: torch.Tensor, grad_volume: torch.Tensor) -> torch.Tensor:
+    """The gradient ``[B, 3, P]`` (``coordinates``' dtype) with respect to ``coordinates`` of a function of
+    :func:`warped_label_sums`' sums, from its gradients ``grad_overlap``, ``grad_volume`` ``[B, bins]``."""
+    return _module.warped_label_gradient(moving.contiguous(), fixed.contiguous(), coordinates.contiguous(),
+                                         [int(n) for n in sizes], grad_overlap.double().contiguous(),
+                                         grad_volume.double().contiguous())
 
 
 def displacement_jacobian(displacement: torch.Tensor, inverse_grid_matrix: torch.Tensor) -> torch.Tensor:
