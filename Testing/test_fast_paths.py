@@ -1072,6 +1072,33 @@ def test_compiled_label_dice_equals_the_tensor_operations(monkeypatch, dtype):
     assert float(tensors_gradient[2].abs().max()) > 0  # the points near the grid still move the loss
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(7, 9, 6), (2, 3, 5)])  # axes of 2 and 3 voxels: the faces' one-sided differences
+def test_compiled_fold_penalty_equals_the_tensor_operations(monkeypatch, dtype, shape):
+    """The compiled fold penalty against the tensor path (central differences inside, one-sided at the faces, det J,
+    relu, mean): the same value and gradient on maps that fold in places and are smooth in others."""
+    from ICONRegistrationLib.core import native_sampler
+    from ICONRegistrationLib.core.losses import fold_penalty
+    if not native_sampler.enable().available:
+        pytest.skip(f"the compiled library is not available: {native_sampler.status().reason}")
+    generator = torch.Generator().manual_seed(4)
+    maps = identity_map(shape, dtype=torch.float64).expand(2, -1, -1, -1, -1).clone()
+    spacing = 1 / (max(shape) - 1)  # the smallest voxel step of the unit cube
+    maps[0] += 0.6 * spacing * torch.randn(maps[0].shape, generator=generator, dtype=torch.float64)  # folds in places
+    maps[1] += 0.05 * spacing * torch.randn(maps[1].shape, generator=generator, dtype=torch.float64)
+    maps = maps.to(dtype).requires_grad_(True)
+    compiled = fold_penalty(maps)
+    compiled_gradient, = torch.autograd.grad(3.0 * compiled, maps)
+    monkeypatch.setattr(native_sampler, "kernels_eligible", lambda tensor: False)
+    tensors = fold_penalty(maps)
+    tensors_gradient, = torch.autograd.grad(3.0 * tensors, maps)
+    assert compiled.dtype == dtype and float(tensors) > 0.01
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float(compiled) == pytest.approx(float(tensors), rel=tolerance)
+    assert float((compiled_gradient - tensors_gradient).abs().max()) <= tolerance * float(tensors_gradient.abs().max())
+    assert float(tensors_gradient[1].abs().max()) == 0  # smooth maps: nothing to push
+
+
 def test_keep_freed_memory_applies_to_its_own_process_only_and_can_be_switched_off():
     import os
     import subprocess

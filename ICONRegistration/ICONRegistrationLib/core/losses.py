@@ -311,7 +311,29 @@ def fold_penalty(maps: torch.Tensor, margin: float = FOLD_MARGIN) -> torch.Tenso
     if maps.dim() != 5 or maps.shape[1] != 3 or min(maps.shape[2:]) < 2:
         raise ValueError(f"fold_penalty takes 3-D maps [B, 3, D, H, W] with 2+ voxels per axis, got "
                          f"{tuple(maps.shape)}")
+    if native_sampler.kernels_eligible(maps):
+        return _FoldPenalty.apply(maps, float(margin))
     return torch.relu(margin - jacobian_determinant(maps)).mean()
+
+
+class _FoldPenalty(torch.autograd.Function):
+    """:func:`fold_penalty` from the compiled kernels (``native_sampler.fold_sum``, ``fold_gradient``): one pass over
+    the voxels forward, two backward (the cofactors where the penalty is active, then the finite differences'
+    adjoint), instead of some forty tensor operations: 30 → 8.5 ms forward and backward for the hippocampus training
+    batch's maps (8 × 3 × 36×48×36, 2 threads)."""
+
+    @staticmethod
+    def forward(ctx, maps: torch.Tensor, margin: float) -> torch.Tensor:
+        scale = math.prod(1.0 / (n - 1) for n in maps.shape[2:])  # the unit cube's grid determinant
+        count = maps.shape[0] * math.prod(maps.shape[2:])
+        ctx.save_for_backward(maps)
+        ctx.margin, ctx.scale, ctx.count = margin, scale, count
+        return maps.new_tensor(native_sampler.fold_sum(maps, margin, scale) / count)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        maps, = ctx.saved_tensors
+        return native_sampler.fold_gradient(maps, ctx.margin, ctx.scale, float(grad) / ctx.count), None
 
 
 def icon_penalty(phi_AB: Transform, phi_BA: Transform, samples: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ blurs), and for the UNet's channels-last last level the per-channel sums and aff
 :func:`upsample_adjoint`), for ``register()``'s QA stage the Jacobian determinant of a displacement
 (:func:`displacement_jacobian`) and the displacement in mm, IC error and outside mask (:func:`qa_fields`), for its
 export the warped moving image (:func:`warp_image`), for training's label loss the overlaps and warped volumes of
-linearly warped label maps and their gradient (:func:`warped_label_sums`, :func:`warped_label_gradient`), for the
+linearly warped label maps and their gradient (:func:`warped_label_sums`, :func:`warped_label_gradient`) and its
+fold penalty with its gradient (:func:`fold_sum`, :func:`fold_gradient`), for the
 intensity normalisation its clamp and scale (:func:`clamp_scale`), and for ``pipeline.percentile`` the band of an
 exact percentile (:func:`band_of`).
 
@@ -1098,6 +1099,137 @@ torch::Tensor warped_label_gradient(torch::Tensor moving, torch::Tensor fixed, t
   return grad;
 }
 
+// ---- The fold penalty of training (losses.fold_penalty): mean over voxels of relu(margin - det J / scale) for maps
+// p [B, 3, n0, n1, n2] (float or double, contiguous), J[r][c] the derivative of p_r along axis c per index step
+// (central inside, one-sided at the faces, as coordinates._finite_difference), det J = a . (b x c) of its columns
+// a, b, c (coordinates._determinant_of_columns' order), scale the unit cube's det(diag(1 / (n - 1))).
+template <typename T>
+static inline T fold_difference(const T* v, int64_t i, int64_t n, int64_t step) {
+  if (i == 0) return v[step] - v[0];
+  if (i == n - 1) return v[0] - v[-step];
+  return (v[step] - v[-step]) * static_cast<T>(0.5);
+}
+
+// J of voxel (z, y, x) of sample b: col[c][r] = J[r][c]
+template <typename T>
+static inline void fold_jacobian(const T* p, int64_t V, const int64_t* n, int64_t z, int64_t y, int64_t x,
+                                 T col[3][3]) {
+  const int64_t v = (z * n[1] + y) * n[2] + x;
+  for (int r = 0; r < 3; ++r) {
+    const T* at = p + r * V + v;
+    col[0][r] = fold_difference(at, z, n[0], n[1] * n[2]);
+    col[1][r] = fold_difference(at, y, n[1], n[2]);
+    col[2][r] = fold_difference(at, x, n[2], 1);
+  }
+}
+
+template <typename T>
+static inline T fold_determinant(const T col[3][3]) {
+  const T* a = col[0];
+  const T* b = col[1];
+  const T* c = col[2];
+  T det = a[0] * (b[1] * c[2] - b[2] * c[1]);
+  det = det - a[1] * (b[0] * c[2] - b[2] * c[0]);
+  return det + a[2] * (b[0] * c[1] - b[1] * c[0]);
+}
+
+// -> the sum over voxels of relu(margin - det / scale), accumulated in double per row of voxels, then in order
+template <typename T>
+static double fold_sum_of(const T* p, int64_t B, const int64_t* n, double margin, double scale) {
+  const int64_t V = n[0] * n[1] * n[2], rows = B * n[0] * n[1];
+  std::vector<double> partial(rows, 0.0);
+  const T m = static_cast<T>(margin), sc = static_cast<T>(scale);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    T col[3][3];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (n[0] * n[1]), z = (row / n[1]) % n[0], y = row % n[1];
+      double sum = 0.0;
+      for (int64_t x = 0; x < n[2]; ++x) {
+        fold_jacobian<T>(p + b * 3 * V, V, n, z, y, x, col);
+        const T value = m - fold_determinant<T>(col) / sc;
+        if (value > static_cast<T>(0)) sum += static_cast<double>(value);
+      }
+      partial[row] = sum;
+    }
+  });
+  double total = 0.0;
+  for (int64_t row = 0; row < rows; ++row) total += partial[row];
+  return total;
+}
+
+// the gradient of weight * sum_v relu(margin - det_v / scale) with respect to p: per voxel where the relu is active,
+// d/dJ[r][c] = -weight / scale * cofactor (d det / d a = b x c, d det / d b = c x a, d det / d c = a x b), then the
+// adjoint of the finite differences gathered from each voxel's neighbours along each axis
+template <typename T>
+static void fold_gradient_of(const T* p, int64_t B, const int64_t* n, double margin, double scale, double weight,
+                             T* grad) {
+  const int64_t V = n[0] * n[1] * n[2], rows = B * n[0] * n[1];
+  std::vector<T> cof(static_cast<size_t>(B * 9 * V));  // [B, 9 (c, r), V]
+  const T m = static_cast<T>(margin), sc = static_cast<T>(scale), k = static_cast<T>(-weight / scale);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    T col[3][3];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (n[0] * n[1]), z = (row / n[1]) % n[0], y = row % n[1];
+      T* out = cof.data() + b * 9 * V;
+      for (int64_t x = 0; x < n[2]; ++x) {
+        const int64_t v = (z * n[1] + y) * n[2] + x;
+        fold_jacobian<T>(p + b * 3 * V, V, n, z, y, x, col);
+        const bool active = m - fold_determinant<T>(col) / sc > static_cast<T>(0);
+        for (int c = 0; c < 3; ++c) {
+          const T* u = col[(c + 1) % 3];
+          const T* w = col[(c + 2) % 3];
+          for (int r = 0; r < 3; ++r) {
+            const T cofactor = u[(r + 1) % 3] * w[(r + 2) % 3] - u[(r + 2) % 3] * w[(r + 1) % 3];
+            out[(c * 3 + r) * V + v] = active ? k * cofactor : static_cast<T>(0);
+          }
+        }
+      }
+    }
+  });
+  // d D(u) / d p[i] along an axis of n points: D(0) = p1 - p0, D(n-1) = p[n-1] - p[n-2], else (p[u+1] - p[u-1]) / 2
+  auto adjoint = [](const T* w, int64_t i, int64_t n, int64_t step) -> T {
+    T g = static_cast<T>(0);
+    if (i >= 1) g += (i - 1 == 0 ? static_cast<T>(1) : static_cast<T>(0.5)) * w[-step];
+    if (i == 0) g -= w[0];
+    if (i == n - 1) g += w[0];
+    if (i <= n - 2) g -= (i + 1 == n - 1 ? static_cast<T>(1) : static_cast<T>(0.5)) * w[step];
+    return g;
+  };
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (n[0] * n[1]), z = (row / n[1]) % n[0], y = row % n[1];
+      const T* w = cof.data() + b * 9 * V;
+      for (int64_t x = 0; x < n[2]; ++x) {
+        const int64_t v = (z * n[1] + y) * n[2] + x;
+        for (int r = 0; r < 3; ++r) {
+          T g = adjoint(w + (0 * 3 + r) * V + v, z, n[0], n[1] * n[2]);
+          g += adjoint(w + (1 * 3 + r) * V + v, y, n[1], n[2]);
+          g += adjoint(w + (2 * 3 + r) * V + v, x, n[2], 1);
+          grad[(b * 3 + r) * V + v] = g;
+        }
+      }
+    }
+  });
+}
+
+double fold_sum(torch::Tensor p, double margin, double scale) {
+  TORCH_CHECK(p.dim() == 5 && p.size(1) == 3 && p.size(2) >= 2 && p.size(3) >= 2 && p.size(4) >= 2,
+              "fold_sum: maps [B, 3, D, H, W] with 2+ voxels per axis");
+  const int64_t n[3] = {p.size(2), p.size(3), p.size(4)};
+  if (p.scalar_type() == at::kFloat) return fold_sum_of<float>(p.data_ptr<float>(), p.size(0), n, margin, scale);
+  return fold_sum_of<double>(p.data_ptr<double>(), p.size(0), n, margin, scale);
+}
+
+torch::Tensor fold_gradient(torch::Tensor p, double margin, double scale, double weight) {
+  const int64_t n[3] = {p.size(2), p.size(3), p.size(4)};
+  auto grad = torch::empty_like(p);
+  if (p.scalar_type() == at::kFloat)
+    fold_gradient_of<float>(p.data_ptr<float>(), p.size(0), n, margin, scale, weight, grad.data_ptr<float>());
+  else
+    fold_gradient_of<double>(p.data_ptr<double>(), p.size(0), n, margin, scale, weight, grad.data_ptr<double>());
+  return grad;
+}
+
 // ---- The last step of a convolution to a few channels computed plane by plane (networks._few_channel_forward):
 // partial [N, D, H, W, P] contiguous (a channels-last convolution output; float32 or bfloat16) holds, for each kernel
 // plane a < K along D, the O output channels a * O + o of that plane's 2-D convolution, and when `low` also the
@@ -1612,6 +1744,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_adjoint", &upsample_adjoint, py::call_guard<py::gil_scoped_release>());
   m.def("displacement_jacobian", &displacement_jacobian, py::call_guard<py::gil_scoped_release>());
   m.def("warped_label_sums", &warped_label_sums, py::call_guard<py::gil_scoped_release>());
+  m.def("fold_sum", &fold_sum, py::call_guard<py::gil_scoped_release>());
+  m.def("fold_gradient", &fold_gradient, py::call_guard<py::gil_scoped_release>());
   m.def("warped_label_gradient", &warped_label_gradient, py::call_guard<py::gil_scoped_release>());
   m.def("qa_fields", &qa_fields, py::call_guard<py::gil_scoped_release>());
   m.def("warp_image", &warp_image, py::call_guard<py::gil_scoped_release>());
@@ -1781,8 +1915,8 @@ def status() -> NativeSamplerStatus:
 def kernels_eligible(tensor: torch.Tensor) -> bool:
     """Whether the library's array kernels (:func:`blur_axis`, :func:`channel_sums`, :func:`channel_affine`,
     :func:`upsample_add`, :func:`upsample_adjoint`, :func:`displacement_jacobian`, :func:`qa_fields`,
-    :func:`warp_image`, :func:`warped_label_sums`, :func:`warped_label_gradient`, :func:`clamp_scale`,
-    :func:`band_of`) can take this tensor: CPU, float32 or float64, not
+    :func:`warp_image`, :func:`warped_label_sums`, :func:`warped_label_gradient`, :func:`fold_sum`,
+    :func:`fold_gradient`, :func:`clamp_scale`, :func:`band_of`) can take this tensor: CPU, float32 or float64, not
     empty, the library loaded (each kernel's own dtype limits are in its docstring)."""
     return (tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > 0
             and _mode() != "0" and _module_or_none() is not None)
@@ -1888,6 +2022,18 @@ def warped_label_gradient(moving: torch.Tensor, fixed: torch.Tensor, coordinates
     return _module.warped_label_gradient(moving.contiguous(), fixed.contiguous(), coordinates.contiguous(),
                                          [int(n) for n in sizes], grad_overlap.double().contiguous(),
                                          grad_volume.double().contiguous())
+
+
+def fold_sum(maps: torch.Tensor, margin: float, scale: float) -> float:
+    """``Σ relu(margin − det J / scale)`` over the voxels of ``maps`` ``[B, 3, D, H, W]`` (float32 or float64, 2+
+    voxels per axis; det J of the index-step derivatives as ``coordinates.jacobian_determinant`` forms them, ``scale``
+    its grid determinant), accumulated in float64 in a fixed order. Call it where :func:`kernels_eligible` holds."""
+    return float(_module.fold_sum(maps.contiguous(), float(margin), float(scale)))
+
+
+def fold_gradient(maps: torch.Tensor, margin: float, scale: float, weight: float) -> torch.Tensor:
+    """The gradient ``[B, 3, D, H, W]`` (``maps``' dtype) of ``weight ·`` :func:`fold_sum` with respect to ``maps``."""
+    return _module.fold_gradient(maps.contiguous(), float(margin), float(scale), float(weight))
 
 
 def displacement_jacobian(displacement: torch.Tensor, inverse_grid_matrix: torch.Tensor) -> torch.Tensor:
