@@ -1070,6 +1070,9 @@ def test_compiled_label_dice_equals_the_tensor_operations(monkeypatch, dtype):
     assert float(compiled) == pytest.approx(float(tensors), rel=tolerance)
     assert float((compiled_gradient - tensors_gradient).abs().max()) <= tolerance * float(tensors_gradient.abs().max())
     assert float(tensors_gradient[2].abs().max()) > 0  # the points near the grid still move the loss
+    with pytest.raises(ValueError, match="channel numbers"):  # a channel number past the bins: refused, not written
+        native_sampler.warped_label_sums(moving, fixed.clamp_max(channels) + 1, maps.detach().flatten(2), shape,
+                                         channels + 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -1097,6 +1100,10 @@ def test_compiled_fold_penalty_equals_the_tensor_operations(monkeypatch, dtype, 
     assert float(compiled) == pytest.approx(float(tensors), rel=tolerance)
     assert float((compiled_gradient - tensors_gradient).abs().max()) <= tolerance * float(tensors_gradient.abs().max())
     assert float(tensors_gradient[1].abs().max()) == 0  # smooth maps: nothing to push
+    monkeypatch.undo()
+    broken = maps.detach().clone()
+    broken[0, 0, 1, 1, 1] = float("nan")
+    assert math.isnan(float(fold_penalty(broken)))  # as the tensor path's relu and mean give
 
 
 def test_keep_freed_memory_applies_to_its_own_process_only_and_can_be_switched_off():

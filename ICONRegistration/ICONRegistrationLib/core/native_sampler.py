@@ -1147,7 +1147,7 @@ static double fold_sum_of(const T* p, int64_t B, const int64_t* n, double margin
       for (int64_t x = 0; x < n[2]; ++x) {
         fold_jacobian<T>(p + b * 3 * V, V, n, z, y, x, col);
         const T value = m - fold_determinant<T>(col) / sc;
-        if (value > static_cast<T>(0)) sum += static_cast<double>(value);
+        if (!(value <= static_cast<T>(0))) sum += static_cast<double>(value);  // NaN maps give NaN, as relu does
       }
       partial[row] = sum;
     }
@@ -2011,6 +2011,11 @@ def warped_label_sums(moving: torch.Tensor, fixed: torch.Tensor, coordinates: to
     moving grid), ``coordinates`` ``[B, 3, P]`` float32 or float64 (unit cube of the moving grid) →
     ``(overlap, volume)`` ``[B, bins]`` float64 (accumulated in float64, in a fixed order whatever the thread count).
     Call it where :func:`kernels_eligible` holds for ``coordinates``."""
+    for name, labels in (("moving", moving), ("fixed", fixed)):
+        low, high = torch.aminmax(labels)
+        if labels.dtype != torch.int64 or int(low) < 0 or int(high) >= bins:
+            raise ValueError(f"warped_label_sums: {name} channel numbers must be int64 in [0, {bins}), got "
+                             f"{labels.dtype} in [{int(low)}, {int(high)}]")
     return tuple(_module.warped_label_sums(moving.contiguous(), fixed.contiguous(), coordinates.contiguous(),
                                            [int(n) for n in sizes], int(bins)))
 
