@@ -950,15 +950,8 @@ def low_precision(net: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[nn.M
     """
     if dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"low precision is bfloat16 or float16, not {dtype}")
-    unets = [module for module in net.modules() if isinstance(module, UNet2)]
-    before = [unet.low_precision for unet in unets]
-    for unet in unets:
-        unet.low_precision = dtype
-    try:
+    with _on_every_unet(net, "low_precision", dtype):
         yield net
-    finally:
-        for unet, previous in zip(unets, before):
-            unet.low_precision = previous
 
 
 @contextlib.contextmanager
@@ -970,15 +963,22 @@ def grouped_batch_norm(net: nn.Module, groups: int) -> Iterator[nn.Module]:
     two calls. The previous setting comes back on leaving the block."""
     if groups < 1:
         raise ValueError(f"groups must be at least 1, not {groups}")
-    unets = [module for module in net.modules() if isinstance(module, UNet2)]
-    before = [unet.batch_groups for unet in unets]
-    for unet in unets:
-        unet.batch_groups = int(groups)
-    try:
+    with _on_every_unet(net, "batch_groups", int(groups)):
         yield net
+
+
+@contextlib.contextmanager
+def _on_every_unet(net: nn.Module, setting: str, value) -> Iterator[None]:
+    """Every :class:`UNet2` in ``net`` has ``setting`` = ``value`` within the block, its previous value after."""
+    unets = [module for module in net.modules() if isinstance(module, UNet2)]
+    before = [getattr(unet, setting) for unet in unets]
+    for unet in unets:
+        setattr(unet, setting, value)
+    try:
+        yield
     finally:
         for unet, previous in zip(unets, before):
-            unet.batch_groups = previous
+            setattr(unet, setting, previous)
 
 
 def tallUNet2(dimension: int = 3, input_channels: int = 1) -> UNet2:  # noqa: N802 (icon_registration's name)
