@@ -63,13 +63,11 @@ def runs_as_one_batch(net: Callable) -> bool:
                for module in net.modules() if isinstance(module, RegistrationModule))
 
 
-def _in_one_batch(net: Callable, image_A: torch.Tensor, image_B: torch.Tensor
-                  ) -> tuple[Transform, Transform, Transform]:
-    """``(Φ_AB, Φ_BA, [Φ_AB; Φ_BA])`` from one call of ``net`` (:func:`runs_as_one_batch`) on the batch ``[A; B]``
-    against ``[B; A]``, each direction's batch norms with their own statistics."""
-    batch = image_A.shape[0]
+def _in_one_batch(net: Callable, pair: torch.Tensor, batch: int) -> tuple[Transform, Transform, Transform]:
+    """``(Φ_AB, Φ_BA, [Φ_AB; Φ_BA])`` from one call of ``net`` (:func:`runs_as_one_batch`) on ``pair`` = ``[A; B]``
+    (``batch`` samples each) against ``[B; A]``, each direction's batch norms with their own statistics."""
     with grouped_batch_norm(net, 2):
-        stacked = net(torch.cat([image_A, image_B]), torch.cat([image_B, image_A]))
+        stacked = net(pair, torch.cat([pair[batch:], pair[:batch]]))
     return (functools.partial(stacked, rows=slice(0, batch)), functools.partial(stacked, rows=slice(batch, 2 * batch)),
             stacked)
 
@@ -147,7 +145,7 @@ def symmetric_objective(net: Callable, image_A: torch.Tensor, image_B: torch.Ten
     shape = image_A.shape[2:]
     pair_moving = torch.cat([image_A, image_B], dim=0)
     if one_batch and runs_as_one_batch(net):
-        phi_AB, phi_BA, phi = _in_one_batch(net, image_A, image_B)
+        phi_AB, phi_BA, phi = _in_one_batch(net, pair_moving, batch)
     else:
         phi_AB, phi_BA = directions(net, image_A, image_B)
         phi = stack_directions(phi_AB, phi_BA, batch)
