@@ -1103,11 +1103,14 @@ torch::Tensor warped_label_gradient(torch::Tensor moving, torch::Tensor fixed, t
 // p [B, 3, n0, n1, n2] (float or double, contiguous), J[r][c] the derivative of p_r along axis c per index step
 // (central inside, one-sided at the faces, as coordinates._finite_difference), det J = a . (b x c) of its columns
 // a, b, c (coordinates._determinant_of_columns' order), scale the unit cube's det(diag(1 / (n - 1))).
+// the derivative per index step of the values at u (stride apart along an axis of n; u at index i): central inside,
+// one-sided at the ends, 0 on an axis of one voxel (coordinates._finite_difference)
 template <typename T>
-static inline T fold_difference(const T* v, int64_t i, int64_t n, int64_t step) {
-  if (i == 0) return v[step] - v[0];
-  if (i == n - 1) return v[0] - v[-step];
-  return (v[step] - v[-step]) * static_cast<T>(0.5);
+static inline T axis_difference(const T* u, int64_t i, int64_t n, int64_t stride) {
+  if (n < 2) return static_cast<T>(0);
+  if (i == 0) return u[stride] - u[0];
+  if (i == n - 1) return u[0] - u[-stride];
+  return (u[stride] - u[-stride]) * static_cast<T>(0.5);
 }
 
 // J of voxel (z, y, x) of sample b: col[c][r] = J[r][c]
@@ -1117,9 +1120,9 @@ static inline void fold_jacobian(const T* p, int64_t V, const int64_t* n, int64_
   const int64_t v = (z * n[1] + y) * n[2] + x;
   for (int r = 0; r < 3; ++r) {
     const T* at = p + r * V + v;
-    col[0][r] = fold_difference(at, z, n[0], n[1] * n[2]);
-    col[1][r] = fold_difference(at, y, n[1], n[2]);
-    col[2][r] = fold_difference(at, x, n[2], 1);
+    col[0][r] = axis_difference(at, z, n[0], n[1] * n[2]);
+    col[1][r] = axis_difference(at, y, n[1], n[2]);
+    col[2][r] = axis_difference(at, x, n[2], 1);
   }
 }
 
@@ -1409,13 +1412,6 @@ torch::Tensor upsample_adjoint(torch::Tensor grad) {
 // voxel), column s of I + (du / dindex) G^-1 as sum_k d_k * inv[k][s] (+1 on the diagonal), then a . (b x c) with
 // the operations of coordinates._determinant_of_columns (coordinates.displacement_jacobian_determinant's numbers to
 // float rounding).
-static inline float axis_difference(const float* u, int64_t i, int64_t n, int64_t stride) {
-  if (n < 2) return 0.0f;
-  if (i == 0) return u[stride] - u[0];
-  if (i == n - 1) return u[0] - u[-stride];
-  return (u[stride] - u[-stride]) * 0.5f;
-}
-
 // The n numbers of a small parameter tensor (a matrix, an offset; any float dtype) as float32, in order.
 static void floats_of(const torch::Tensor& values, float* out, int n) {
   const auto wide = values.to(torch::kFloat64).contiguous();
