@@ -5,8 +5,8 @@ A transform is a Python callable taking a coordinate tensor ``[B, d, *S]`` (unit
 (A = moving, B = fixed). The transforms of the modules here also take ``rows``, a slice of the batch: evaluated
 with it, a transform uses only those samples' fields (``[Φ_AB; Φ_BA]`` computed as one batch gives Φ_BA alone
 with ``rows=slice(b, 2b)``); the coordinates then have ``rows``' batch size (or 1). The module tree and attribute
-names follow icon_registration so that ``state_dict()`` keys match official checkpoints. Identity maps are derived from each input's shape,
-so a module works at any grid size (a downsampled level sees ``ceil(N / 2)`` voxels per axis).
+names follow icon_registration so that ``state_dict()`` keys match official checkpoints. Identity maps are derived
+from each input's shape, so a module works at any grid size (a downsampled level sees ``ceil(N / 2)`` voxels per axis).
 """
 
 from __future__ import annotations
