@@ -533,7 +533,8 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu_with_two_steps(tmp_path):
     assert saved["icon_weight"] == 0.5 and saved["symmetric_label_loss"]
     # the rest is the shipped model's last recipe (Resources/Models/gradicon-hippocampus.md)
     assert (saved["label_loss"], saved["label_weight"], saved["elastic_voxels"], saved["intensity_gamma"],
-            saved["self_pair_fraction"]) == ("dice", 20.0, 2.0, 0.3, 0.0)
+            saved["self_pair_fraction"], saved["fold_weight"], saved["icon_label_weight"],
+            saved["anatomy_mix"]) == ("dice", 80.0, 2.0, 0.3, 0.0, 2000.0, 2.0, 0.5)
     # running again continues from the checkpoint (no --init), up to the new total; with a snapshot every step,
     # the last two are averaged and the mean is validated on the validation pairs
     done = subprocess.run(command, env={**env, "STEPS": "4", "KEEP_EVERY": "1", "AVERAGE": "2",
@@ -1353,3 +1354,119 @@ def _log_of_two_steps(run, data, config) -> list:
     train(small_spec(), data, run, config, device="cpu")
     with (run / "train_log.csv").open() as handle:
         return list(csv.DictReader(handle))
+
+
+class _ShiftNetwork(torch.nn.Module):
+    """A stand-in registration network whose map is the identity plus a constant shift (unit coordinates)."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1, 1))
+
+    def forward(self, image_A, image_B):
+        assert image_A.shape == image_B.shape and not torch.is_grad_enabled()
+        return lambda points: points + self.shift
+
+
+def test_anatomy_mixing_moves_each_chosen_image_and_its_labels_by_the_drawn_fraction_of_the_map():
+    """On a ramp along axis 0 the warped image rises by α × the shift, the same α everywhere inside; labels (a step
+    along the ramp) move by the nearest whole voxel of α × the shift; unchosen images are untouched; the draws are
+    3 n numbers whatever is chosen, and none with probability 0."""
+    from ICONRegistrationLib.training.trainer import mix_anatomy
+    shape, count = (20, 12, 10), 16
+    ramp = torch.arange(shape[0], dtype=torch.float32).view(1, 1, -1, 1, 1).expand(count, 1, *shape) / (shape[0] - 1)
+    labels = (ramp * (shape[0] - 1) >= 9).float() + (ramp * (shape[0] - 1) >= 14).float()
+    pool = torch.rand(5, 1, *shape)
+    shift_voxels = 3.0
+    network = _ShiftNetwork([shift_voxels / (shape[0] - 1), 0.0, 0.0])
+    generator = torch.Generator().manual_seed(11)
+    moved, moved_labels = mix_anatomy(ramp.clone(), labels.clone(), pool, network, 0.5, 0.8, generator)
+    reference = torch.Generator().manual_seed(11)
+    chosen = torch.rand(count, generator=reference) < 0.5
+    torch.randint(0, 5, (count,), generator=reference)
+    alphas = torch.rand(count, generator=reference) * 0.8
+    assert torch.equal(generator.get_state(), reference.get_state())
+    assert 0 < int(chosen.sum()) < count
+    inside = slice(0, shape[0] - 4)  # points that stay inside the grid for shifts up to 3 voxels
+    for k in range(count):
+        if not chosen[k]:
+            assert torch.equal(moved[k], ramp[k]) and torch.equal(moved_labels[k], labels[k])
+            continue
+        rise = (moved[k, 0, inside] - ramp[k, 0, inside]) * (shape[0] - 1)  # in voxels
+        assert torch.allclose(rise, torch.full_like(rise, float(alphas[k]) * shift_voxels), atol=1e-4)
+        source = torch.arange(shape[0] - 4, dtype=torch.float32) + float(alphas[k]) * shift_voxels
+        nearest = torch.floor(source + 0.5)
+        expected = (nearest >= 9).float() + (nearest >= 14).float()
+        assert torch.equal(moved_labels[k, 0, inside, 0, 0], expected)
+        assert torch.equal(moved_labels[k, 0, inside], expected.view(-1, 1, 1).expand(-1, *shape[1:]))
+    untouched = torch.Generator().manual_seed(11)
+    same, same_labels = mix_anatomy(ramp, labels, pool, network, 0.0, 0.8, untouched)
+    assert same is ramp and same_labels is labels
+    assert torch.equal(untouched.get_state(), torch.Generator().manual_seed(11).get_state())
+
+
+def _mixing_weights(path, seed: int):
+    """Weights of the small spec whose last convolutions are not zero, so that its maps deform."""
+    torch.manual_seed(seed)
+    net = build_network(small_spec())
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if "lastConv.weight" in name:
+                parameter.normal_(0, 0.05)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_anatomy_mixing_changes_training_keeps_its_network_in_the_checkpoint_and_resumes_exactly(tmp_path):
+    data = synthetic_set(6)
+    weights = _mixing_weights(tmp_path / "mix.pt", seed=4)
+    config = TrainingConfig(steps=6, batch_size=2, learning_rate=1e-3, checkpoint_every=3, validate_every=100,
+                            seed=3, label_loss="dice", label_weight=1.0, anatomy_mix=1.0,
+                            anatomy_mix_weights=str(weights))
+    train(small_spec(), data, tmp_path / "straight", config, device="cpu")
+    train(small_spec(), data, tmp_path / "plain", TrainingConfig(**{**config.__dict__, "anatomy_mix": 0.0}),
+          device="cpu")
+    train(small_spec(), data, tmp_path / "resumed", TrainingConfig(**{**config.__dict__, "steps": 3}), device="cpu")
+    _mixing_weights(weights, seed=5)  # the file changes: the resumed run still mixes with the network it started with
+    train(small_spec(), data, tmp_path / "resumed", config, device="cpu")
+
+    def losses(folder):
+        with (tmp_path / folder / "train_log.csv").open() as handle:
+            return [r["loss"] for r in csv.DictReader(handle)]
+
+    assert losses("straight") == losses("resumed")
+    assert losses("straight") != losses("plain")
+    saved = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    first = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["anatomy_mix_model"]
+    assert saved["config"]["anatomy_mix"] == 1.0
+    assert all(torch.equal(saved["anatomy_mix_model"][k], first[k]) for k in first)
+    assert "anatomy_mix_model" not in torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)
+    with pytest.raises(UserError, match="--anatomy-mix 1, not 0.5"):
+        train(small_spec(), data, tmp_path / "resumed", TrainingConfig(**{**config.__dict__, "steps": 8,
+                                                                          "anatomy_mix": 0.5}), device="cpu")
+    with pytest.raises(UserError, match="--anatomy-mix-weights, or --init"):
+        train(small_spec(), data, tmp_path / "fresh", TrainingConfig(**{**config.__dict__,
+                                                                        "anatomy_mix_weights": None}), device="cpu")
+
+
+@pytest.mark.parametrize("change, message", [({"anatomy_mix": 1.5}, "--anatomy-mix"),
+                                             ({"anatomy_mix": -0.1}, "--anatomy-mix"),
+                                             ({"anatomy_mix_max": 0.0}, "--anatomy-mix-max"),
+                                             ({"anatomy_mix_max": float("nan")}, "--anatomy-mix-max")])
+def test_anatomy_mixing_settings_are_checked_before_any_step(tmp_path, change, message):
+    with pytest.raises(UserError, match=message):
+        train(small_spec(), synthetic_set(), tmp_path, TrainingConfig(steps=1, batch_size=2, **change), device="cpu")
+
+
+def test_cli_train_passes_anatomy_mixing_with_init_as_the_default_network(tmp_path):
+    data = synthetic_set()
+    data.save(tmp_path / "train.npz")
+    (tmp_path / "small.json").write_text(json.dumps(SMALL))
+    weights = _mixing_weights(tmp_path / "mix.pt", seed=4)
+    assert main(["train", "--spec", str(tmp_path / "small.json"), "--data", str(tmp_path / "train.npz"), "--steps",
+                 "1", "--batch-size", "2", "--out", str(tmp_path / "run"), "--anatomy-mix", "0.5",
+                 "--anatomy-mix-max", "0.7", "--init", str(weights)]) == 0
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (saved["config"]["anatomy_mix"], saved["config"]["anatomy_mix_max"]) == (0.5, 0.7)
+    assert all(torch.equal(saved["anatomy_mix_model"][k], value.float() if value.is_floating_point() else value)
+               for k, value in torch.load(weights, weights_only=True).items())

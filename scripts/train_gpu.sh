@@ -19,11 +19,13 @@
 # STAGE, LEARNING_RATE, LR_SCHEDULE (constant or cosine: down to 0 at STEPS; size STEPS to the time limit) and
 # WARMUP_STEPS (0), BATCH (auto: the largest that fits), INIT (weights to start from when OUT holds no
 # checkpoint, or TRAIN_ARGS has --restart), LABEL_WEIGHT (label-aware training; 0 for none), ICON_WEIGHT (`--icon-weight`, the ICON term
-# beside the GradICON penalty), SELF_PAIRS (`--self-pairs`), ELASTIC, GAMMA and BIAS_FIELD (augmentation, `iconreg
-# train --elastic/--gamma/--bias-field`; 0 for none), KEEP_EVERY (250) and AVERAGE (4), PYTHON (python3), TRAIN_ARGS (more
-# `iconreg train` options, e.g. "--symmetric-label-loss"; later options win; a resumed run must repeat them). The
-# label weight, ICON term, self-pair and augmentation defaults are each shipped model's last recipe (the model
-# cards' ledgers); the learning rates are the GPU runs' own (a larger batch than on the CPU).
+# beside the GradICON penalty) and ICON_LABEL_WEIGHT (`--icon-label-weight`), FOLD_WEIGHT (`--fold-weight`), SELF_PAIRS
+# (`--self-pairs`), ELASTIC, GAMMA and BIAS_FIELD (augmentation, `iconreg train --elastic/--gamma/--bias-field`; 0 for
+# none), ANATOMY_MIX (`--anatomy-mix`: warping toward other subjects with the INIT network; 0 for none), KEEP_EVERY
+# (250) and AVERAGE (4), PYTHON (python3), TRAIN_ARGS (more `iconreg train` options, e.g. "--symmetric-label-loss";
+# later options win; a resumed run must repeat them). The label weight, ICON, fold, self-pair and augmentation
+# defaults are each shipped model's last recipe (the model cards' ledgers); the learning rates are the GPU runs' own
+# (a larger batch than on the CPU).
 # It installs what is missing: the package is used from this checkout (PYTHONPATH), SimpleITK from .whl/ if
 # present (offline machines) or from the package index; PyTorch is never replaced (a GPU machine's own build is
 # kept; only if none is importable is one installed).
@@ -46,14 +48,16 @@ case "$MODEL" in
     SPEC=Resources/Models/gradicon-brain-lpba40.json
     DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-brain-lpba40.pt
     STAGE=${STAGE:-1}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-2e-4}; FLIP_AXES=2
-    LABEL_WEIGHT=${LABEL_WEIGHT:-20}; ICON_WEIGHT=${ICON_WEIGHT:-0.1}; SELF_PAIRS=${SELF_PAIRS:-0.25}
-    ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3}; BIAS_FIELD=${BIAS_FIELD:-0.15} ;;
+    LABEL_WEIGHT=${LABEL_WEIGHT:-20}; ICON_WEIGHT=${ICON_WEIGHT:-0.1}; ICON_LABEL_WEIGHT=${ICON_LABEL_WEIGHT:-0}
+    FOLD_WEIGHT=${FOLD_WEIGHT:-500}; SELF_PAIRS=${SELF_PAIRS:-0.25}
+    ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3}; BIAS_FIELD=${BIAS_FIELD:-0.15}; ANATOMY_MIX=${ANATOMY_MIX:-0} ;;
   gradicon-hippocampus)
     SPEC=gradicon-hippocampus
     DEFAULT_INIT=ICONRegistration/ICONRegistrationLib/models/bundled/gradicon-hippocampus.pt
     STAGE=${STAGE:-2}; STEPS=${STEPS:-20000}; LEARNING_RATE=${LEARNING_RATE:-1e-4}; FLIP_AXES=0,1,2
-    LABEL_WEIGHT=${LABEL_WEIGHT:-20}; ICON_WEIGHT=${ICON_WEIGHT:-1}; SELF_PAIRS=${SELF_PAIRS:-0}
-    ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3}; BIAS_FIELD=${BIAS_FIELD:-0} ;;
+    LABEL_WEIGHT=${LABEL_WEIGHT:-80}; ICON_WEIGHT=${ICON_WEIGHT:-1}; ICON_LABEL_WEIGHT=${ICON_LABEL_WEIGHT:-2}
+    FOLD_WEIGHT=${FOLD_WEIGHT:-2000}; SELF_PAIRS=${SELF_PAIRS:-0}
+    ELASTIC=${ELASTIC:-2}; GAMMA=${GAMMA:-0.3}; BIAS_FIELD=${BIAS_FIELD:-0}; ANATOMY_MIX=${ANATOMY_MIX:-0.5} ;;
   *)
     echo "unknown model '$MODEL': use gradicon-brain-lpba40 or gradicon-hippocampus" >&2; exit 2 ;;
 esac
@@ -89,7 +93,9 @@ ARGS=(train --spec "$SPEC" --data "$PREPARED/train_prepared.npz" --val "$PREPARE
       --lr-schedule "$LR_SCHEDULE" --warmup-steps "$WARMUP_STEPS" --batch-size "$BATCH"
       --flip-axes "$FLIP_AXES" --time-limit "$TIME_LIMIT" --device "$DEVICE" --checkpoint-every 100
       --validate-every 250 --keep-every "$KEEP_EVERY" --export "$OUT/$MODEL.pt" --elastic "$ELASTIC" --gamma "$GAMMA"
-      --bias-field "$BIAS_FIELD" --icon-weight "$ICON_WEIGHT" --self-pairs "$SELF_PAIRS")
+      --bias-field "$BIAS_FIELD" --icon-weight "$ICON_WEIGHT" --self-pairs "$SELF_PAIRS" --fold-weight "$FOLD_WEIGHT"
+      --anatomy-mix "$ANATOMY_MIX")
+[ "$ICON_LABEL_WEIGHT" = 0 ] || ARGS+=(--icon-label-weight "$ICON_LABEL_WEIGHT")
 # a new run starts from INIT: no checkpoint yet, or a fresh run asked for (--restart in TRAIN_ARGS)
 if [ ! -f "$OUT/checkpoint.pt" ] || [[ " ${TRAIN_ARGS:-} " == *" --restart "* ]]; then ARGS+=(--init "$INIT"); fi
 [ "$LABEL_WEIGHT" = 0 ] || ARGS+=(--label-loss dice --label-weight "$LABEL_WEIGHT")

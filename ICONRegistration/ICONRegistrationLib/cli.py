@@ -376,6 +376,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             mixed_precision=args.mixed_precision, penalty_fraction=args.penalty_fraction,
                             icon_weight=args.icon_weight, icon_label_weight=args.icon_label_weight,
                             fold_weight=args.fold_weight, self_pair_fraction=args.self_pairs,
+                            anatomy_mix=args.anatomy_mix, anatomy_mix_max=args.anatomy_mix_max,
+                            anatomy_mix_weights=args.anatomy_mix_weights,
                             label_loss=args.label_loss, label_weight=args.label_weight,
                             label_downsample=args.label_downsample, freeze_inner=args.freeze_inner,
                             symmetric_label_loss=args.symmetric_label_loss, weight_decay=args.weight_decay,
@@ -737,6 +739,16 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--self-pairs", type=float, default=0.0,
                      help="fraction of training pairs that are a volume with itself, each copy augmented "
                           "independently (teaches the network not to deform identical images; default 0)")
+    trn.add_argument("--anatomy-mix", type=float, default=0.0,
+                     help="probability per image of anatomy mixing: before the other augmentation, the image and its "
+                          "labels are warped a random fraction (up to --anatomy-mix-max) of the way toward another "
+                          "training volume's anatomy by a trained network (new subjects between the training "
+                          "subjects; default 0: none)")
+    trn.add_argument("--anatomy-mix-max", type=float, default=1.0,
+                     help="largest fraction of the way toward the other volume (default 1: all the way)")
+    trn.add_argument("--anatomy-mix-weights",
+                     help="weights of the network that --anatomy-mix warps with, for the trained spec (default: "
+                          "--init); kept in the run's checkpoint, so a resumption mixes with the same network")
     trn.add_argument("--symmetric-label-loss", action="store_true",
                      help="take the label loss on the two directions made consistent, as 'register --symmetric' "
                           "makes them (each the mean of itself and the inverse of the other); validation then also "

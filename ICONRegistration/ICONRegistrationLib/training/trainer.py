@@ -5,7 +5,8 @@ penalty and SSD are options), Adam. Stage 1 trains the multi-resolution network 
 full-resolution step; stage 2 adds that step (``spec.last_step``) and trains everything, starting from stage 1.
 Augmentation: the same random axis flips for both images of a pair, then an independent small random affine
 warp of each image, optionally with a random smooth (elastic) displacement added to it and a random intensity
-gamma per image.
+gamma per image. Optionally, before that, anatomy mixing: an image and its labels warped part of the way toward
+another training volume's anatomy by a frozen registration network (:func:`mix_anatomy`).
 
 Every random draw comes from one ``torch.Generator`` whose state is saved in the checkpoint, so a resumed run
 takes exactly the step an uninterrupted run would have taken.
@@ -102,6 +103,14 @@ class TrainingConfig:
     # weight of a fold penalty on both directions' maps (core.losses.fold_penalty: mean relu(0.1 − det J) over the
     # network grid's voxels; 0: off). Aims at the few folded voxels directly, where a larger λ smooths everything.
     fold_weight: float = 0.0
+    # anatomy mixing (learned-deformation augmentation): with this probability per image (0: off, and no draws, as
+    # before the option), the image and its labels are first warped a fraction α ~ U(0, anatomy_mix_max) of the way
+    # toward another training volume's anatomy by a frozen registration network's map (the weights
+    # anatomy_mix_weights, by default the run's --init): new subjects between the training subjects, with their
+    # labels moved exactly alike (see mix_anatomy)
+    anatomy_mix: float = 0.0
+    anatomy_mix_max: float = 1.0
+    anatomy_mix_weights: Optional[str] = None
     # fraction of the batch's pairs that are a volume with itself (each copy still augmented independently): the
     # network then also sees pairs whose answer is the augmentation alone, and learns not to deform identical
     # images (0: pairs of two different volumes only, the draws of earlier versions)
@@ -185,6 +194,11 @@ def check_config(config: TrainingConfig) -> None:
         raise UserError(f"--keep-every must be a number of steps ≥ 0 (0: keep no snapshots), got {config.keep_every}.")
     if config.symmetric_label_loss and not config.label_loss:
         raise UserError("--symmetric-label-loss takes the label loss on the symmetric maps: give --label-loss too.")
+    if not 0 <= config.anatomy_mix <= 1:
+        raise UserError(f"--anatomy-mix is a probability per image in [0, 1], got {config.anatomy_mix}.")
+    if not (math.isfinite(config.anatomy_mix_max) and 0 < config.anatomy_mix_max <= 2):
+        raise UserError(f"--anatomy-mix-max is the largest fraction of the way toward the other volume, in (0, 2], "
+                        f"got {config.anatomy_mix_max}.")
 
 
 def check_mixed_precision(config: TrainingConfig, device: torch.device) -> None:
@@ -342,6 +356,63 @@ def augment(images_A: torch.Tensor, images_B: torch.Tensor, config: TrainingConf
         both = torch.cat([images_A, images_B]).clamp(0, 1) ** gamma
         images_A, images_B = both.split(batch)
     return images_A, images_B, labels
+
+
+def anatomy_network(spec: ModelSpec, source: str | Path, device: torch.device) -> torch.nn.Module:
+    """The frozen network that :func:`mix_anatomy` warps with: ``spec``'s network with the weights in ``source``
+    (a weights file or checkpoint, loaded as ``--init`` loads it), in evaluation mode, without gradients."""
+    network = build_network(spec)
+    initialise(network, source)
+    return anatomy_network_from(network, device)
+
+
+def anatomy_network_from(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``network`` frozen for :func:`mix_anatomy`: evaluation mode, no gradients, on ``device``."""
+    network.eval()
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    return network.to(device)
+
+
+def mix_anatomy(images: torch.Tensor, labels: Optional[torch.Tensor], pool: torch.Tensor,
+                network: torch.nn.Module, probability: float, max_fraction: float, generator: torch.Generator
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Anatomy mixing: each of ``images`` ``[n, 1, *S]`` (float, on the network grid), with probability
+    ``probability``, is moved a fraction α ~ U(0, ``max_fraction``) of the way toward a random volume ``V`` of
+    ``pool`` ``[N, 1, *S]``.
+
+    With Φ = ``network``(image, V) on the grid (image ∘ Φ ≈ V, the map convention of
+    :mod:`~ICONRegistrationLib.core.coordinates`), the image is resampled at Id + α (Φ − Id), trilinearly with the
+    border repeated: at α = 1 it has ``V``'s shape and its own intensities. ``labels`` ``[n, 1, *S]`` (label values
+    as floats) are resampled at the same points by nearest neighbour, so they stay the image's labels. The network
+    runs on its own device without gradients; the results are on ``images``' device.
+
+    Draws ``3 n`` numbers from ``generator`` (which image, which volume, α), whatever is chosen; none when
+    ``probability`` is 0. Returns ``(images, labels)``, new tensors where anything moved.
+    """
+    if probability <= 0:
+        return images, labels
+    count = images.shape[0]
+    chosen = torch.rand(count, generator=generator) < probability
+    partners = torch.randint(0, pool.shape[0], (count,), generator=generator)
+    fractions = torch.rand(count, generator=generator) * max_fraction
+    if not chosen.any():
+        return images, labels
+    device = next(network.parameters()).device
+    index = chosen.nonzero().flatten()
+    source = images[index].to(device)
+    with torch.no_grad():
+        identity = identity_map(source.shape[2:], dtype=source.dtype, device=device)
+        towards = network(source, pool[partners[index]].to(device, source.dtype))(identity)
+        alpha = fractions[index].to(device, source.dtype).view(-1, *([1] * (source.dim() - 1)))
+        points = identity + alpha * (towards - identity)
+        images = images.clone()
+        images[index] = sample_at(source, points, padding="border").to(images.device)
+        if labels is not None:
+            labels = labels.clone()
+            labels[index] = sample_at(labels[index].to(device, source.dtype), points, padding="border",
+                                      mode="nearest").to(labels.device, labels.dtype)
+    return images, labels
 
 
 def label_values(data: PreparedSet, needed_by: str = "A label loss") -> torch.Tensor:
@@ -668,13 +739,17 @@ def _save_snapshot(out_dir: Path, net, step: int) -> None:
 
 
 def _save_checkpoint(path: Path, net, optimizer, step: int, generator: torch.Generator, spec: ModelSpec,
-                     config: TrainingConfig, data: dict) -> None:
+                     config: TrainingConfig, data: dict, mixer: Optional[torch.nn.Module] = None) -> None:
     """The run's state after ``step`` steps; ``data`` identifies its training and validation sets
-    (:func:`_data_identity`), which a resumption must give again."""
+    (:func:`_data_identity`), which a resumption must give again. ``mixer``: the network that anatomy mixing warps
+    with, kept so that a resumed run mixes with the same one whatever happened to its file."""
+    state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "generator": generator.get_state(), "spec": spec.to_dict(),
+             "config": dataclasses.asdict(config), "data": data}
+    if mixer is not None:
+        state["anatomy_mix_model"] = mixer.state_dict()
     with atomic_path(path) as temporary:
-        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "generator": generator.get_state(), "spec": spec.to_dict(),
-                    "config": dataclasses.asdict(config), "data": data}, str(temporary))
+        torch.save(state, str(temporary))
 
 
 def _data_identity(train_set: PreparedSet, validation_set: Optional[PreparedSet]) -> dict:
@@ -750,11 +825,15 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
     if config.freeze_inner and init is None and not (resume and checkpoint_path.exists()):
         raise UserError("--freeze-inner keeps the inner network as --init gives it: a new run needs --init.")
     step = 0
+    mixer: Optional[torch.nn.Module] = None
     data_identity = _data_identity(train_set, validation_set)
     if resume and checkpoint_path.exists():
         saved = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
         for setting, option in (("freeze_inner", "--freeze-inner"), ("symmetric_label_loss", "--symmetric-label-loss"),
-                                ("weight_decay", "--weight-decay")):
+                                ("weight_decay", "--weight-decay"), ("anatomy_mix", "--anatomy-mix"),
+                                ("anatomy_mix_max", "--anatomy-mix-max")):
+            if setting == "anatomy_mix_max" and not config.anatomy_mix:
+                continue
             now = getattr(config, setting)
             before = type(now)(saved.get("config", {}).get(setting, False))  # checkpoints from before it: off (0)
             if before != now:
@@ -764,6 +843,10 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                                 "start a new run (another --out, or --restart).")
         _check_same_data(out_dir, saved.get("data"), data_identity)
         load_state_dict_strict(net, saved["model"], source=f"checkpoint '{checkpoint_path}'")
+        if config.anatomy_mix > 0:  # the network the run mixes with, as it started (kept in the checkpoint)
+            mixer = build_network(net_spec)
+            load_state_dict_strict(mixer, saved["anatomy_mix_model"], source=f"checkpoint '{checkpoint_path}'")
+            mixer = anatomy_network_from(mixer, torch_device)
         load_optimizer_state(optimizer, saved["optimizer"])
         # the state dict restores the saved rate; this command's rate (and schedule) applies from the next step
         generator.set_state(saved["generator"])
@@ -776,6 +859,12 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         for log in ("train_log.csv", "validation_log.csv"):  # rows written after the checkpoint are redone
             _truncate_csv(out_dir / log, step)
     else:
+        if config.anatomy_mix > 0:  # before a previous run's files go: its checkpoint may be the source
+            source = config.anatomy_mix_weights or init
+            if source is None:
+                raise UserError("--anatomy-mix warps with a trained network: give its weights with "
+                                "--anatomy-mix-weights, or --init.")
+            mixer = anatomy_network(net_spec, source, torch_device)
         if init is not None:  # first: --init may be this folder's checkpoint.pt or best.pt
             initialise(net, init)
         # a fresh run starts empty: also without another run's checkpoint, which a run stopped before its first
@@ -798,6 +887,12 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         batch_B = images[index_B].float()
         labels = (train_set.labels[index_A].float(), train_set.labels[index_B].float()) if values is not None \
             else None
+        if mixer is not None:
+            both, both_labels = mix_anatomy(torch.cat([batch_A, batch_B]),
+                                            None if labels is None else torch.cat(labels), images, mixer,
+                                            config.anatomy_mix, config.anatomy_mix_max, generator)
+            batch_A, batch_B = both.split(batch_A.shape[0])
+            labels = None if both_labels is None else tuple(both_labels.split(batch_A.shape[0]))
         batch_A, batch_B, labels = augment(batch_A, batch_B, config, generator, labels)
         batch_A, batch_B = batch_A.to(torch_device), batch_B.to(torch_device)
         step_start = time.perf_counter()
@@ -835,7 +930,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
             **({"round_trip_voxels": f"{terms.round_trip.sqrt().item():.4f}"} if terms.round_trip is not None
                else {})})
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config, data_identity)
+            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config, data_identity,
+                             mixer)
         if config.keep_every and step % config.keep_every == 0:
             _save_snapshot(out_dir, net, step)
         if (validation_set is not None and len(validation_set) > 1
@@ -848,7 +944,8 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
         report(progress, "training", step / config.steps)
         if config.time_limit is not None and time.perf_counter() - start > config.time_limit \
                 and step < config.steps:
-            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config, data_identity)
+            _save_checkpoint(checkpoint_path, net, optimizer, step, generator, net_spec, config, data_identity,
+                             mixer)
             if validation_set is not None and len(validation_set) > 1 and last_validation.get("step") != step:
                 last_validation = {"step": step, **validate(net, validation_set, torch_device,
                                                             symmetric=config.symmetric_label_loss)}
