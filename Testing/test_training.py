@@ -1470,3 +1470,30 @@ def test_cli_train_passes_anatomy_mixing_with_init_as_the_default_network(tmp_pa
     assert (saved["config"]["anatomy_mix"], saved["config"]["anatomy_mix_max"]) == (0.5, 0.7)
     assert all(torch.equal(saved["anatomy_mix_model"][k], value.float() if value.is_floating_point() else value)
                for k, value in torch.load(weights, weights_only=True).items())
+
+
+def test_anatomy_mixing_keeps_a_self_pair_one_subject(tmp_path, monkeypatch):
+    """Both copies of a self pair (--self-pairs) get the same mixing, so the pair still shows one subject twice
+    before the independent augmentation; other pairs are mixed independently."""
+    from ICONRegistrationLib.training import trainer
+    seen = []
+    original = trainer.augment
+
+    def spy(images_A, images_B, config, generator, labels=None):
+        seen.append((images_A.clone(), images_B.clone(), tuple(part.clone() for part in labels)))
+        return original(images_A, images_B, config, generator, labels)
+
+    monkeypatch.setattr(trainer, "augment", spy)
+    data = synthetic_set(6)
+    weights = _mixing_weights(tmp_path / "mix.pt", seed=4)
+    config = TrainingConfig(steps=3, batch_size=4, checkpoint_every=3, validate_every=100, seed=2, label_loss="dice",
+                            anatomy_mix=1.0, anatomy_mix_weights=str(weights), self_pair_fraction=1.0)
+    train(small_spec(), data, tmp_path / "self", config, device="cpu")
+    originals = data.images.float()
+    for images_A, images_B, (labels_A, labels_B) in seen:
+        assert torch.equal(images_A, images_B) and torch.equal(labels_A, labels_B)
+        assert all(not any(torch.equal(image, volume) for volume in originals) for image in images_A)  # all mixed
+    seen.clear()
+    train(small_spec(), data, tmp_path / "pairs", TrainingConfig(**{**config.__dict__, "self_pair_fraction": 0.0}),
+          device="cpu")
+    assert all(not torch.equal(images_A[k], images_B[k]) for images_A, images_B, _ in seen for k in range(4))

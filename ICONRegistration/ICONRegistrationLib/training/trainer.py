@@ -893,6 +893,11 @@ def train(spec: ModelSpec, train_set: PreparedSet, out_dir: str | Path, config: 
                                             config.anatomy_mix, config.anatomy_mix_max, generator)
             batch_A, batch_B = both.split(batch_A.shape[0])
             labels = None if both_labels is None else tuple(both_labels.split(batch_A.shape[0]))
+            same = index_A == index_B  # a self pair stays one subject: its second copy takes the first's mixing
+            if same.any():
+                batch_B[same] = batch_A[same]
+                if labels is not None:
+                    labels[1][same] = labels[0][same]
         batch_A, batch_B, labels = augment(batch_A, batch_B, config, generator, labels)
         batch_A, batch_B = batch_A.to(torch_device), batch_B.to(torch_device)
         step_start = time.perf_counter()
