@@ -195,6 +195,26 @@ def test_cli_register_writes_every_output_and_the_transform_reproduces_warped(tm
     assert abs(report["jacobian_min"] - metrics["jacobian_min"]) < 1e-3
 
 
+def test_cli_register_prints_the_engines_warnings_once_as_iconreg_warnings(tmp_path, tiny_model_files, capsys):
+    """What register warns about (here: an IC error far above the model's validation record) reaches the terminal
+    as 'iconreg: warning: …' after the summary, once, not as a Python warning with a source line."""
+    spec_file, weights = tiny_model_files
+    data = json.loads(spec_file.read_text())
+    data["validation"] = {"ic_error_mm": 1e-6, "folds_percent": 0.0}
+    spec_file.write_text(json.dumps(data))
+    fixed_path, moving_path = _write_pair(tmp_path)
+    code = main(["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--model", str(spec_file),
+                 "--weights", str(weights), "--device", "cpu", "--no-report", "--out", str(tmp_path / "out")])
+    assert code == 0
+    err = capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["ic_error_mean_mm"] > 3e-6
+    lines = [line for line in err.splitlines() if "inverse-consistency error" in line]
+    assert len(lines) == 1 and lines[0].startswith("iconreg: warning: The inverse-consistency error (mean ")
+    assert "what tiny shows on its validation data (1e-06 mm)" in lines[0]
+    assert "UserWarning" not in err
+
+
 def test_register_without_matplotlib_writes_everything_but_the_report(tmp_path, tiny_model_files, capsys,
                                                                       monkeypatch):
     """matplotlib is an optional extra ('report'): without it `iconreg register` and `iconreg demo` registered, then

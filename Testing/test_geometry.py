@@ -421,3 +421,60 @@ def test_points_that_map_outside_the_moving_box_are_counted_and_left_out_of_the_
     assert result.metrics.to_dict()["ic_outside_percent"] == metrics.ic_outside_percent
     from ICONRegistrationLib.cli import _summary
     assert f"{metrics.ic_outside_percent:.1f} % of the field maps outside the moving image; inside:" in _summary(metrics)
+
+
+def _quality(ic_mean: float, folds_percent: float = 0.0, outside: float = 0.0, overlap_mean=None):
+    from ICONRegistrationLib.pipeline.metrics import QualitySummary
+
+    return QualitySummary(folds=int(folds_percent * 1000), folds_percent=folds_percent, jacobian_min=0.5,
+                          jacobian_p1=0.6, jacobian_p5=0.7, jacobian_median=1.0, jacobian_p95=1.3, jacobian_p99=1.4,
+                          jacobian_max=1.6, ic_error_mean_mm=ic_mean, ic_error_p95_mm=2 * ic_mean,
+                          ic_error_max_mm=4 * ic_mean, ic_outside_percent=outside,
+                          ic_error_overlap_mean_mm=overlap_mean)
+
+
+def test_results_far_from_the_models_validation_numbers_are_warned_about():
+    """A network given images unlike its training data still returns a smooth-looking field; its directions then
+    disagree (IC error) or it folds far more than on its validation pairs, and the user is told so."""
+    from ICONRegistrationLib.pipeline.metrics import out_of_domain_warnings
+
+    validation = {"ic_error_mm": 0.44, "folds_percent": 0.0}
+    said = out_of_domain_warnings(_quality(2.47), "hippo", validation, use="hippocampus crops")
+    assert len(said) == 1 and "(mean 2.47 mm) is 5.6× what hippo shows on its validation data (0.44 mm)" in said[0]
+    assert "it is for: hippocampus crops" in said[0]
+    assert out_of_domain_warnings(_quality(1.3), "hippo", validation) == []  # 2.95×: within the margin
+    # fields of view that differ have their own warning: the comparison uses the IC error inside the overlap
+    assert out_of_domain_warnings(_quality(2.47, outside=40.0, overlap_mean=0.5), "hippo", validation) == []
+    assert len(out_of_domain_warnings(_quality(2.47, outside=40.0, overlap_mean=1.5), "hippo", validation)) == 1
+    assert len(out_of_domain_warnings(_quality(2.47, outside=10.0, overlap_mean=0.5), "hippo", validation)) == 1
+    # folds: above 0.05 % and ten times the validation share
+    said = out_of_domain_warnings(_quality(0.4, folds_percent=1.95), "brain", {"folds_percent": 0.0004})
+    assert len(said) == 1 and said[0].startswith("1.950 % of the field folds (det J ≤ 0), against 0.0004 %")
+    assert out_of_domain_warnings(_quality(0.4, folds_percent=0.04), "brain", {"folds_percent": 0.0}) == []
+    assert out_of_domain_warnings(_quality(0.4, folds_percent=0.5), "brain", {"folds_percent": 0.1}) == []
+    assert len(out_of_domain_warnings(_quality(2.0, folds_percent=2.0), "m", {"ic_error_mm": 0.5,
+                                                                             "folds_percent": 0.1})) == 2
+    # nothing to compare with: no warning
+    assert out_of_domain_warnings(_quality(50.0, folds_percent=30.0), "unigradicon", None) == []
+    assert out_of_domain_warnings(_quality(50.0), "m", {"ic_error_mm": None, "dice": 0.8}) == []
+
+
+def test_register_warns_when_the_ic_error_is_far_above_the_models_validation():
+    """The warning reaches the front ends (collect_user_warnings) from register itself; a model whose validation
+    IC error is of the result's order gives none."""
+    from ICONRegistrationLib.errors import collect_user_warnings
+
+    fixed, moving = (make_image(blob_volume((30, 34, 32), seed=s), spacing=(1.2, 1.0, 1.1)) for s in (1, 2))
+    model = analytic_model(fixed, moving, np.eye(3), np.zeros(3), bulge=2.0)  # Φ_BA = Id: IC error ≈ the bulge
+    result, said = collect_user_warnings(lambda: register(fixed, moving, model, fixed_modality="mri",
+                                                          moving_modality="mri"))
+    ic_error = result.metrics.ic_error_mean_mm
+    assert 0.8 < ic_error < 2.0 and said == []  # the analytic spec has no validation record
+    model.spec.extra["validation"] = {"ic_error_mm": ic_error / 4, "folds_percent": 0.0}
+    result, said = collect_user_warnings(lambda: register(fixed, moving, model, fixed_modality="mri",
+                                                          moving_modality="mri"))
+    assert len(said) == 1 and f"(mean {ic_error:.3g} mm) is 4.0× what tiny shows" in said[0]
+    model.spec.extra["validation"] = {"ic_error_mm": ic_error / 2, "folds_percent": 0.0}
+    _, said = collect_user_warnings(lambda: register(fixed, moving, model, fixed_modality="mri",
+                                                     moving_modality="mri"))
+    assert said == []

@@ -139,6 +139,28 @@ def test_brain_model_beats_identity_on_held_out_lpba40_subjects():
         assert result.metrics.folds_percent < 0.01
 
 
+def test_each_shipped_model_warns_on_the_other_ones_images_and_not_on_its_own():
+    """A model given images unlike its training data is told apart from its own domain by its validation record:
+    the hippocampus model on two whole brains disagrees with itself (IC error several times its validation one), the
+    brain model on two hippocampus crops folds; on held-out pairs of their own data neither warns."""
+    from ICONRegistrationLib.errors import collect_user_warnings
+
+    brains, crops = require_shared("data", "lpba40"), require_shared("data", "hippocampus")
+    brain = [sitk.ReadImage(str(brains / "images" / n)) for n in ("S39.nii.gz", "S40.nii.gz")]
+    crop = [sitk.ReadImage(str(crops / "images" / f"hippocampus_{n}.nii.gz")) for n in (268, 269)]
+    for model, images, expected in (("gradicon-hippocampus", brain, "inverse-consistency error"),
+                                    ("gradicon-brain-lpba40", crop, "of the field folds"),
+                                    ("gradicon-hippocampus", crop, None), ("gradicon-brain-lpba40", brain, None)):
+        result, said = collect_user_warnings(lambda: register(images[0], images[1], model, fixed_modality="mri",
+                                                              moving_modality="mri", device="cpu"))
+        validation = zoo_spec(model).extra["validation"]
+        if expected is None:
+            assert said == [], (model, said)
+            assert result.metrics.ic_error_mean_mm < 1.5 * validation["ic_error_mm"]
+        else:
+            assert any(expected in message and model in message for message in said), (model, said)
+
+
 def test_brain_sample_pair_matches_its_ground_truth():
     """The synthetic brain pair's known transform maps the moving tissue labels exactly onto the fixed ones (it
     is how the fixed image was made), and it is a real deformation of a few millimetres."""

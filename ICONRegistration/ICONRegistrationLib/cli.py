@@ -15,10 +15,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, TypeVar
 
 from .errors import Cancelled, UserError
 from .models.spec import MAX_REFINEMENTS
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .pipeline.metrics import RegistrationMetrics
@@ -132,18 +134,19 @@ def _cmd_register(args: argparse.Namespace) -> int:
     moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
     bar = ProgressBar()
     try:
-        result = register(fixed, moving, args.model, fixed_modality=args.fixed_modality,
-                          moving_modality=args.moving_modality, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                          io_iterations=args.io_iterations, io_similarity=args.io_similarity, io_mode=args.io_mode,
-                          io_grid=args.io_grid, io_learning_rate=args.io_learning_rate, device=args.device,
-                          progress=bar, weights=args.weights, field_grid=args.field_grid,
-                          inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse, flips=args.flips,
-                          symmetric=args.symmetric, refinements=args.refinements)
+        result, said = _user_warnings_of(lambda: register(
+            fixed, moving, args.model, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
+            fixed_mask=fixed_mask, moving_mask=moving_mask, io_iterations=args.io_iterations,
+            io_similarity=args.io_similarity, io_mode=args.io_mode, io_grid=args.io_grid,
+            io_learning_rate=args.io_learning_rate, device=args.device, progress=bar, weights=args.weights,
+            field_grid=args.field_grid, inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse,
+            flips=args.flips, symmetric=args.symmetric, refinements=args.refinements))
         with result_folder(out) as staging:
             written = write_result(result, staging, fixed=fixed, moving=moving, report=not args.no_report)
     finally:
         bar.close()
     print(_summary(result.metrics))
+    _print_warnings(said)
     inverse = result.metrics.inverse
     if inverse.method == "exact":
         other_way = ("" if inverse.forward_first_max_error_mm is None else
@@ -159,9 +162,25 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_warp(args: argparse.Namespace) -> int:
+def _user_warnings_of(call: Callable[[], T]) -> tuple[T, list[str]]:
+    """``call()``'s result and the texts of the ``UserWarning`` warnings it gave (each once, in order), for
+    :func:`_print_warnings`: the command line's form of :func:`~ICONRegistrationLib.errors.collect_user_warnings`
+    (which also logs them, for the Slicer module)."""
     import warnings
 
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = call()
+    said = [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
+    return result, list(dict.fromkeys(said))
+
+
+def _print_warnings(said: list[str]) -> None:
+    for message in said:
+        print(f"iconreg: warning: {message}", file=sys.stderr)
+
+
+def _cmd_warp(args: argparse.Namespace) -> int:
     from .io import check_output_file, read_image, write_image
     from .io.transforms import WRITABLE_IMAGE_SUFFIXES
     from .pipeline import warp
@@ -169,11 +188,8 @@ def _cmd_warp(args: argparse.Namespace) -> int:
     check_output_file(args.out, suffixes=WRITABLE_IMAGE_SUFFIXES)
     image = read_image(args.image, "input")
     reference = read_image(args.reference, "reference")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        warped = warp(image, args.transform, reference, interpolator=args.interpolator)
-    for warning in caught:
-        print(f"iconreg: warning: {warning.message}", file=sys.stderr)
+    warped, said = _user_warnings_of(lambda: warp(image, args.transform, reference, interpolator=args.interpolator))
+    _print_warnings(said)
     write_image(warped, args.out)
     print(f"wrote {args.out}")
     return EXIT_OK
@@ -200,9 +216,6 @@ def _cmd_jacobian(args: argparse.Namespace) -> int:
 
 
 def _cmd_invert(args: argparse.Namespace) -> int:
-    import warnings
-
-    from .core.inversion import InversionWarning
     from .io import check_output_file, read_displacement_field, read_image, write_displacement_field
     from .io.transforms import WRITABLE_FIELD_SUFFIXES
     from .pipeline.inverse import invert_field
@@ -210,13 +223,11 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     check_output_file(args.out, suffixes=WRITABLE_FIELD_SUFFIXES)
     field = read_displacement_field(args.transform)
     reference = read_image(args.reference, "reference")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", InversionWarning)
-        inverse = invert_field(field, reference, tolerance=args.tolerance, max_iterations=args.max_iterations,
-                               allow_folds=args.allow_folds)
+    inverse, said = _user_warnings_of(lambda: invert_field(field, reference, tolerance=args.tolerance,
+                                                            max_iterations=args.max_iterations,
+                                                            allow_folds=args.allow_folds))
     write_displacement_field(inverse.field, args.out)
-    for warning in caught:
-        print(f"iconreg: warning: {warning.message}", file=sys.stderr)
+    _print_warnings(said)
     if inverse.outside_field_voxels:
         print(f"iconreg: warning: {inverse.outside_field_voxels} reference voxels map to points outside the "
               "transform's field, where this inverse extends the field's edge values but ITK applies no "

@@ -42,6 +42,13 @@ class InverseReport:
 IC_OUTSIDE_WARNING_PERCENT = 20.0
 
 
+#: register warns when a result's mean IC error is more than this many times the model's own on its validation data
+#: (the zoo entry's ``validation.ic_error_mm``; the shipped models' validation registrations vary by about ±10 %)
+IC_VALIDATION_WARNING_RATIO = 3.0
+#: … or when more than this share (%) of the field folds (det J ≤ 0) and ten times the share on its validation data
+FOLD_WARNING_PERCENT = 0.05
+
+
 @dataclasses.dataclass
 class QualitySummary:
     """Fold count (det J ≤ 0, voxels of the field grid) and %, Jacobian determinant statistics (unitless), and the
@@ -121,3 +128,34 @@ class RegistrationMetrics(QualitySummary):
         values = dict(data)
         values["inverse"] = InverseReport(**values.get("inverse", {"method": "network"}))
         return cls(**values)
+
+
+def out_of_domain_warnings(quality: QualitySummary, model: str, validation: Optional[dict[str, Any]],
+                           use: str = "") -> list[str]:
+    """What ``quality`` says against the model's own validation numbers (``validation``: a zoo entry's record
+    with ``ic_error_mm`` and ``folds_percent``, mm and %; ``None`` or missing numbers: nothing to compare with).
+
+    A network asked to register images unlike its training data (another anatomy, field of view or contrast) still
+    returns a smooth-looking field; its two directions then disagree, or it folds, far more than on its validation
+    pairs. Returns one message per sign: a mean IC error above :data:`IC_VALIDATION_WARNING_RATIO` × the validation
+    mean (inside the overlap when the fields of view differ, see :meth:`QualitySummary.overlap_note`), and folds
+    above :data:`FOLD_WARNING_PERCENT` % and ten times the validation share. ``use`` (the zoo entry's "for" text)
+    is named in the messages."""
+    if not validation:
+        return []
+    what = f" (it is for: {use})" if use else ""
+    advice = ("these images may be unlike the ones it was trained for" + what +
+              "; check the result where the maps show it, or choose another model ('iconreg models list').")
+    said = []
+    reference = validation.get("ic_error_mm")
+    observed = quality.ic_error_mean_mm
+    if quality.ic_outside_percent > IC_OUTSIDE_WARNING_PERCENT and quality.ic_error_overlap_mean_mm is not None:
+        observed = quality.ic_error_overlap_mean_mm  # the border's extrapolation has its own warning
+    if isinstance(reference, (int, float)) and reference > 0 and observed > IC_VALIDATION_WARNING_RATIO * reference:
+        said.append(f"The inverse-consistency error (mean {observed:.3g} mm) is {observed / reference:.1f}× what "
+                    f"{model} shows on its validation data ({reference:.3g} mm): " + advice)
+    reference = validation.get("folds_percent")
+    if isinstance(reference, (int, float)) and quality.folds_percent > max(FOLD_WARNING_PERCENT, 10 * reference):
+        said.append(f"{quality.folds_percent:.3f} % of the field folds (det J ≤ 0), against {reference:.4f} % for "
+                    f"{model} on its validation data: " + advice)
+    return said

@@ -38,7 +38,8 @@ from .images import image_array, mask_array, require_finite
 from .instance_optimization import (FIELD_LEARNING_RATE, IO_MODES, WEIGHTS_LEARNING_RATE, optimize_fields,
                                     optimize_instance)
 from .inverse import invert_field
-from .metrics import IC_OUTSIDE_WARNING_PERCENT, InverseReport, QualitySummary, RegistrationMetrics
+from .metrics import (IC_OUTSIDE_WARNING_PERCENT, InverseReport, QualitySummary, RegistrationMetrics,
+                      out_of_domain_warnings)
 from .preprocessing import check_modality, normalize_intensities
 from .qa import field_jacobian, physical_jacobian, summarize_quality
 
@@ -463,6 +464,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSp
     with timer("qa"), torch.no_grad(), _memory_errors_as_user_errors(loaded.device, "quality-map"):
         forward_mm, jacobian, ic_error, quality = _fields_and_qa(displacement_AB, displacement_BA, pair,
                                                                  fixed_field_grid)
+    for message in out_of_domain_warnings(quality, loaded.spec.name, loaded.spec.extra.get("validation"),
+                                          loaded.spec.extra.get("use", "")):
+        warnings.warn(message, UserWarning, stacklevel=2)
     report(progress, "quality maps", 1.0)
     with timer("export"), torch.no_grad(), _memory_errors_as_user_errors(loaded.device, "export"):
         forward_field, inverse_field, inverse_report = _export_fields(
