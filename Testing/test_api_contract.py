@@ -202,6 +202,15 @@ def test_package_boundaries():
     assert offenders == []
 
 
+def test_warnings_given_before_an_error_still_reach_the_caller():
+    """register keeps its warnings with the result; when it fails, they are passed on all the same."""
+    fixed = make_image(blob_volume((20, 22, 24)))
+    model = LoadedModel(tiny_spec(), _OutOfMemoryNetwork(), torch.device("cpu"), None, None)
+    with pytest.warns(UserWarning, match="given as CT but has no voxel below 0 HU"):
+        with pytest.raises(UserError, match="Out of memory"):
+            register(fixed, fixed, model, fixed_modality="ct", moving_modality="ct")
+
+
 def test_inverse_of_a_fold_free_registration_reports_no_folds():
     """The forward field of a registration without folds is invertible: no phantom folds, converged."""
     from ICONRegistrationLib.pipeline.inverse import invert_field

@@ -213,6 +213,7 @@ def test_cli_register_prints_the_engines_warnings_once_as_iconreg_warnings(tmp_p
     assert len(lines) == 1 and lines[0].startswith("iconreg: warning: The inverse-consistency error (mean ")
     assert "what tiny shows on its validation data (1e-06 mm)" in lines[0]
     assert "UserWarning" not in err
+    assert metrics["warnings"] == [lines[0].removeprefix("iconreg: warning: ")]  # metrics.json keeps it
 
 
 def test_register_without_matplotlib_writes_everything_but_the_report(tmp_path, tiny_model_files, capsys,

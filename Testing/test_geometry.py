@@ -469,11 +469,12 @@ def test_register_warns_when_the_ic_error_is_far_above_the_models_validation():
     result, said = collect_user_warnings(lambda: register(fixed, moving, model, fixed_modality="mri",
                                                           moving_modality="mri"))
     ic_error = result.metrics.ic_error_mean_mm
-    assert 0.8 < ic_error < 2.0 and said == []  # the analytic spec has no validation record
+    assert 0.8 < ic_error < 2.0 and said == [] and result.metrics.warnings == []  # no validation record
     model.spec.extra["validation"] = {"ic_error_mm": ic_error / 4, "folds_percent": 0.0}
     result, said = collect_user_warnings(lambda: register(fixed, moving, model, fixed_modality="mri",
                                                           moving_modality="mri"))
     assert len(said) == 1 and f"(mean {ic_error:.3g} mm) is 4.0× what tiny shows" in said[0]
+    assert result.metrics.warnings == said and result.metrics.to_dict()["warnings"] == said  # kept with the result
     model.spec.extra["validation"] = {"ic_error_mm": ic_error / 2, "folds_percent": 0.0}
     _, said = collect_user_warnings(lambda: register(fixed, moving, model, fixed_modality="mri",
                                                      moving_modality="mri"))

@@ -91,8 +91,9 @@ class RegistrationMetrics(QualitySummary):
     """:class:`QualitySummary` plus what produced the result: model, sha256 of the weight bytes loaded, device,
     network grid, field grid, modalities, instance optimisation (iterations, mode, objective per step), the flips
     the prediction was averaged over, whether it was symmetrised, the inverse
-    (:class:`InverseReport`) and seconds per stage (``load``, ``preprocessing``, ``network``, ``qa``, ``export``,
-    ``total``)."""
+    (:class:`InverseReport`), seconds per stage (``load``, ``preprocessing``, ``network``, ``qa``, ``export``,
+    ``total``) and the texts of the warnings the registration gave (``warnings``: modality guesses, fields of view,
+    inversion, a result far from the model's validation numbers), so that a saved result keeps them."""
 
     model: str = ""
     weights_sha256: Optional[str] = None
@@ -111,6 +112,7 @@ class RegistrationMetrics(QualitySummary):
     refinements: int = 0  # recursive refinements of the network's prediction (register(refinements=…))
     inverse: InverseReport = dataclasses.field(default_factory=lambda: InverseReport("network"))
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what register warned about (UserWarning texts)
 
     @property
     def total_seconds(self) -> float:

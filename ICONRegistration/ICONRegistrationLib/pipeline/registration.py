@@ -15,7 +15,7 @@ import time
 import warnings
 from numbers import Real
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -323,6 +323,36 @@ def _warp_moving(moving: np.ndarray, displacement: torch.Tensor, grid_B: Grid, g
     return out
 
 
+def _keeping_warnings(function: Callable[..., RegistrationResult]) -> Callable[..., RegistrationResult]:
+    """``function`` (:func:`register`) with the texts of the ``UserWarning`` warnings it gave in its result's
+    ``metrics.warnings`` (each once, in order). Every warning still reaches the caller's filters and handlers as
+    given (category, text, source line), after the call, also when it raises."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs) -> RegistrationResult:
+        given: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                try:
+                    result = function(*args, **kwargs)
+                finally:
+                    given = list(caught)
+        finally:
+            for warning in given:  # one registry: a repeated warning is shown once, as Python's "default" does
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno,
+                                       registry=_GIVEN_WARNINGS, source=warning.source)
+        said = [str(w.message) for w in given if issubclass(w.category, UserWarning)]
+        result.metrics.warnings = list(dict.fromkeys(said))
+        return result
+
+    return wrapper
+
+
+_GIVEN_WARNINGS: dict = {}  # warnings' own registry for the warnings register passes on
+
+
+@_keeping_warnings
 def register(fixed: sitk.Image, moving: sitk.Image, model: "str | Path | ModelSpec | LoadedModel" = DEFAULT_MODEL, *,
              fixed_modality: Optional[str], moving_modality: Optional[str], fixed_mask: Optional[sitk.Image] = None,
              moving_mask: Optional[sitk.Image] = None, io_iterations: int = 0, io_similarity: Optional[str] = None,
