@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, TypeVar
 
-from .errors import Cancelled, UserError
+from .errors import Cancelled, UserError, collect_user_warnings
 from .models.spec import MAX_REFINEMENTS
 
 T = TypeVar("T")
@@ -163,16 +163,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _user_warnings_of(call: Callable[[], T]) -> tuple[T, list[str]]:
-    """``call()``'s result and the texts of the ``UserWarning`` warnings it gave (each once, in order), for
-    :func:`_print_warnings`: the command line's form of :func:`~ICONRegistrationLib.errors.collect_user_warnings`
-    (which also logs them, for the Slicer module)."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        result = call()
-    said = [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
-    return result, list(dict.fromkeys(said))
+    """``call()``'s result and its warnings' texts (:func:`~ICONRegistrationLib.errors.collect_user_warnings`, not
+    logged: :func:`_print_warnings` says them once)."""
+    return collect_user_warnings(call, log=False)
 
 
 def _print_warnings(said: list[str]) -> None:

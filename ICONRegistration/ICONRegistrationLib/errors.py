@@ -21,14 +21,15 @@ class Cancelled(Exception):
     """Raised when a progress callback asked to stop a long operation."""
 
 
-def collect_user_warnings(call: Callable[[], T]) -> tuple[T, list[str]]:
+def collect_user_warnings(call: Callable[[], T], log: bool = True) -> tuple[T, list[str]]:
     """Run ``call()`` and return its result with the texts of the ``UserWarning`` warnings it gave (each once, in order),
-    so that a front end can show them (the Slicer module's status line, the web page) instead of leaving them in a
-    log. Every warning is also logged. Exceptions propagate unchanged."""
+    so that a front end can show them (the Slicer module's status line, the web page, the command line's
+    ``iconreg: warning:`` lines) instead of leaving them in a log. With ``log``, every warning is also logged.
+    Exceptions propagate unchanged."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = call()
-    for warning in caught:
+    for warning in caught if log else ():
         logging.warning("ICONRegistration: %s: %s", warning.category.__name__, warning.message)
     said = [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
     return result, list(dict.fromkeys(said))
