@@ -15,12 +15,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from .errors import Cancelled, UserError, collect_user_warnings
 from .models.spec import MAX_REFINEMENTS
-
-T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .pipeline.metrics import RegistrationMetrics
@@ -134,13 +132,13 @@ def _cmd_register(args: argparse.Namespace) -> int:
     moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
     bar = ProgressBar()
     try:
-        result, said = _user_warnings_of(lambda: register(
+        result, said = collect_user_warnings(lambda: register(
             fixed, moving, args.model, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
             fixed_mask=fixed_mask, moving_mask=moving_mask, io_iterations=args.io_iterations,
             io_similarity=args.io_similarity, io_mode=args.io_mode, io_grid=args.io_grid,
             io_learning_rate=args.io_learning_rate, device=args.device, progress=bar, weights=args.weights,
             field_grid=args.field_grid, inverse_qa=args.inverse_qa, exact_inverse=args.exact_inverse,
-            flips=args.flips, symmetric=args.symmetric, refinements=args.refinements))
+            flips=args.flips, symmetric=args.symmetric, refinements=args.refinements), log=False)
         with result_folder(out) as staging:
             written = write_result(result, staging, fixed=fixed, moving=moving, report=not args.no_report)
     finally:
@@ -162,13 +160,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _user_warnings_of(call: Callable[[], T]) -> tuple[T, list[str]]:
-    """``call()``'s result and its warnings' texts (:func:`~ICONRegistrationLib.errors.collect_user_warnings`, not
-    logged: :func:`_print_warnings` says them once)."""
-    return collect_user_warnings(call, log=False)
-
-
 def _print_warnings(said: list[str]) -> None:
+    """The engine's warnings (:func:`~ICONRegistrationLib.errors.collect_user_warnings` with ``log=False``), once."""
     for message in said:
         print(f"iconreg: warning: {message}", file=sys.stderr)
 
@@ -181,7 +174,8 @@ def _cmd_warp(args: argparse.Namespace) -> int:
     check_output_file(args.out, suffixes=WRITABLE_IMAGE_SUFFIXES)
     image = read_image(args.image, "input")
     reference = read_image(args.reference, "reference")
-    warped, said = _user_warnings_of(lambda: warp(image, args.transform, reference, interpolator=args.interpolator))
+    warped, said = collect_user_warnings(lambda: warp(image, args.transform, reference,
+                                                      interpolator=args.interpolator), log=False)
     _print_warnings(said)
     write_image(warped, args.out)
     print(f"wrote {args.out}")
@@ -216,9 +210,9 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     check_output_file(args.out, suffixes=WRITABLE_FIELD_SUFFIXES)
     field = read_displacement_field(args.transform)
     reference = read_image(args.reference, "reference")
-    inverse, said = _user_warnings_of(lambda: invert_field(field, reference, tolerance=args.tolerance,
-                                                            max_iterations=args.max_iterations,
-                                                            allow_folds=args.allow_folds))
+    inverse, said = collect_user_warnings(lambda: invert_field(field, reference, tolerance=args.tolerance,
+                                                                max_iterations=args.max_iterations,
+                                                                allow_folds=args.allow_folds), log=False)
     write_displacement_field(inverse.field, args.out)
     _print_warnings(said)
     if inverse.outside_field_voxels:
